@@ -1,0 +1,378 @@
+//! One run, in the order of the runbook: preflight, plan, check the threshold, write, report.
+//! The dry-run and the apply share every step up to the write.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use chrono::Utc;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::cli::{BackfillArgs, Mode};
+use crate::db::{self, FlipWrite, ProfileRow, Snapshots};
+use crate::error::Failure;
+use crate::report::{FlipLine, Header, Reporter, SkipReason, Summary};
+use crate::resolver::{AgentsColumn, Flip};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A flip the plan found, with the profile it belongs to.
+#[derive(Debug, Clone)]
+pub struct PlannedFlip {
+    pub profile_id: Uuid,
+    pub label: String,
+    pub flip: Flip,
+}
+
+impl PlannedFlip {
+    fn line(&self) -> FlipLine<'_> {
+        FlipLine {
+            profile_id: self.profile_id,
+            profile: &self.label,
+            index: self.flip.index,
+            url: &self.flip.url,
+            from: &self.flip.from,
+            to: &self.flip.to,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub flips: Vec<PlannedFlip>,
+    pub profiles_scanned: u64,
+    pub profiles_changed: u64,
+    pub malformed: u64,
+    pub junk_elements: u64,
+}
+
+/// A run id that sorts by time and is easy to grep for in `type_reclassification_log`.
+pub fn new_run_id(now: chrono::DateTime<Utc>) -> String {
+    let random = Uuid::new_v4().simple().to_string();
+    format!("atb-{}-{}", now.format("%Y%m%dT%H%M%SZ"), &random[..8])
+}
+
+/// Runs the backfill against `url` and writes the run log to `out`.
+pub async fn execute(args: &BackfillArgs, url: &str, out: &mut (dyn Write + Send)) -> Result<Summary> {
+    let clock = Instant::now();
+    let mode = args.mode.mode();
+    let started_at = Utc::now();
+    let run_id = new_run_id(started_at);
+    let application_name = format!("agent-type-backfill {run_id}");
+    let session = db::connect(
+        url,
+        &db::SessionSettings {
+            application_name: &application_name,
+            lock_timeout: args.connect.lock_timeout,
+            statement_timeout: args.connect.statement_timeout,
+        },
+    )
+    .await?;
+    info!(target = %session.target, %run_id, mode = mode.as_str(), "connected");
+
+    db::preflight(&session.pool, mode == Mode::Apply).await?;
+
+    let mut report = Reporter::new(args.format, out);
+    report.header(&Header {
+        version: VERSION,
+        mode,
+        target: &session.target,
+        started_at,
+        run_id: &run_id,
+        max_flips: args.max_flips,
+    })?;
+
+    let plan = plan(&session.pool, args.batch_size).await?;
+    for planned in &plan.flips {
+        report.flip(&planned.line())?;
+    }
+    let mut summary = Summary {
+        profiles_scanned: plan.profiles_scanned,
+        profiles_changed: plan.profiles_changed,
+        flips: plan.flips.len() as u64,
+        malformed: plan.malformed,
+        junk_elements: plan.junk_elements,
+        ..Summary::default()
+    };
+
+    let over_threshold = plan.flips.len() > args.max_flips;
+    if over_threshold {
+        summary.aborted = true;
+    } else if mode == Mode::Apply && !plan.flips.is_empty() {
+        let written = write(&session.pool, &plan, args, &run_id, &mut report).await?;
+        summary.written = written.written;
+        summary.skipped = written.skipped;
+        summary.unplanned = written.unplanned;
+        summary.duration_ms = clock.elapsed().as_millis() as u64;
+        report.summary(mode, &run_id, &summary)?;
+        session.pool.close().await;
+        if written.timed_out > 0 {
+            anyhow::bail!(
+                "{} planned flips were not written because their batches kept hitting lock or \
+                 statement timeouts (see the skipped lines above); everything else was written \
+                 under run id '{run_id}': rerun the same command to finish",
+                written.timed_out
+            );
+        }
+        return Ok(summary);
+    }
+    summary.duration_ms = clock.elapsed().as_millis() as u64;
+    report.summary(mode, &run_id, &summary)?;
+    session.pool.close().await;
+    if over_threshold {
+        return Err(Failure::ThresholdExceeded {
+            flips: plan.flips.len(),
+            max_flips: args.max_flips,
+        }
+        .into());
+    }
+    Ok(summary)
+}
+
+fn progress_bar(total: Option<u64>, message: &'static str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template(
+        "{msg} {wide_bar} {human_pos}/{human_len} profiles, {per_sec}, eta {eta}",
+    )
+    .expect("static progress template is valid");
+    bar.set_style(style);
+    bar.set_message(message);
+    bar
+}
+
+struct Page {
+    rows: Vec<ProfileRow>,
+    columns: Vec<AgentsColumn>,
+    snapshots: Snapshots,
+}
+
+/// Reads the whole table once, page by page, inside one read-only snapshot. Only flips are kept.
+/// The next page is fetched while the current one is resolved.
+pub async fn plan(pool: &PgPool, batch_size: u32) -> Result<Plan> {
+    let estimate = db::estimated_profile_count(pool).await?;
+    let progress = progress_bar(estimate, "planning");
+    let mut transaction = db::begin_read_only(pool).await?;
+
+    let (pages_tx, mut pages_rx) = mpsc::channel::<Page>(2);
+    let reader = tokio::spawn(async move {
+        let mut after = None;
+        loop {
+            let rows = db::profiles_page(&mut transaction, after, batch_size).await?;
+            let Some(last) = rows.last() else { break };
+            after = Some(last.id);
+            let columns = rows
+                .iter()
+                .map(|row| parse_column(row))
+                .collect::<Result<Vec<_>>>()?;
+            let mut urls: Vec<&str> = columns.iter().flat_map(AgentsColumn::urls).collect();
+            urls.sort_unstable();
+            urls.dedup();
+            let snapshots = db::snapshots_for(&mut transaction, &urls).await?;
+            let full = rows.len() == batch_size as usize;
+            if pages_tx.send(Page { rows, columns, snapshots }).await.is_err() || !full {
+                break;
+            }
+        }
+        transaction
+            .rollback()
+            .await
+            .context("could not close the planning transaction")?;
+        anyhow::Ok(())
+    });
+
+    let mut plan = Plan::default();
+    while let Some(page) = pages_rx.recv().await {
+        for (row, column) in page.rows.iter().zip(&page.columns) {
+            let verdict = column.verdict(&page.snapshots);
+            plan.profiles_scanned += 1;
+            plan.malformed += u64::from(verdict.malformed);
+            plan.junk_elements += verdict.untouchable_elements as u64;
+            if !verdict.flips.is_empty() {
+                plan.profiles_changed += 1;
+                let label = row.label();
+                plan.flips
+                    .extend(verdict.flips.into_iter().map(|flip| PlannedFlip {
+                        profile_id: row.id,
+                        label: label.clone(),
+                        flip,
+                    }));
+            }
+        }
+        progress.inc(page.rows.len() as u64);
+    }
+    reader.await.context("the page reader panicked")??;
+    progress.finish_and_clear();
+    info!(
+        profiles = plan.profiles_scanned,
+        flips = plan.flips.len(),
+        "plan complete"
+    );
+    Ok(plan)
+}
+
+fn parse_column(row: &ProfileRow) -> Result<AgentsColumn> {
+    match &row.agents {
+        None => Ok(AgentsColumn::Malformed),
+        Some(text) => AgentsColumn::parse(text)
+            .with_context(|| format!("could not parse agents of profile '{}'", row.id)),
+    }
+}
+
+#[derive(Debug, Default)]
+struct WriteOutcome {
+    written: u64,
+    skipped: u64,
+    unplanned: u64,
+    timed_out: u64,
+}
+
+/// Writes the plan in batches of profiles, one short transaction each.
+async fn write(
+    pool: &PgPool,
+    plan: &Plan,
+    args: &BackfillArgs,
+    run_id: &str,
+    report: &mut Reporter<'_>,
+) -> Result<WriteOutcome> {
+    let mut by_profile: Vec<(Uuid, Vec<&PlannedFlip>)> = Vec::new();
+    for planned in &plan.flips {
+        match by_profile.last_mut() {
+            Some((id, flips)) if *id == planned.profile_id => flips.push(planned),
+            _ => by_profile.push((planned.profile_id, vec![planned])),
+        }
+    }
+    let progress = progress_bar(Some(by_profile.len() as u64), "writing");
+    let mut outcome = WriteOutcome::default();
+    for batch in by_profile.chunks(args.batch_size as usize) {
+        let mut attempt = 1;
+        let checked = loop {
+            match write_batch(pool, batch, run_id).await {
+                Ok(checked) => break Some(checked),
+                Err(error) if db::is_retryable(&error) && attempt < args.write_attempts => {
+                    let pause = Duration::from_millis(200 * 2u64.pow(attempt - 1));
+                    warn!(attempt, ?pause, "batch rolled back ({error:#}); retrying");
+                    tokio::time::sleep(pause).await;
+                    attempt += 1;
+                }
+                Err(error) if db::is_retryable(&error) => {
+                    warn!(attempt, "batch rolled back ({error:#}); giving up on it");
+                    break None;
+                }
+                Err(error) => return Err(error),
+            }
+        };
+        match checked {
+            Some(checked) => {
+                outcome.written += checked.written;
+                for (line, reason) in &checked.not_written {
+                    report.skipped(&line.line(), *reason)?;
+                    match reason {
+                        SkipReason::Unplanned => outcome.unplanned += 1,
+                        _ => outcome.skipped += 1,
+                    }
+                }
+            }
+            None => {
+                for planned in batch.iter().flat_map(|(_, flips)| flips) {
+                    report.skipped(&planned.line(), SkipReason::NotWrittenTimeout)?;
+                    outcome.skipped += 1;
+                    outcome.timed_out += 1;
+                }
+            }
+        }
+        progress.inc(batch.len() as u64);
+    }
+    progress.finish_and_clear();
+    Ok(outcome)
+}
+
+struct CheckedBatch {
+    written: u64,
+    not_written: Vec<(PlannedFlip, SkipReason)>,
+}
+
+/// Locks the batch's profiles, re-resolves them against current data, and writes only the flips
+/// that still hold exactly as planned, with their audit rows, in one transaction.
+async fn write_batch(
+    pool: &PgPool,
+    batch: &[(Uuid, Vec<&PlannedFlip>)],
+    run_id: &str,
+) -> Result<CheckedBatch> {
+    let ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
+    let mut transaction = pool.begin().await.context("could not open a write transaction")?;
+    let current = db::lock_profiles(&mut transaction, &ids).await?;
+    let columns = current
+        .iter()
+        .map(parse_column)
+        .collect::<Result<Vec<_>>>()?;
+    let mut urls: Vec<&str> = columns.iter().flat_map(AgentsColumn::urls).collect();
+    urls.sort_unstable();
+    urls.dedup();
+    let snapshots = db::snapshots_for(&mut transaction, &urls).await?;
+
+    let mut now_flips: HashMap<Uuid, (String, Vec<Flip>)> = current
+        .iter()
+        .zip(&columns)
+        .map(|(row, column)| (row.id, (row.label(), column.verdict(&snapshots).flips)))
+        .collect();
+
+    let mut to_write = Vec::new();
+    let mut not_written = Vec::new();
+    for (id, planned_flips) in batch {
+        let Some((label, found)) = now_flips.get_mut(id) else {
+            not_written.extend(
+                planned_flips
+                    .iter()
+                    .map(|planned| ((*planned).clone(), SkipReason::ProfileGone)),
+            );
+            continue;
+        };
+        for planned in planned_flips {
+            match found.iter().position(|flip| *flip == planned.flip) {
+                Some(position) => {
+                    let flip = found.swap_remove(position);
+                    to_write.push(FlipWrite {
+                        profile_id: *id,
+                        profile_label: label.clone(),
+                        index: flip.index,
+                        old_type: flip.from_label(),
+                        url: flip.url,
+                        old_value: flip.from,
+                        new_type: flip.to,
+                    });
+                }
+                None => not_written.push(((*planned).clone(), SkipReason::ChangedSincePlan)),
+            }
+        }
+        not_written.extend(found.drain(..).map(|flip| {
+            (
+                PlannedFlip {
+                    profile_id: *id,
+                    label: label.clone(),
+                    flip,
+                },
+                SkipReason::Unplanned,
+            )
+        }));
+    }
+    to_write.sort_by_key(|flip| (flip.profile_id, flip.index));
+    if !to_write.is_empty() {
+        db::write_flips(&mut transaction, &to_write, run_id, VERSION).await?;
+    }
+    transaction
+        .commit()
+        .await
+        .context("could not commit a write batch")?;
+    Ok(CheckedBatch {
+        written: to_write.len() as u64,
+        not_written,
+    })
+}

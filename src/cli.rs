@@ -1,0 +1,176 @@
+//! The command line. Flag names, defaults and exit codes are a contract with the runbook.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "agent-type-backfill",
+    version,
+    about = "Repairs stale agent types in member_profiles, auditing every change",
+    long_about = "Loads every member_profiles row, runs the registry server's resolve_agent_types \
+rule over its agents array against agent_capabilities_snapshot, and prints (--dry-run) or writes \
+(--apply) the disagreements, each audited in type_reclassification_log under one run id.",
+    after_help = "Exit codes: 0 done, 1 unexpected error, 2 usage or configuration, \
+3 threshold abort (nothing written), 4 preflight failure (nothing written).\n\n\
+Examples:\n  \
+agent-type-backfill --dry-run | tee dry-run.log\n  \
+agent-type-backfill --apply --max-flips 2 | tee apply.log\n  \
+agent-type-backfill rehearse",
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub backfill: BackfillArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a throwaway local PostgreSQL, seed a realistic registry, run dry-run, apply and
+    /// re-run through the real code paths, show their output and remove everything
+    Rehearse(RehearseArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RehearseArgs {
+    /// Ordinary profiles to seed beside the named stale, buying and junk ones
+    #[arg(long, default_value_t = 300)]
+    pub profiles: usize,
+
+    /// Report format of the three runs
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BackfillArgs {
+    #[command(flatten)]
+    pub mode: ModeArgs,
+
+    #[command(flatten)]
+    pub connect: ConnectOpts,
+
+    /// Abort without writing when the plan has more agent flips than this
+    #[arg(long, value_name = "N", default_value_t = 25)]
+    pub max_flips: usize,
+
+    /// Report format on stdout: a text run log, or one JSON object per line
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+
+    /// Profiles read per page and written per transaction
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch_size: u32,
+
+    /// Attempts at a batch that hits a lock or statement timeout before it is reported as not written
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub write_attempts: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct ModeArgs {
+    /// Plan and print every flip inside a READ ONLY transaction; writes nothing
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Plan, check the threshold, then write the flips and their audit rows
+    #[arg(long)]
+    pub apply: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ConnectOpts {
+    /// PostgreSQL URL of the registry; its password is never printed
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_name = "URL")]
+    pub database_url: Option<String>,
+
+    /// How long one statement waits for a row lock before the batch is retried (e.g. 500ms, 5s)
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub lock_timeout: Duration,
+
+    /// Longest any single statement may run (e.g. 30s, 2min)
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub statement_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    DryRun,
+    Apply,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::DryRun => "dry-run",
+            Mode::Apply => "apply",
+        }
+    }
+}
+
+impl ModeArgs {
+    pub fn mode(&self) -> Mode {
+        if self.apply {
+            Mode::Apply
+        } else {
+            Mode::DryRun
+        }
+    }
+}
+
+/// Accepts `250ms`, `5s`, `2min`, `1h`; a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(split);
+    let amount: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration: use a whole number with ms, s, min or h"))?;
+    let millis = match unit.trim() {
+        "ms" => amount,
+        "" | "s" => amount * 1_000,
+        "min" | "m" => amount * 60_000,
+        "h" => amount * 3_600_000,
+        _ => return Err(format!("'{text}' has an unknown unit: use ms, s, min or h")),
+    };
+    if millis == 0 {
+        return Err(format!("'{text}' must be longer than zero"));
+    }
+    Ok(Duration::from_millis(millis))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_in_the_units_operators_type() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("2min"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("5 fortnights").is_err());
+    }
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,495 @@
+//! Every statement the tool sends lives here. Bind parameters only; arrays instead of one round
+//! trip per row.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{PgConnection, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use crate::error::Failure;
+use crate::resolver::Probe;
+use crate::resolver::SnapshotLookup;
+
+/// Where the tool is connected, as printed in the run log header. Never holds the password.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "host={} port={} database={} user={}",
+            self.host, self.port, self.database, self.user
+        )
+    }
+}
+
+pub struct Session {
+    pub pool: PgPool,
+    pub target: Target,
+}
+
+/// Session settings every connection carries so a DBA can see and bound what the tool does.
+pub struct SessionSettings<'a> {
+    pub application_name: &'a str,
+    pub lock_timeout: Duration,
+    pub statement_timeout: Duration,
+}
+
+/// Parses the URL without ever echoing it: sqlx errors can quote their input.
+pub fn parse_url(url: &str) -> Result<PgConnectOptions> {
+    PgConnectOptions::from_str(url).map_err(|error| {
+        let reason = redact(&error.to_string(), url);
+        Failure::Usage(format!(
+            "the database URL could not be parsed ({reason}): check DATABASE_URL or --database-url"
+        ))
+        .into()
+    })
+}
+
+/// Removes the URL's password (and the URL itself) from a message that may quote them.
+pub fn redact(message: &str, url: &str) -> String {
+    let mut clean = message.replace(url, "<database url>");
+    if let Some(password) = url_password(url) {
+        if !password.is_empty() {
+            clean = clean.replace(&password, "***");
+        }
+    }
+    if let Ok(password) = std::env::var("PGPASSWORD") {
+        if !password.is_empty() {
+            clean = clean.replace(&password, "***");
+        }
+    }
+    clean
+}
+
+fn url_password(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?']).next()?;
+    let userinfo = authority.rsplit_once('@')?.0;
+    Some(userinfo.split_once(':')?.1.to_owned())
+}
+
+pub async fn connect(url: &str, settings: &SessionSettings<'_>) -> Result<Session> {
+    let options = parse_url(url)?
+        .application_name(settings.application_name)
+        .options([
+            (
+                "lock_timeout",
+                settings.lock_timeout.as_millis().to_string(),
+            ),
+            (
+                "statement_timeout",
+                settings.statement_timeout.as_millis().to_string(),
+            ),
+        ]);
+    let described = format!(
+        "{}:{}/{}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("")
+    );
+    let pool = PgPoolOptions::new()
+        .max_connections(3)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(options.clone())
+        .await
+        .map_err(|error| anyhow::anyhow!(redact(&error.to_string(), url)))
+        .with_context(|| {
+            format!("could not connect to '{described}': check DATABASE_URL, the network and the credentials")
+        })?;
+    let row = sqlx::query("SELECT current_database()::text, current_user::text")
+        .fetch_one(&pool)
+        .await
+        .context("could not ask the server who we are")?;
+    let target = Target {
+        host: options.get_host().to_owned(),
+        port: options.get_port(),
+        database: row.get(0),
+        user: row.get(1),
+    };
+    Ok(Session { pool, target })
+}
+
+/// Columns the tool reads or writes, with the type it relies on (`None`: any type).
+const REQUIRED_COLUMNS: &[(&str, &[(&str, Option<&str>)])] = &[
+    (
+        "member_profiles",
+        &[
+            ("id", Some("uuid")),
+            ("slug", None),
+            ("agents", Some("jsonb")),
+            ("updated_at", None),
+        ],
+    ),
+    (
+        "agent_capabilities_snapshot",
+        &[
+            ("agent_url", Some("text")),
+            ("inferred_type", Some("text")),
+            ("last_discovered", None),
+            ("discovery_error", None),
+            ("oauth_required", None),
+        ],
+    ),
+];
+
+const AUDIT_COLUMNS: &[(&str, Option<&str>)] = &[
+    ("agent_url", Some("text")),
+    ("member_id", Some("text")),
+    ("old_type", Some("text")),
+    ("new_type", Some("text")),
+    ("source", Some("text")),
+    ("run_id", Some("text")),
+    ("changed_at", None),
+    ("notes", Some("jsonb")),
+];
+
+/// Checks tables, columns and privileges before anything is read or written. `for_apply` adds the
+/// audit table and the write privileges.
+pub async fn preflight(pool: &PgPool, for_apply: bool) -> Result<()> {
+    let mut problems = Vec::new();
+    let mut tables: Vec<(&str, &[(&str, Option<&str>)])> = REQUIRED_COLUMNS.to_vec();
+    if for_apply {
+        tables.push(("type_reclassification_log", AUDIT_COLUMNS));
+    }
+    for (table, columns) in tables {
+        let rows = sqlx::query(
+            "SELECT a.attname::text, format_type(a.atttypid, NULL) \
+             FROM pg_attribute a \
+             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+        )
+        .bind(table)
+        .fetch_all(pool)
+        .await
+        .with_context(|| format!("could not inspect table '{table}'"))?;
+        if rows.is_empty() {
+            problems.push(format!("table '{table}' is missing"));
+            continue;
+        }
+        let found: HashMap<String, String> = rows
+            .iter()
+            .map(|row| (row.get::<String, _>(0), row.get::<String, _>(1)))
+            .collect();
+        for (column, wanted) in columns {
+            match (found.get(*column), wanted) {
+                (None, _) => problems.push(format!("column '{table}.{column}' is missing")),
+                (Some(actual), Some(wanted)) if actual != wanted && !compatible(actual, wanted) => {
+                    problems.push(format!(
+                        "column '{table}.{column}' is {actual}, expected {wanted}"
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+    if problems.is_empty() {
+        let wanted = if for_apply {
+            vec![
+                ("member_profiles", "SELECT"),
+                ("member_profiles", "UPDATE"),
+                ("agent_capabilities_snapshot", "SELECT"),
+                ("type_reclassification_log", "INSERT"),
+            ]
+        } else {
+            vec![
+                ("member_profiles", "SELECT"),
+                ("agent_capabilities_snapshot", "SELECT"),
+            ]
+        };
+        for (table, privilege) in wanted {
+            let granted: bool = sqlx::query_scalar("SELECT has_table_privilege($1, $2)")
+                .bind(table)
+                .bind(privilege)
+                .fetch_one(pool)
+                .await
+                .with_context(|| format!("could not check {privilege} on '{table}'"))?;
+            if !granted {
+                problems.push(format!("this user lacks {privilege} on '{table}'"));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Preflight(format!(
+            "preflight failed, nothing was read or written: {}; point DATABASE_URL at the registry database",
+            problems.join("; ")
+        ))
+        .into())
+    }
+}
+
+fn compatible(actual: &str, wanted: &str) -> bool {
+    // The server is free to widen text-like columns.
+    wanted == "text" && (actual.starts_with("character varying") || actual == "character")
+}
+
+/// Rows in `member_profiles`, from the planner's statistics; only used to size progress output.
+pub async fn estimated_profile_count(pool: &PgPool) -> Result<Option<u64>> {
+    let estimate: Option<f32> = sqlx::query_scalar(
+        "SELECT reltuples FROM pg_class WHERE oid = to_regclass('member_profiles')",
+    )
+    .fetch_optional(pool)
+    .await
+    .context("could not read the table size estimate")?;
+    Ok(estimate.filter(|rows| *rows >= 0.0).map(|rows| rows as u64))
+}
+
+/// One profile as the planner reads it.
+#[derive(Debug, Clone)]
+pub struct ProfileRow {
+    pub id: Uuid,
+    pub slug: String,
+    /// The `agents` column as JSON text; `None` for SQL NULL.
+    pub agents: Option<String>,
+}
+
+impl ProfileRow {
+    /// How the run log names a profile: its slug, or its id when there is no slug.
+    pub fn label(&self) -> String {
+        label(&self.slug, self.id)
+    }
+}
+
+pub fn label(slug: &str, id: Uuid) -> String {
+    if slug.trim().is_empty() {
+        id.to_string()
+    } else {
+        slug.to_owned()
+    }
+}
+
+/// What the crawler stored for one URL, with what a reviewer needs to judge it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SnapshotRow {
+    pub inferred_type: Option<String>,
+    pub last_discovered: DateTime<Utc>,
+    pub discovery_error: bool,
+    pub oauth_required: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Snapshots(HashMap<String, SnapshotRow>);
+
+impl Snapshots {
+    pub fn get(&self, url: &str) -> Option<&SnapshotRow> {
+        self.0.get(url)
+    }
+}
+
+impl SnapshotLookup for Snapshots {
+    fn probe(&self, url: &str) -> Probe<'_> {
+        match self.0.get(url) {
+            None => Probe::NotProbed,
+            Some(row) => Probe::Probed(row.inferred_type.as_deref()),
+        }
+    }
+}
+
+/// A read-only, repeatable-read transaction: the whole plan sees one snapshot of the registry
+/// and the server refuses any write inside it.
+pub async fn begin_read_only(pool: &PgPool) -> Result<Transaction<'static, Postgres>> {
+    let mut transaction = pool
+        .begin()
+        .await
+        .context("could not open the planning transaction")?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *transaction)
+        .await
+        .context("could not make the planning transaction read only")?;
+    Ok(transaction)
+}
+
+/// The next page of profiles after `after` in id order (keyset pagination).
+pub async fn profiles_page(
+    connection: &mut PgConnection,
+    after: Option<Uuid>,
+    limit: u32,
+) -> Result<Vec<ProfileRow>> {
+    let query = match after {
+        None => sqlx::query(
+            "SELECT id, slug::text, agents::text FROM member_profiles ORDER BY id LIMIT $1",
+        )
+        .bind(i64::from(limit)),
+        Some(after) => sqlx::query(
+            "SELECT id, slug::text, agents::text FROM member_profiles WHERE id > $2 ORDER BY id LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .bind(after),
+    };
+    let rows = query
+        .fetch_all(connection)
+        .await
+        .context("could not read a page of member_profiles")?;
+    Ok(rows.iter().map(profile_row).collect())
+}
+
+fn profile_row(row: &sqlx::postgres::PgRow) -> ProfileRow {
+    ProfileRow {
+        id: row.get(0),
+        slug: row.get::<Option<String>, _>(1).unwrap_or_default(),
+        agents: row.get(2),
+    }
+}
+
+/// Snapshot rows for exactly these URLs, in one round trip.
+pub async fn snapshots_for(connection: &mut PgConnection, urls: &[&str]) -> Result<Snapshots> {
+    if urls.is_empty() {
+        return Ok(Snapshots::default());
+    }
+    let rows = sqlx::query(
+        "SELECT agent_url, inferred_type, last_discovered, discovery_error IS NOT NULL, \
+                coalesce(oauth_required, false) \
+         FROM agent_capabilities_snapshot WHERE agent_url = ANY($1)",
+    )
+    .bind(urls)
+    .fetch_all(connection)
+    .await
+    .context("could not read agent_capabilities_snapshot")?;
+    Ok(Snapshots(
+        rows.iter()
+            .map(|row| {
+                (
+                    row.get::<String, _>(0),
+                    SnapshotRow {
+                        inferred_type: row.get(1),
+                        last_discovered: row.get(2),
+                        discovery_error: row.get(3),
+                        oauth_required: row.get(4),
+                    },
+                )
+            })
+            .collect(),
+    ))
+}
+
+/// Locks the given profiles for the rest of the transaction and returns their current rows.
+pub async fn lock_profiles(connection: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<ProfileRow>> {
+    let rows = sqlx::query(
+        "SELECT id, slug::text, agents::text FROM member_profiles WHERE id = ANY($1) \
+         ORDER BY id FOR UPDATE",
+    )
+    .bind(ids)
+    .fetch_all(connection)
+    .await
+    .context("could not lock the batch's profiles")?;
+    Ok(rows.iter().map(profile_row).collect())
+}
+
+/// One confirmed flip to write, with what its audit row records.
+#[derive(Debug, Clone)]
+pub struct FlipWrite {
+    pub profile_id: Uuid,
+    pub profile_label: String,
+    pub index: usize,
+    pub url: String,
+    /// The stored type as the audit log's `old_type` column holds it.
+    pub old_type: String,
+    /// The stored type exactly as it was (a JSON value), kept in the audit notes.
+    pub old_value: serde_json::Value,
+    pub new_type: String,
+}
+
+/// Writes the flips and their audit rows inside the caller's transaction.
+///
+/// Only the `type` key of each flipped element changes (`jsonb_set`), so every other key, element
+/// and number is kept exactly as stored. A profile with several flips gets one `jsonb_set` per
+/// round, because a single `UPDATE ... FROM` applies at most one source row per target row.
+pub async fn write_flips(
+    connection: &mut PgConnection,
+    flips: &[FlipWrite],
+    run_id: &str,
+    tool_version: &str,
+) -> Result<()> {
+    let mut rounds: Vec<Vec<&FlipWrite>> = Vec::new();
+    let mut seen: HashMap<Uuid, usize> = HashMap::new();
+    for flip in flips {
+        let round = seen.entry(flip.profile_id).or_insert(0);
+        if rounds.len() <= *round {
+            rounds.push(Vec::new());
+        }
+        rounds[*round].push(flip);
+        *round += 1;
+    }
+    for round in rounds {
+        let ids: Vec<Uuid> = round.iter().map(|flip| flip.profile_id).collect();
+        let paths: Vec<String> = round.iter().map(|flip| flip.index.to_string()).collect();
+        let types: Vec<&str> = round.iter().map(|flip| flip.new_type.as_str()).collect();
+        let updated = sqlx::query(
+            "UPDATE member_profiles AS p \
+             SET agents = jsonb_set(p.agents, ARRAY[f.idx, 'type'], to_jsonb(f.new_type), true) \
+             FROM unnest($1::uuid[], $2::text[], $3::text[]) AS f(id, idx, new_type) \
+             WHERE p.id = f.id",
+        )
+        .bind(&ids)
+        .bind(&paths)
+        .bind(&types)
+        .execute(&mut *connection)
+        .await
+        .context("could not update member_profiles")?;
+        anyhow::ensure!(
+            updated.rows_affected() == round.len() as u64,
+            "updated {} profiles where {} were locked for writing: stopping before commit",
+            updated.rows_affected(),
+            round.len()
+        );
+    }
+
+    let urls: Vec<&str> = flips.iter().map(|flip| flip.url.as_str()).collect();
+    let members: Vec<String> = flips.iter().map(|flip| flip.profile_id.to_string()).collect();
+    let old_types: Vec<&str> = flips.iter().map(|flip| flip.old_type.as_str()).collect();
+    let new_types: Vec<&str> = flips.iter().map(|flip| flip.new_type.as_str()).collect();
+    let notes: Vec<serde_json::Value> = flips
+        .iter()
+        .map(|flip| {
+            serde_json::json!({
+                "profile": flip.profile_label,
+                "index": flip.index,
+                "from": flip.old_value,
+                "tool": "agent-type-backfill",
+                "tool_version": tool_version,
+            })
+        })
+        .collect();
+    sqlx::query(
+        "INSERT INTO type_reclassification_log \
+             (agent_url, member_id, old_type, new_type, source, run_id, notes) \
+         SELECT a.url, a.member, a.old_type, a.new_type, 'backfill_script', $6, a.notes \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[]) \
+              AS a(url, member, old_type, new_type, notes)",
+    )
+    .bind(&urls)
+    .bind(&members)
+    .bind(&old_types)
+    .bind(&new_types)
+    .bind(&notes)
+    .bind(run_id)
+    .execute(&mut *connection)
+    .await
+    .context("could not insert audit rows into type_reclassification_log")?;
+    Ok(())
+}
+
+/// Whether an error is a lock or statement timeout, a deadlock or a serialization failure: the
+/// batch rolled back whole and may simply be tried again.
+pub fn is_retryable(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<sqlx::Error>()
+            .and_then(|error| error.as_database_error())
+            .and_then(|error| error.code())
+            .is_some_and(|code| matches!(code.as_ref(), "55P03" | "57014" | "40001" | "40P01"))
+    })
+}

@@ -1,0 +1,312 @@
+//! A throwaway PostgreSQL server built from the installed server binaries, for the rehearsal, the
+//! tests and the benchmark. Nothing here touches the network beyond 127.0.0.1.
+//!
+//! PostgreSQL refuses to run as root, so as root the cluster belongs to the `postgres` user and
+//! both `initdb` and `postgres` run under that uid. The server is a direct child that receives
+//! SIGQUIT if its owner dies, so even a killed run leaves no server behind.
+
+use std::ffi::CString;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// The superuser the throwaway cluster is created with.
+pub const SUPERUSER: &str = "postgres";
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct EphemeralPostgres {
+    root: PathBuf,
+    port: u16,
+    pid: libc::pid_t,
+    exited: mpsc::Receiver<()>,
+    stopped: bool,
+}
+
+#[derive(Clone, Copy)]
+struct RunAs {
+    uid: u32,
+    gid: u32,
+}
+
+impl EphemeralPostgres {
+    /// Creates a cluster in a fresh temporary directory and starts it on a free loopback port.
+    pub fn start() -> Result<Self> {
+        let bin = server_bin_dir()?;
+        let run_as = run_as()?;
+        let root = make_private_dir(run_as)?;
+        match Self::start_in(&bin, root.clone(), run_as) {
+            Ok(server) => Ok(server),
+            Err(error) => {
+                let _ = fs::remove_dir_all(&root);
+                Err(error)
+            }
+        }
+    }
+
+    fn start_in(bin: &Path, root: PathBuf, run_as: Option<RunAs>) -> Result<Self> {
+        let data = root.join("data");
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .args(["--auth=trust", "--encoding=UTF8", "--no-locale", "--no-sync"])
+            .arg(format!("--username={SUPERUSER}"))
+            .arg("-D")
+            .arg(&data)
+            .current_dir(&root);
+        let output = as_user(&mut initdb, run_as)
+            .output()
+            .with_context(|| format!("could not run {:?}", bin.join("initdb")))?;
+        if !output.status.success() {
+            bail!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+
+        let port = free_port()?;
+        let log = fs::File::create(root.join("server.log")).context("could not create server log")?;
+        if let Some(RunAs { uid, gid }) = run_as {
+            std::os::unix::fs::chown(root.join("server.log"), Some(uid), Some(gid))
+                .context("could not hand the server log to the postgres user")?;
+        }
+        let mut postgres = Command::new(bin.join("postgres"));
+        postgres
+            .arg("-D")
+            .arg(&data)
+            .arg("-p")
+            .arg(port.to_string())
+            .arg("-k")
+            .arg(&root)
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            // Durability is worthless for a cluster that is deleted at the end.
+            .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+            .args(["-c", "full_page_writes=off", "-c", "max_connections=200"])
+            .args(["-c", "shared_buffers=256MB", "-c", "max_wal_size=4GB"])
+            .current_dir(&root)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("could not share the server log")?)
+            .stderr(log);
+        let parent = std::process::id() as libc::pid_t;
+        unsafe {
+            postgres.pre_exec(move || {
+                // Runs after the uid switch, which would otherwise clear the death signal.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        as_user(&mut postgres, run_as);
+
+        // The death signal fires when the *thread* that forked the server ends, so the server is
+        // forked from a keeper thread that lives exactly as long as the server does.
+        let (started_tx, started_rx) = mpsc::channel();
+        let (exited_tx, exited) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("postgres-keeper".into())
+            .spawn(move || match postgres.spawn() {
+                Ok(mut child) => {
+                    let _ = started_tx.send(Ok(child.id() as libc::pid_t));
+                    let _ = child.wait();
+                    let _ = exited_tx.send(());
+                }
+                Err(error) => {
+                    let _ = started_tx.send(Err(error));
+                }
+            })
+            .context("could not start the postgres keeper thread")?;
+        let pid = started_rx
+            .recv()
+            .context("postgres keeper thread vanished")?
+            .with_context(|| format!("could not start {:?}", bin.join("postgres")))?;
+
+        let mut server = EphemeralPostgres {
+            root,
+            port,
+            pid,
+            exited,
+            stopped: false,
+        };
+        server.wait_ready(bin)?;
+        Ok(server)
+    }
+
+    fn wait_ready(&mut self, bin: &Path) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if self.exited.try_recv().is_ok() {
+                self.stopped = true;
+                bail!("postgres exited during start-up: {}", self.log_tail());
+            }
+            let ready = Command::new(bin.join("pg_isready"))
+                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .status()
+                .context("could not run pg_isready")?;
+            if ready.success() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("postgres did not become ready in time: {}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let log = fs::read_to_string(self.root.join("server.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().rev().take(5).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Directory holding the cluster, the unix socket and the server log.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Server process id, for tests that restart or signal it.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// A URL for `database` as the trusted superuser over loopback TCP.
+    pub fn url(&self, database: &str) -> String {
+        format!(
+            "postgres://{SUPERUSER}@127.0.0.1:{}/{database}?sslmode=disable",
+            self.port
+        )
+    }
+
+    /// Fast shutdown, then the directory is removed. Dropping does the same.
+    pub fn stop(mut self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        if !self.stopped {
+            self.stopped = true;
+            unsafe {
+                libc::kill(self.pid, libc::SIGINT);
+            }
+            if self.exited.recv_timeout(STOP_TIMEOUT).is_err() {
+                unsafe {
+                    libc::kill(self.pid, libc::SIGKILL);
+                }
+                let _ = self.exited.recv_timeout(STOP_TIMEOUT);
+            }
+        }
+        if self.root.exists() {
+            fs::remove_dir_all(&self.root)
+                .with_context(|| format!("could not remove {:?}", self.root))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for EphemeralPostgres {
+    fn drop(&mut self) {
+        if let Err(error) = self.shutdown() {
+            eprintln!("warning: {error:#}");
+        }
+    }
+}
+
+fn as_user(command: &mut Command, run_as: Option<RunAs>) -> &mut Command {
+    if let Some(RunAs { uid, gid }) = run_as {
+        command.uid(uid).gid(gid).env("HOME", "/tmp");
+    }
+    command
+}
+
+/// As root, the uid/gid of the `postgres` system user; as anyone else, stay who we are.
+fn run_as() -> Result<Option<RunAs>> {
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    let name = CString::new(SUPERUSER).expect("static name has no NUL");
+    let entry = unsafe { libc::getpwnam(name.as_ptr()) };
+    if entry.is_null() {
+        bail!("running as root needs a 'postgres' system user to own the throwaway cluster: install the postgresql package or run as a normal user");
+    }
+    let (uid, gid) = unsafe { ((*entry).pw_uid, (*entry).pw_gid) };
+    Ok(Some(RunAs { uid, gid }))
+}
+
+fn make_private_dir(run_as: Option<RunAs>) -> Result<PathBuf> {
+    let base = std::env::temp_dir();
+    for _ in 0..100 {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let candidate = base.join(format!(
+            "agent-type-backfill-pg-{}-{}",
+            std::process::id(),
+            &suffix[..12]
+        ));
+        match fs::create_dir(&candidate) {
+            Ok(()) => {
+                fs::set_permissions(&candidate, fs::Permissions::from_mode(0o700))
+                    .context("could not restrict the temporary directory")?;
+                if let Some(RunAs { uid, gid }) = run_as {
+                    std::os::unix::fs::chown(&candidate, Some(uid), Some(gid))
+                        .context("could not hand the temporary directory to the postgres user")?;
+                }
+                return Ok(candidate);
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(error) => {
+                return Err(error).with_context(|| format!("could not create {candidate:?}"))
+            }
+        }
+    }
+    Err(anyhow!("could not create a temporary directory under {base:?}"))
+}
+
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .context("could not find a free loopback port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Where `initdb`, `postgres` and `pg_isready` live: `$PG_BIN`, Debian's newest
+/// `/usr/lib/postgresql/<version>/bin`, or the directories on `$PATH`.
+pub fn server_bin_dir() -> Result<PathBuf> {
+    let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
+    if let Some(dir) = std::env::var_os("PG_BIN").map(PathBuf::from) {
+        if has_server(&dir) {
+            return Ok(dir);
+        }
+        bail!("PG_BIN={dir:?} has no initdb and postgres: point it at a PostgreSQL bin directory");
+    }
+    let mut debian: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((version, entry.path().join("bin")))
+        })
+        .filter(|(_, dir)| has_server(dir))
+        .collect();
+    debian.sort();
+    if let Some((_, dir)) = debian.pop() {
+        return Ok(dir);
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .find(|dir| has_server(dir))
+        .ok_or_else(|| {
+            anyhow!("no PostgreSQL server binaries found: install Debian's 'postgresql' package or set PG_BIN to the directory holding initdb and postgres")
+        })
+}

@@ -1,0 +1,64 @@
+//! The failures that decide an exit code. Everything else is an `anyhow::Error` and exits 1.
+
+use std::fmt;
+
+/// A failure the operator must act on differently from a crash; `code()` is its exit status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// Bad flags or configuration: nothing was read or written.
+    Usage(String),
+    /// The plan has more flips than `--max-flips`: nothing was written.
+    ThresholdExceeded { flips: usize, max_flips: usize },
+    /// The target is missing a table, a column or a privilege: nothing was written.
+    Preflight(String),
+}
+
+impl Failure {
+    pub fn code(&self) -> i32 {
+        match self {
+            Failure::Usage(_) => 2,
+            Failure::ThresholdExceeded { .. } => 3,
+            Failure::Preflight(_) => 4,
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Usage(message) | Failure::Preflight(message) => f.write_str(message),
+            Failure::ThresholdExceeded { flips, max_flips } => write!(
+                f,
+                "the plan has {flips} flips, more than --max-flips {max_flips}: nothing was written; \
+                 read the flips above, and rerun with a higher --max-flips only if every one is expected"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// The exit status for an error returned by [`crate::run`].
+pub fn exit_code(error: &anyhow::Error) -> i32 {
+    error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<Failure>())
+        .map_or(1, Failure::code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+
+    #[test]
+    fn typed_failures_keep_their_code_under_context() {
+        let error = Err::<(), _>(Failure::Preflight("missing".into()))
+            .context("while checking the target")
+            .unwrap_err();
+        assert_eq!(exit_code(&error), 4);
+        assert_eq!(exit_code(&anyhow::anyhow!("boom")), 1);
+        let threshold = Failure::ThresholdExceeded { flips: 3, max_flips: 2 };
+        assert_eq!(threshold.code(), 3);
+    }
+}

@@ -1,0 +1,99 @@
+//! `rehearse`: the whole operator procedure against a throwaway local registry, through the same
+//! code paths as a real run, leaving nothing behind.
+
+use std::io::Write;
+
+use anyhow::{ensure, Context, Result};
+use clap::Parser;
+use sqlx::postgres::PgPoolOptions;
+
+use crate::backfill;
+use crate::cli::{Cli, RehearseArgs};
+use crate::ephemeral::EphemeralPostgres;
+use crate::seed;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+pub async fn rehearse(args: &RehearseArgs, out: &mut (dyn Write + Send)) -> Result<()> {
+    let server = tokio::task::spawn_blocking(EphemeralPostgres::start)
+        .await
+        .context("the server start-up task panicked")??;
+    let outcome = rehearse_on(&server, args, out).await;
+    tokio::task::spawn_blocking(move || server.stop())
+        .await
+        .context("the server shutdown task panicked")??;
+    outcome
+}
+
+async fn rehearse_on(
+    server: &EphemeralPostgres,
+    args: &RehearseArgs,
+    out: &mut (dyn Write + Send),
+) -> Result<()> {
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&server.url("postgres"))
+        .await
+        .context("could not connect to the rehearsal server")?;
+    sqlx::query("CREATE DATABASE registry")
+        .execute(&admin)
+        .await
+        .context("could not create the rehearsal database")?;
+    admin.close().await;
+
+    let url = server.url("registry");
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&url)
+        .await
+        .context("could not connect to the rehearsal database")?;
+    MIGRATOR
+        .run(&pool)
+        .await
+        .context("could not apply migrations/ to the rehearsal database")?;
+    seed::seed_rehearsal(&pool, args.profiles)
+        .await
+        .context("could not seed the rehearsal registry")?;
+
+    let format = match args.format {
+        crate::cli::Format::Text => "text",
+        crate::cli::Format::Json => "json",
+    };
+    let steps = [
+        ("1/3", "staging dry-run", "--dry-run"),
+        ("2/3", "apply", "--apply"),
+        ("3/3", "re-run after apply (dry-run)", "--dry-run"),
+    ];
+    let mut summaries = Vec::new();
+    for (step, title, mode) in steps {
+        writeln!(out, "=== rehearsal {step}: {title} ===").context("could not write to stdout")?;
+        let cli = Cli::try_parse_from(["agent-type-backfill", mode, "--format", format])
+            .context("could not build the rehearsal's command line")?;
+        summaries.push(backfill::execute(&cli.backfill, &url, out).await?);
+        writeln!(out).context("could not write to stdout")?;
+    }
+
+    let audit_rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM type_reclassification_log WHERE source = 'backfill_script'",
+    )
+    .fetch_one(&pool)
+    .await
+    .context("could not count audit rows")?;
+    pool.close().await;
+    let (dry, apply, rerun) = (&summaries[0], &summaries[1], &summaries[2]);
+    ensure!(
+        dry.flips == apply.written && apply.written as i64 == audit_rows && rerun.flips == 0,
+        "rehearsal failed: dry-run planned {}, apply wrote {}, audit has {audit_rows} rows, re-run found {}",
+        dry.flips,
+        apply.written,
+        rerun.flips
+    );
+    writeln!(
+        out,
+        "rehearsal passed: the dry-run planned {} flips, the apply wrote {} with {audit_rows} audit rows, \
+         the re-run found none; the throwaway server and its files are removed",
+        dry.flips, apply.written
+    )
+    .context("could not write to stdout")?;
+    Ok(())
+}

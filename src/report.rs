@@ -1,0 +1,221 @@
+//! The run log on stdout: a header, one line per flip, then a summary; or the same as JSON lines.
+//! Operators keep this output as the record of a run, so its shape only changes on purpose.
+
+use std::io::Write;
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::cli::{Format, Mode};
+use crate::db::Target;
+use crate::resolver::type_label;
+
+pub struct Header<'a> {
+    pub version: &'a str,
+    pub mode: Mode,
+    pub target: &'a Target,
+    pub started_at: DateTime<Utc>,
+    pub run_id: &'a str,
+    pub max_flips: usize,
+}
+
+/// One flip as the log shows it.
+pub struct FlipLine<'a> {
+    pub profile_id: Uuid,
+    pub profile: &'a str,
+    pub index: usize,
+    pub url: &'a str,
+    pub from: &'a Value,
+    pub to: &'a str,
+}
+
+/// Why a planned flip was not written, or a found flip was not planned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    /// The profile or its snapshot changed between plan and write; the flip no longer holds.
+    ChangedSincePlan,
+    /// The profile was deleted between plan and write.
+    ProfileGone,
+    /// Found while writing but absent from the plan; left for the next run.
+    Unplanned,
+    /// The batch kept hitting lock or statement timeouts and was rolled back.
+    NotWrittenTimeout,
+}
+
+impl SkipReason {
+    fn describe(self) -> &'static str {
+        match self {
+            SkipReason::ChangedSincePlan => "changed since plan, not written",
+            SkipReason::ProfileGone => "profile deleted since plan, not written",
+            SkipReason::Unplanned => "new since plan, not written; the next run will find it",
+            SkipReason::NotWrittenTimeout => "lock or statement timeout, not written; rerun",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub profiles_scanned: u64,
+    pub profiles_changed: u64,
+    /// Flips in the plan: what the threshold is checked against.
+    pub flips: u64,
+    /// Profiles whose `agents` is not an array (NULL included): never written.
+    pub malformed: u64,
+    /// Array elements the rule cannot touch (not objects, or no string `url`).
+    pub junk_elements: u64,
+    pub written: u64,
+    pub skipped: u64,
+    pub unplanned: u64,
+    pub aborted: bool,
+    pub duration_ms: u64,
+}
+
+pub struct Reporter<'w> {
+    format: Format,
+    out: &'w mut (dyn Write + Send),
+}
+
+impl<'w> Reporter<'w> {
+    pub fn new(format: Format, out: &'w mut (dyn Write + Send)) -> Self {
+        Reporter { format, out }
+    }
+
+    fn line(&mut self, text: &str) -> Result<()> {
+        writeln!(self.out, "{text}")
+            .and_then(|()| self.out.flush())
+            .context("could not write the run report to stdout")
+    }
+
+    fn event(&mut self, event: Value) -> Result<()> {
+        self.line(&event.to_string())
+    }
+
+    pub fn header(&mut self, header: &Header) -> Result<()> {
+        let started = header.started_at.to_rfc3339_opts(SecondsFormat::Secs, true);
+        match self.format {
+            Format::Json => self.event(json!({
+                "event": "start",
+                "tool": "agent-type-backfill",
+                "version": header.version,
+                "mode": header.mode.as_str(),
+                "target": header.target,
+                "started_at": started,
+                "run_id": header.run_id,
+                "max_flips": header.max_flips,
+            })),
+            Format::Text => {
+                self.line(&format!("agent-type-backfill {}", header.version))?;
+                self.line(&format!("mode:        {}", header.mode.as_str()))?;
+                self.line(&format!("target:      {}", header.target))?;
+                self.line(&format!("started:     {started}"))?;
+                self.line(&format!("run id:      {}", header.run_id))?;
+                self.line(&format!("max flips:   {}", header.max_flips))?;
+                self.line("flips:")
+            }
+        }
+    }
+
+    pub fn flip(&mut self, flip: &FlipLine) -> Result<()> {
+        match self.format {
+            Format::Json => self.event(json!({
+                "event": "flip",
+                "profile_id": flip.profile_id,
+                "profile": flip.profile,
+                "index": flip.index,
+                "url": flip.url,
+                "from": flip.from,
+                "to": flip.to,
+            })),
+            Format::Text => self.line(&format!(
+                "  {}  {}  {} -> {}",
+                flip.profile,
+                flip.url,
+                type_label(flip.from),
+                flip.to
+            )),
+        }
+    }
+
+    pub fn skipped(&mut self, flip: &FlipLine, reason: SkipReason) -> Result<()> {
+        match self.format {
+            Format::Json => self.event(json!({
+                "event": "skipped",
+                "profile_id": flip.profile_id,
+                "profile": flip.profile,
+                "index": flip.index,
+                "url": flip.url,
+                "from": flip.from,
+                "to": flip.to,
+                "reason": reason,
+            })),
+            Format::Text => self.line(&format!(
+                "  skipped  {}  {}  {} -> {}  ({})",
+                flip.profile,
+                flip.url,
+                type_label(flip.from),
+                flip.to,
+                reason.describe()
+            )),
+        }
+    }
+
+    pub fn summary(&mut self, mode: Mode, run_id: &str, summary: &Summary) -> Result<()> {
+        let audit_run_id = (mode == Mode::Apply && summary.written > 0).then_some(run_id);
+        match self.format {
+            Format::Json => {
+                let mut event = serde_json::to_value(summary).context("could not encode summary")?;
+                let fields = event.as_object_mut().expect("summary is an object");
+                fields.insert("event".into(), json!("summary"));
+                fields.insert("mode".into(), json!(mode.as_str()));
+                fields.insert("run_id".into(), json!(audit_run_id));
+                self.event(event)
+            }
+            Format::Text => {
+                if summary.flips == 0 {
+                    self.line("  (none)")?;
+                }
+                self.line("summary:")?;
+                let rows: Vec<(&str, String)> = vec![
+                    ("profiles scanned", summary.profiles_scanned.to_string()),
+                    ("profiles with type changes", summary.profiles_changed.to_string()),
+                    ("agent rows flipped", summary.flips.to_string()),
+                    ("malformed rows skipped", summary.malformed.to_string()),
+                    ("junk agent elements left alone", summary.junk_elements.to_string()),
+                    ("mode", mode.as_str().to_owned()),
+                ];
+                for (name, value) in rows {
+                    self.line(&format!("  {:<31} {value}", format!("{name}:")))?;
+                }
+                if mode == Mode::Apply {
+                    let apply_rows = [
+                        ("written", summary.written.to_string()),
+                        ("skipped (changed since plan)", summary.skipped.to_string()),
+                        ("new since plan (not written)", summary.unplanned.to_string()),
+                        (
+                            "audit run id",
+                            audit_run_id.unwrap_or("(none: nothing written)").to_owned(),
+                        ),
+                    ];
+                    for (name, value) in apply_rows {
+                        self.line(&format!("  {:<31} {value}", format!("{name}:")))?;
+                    }
+                }
+                let outcome = if summary.aborted {
+                    "aborted by --max-flips, nothing written"
+                } else {
+                    "completed"
+                };
+                self.line(&format!("  {:<31} {outcome}", "outcome:"))?;
+                self.line(&format!(
+                    "  {:<31} {:.2}s",
+                    "duration:",
+                    summary.duration_ms as f64 / 1000.0
+                ))
+            }
+        }
+    }
+}
