@@ -58,7 +58,11 @@ pub fn new_run_id(now: chrono::DateTime<Utc>) -> String {
 }
 
 /// Runs the backfill against `url` and writes the run log to `out`.
-pub async fn execute(args: &BackfillArgs, url: &str, out: &mut (dyn Write + Send)) -> Result<Summary> {
+pub async fn execute(
+    args: &BackfillArgs,
+    url: &str,
+    out: &mut (dyn Write + Send),
+) -> Result<Summary> {
     let clock = Instant::now();
     let mode = args.mode.mode();
     let started_at = Utc::now();
@@ -170,14 +174,23 @@ pub async fn plan(pool: &PgPool, batch_size: u32) -> Result<Plan> {
             after = Some(last.id);
             let columns = rows
                 .iter()
-                .map(|row| parse_column(row))
+                .map(parse_column)
                 .collect::<Result<Vec<_>>>()?;
             let mut urls: Vec<&str> = columns.iter().flat_map(AgentsColumn::urls).collect();
             urls.sort_unstable();
             urls.dedup();
             let snapshots = db::snapshots_for(&mut transaction, &urls).await?;
             let full = rows.len() == batch_size as usize;
-            if pages_tx.send(Page { rows, columns, snapshots }).await.is_err() || !full {
+            if pages_tx
+                .send(Page {
+                    rows,
+                    columns,
+                    snapshots,
+                })
+                .await
+                .is_err()
+                || !full
+            {
                 break;
             }
         }
@@ -307,7 +320,10 @@ async fn write_batch(
     run_id: &str,
 ) -> Result<CheckedBatch> {
     let ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
-    let mut transaction = pool.begin().await.context("could not open a write transaction")?;
+    let mut transaction = pool
+        .begin()
+        .await
+        .context("could not open a write transaction")?;
     let current = db::lock_profiles(&mut transaction, &ids).await?;
     let columns = current
         .iter()

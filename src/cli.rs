@@ -137,9 +137,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(trimmed.len());
     let (digits, unit) = trimmed.split_at(split);
-    let amount: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{text}' is not a duration: use a whole number with ms, s, min or h"))?;
+    let amount: u64 = digits.parse().map_err(|_| {
+        format!("'{text}' is not a duration: use a whole number with ms, s, min or h")
+    })?;
     let millis = match unit.trim() {
         "ms" => amount,
         "" | "s" => amount * 1_000,

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{PgConnection, Postgres, Row, Transaction};
+use sqlx::{Connection, PgConnection, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::error::Failure;
@@ -100,19 +100,26 @@ pub async fn connect(url: &str, settings: &SessionSettings<'_>) -> Result<Sessio
         options.get_port(),
         options.get_database().unwrap_or("")
     );
-    let pool = PgPoolOptions::new()
-        .max_connections(3)
-        .acquire_timeout(Duration::from_secs(30))
-        .connect_with(options.clone())
+    // One direct connection first: a pool would retry a refused connection until its acquire
+    // timeout, and the operator should hear at once that the target is wrong.
+    let mut first = PgConnection::connect_with(&options)
         .await
         .map_err(|error| anyhow::anyhow!(redact(&error.to_string(), url)))
         .with_context(|| {
             format!("could not connect to '{described}': check DATABASE_URL, the network and the credentials")
         })?;
     let row = sqlx::query("SELECT current_database()::text, current_user::text")
-        .fetch_one(&pool)
+        .fetch_one(&mut first)
         .await
         .context("could not ask the server who we are")?;
+    first
+        .close()
+        .await
+        .context("could not close the first connection")?;
+    let pool = PgPoolOptions::new()
+        .max_connections(3)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_lazy_with(options.clone());
     let target = Target {
         host: options.get_host().to_owned(),
         port: options.get_port(),
@@ -122,8 +129,11 @@ pub async fn connect(url: &str, settings: &SessionSettings<'_>) -> Result<Sessio
     Ok(Session { pool, target })
 }
 
-/// Columns the tool reads or writes, with the type it relies on (`None`: any type).
-const REQUIRED_COLUMNS: &[(&str, &[(&str, Option<&str>)])] = &[
+/// A column the tool reads or writes, with the type it relies on (`None`: any type).
+type ColumnSpec = (&'static str, Option<&'static str>);
+type TableSpec = (&'static str, &'static [ColumnSpec]);
+
+const REQUIRED_COLUMNS: &[TableSpec] = &[
     (
         "member_profiles",
         &[
@@ -145,7 +155,7 @@ const REQUIRED_COLUMNS: &[(&str, &[(&str, Option<&str>)])] = &[
     ),
 ];
 
-const AUDIT_COLUMNS: &[(&str, Option<&str>)] = &[
+const AUDIT_COLUMNS: &[ColumnSpec] = &[
     ("agent_url", Some("text")),
     ("member_id", Some("text")),
     ("old_type", Some("text")),
@@ -160,7 +170,7 @@ const AUDIT_COLUMNS: &[(&str, Option<&str>)] = &[
 /// audit table and the write privileges.
 pub async fn preflight(pool: &PgPool, for_apply: bool) -> Result<()> {
     let mut problems = Vec::new();
-    let mut tables: Vec<(&str, &[(&str, Option<&str>)])> = REQUIRED_COLUMNS.to_vec();
+    let mut tables: Vec<TableSpec> = REQUIRED_COLUMNS.to_vec();
     if for_apply {
         tables.push(("type_reclassification_log", AUDIT_COLUMNS));
     }
@@ -448,7 +458,10 @@ pub async fn write_flips(
     }
 
     let urls: Vec<&str> = flips.iter().map(|flip| flip.url.as_str()).collect();
-    let members: Vec<String> = flips.iter().map(|flip| flip.profile_id.to_string()).collect();
+    let members: Vec<String> = flips
+        .iter()
+        .map(|flip| flip.profile_id.to_string())
+        .collect();
     let old_types: Vec<&str> = flips.iter().map(|flip| flip.old_type.as_str()).collect();
     let new_types: Vec<&str> = flips.iter().map(|flip| flip.new_type.as_str()).collect();
     let notes: Vec<serde_json::Value> = flips

@@ -54,7 +54,12 @@ impl EphemeralPostgres {
         let data = root.join("data");
         let mut initdb = Command::new(bin.join("initdb"));
         initdb
-            .args(["--auth=trust", "--encoding=UTF8", "--no-locale", "--no-sync"])
+            .args([
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-locale",
+                "--no-sync",
+            ])
             .arg(format!("--username={SUPERUSER}"))
             .arg("-D")
             .arg(&data)
@@ -70,7 +75,8 @@ impl EphemeralPostgres {
         }
 
         let port = free_port()?;
-        let log = fs::File::create(root.join("server.log")).context("could not create server log")?;
+        let log =
+            fs::File::create(root.join("server.log")).context("could not create server log")?;
         if let Some(RunAs { uid, gid }) = run_as {
             std::os::unix::fs::chown(root.join("server.log"), Some(uid), Some(gid))
                 .context("could not hand the server log to the postgres user")?;
@@ -269,7 +275,9 @@ fn make_private_dir(run_as: Option<RunAs>) -> Result<PathBuf> {
             }
         }
     }
-    Err(anyhow!("could not create a temporary directory under {base:?}"))
+    Err(anyhow!(
+        "could not create a temporary directory under {base:?}"
+    ))
 }
 
 fn free_port() -> Result<u16> {

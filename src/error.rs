@@ -58,7 +58,10 @@ mod tests {
             .unwrap_err();
         assert_eq!(exit_code(&error), 4);
         assert_eq!(exit_code(&anyhow::anyhow!("boom")), 1);
-        let threshold = Failure::ThresholdExceeded { flips: 3, max_flips: 2 };
+        let threshold = Failure::ThresholdExceeded {
+            flips: 3,
+            max_flips: 2,
+        };
         assert_eq!(threshold.code(), 3);
     }
 }

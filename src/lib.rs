@@ -23,11 +23,16 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Rehearse(args)) => rehearse::rehearse(&args, &mut stdout).await,
         None => {
-            let url = cli.backfill.connect.database_url.as_deref().ok_or_else(|| {
-                Failure::Usage(
-                    "no database given: set DATABASE_URL or pass --database-url".to_owned(),
-                )
-            })?;
+            let url = cli
+                .backfill
+                .connect
+                .database_url
+                .as_deref()
+                .ok_or_else(|| {
+                    Failure::Usage(
+                        "no database given: set DATABASE_URL or pass --database-url".to_owned(),
+                    )
+                })?;
             backfill::execute(&cli.backfill, url, &mut stdout).await?;
             Ok(())
         }

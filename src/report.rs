@@ -167,7 +167,8 @@ impl<'w> Reporter<'w> {
         let audit_run_id = (mode == Mode::Apply && summary.written > 0).then_some(run_id);
         match self.format {
             Format::Json => {
-                let mut event = serde_json::to_value(summary).context("could not encode summary")?;
+                let mut event =
+                    serde_json::to_value(summary).context("could not encode summary")?;
                 let fields = event.as_object_mut().expect("summary is an object");
                 fields.insert("event".into(), json!("summary"));
                 fields.insert("mode".into(), json!(mode.as_str()));
@@ -181,10 +182,16 @@ impl<'w> Reporter<'w> {
                 self.line("summary:")?;
                 let rows: Vec<(&str, String)> = vec![
                     ("profiles scanned", summary.profiles_scanned.to_string()),
-                    ("profiles with type changes", summary.profiles_changed.to_string()),
+                    (
+                        "profiles with type changes",
+                        summary.profiles_changed.to_string(),
+                    ),
                     ("agent rows flipped", summary.flips.to_string()),
                     ("malformed rows skipped", summary.malformed.to_string()),
-                    ("junk agent elements left alone", summary.junk_elements.to_string()),
+                    (
+                        "junk agent elements left alone",
+                        summary.junk_elements.to_string(),
+                    ),
                     ("mode", mode.as_str().to_owned()),
                 ];
                 for (name, value) in rows {
@@ -194,7 +201,10 @@ impl<'w> Reporter<'w> {
                     let apply_rows = [
                         ("written", summary.written.to_string()),
                         ("skipped (changed since plan)", summary.skipped.to_string()),
-                        ("new since plan (not written)", summary.unplanned.to_string()),
+                        (
+                            "new since plan (not written)",
+                            summary.unplanned.to_string(),
+                        ),
                         (
                             "audit run id",
                             audit_run_id.unwrap_or("(none: nothing written)").to_owned(),

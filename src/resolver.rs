@@ -182,7 +182,11 @@ pub fn diff_flips(before: &Value, after: &Value) -> Vec<Flip> {
             let to = effective_type(element_type(new));
             (from != to).then(|| Flip {
                 index,
-                url: new.get("url").and_then(Value::as_str).unwrap_or_default().to_owned(),
+                url: new
+                    .get("url")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
                 from,
                 to: to.as_str().unwrap_or_default().to_owned(),
             })
@@ -475,8 +479,12 @@ mod tests {
 
     #[test]
     fn unclassified_probe_squashes_other_types_to_unknown() {
-        let lookup = snapshots(&[("https://a.example", None), ("https://b.example", Some("SALES"))]);
-        let agents = json!([{"url": "https://a.example", "type": "sales"}, {"url": "https://b.example"}]);
+        let lookup = snapshots(&[
+            ("https://a.example", None),
+            ("https://b.example", Some("SALES")),
+        ]);
+        let agents =
+            json!([{"url": "https://a.example", "type": "sales"}, {"url": "https://b.example"}]);
         let flips = lean_flips(&agents, &lookup);
         assert_eq!(flips.len(), 1, "a missing type already reads as unknown");
         assert_eq!((flips[0].index, flips[0].to.as_str()), (0, "unknown"));

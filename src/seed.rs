@@ -105,7 +105,10 @@ impl BulkSpec {
 }
 
 /// Generates the ordinary profiles of `spec`, `chunk` profiles at a time.
-pub fn bulk_chunks(spec: BulkSpec, chunk: usize) -> impl Iterator<Item = (Vec<NewProfile>, Vec<NewSnapshot>)> {
+pub fn bulk_chunks(
+    spec: BulkSpec,
+    chunk: usize,
+) -> impl Iterator<Item = (Vec<NewProfile>, Vec<NewSnapshot>)> {
     let mut rng = Rng::new(spec.seed);
     let mut made = 0;
     std::iter::from_fn(move || {
@@ -197,7 +200,10 @@ pub fn named_fixtures() -> (Vec<NewProfile>, Vec<NewSnapshot>) {
         ),
         profile("junk-null-agents", None),
         profile("junk-json-null", Some(Value::Null)),
-        profile("junk-object", Some(json!({"url": BIDCLIQ_URL, "type": "buying"}))),
+        profile(
+            "junk-object",
+            Some(json!({"url": BIDCLIQ_URL, "type": "buying"})),
+        ),
         profile("junk-string", Some(json!("https://string.example/mcp"))),
         profile("junk-number", Some(json!(42))),
         profile(
@@ -233,8 +239,15 @@ pub fn named_fixtures() -> (Vec<NewProfile>, Vec<NewSnapshot>) {
 }
 
 /// Inserts organizations, profiles and snapshots with one statement per table.
-pub async fn insert(pool: &PgPool, profiles: &[NewProfile], snapshots: &[NewSnapshot]) -> Result<()> {
-    let orgs: Vec<String> = profiles.iter().map(|p| format!("org_{}", p.id.simple())).collect();
+pub async fn insert(
+    pool: &PgPool,
+    profiles: &[NewProfile],
+    snapshots: &[NewSnapshot],
+) -> Result<()> {
+    let orgs: Vec<String> = profiles
+        .iter()
+        .map(|p| format!("org_{}", p.id.simple()))
+        .collect();
     let names: Vec<&str> = profiles.iter().map(|p| p.display_name.as_str()).collect();
     let ids: Vec<Uuid> = profiles.iter().map(|p| p.id).collect();
     let slugs: Vec<&str> = profiles.iter().map(|p| p.slug.as_str()).collect();
@@ -268,8 +281,14 @@ pub async fn insert(pool: &PgPool, profiles: &[NewProfile], snapshots: &[NewSnap
     .await
     .context("could not seed member_profiles")?;
     let urls: Vec<&str> = snapshots.iter().map(|s| s.agent_url.as_str()).collect();
-    let inferred: Vec<Option<&str>> = snapshots.iter().map(|s| s.inferred_type.as_deref()).collect();
-    let errors: Vec<Option<&str>> = snapshots.iter().map(|s| s.discovery_error.as_deref()).collect();
+    let inferred: Vec<Option<&str>> = snapshots
+        .iter()
+        .map(|s| s.inferred_type.as_deref())
+        .collect();
+    let errors: Vec<Option<&str>> = snapshots
+        .iter()
+        .map(|s| s.discovery_error.as_deref())
+        .collect();
     let oauth: Vec<bool> = snapshots.iter().map(|s| s.oauth_required).collect();
     let ages: Vec<i32> = snapshots.iter().map(|s| s.age_hours).collect();
     sqlx::query(
@@ -287,7 +306,10 @@ pub async fn insert(pool: &PgPool, profiles: &[NewProfile], snapshots: &[NewSnap
     .execute(&mut *transaction)
     .await
     .context("could not seed agent_capabilities_snapshot")?;
-    transaction.commit().await.context("could not commit the seed")?;
+    transaction
+        .commit()
+        .await
+        .context("could not commit the seed")?;
     Ok(())
 }
 

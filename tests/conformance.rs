@@ -65,11 +65,17 @@ fn every_vector_matches_resolved_and_flips_on_both_paths() {
         if as_json(&verdict.flips) != case["flips"] {
             failures.push(format!("{name}: lean-path flips differ"));
         }
-        if verdict.malformed != !agents.is_array() {
-            failures.push(format!("{name}: malformed should be {}", !agents.is_array()));
+        let non_array = !agents.is_array();
+        if verdict.malformed != non_array {
+            failures.push(format!("{name}: malformed should be {non_array}"));
         }
     }
-    assert!(failures.is_empty(), "{} cases disagree:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} cases disagree:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -82,6 +88,9 @@ fn vectors_are_kept_identical_to_the_shared_copy() {
     for file in ["resolve_agent_types.json", "README.md"] {
         let ours = std::fs::read(Path::new("tests/data/conformance").join(file)).unwrap();
         let theirs = std::fs::read(shared.join(file)).unwrap();
-        assert!(ours == theirs, "tests/data/conformance/{file} differs from ../shared: copy it again");
+        assert!(
+            ours == theirs,
+            "tests/data/conformance/{file} differs from ../shared: copy it again"
+        );
     }
 }

@@ -1,0 +1,504 @@
+//! The backfill against a real PostgreSQL: each test in its own database with migrations/ applied.
+
+mod common;
+
+use std::time::Duration;
+
+use agent_type_backfill::backfill::{self, execute};
+use agent_type_backfill::db;
+use agent_type_backfill::error::{exit_code, Failure};
+use agent_type_backfill::seed::{
+    self, NewProfile, NewSnapshot, BIDCLIQ_URL, NORTHWIND_URL, SWIVEL_URL,
+};
+use common::{args, events, TestDb};
+use serde_json::{json, Value};
+use sqlx::{Connection, PgConnection};
+
+async fn run(
+    db: &TestDb,
+    flags: &[&str],
+) -> (anyhow::Result<agent_type_backfill::report::Summary>, String) {
+    let mut out = Vec::new();
+    let result = execute(&args(flags), &db.url, &mut out).await;
+    (result, String::from_utf8(out).unwrap())
+}
+
+fn flip_events(log: &str) -> Vec<Value> {
+    events(log.as_bytes())
+        .into_iter()
+        .filter(|event| event["event"] == "flip")
+        .collect()
+}
+
+#[tokio::test]
+async fn known_stale_cases_bidcliq_and_swivel_are_exactly_the_flips() {
+    let db = TestDb::seeded(200).await;
+    let (result, log) = run(&db, &["--dry-run", "--format", "json"]).await;
+    let summary = result.unwrap();
+    let flips = flip_events(&log);
+    let found: Vec<(&str, &str, &Value, &str)> = flips
+        .iter()
+        .map(|f| {
+            (
+                f["profile"].as_str().unwrap(),
+                f["url"].as_str().unwrap(),
+                &f["from"],
+                f["to"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let buying = json!("buying");
+    let mut expected = vec![
+        ("bidcliq", BIDCLIQ_URL, &buying, "sales"),
+        ("swivel", SWIVEL_URL, &buying, "sales"),
+    ];
+    let mut found_sorted = found.clone();
+    found_sorted.sort_by_key(|f| f.0);
+    expected.sort_by_key(|f| f.0);
+    assert_eq!(found_sorted, expected);
+    assert_eq!(summary.flips, 2);
+    assert_eq!(summary.profiles_changed, 2);
+    assert_eq!(summary.profiles_scanned, 211);
+    assert_eq!(
+        summary.malformed, 5,
+        "NULL, JSON null, object, string and number rows"
+    );
+    let swivel = flips.iter().find(|f| f["profile"] == "swivel").unwrap();
+    assert_eq!(
+        swivel["index"], 1,
+        "index is the position in the agents array"
+    );
+}
+
+#[tokio::test]
+async fn apply_writes_the_two_flips_with_two_audit_rows_and_a_rerun_finds_none() {
+    let db = TestDb::seeded(50).await;
+    let updated_before: Vec<(String, String)> =
+        sqlx::query_as("SELECT slug::text, updated_at::text FROM member_profiles ORDER BY slug")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+
+    let (result, log) = run(&db, &["--apply", "--format", "json"]).await;
+    let summary = result.unwrap();
+    assert_eq!((summary.flips, summary.written, summary.skipped), (2, 2, 0));
+    let all = events(log.as_bytes());
+    let start = &all[0];
+    let run_id = start["run_id"].as_str().unwrap();
+    let end = all.last().unwrap();
+    assert_eq!(end["event"], "summary");
+    assert_eq!(end["run_id"], run_id);
+    assert_eq!(end["aborted"], false);
+
+    assert_eq!(db.agents_of("bidcliq").await[0]["type"], "sales");
+    assert_eq!(db.agents_of("swivel").await[1]["type"], "sales");
+
+    let audit = db.audit_rows().await;
+    assert_eq!(audit.len(), 2);
+    for row in &audit {
+        assert_eq!(row.source, "backfill_script");
+        assert_eq!(row.run_id.as_deref(), Some(run_id));
+        assert_eq!(row.old_type.as_deref(), Some("buying"));
+        assert_eq!(row.new_type, "sales");
+        let notes = row.notes.as_ref().unwrap();
+        assert_eq!(notes["tool_version"], backfill::VERSION);
+        let (slug, url) = if row.agent_url == BIDCLIQ_URL {
+            ("bidcliq", BIDCLIQ_URL)
+        } else {
+            ("swivel", SWIVEL_URL)
+        };
+        assert_eq!(row.agent_url, url);
+        assert_eq!(notes["profile"], slug);
+        let member: String =
+            sqlx::query_scalar("SELECT id::text FROM member_profiles WHERE slug = $1")
+                .bind(slug)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(row.member_id.as_deref(), Some(member.as_str()));
+    }
+
+    let updated_after: Vec<(String, String)> =
+        sqlx::query_as("SELECT slug::text, updated_at::text FROM member_profiles ORDER BY slug")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let moved: Vec<&str> = updated_before
+        .iter()
+        .zip(&updated_after)
+        .filter(|(before, after)| before.1 != after.1)
+        .map(|(before, _)| before.0.as_str())
+        .collect();
+    assert_eq!(
+        moved,
+        ["bidcliq", "swivel"],
+        "only written profiles are touched"
+    );
+
+    let before_rerun = db.dump().await;
+    let (rerun, _) = run(&db, &["--apply"]).await;
+    let rerun = rerun.unwrap();
+    assert_eq!((rerun.flips, rerun.written), (0, 0), "idempotent");
+    assert_eq!(db.dump().await, before_rerun);
+}
+
+#[tokio::test]
+async fn members_own_buying_agent_with_unclassified_snapshot_is_kept() {
+    let db = TestDb::seeded(10).await;
+    let (result, log) = run(&db, &["--apply"]).await;
+    result.unwrap();
+    assert!(!log.contains(NORTHWIND_URL), "{log}");
+    assert_eq!(db.agents_of("northwind-media").await[0]["type"], "buying");
+}
+
+#[tokio::test]
+async fn dry_run_writes_nothing_and_its_transaction_refuses_writes() {
+    let db = TestDb::seeded(100).await;
+    let before = db.dump().await;
+    let (result, log) = run(&db, &["--dry-run"]).await;
+    assert_eq!(result.unwrap().written, 0);
+    assert!(
+        log.contains("  bidcliq  https://bidcliq.example/mcp  buying -> sales"),
+        "{log}"
+    );
+    assert_eq!(db.dump().await, before);
+
+    let mut transaction = db::begin_read_only(&db.pool).await.unwrap();
+    let error = sqlx::query("UPDATE member_profiles SET agents = '[]'")
+        .execute(&mut *transaction)
+        .await
+        .unwrap_err();
+    let code = error
+        .as_database_error()
+        .unwrap()
+        .code()
+        .unwrap()
+        .into_owned();
+    assert_eq!(code, "25006", "read_only_sql_transaction");
+}
+
+#[tokio::test]
+async fn threshold_abort_prints_every_flip_and_writes_nothing() {
+    let db = TestDb::seeded(100).await;
+    let before = db.dump().await;
+    for mode in ["--apply", "--dry-run"] {
+        let (result, log) = run(&db, &[mode, "--max-flips", "1", "--format", "json"]).await;
+        let error = result.unwrap_err();
+        assert_eq!(exit_code(&error), 3, "{error:#}");
+        assert_eq!(
+            error.downcast_ref::<Failure>(),
+            Some(&Failure::ThresholdExceeded {
+                flips: 2,
+                max_flips: 1
+            })
+        );
+        assert_eq!(flip_events(&log).len(), 2, "{mode} shows what would abort");
+        let summary = events(log.as_bytes()).pop().unwrap();
+        assert_eq!(summary["aborted"], true);
+        assert_eq!(summary["run_id"], Value::Null);
+        assert_eq!(db.dump().await, before, "{mode} wrote something");
+    }
+    let (at_limit, _) = run(&db, &["--dry-run", "--max-flips", "2"]).await;
+    assert!(at_limit.is_ok(), "exactly --max-flips flips is allowed");
+}
+
+#[tokio::test]
+async fn extra_keys_big_numbers_and_other_elements_are_preserved_exactly() {
+    let db = TestDb::seeded(0).await;
+    let element_text = |index: i32| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT (agents -> $1)::text FROM member_profiles WHERE slug = 'swivel'",
+            )
+            .bind(index)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let stale_without_type = |pool: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, String>(
+            "SELECT (agents #- '{1,type}')::text FROM member_profiles WHERE slug = 'swivel'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let sibling_before = element_text(0).await;
+    let rest_before = stale_without_type(db.pool.clone()).await;
+    assert!(
+        rest_before.contains("12345678901234567890123"),
+        "{rest_before}"
+    );
+
+    run(&db, &["--apply"]).await.0.unwrap();
+
+    assert_eq!(element_text(0).await, sibling_before);
+    assert_eq!(stale_without_type(db.pool.clone()).await, rest_before);
+    assert!(element_text(1).await.contains("\"type\": \"sales\""));
+}
+
+#[tokio::test]
+async fn type_key_is_added_when_a_flipped_element_had_none() {
+    let db = TestDb::new().await;
+    let profile = NewProfile {
+        id: uuid::Uuid::from_u128(7),
+        slug: "typeless".into(),
+        display_name: "Typeless".into(),
+        agents: Some(json!([{"url": "https://typeless.example", "name": "t"}])),
+    };
+    seed::insert(
+        &db.pool,
+        &[profile],
+        &[NewSnapshot::new(
+            "https://typeless.example",
+            Some("signals"),
+        )],
+    )
+    .await
+    .unwrap();
+    let (result, log) = run(&db, &["--apply", "--format", "json"]).await;
+    result.unwrap();
+    assert_eq!(
+        flip_events(&log)[0]["from"],
+        "unknown",
+        "a missing type reads as unknown"
+    );
+    assert_eq!(
+        db.agents_of("typeless").await,
+        json!([{"url": "https://typeless.example", "name": "t", "type": "signals"}])
+    );
+    assert_eq!(
+        db.audit_rows().await[0].old_type.as_deref(),
+        Some("unknown")
+    );
+}
+
+#[tokio::test]
+async fn preflight_failures_exit_4_before_anything_is_written() {
+    let db = TestDb::seeded(5).await;
+    sqlx::query("DROP TABLE type_reclassification_log")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let before = db.dump_without_audit().await;
+    let (result, log) = run(&db, &["--apply"]).await;
+    let error = result.unwrap_err();
+    assert_eq!(exit_code(&error), 4);
+    assert!(format!("{error:#}").contains("table 'type_reclassification_log' is missing"));
+    assert!(log.is_empty(), "no report before preflight passes: {log}");
+    assert_eq!(db.dump_without_audit().await, before);
+
+    let (dry, _) = run(&db, &["--dry-run"]).await;
+    assert_eq!(
+        dry.unwrap().flips,
+        2,
+        "a dry-run does not need the audit table"
+    );
+
+    sqlx::query("ALTER TABLE member_profiles RENAME COLUMN agents TO agent_list")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (result, _) = run(&db, &["--dry-run"]).await;
+    let error = result.unwrap_err();
+    assert_eq!(exit_code(&error), 4);
+    assert!(format!("{error:#}").contains("column 'member_profiles.agents' is missing"));
+}
+
+/// Waits until the tool's write transaction is blocked on a row lock held by the test.
+async fn wait_for_blocked_writer(db: &TestDb) -> String {
+    for _ in 0..400 {
+        let blocked: Option<String> = sqlx::query_scalar(
+            "SELECT application_name FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name LIKE 'agent-type-backfill %' \
+               AND wait_event_type = 'Lock'",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+        if let Some(name) = blocked {
+            return name;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the backfill never blocked on the held row lock");
+}
+
+async fn lock_profile(db: &TestDb, slug: &str) -> PgConnection {
+    let mut holder = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM member_profiles WHERE slug = $1 FOR UPDATE")
+        .bind(slug)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    holder
+}
+
+#[tokio::test]
+async fn profile_edited_between_plan_and_write_is_re_resolved_not_overwritten() {
+    let db = TestDb::seeded(20).await;
+    let mut holder = lock_profile(&db, "bidcliq").await;
+    let url = db.url.clone();
+    let apply = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let result = execute(
+            &args(&["--apply", "--format", "json", "--lock-timeout", "30s"]),
+            &url,
+            &mut out,
+        )
+        .await;
+        (result, out)
+    });
+    let application_name = wait_for_blocked_writer(&db).await;
+    assert!(
+        application_name.starts_with("agent-type-backfill atb-"),
+        "{application_name}"
+    );
+
+    // A member saves their profile while the backfill waits: the type is now theirs to keep.
+    let member_edit =
+        json!([{"url": BIDCLIQ_URL, "type": "creative", "name": "Renamed", "visits": 3}]);
+    sqlx::query("UPDATE member_profiles SET agents = $1 WHERE slug = 'bidcliq'")
+        .bind(&member_edit)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+
+    let (result, out) = apply.await.unwrap();
+    let summary = result.unwrap();
+    assert_eq!(
+        (
+            summary.flips,
+            summary.written,
+            summary.skipped,
+            summary.unplanned
+        ),
+        (2, 1, 1, 1)
+    );
+    let log = events(&out);
+    let not_written: Vec<(&str, &str, &str)> = log
+        .iter()
+        .filter(|event| event["event"] == "skipped")
+        .map(|event| {
+            (
+                event["profile"].as_str().unwrap(),
+                event["to"].as_str().unwrap(),
+                event["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        not_written,
+        [
+            ("bidcliq", "sales", "changed_since_plan"),
+            ("bidcliq", "sales", "unplanned")
+        ],
+        "the planned buying->sales flip no longer holds; creative->sales is new and waits for the next run"
+    );
+    assert_eq!(
+        db.agents_of("bidcliq").await,
+        member_edit,
+        "the member's edit survives"
+    );
+    let audit = db.audit_rows().await;
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].agent_url, SWIVEL_URL);
+}
+
+#[tokio::test]
+async fn concurrent_edit_that_keeps_the_flip_is_written_without_losing_the_edit() {
+    let db = TestDb::seeded(20).await;
+    let mut holder = lock_profile(&db, "bidcliq").await;
+    let url = db.url.clone();
+    let apply = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let flags = ["--apply", "--lock-timeout", "30s"];
+        (execute(&args(&flags), &url, &mut out).await, out)
+    });
+    wait_for_blocked_writer(&db).await;
+    sqlx::query(
+        "UPDATE member_profiles SET agents = jsonb_set(agents, '{0,visits}', '41') WHERE slug = 'bidcliq'",
+    )
+    .execute(&mut holder)
+    .await
+    .unwrap();
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    let (result, _) = apply.await.unwrap();
+    assert_eq!(result.unwrap().written, 2);
+    let agents = db.agents_of("bidcliq").await;
+    assert_eq!(agents[0]["visits"], 41, "the concurrent edit is kept");
+    assert_eq!(agents[0]["type"], "sales");
+}
+
+#[tokio::test]
+async fn lock_timeout_is_retried_then_reported_never_half_applied() {
+    let db = TestDb::seeded(20).await;
+    let holder = lock_profile(&db, "bidcliq").await;
+    let before = db.dump().await;
+    let (result, out) = run(
+        &db,
+        &[
+            "--apply",
+            "--lock-timeout",
+            "100ms",
+            "--write-attempts",
+            "2",
+            "--format",
+            "json",
+        ],
+    )
+    .await;
+    let error = result.unwrap_err();
+    assert_eq!(exit_code(&error), 1);
+    assert!(
+        format!("{error:#}").contains("2 planned flips were not written"),
+        "{error:#}"
+    );
+    let reasons: Vec<Value> = events(out.as_bytes())
+        .into_iter()
+        .filter(|event| event["event"] == "skipped")
+        .map(|event| event["reason"].clone())
+        .collect();
+    assert_eq!(
+        reasons,
+        [json!("not_written_timeout"), json!("not_written_timeout")]
+    );
+    assert_eq!(db.dump().await, before, "the batch rolled back whole");
+    holder.close().await.unwrap();
+
+    // Released within the retry budget: the same command now finishes the job.
+    let holder = lock_profile(&db, "bidcliq").await;
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        holder.close().await.unwrap();
+    });
+    let (result, _) = run(
+        &db,
+        &[
+            "--apply",
+            "--lock-timeout",
+            "100ms",
+            "--write-attempts",
+            "5",
+        ],
+    )
+    .await;
+    release.await.unwrap();
+    assert_eq!(result.unwrap().written, 2);
+    assert_eq!(db.audit_rows().await.len(), 2);
+}
+
+#[tokio::test]
+async fn batches_smaller_than_the_table_cover_every_profile_once() {
+    let db = TestDb::seeded(95).await;
+    let (result, _) = run(&db, &["--apply", "--batch-size", "7"]).await;
+    let summary = result.unwrap();
+    assert_eq!(summary.profiles_scanned, 106);
+    assert_eq!(summary.written, 2);
+    let (rerun, _) = run(&db, &["--dry-run", "--batch-size", "1"]).await;
+    assert_eq!(rerun.unwrap().flips, 0);
+}

@@ -1,0 +1,259 @@
+//! End-to-end runs of the built binary: stdout, stderr, exit code and table contents.
+
+mod common;
+
+use assert_cmd::Command;
+use common::{events, TestDb};
+
+/// One invocation of the binary with a clean environment, in the style of just's test builder.
+struct Run {
+    command: Command,
+}
+
+struct Finished {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn new(args: &[&str]) -> Run {
+        let mut command = Command::cargo_bin("agent-type-backfill").unwrap();
+        command
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .env_remove("PGPASSWORD")
+            .env_remove("RUST_LOG");
+        Run { command }
+    }
+
+    fn database(mut self, url: &str) -> Run {
+        self.command.env("DATABASE_URL", url);
+        self
+    }
+
+    fn env(mut self, key: &str, value: &str) -> Run {
+        self.command.env(key, value);
+        self
+    }
+
+    fn run(mut self) -> Finished {
+        let output = self.command.output().unwrap();
+        Finished {
+            code: output.status.code().expect("exited, not signalled"),
+            stdout: String::from_utf8(output.stdout).unwrap(),
+            stderr: String::from_utf8(output.stderr).unwrap(),
+        }
+    }
+}
+
+/// The test URL with a password that trust authentication ignores but the tool must never echo.
+fn with_password(url: &str, password: &str) -> String {
+    url.replacen("postgres@", &format!("postgres:{password}@"), 1)
+}
+
+#[test]
+fn missing_database_url_is_a_usage_error_naming_it() {
+    let done = Run::new(&["--dry-run"]).run();
+    assert_eq!(done.code, 2);
+    assert!(done.stderr.contains("DATABASE_URL"), "{}", done.stderr);
+    assert!(done.stdout.is_empty());
+}
+
+#[test]
+fn mode_is_required_and_exclusive() {
+    let neither = Run::new(&[]).database("postgres://localhost/x").run();
+    assert_eq!(neither.code, 2);
+    assert!(neither.stderr.contains("--dry-run"), "{}", neither.stderr);
+    let both = Run::new(&["--dry-run", "--apply"])
+        .database("postgres://localhost/x")
+        .run();
+    assert_eq!(both.code, 2);
+    assert!(
+        both.stderr.contains("cannot be used with"),
+        "{}",
+        both.stderr
+    );
+}
+
+#[test]
+fn unparseable_url_is_a_usage_error_that_does_not_echo_it() {
+    let url = "postgres://backfill:Sup3rSecret@db.internal:notaport/registry";
+    let done = Run::new(&["--dry-run"]).database(url).run();
+    assert_eq!(done.code, 2, "{}", done.stderr);
+    assert!(done.stderr.contains("DATABASE_URL"), "{}", done.stderr);
+    assert!(!done.stderr.contains("Sup3rSecret"), "{}", done.stderr);
+}
+
+#[test]
+fn unreachable_server_exits_1_without_the_password() {
+    let url = "postgres://backfill:Sup3rSecret@127.0.0.1:1/registry?connect_timeout=2";
+    let done = Run::new(&["--dry-run"]).database(url).run();
+    assert_eq!(done.code, 1, "{}", done.stderr);
+    assert!(
+        done.stderr
+            .contains("could not connect to '127.0.0.1:1/registry'"),
+        "{}",
+        done.stderr
+    );
+    assert!(!done.stderr.contains("Sup3rSecret"));
+    assert_eq!(
+        done.stderr.matches("error:").count(),
+        1,
+        "printed once: {}",
+        done.stderr
+    );
+}
+
+#[tokio::test]
+async fn dry_run_text_log_has_header_flips_and_summary_and_no_password() {
+    let db = TestDb::seeded(30).await;
+    let before = db.dump().await;
+    let url = with_password(&db.url, "Sup3rSecret");
+    let done = Run::new(&["--dry-run"])
+        .database(&url)
+        .env("PGPASSWORD", "Sup3rSecret")
+        .run();
+    assert_eq!(done.code, 0, "{}", done.stderr);
+    let stdout = &done.stdout;
+    assert!(stdout.starts_with(&format!(
+        "agent-type-backfill {}\n",
+        env!("CARGO_PKG_VERSION")
+    )));
+    assert!(stdout.contains("mode:        dry-run\n"));
+    assert!(
+        stdout.contains(&format!("database={} user=postgres", db.name)),
+        "{stdout}"
+    );
+    assert!(stdout.contains("run id:      atb-"));
+    assert!(stdout.contains("\n  bidcliq  https://bidcliq.example/mcp  buying -> sales\n"));
+    assert!(stdout.contains("\n  swivel  https://ads.swivel.example/a2a  buying -> sales\n"));
+    for line in [
+        "profiles scanned:               41",
+        "profiles with type changes:     2",
+        "agent rows flipped:             2",
+        "malformed rows skipped:         5",
+        "mode:                           dry-run",
+        "outcome:                        completed",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in\n{stdout}");
+    }
+    assert!(stdout.contains("duration:"));
+    for stream in [&done.stdout, &done.stderr] {
+        assert!(
+            !stream.contains("Sup3rSecret"),
+            "password leaked:\n{stream}"
+        );
+    }
+    assert!(!done.stderr.contains("bidcliq"), "flips go to stdout only");
+    assert_eq!(db.dump().await, before);
+}
+
+#[tokio::test]
+async fn json_apply_then_threshold_abort_then_idempotent_rerun() {
+    let db = TestDb::seeded(30).await;
+
+    let before = db.dump().await;
+    let aborted = Run::new(&["--apply", "--max-flips", "1", "--format", "json"])
+        .database(&db.url)
+        .run();
+    assert_eq!(aborted.code, 3, "{}", aborted.stderr);
+    assert!(
+        aborted
+            .stderr
+            .contains("more than --max-flips 1: nothing was written"),
+        "{}",
+        aborted.stderr
+    );
+    let log = events(aborted.stdout.as_bytes());
+    assert_eq!(log.iter().filter(|e| e["event"] == "flip").count(), 2);
+    assert_eq!(log.last().unwrap()["aborted"], true);
+    assert_eq!(db.dump().await, before, "a threshold abort writes nothing");
+
+    let applied = Run::new(&["--apply", "--format", "json"])
+        .database(&db.url)
+        .run();
+    assert_eq!(applied.code, 0, "{}", applied.stderr);
+    let log = events(applied.stdout.as_bytes());
+    assert_eq!(log[0]["event"], "start");
+    assert_eq!(log[0]["mode"], "apply");
+    assert_eq!(log[0]["target"]["database"], db.name.as_str());
+    let flip = log.iter().find(|e| e["profile"] == "bidcliq").unwrap();
+    for key in ["profile_id", "profile", "index", "url", "from", "to"] {
+        assert!(flip.get(key).is_some(), "flip event lacks {key}: {flip}");
+    }
+    assert_eq!(flip["from"], "buying");
+    let summary = log.last().unwrap();
+    assert_eq!(summary["event"], "summary");
+    assert_eq!(
+        (
+            summary["profiles_scanned"].as_u64(),
+            summary["profiles_changed"].as_u64()
+        ),
+        (Some(41), Some(2))
+    );
+    assert_eq!(
+        (summary["flips"].as_u64(), summary["malformed"].as_u64()),
+        (Some(2), Some(5))
+    );
+    assert_eq!(summary["mode"], "apply");
+    assert_eq!(summary["run_id"], log[0]["run_id"]);
+    assert_eq!(summary["aborted"], false);
+    let audited: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM type_reclassification_log WHERE run_id = $1")
+            .bind(summary["run_id"].as_str().unwrap())
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(audited, 2);
+    assert_eq!(db.agents_of("bidcliq").await[0]["type"], "sales");
+
+    let rerun = Run::new(&["--dry-run", "--format", "json"])
+        .database(&db.url)
+        .run();
+    assert_eq!(rerun.code, 0);
+    let summary = events(rerun.stdout.as_bytes()).pop().unwrap();
+    assert_eq!(summary["flips"], 0);
+    assert_eq!(summary["run_id"], serde_json::Value::Null);
+}
+
+#[tokio::test]
+async fn preflight_failure_exits_4() {
+    let db = TestDb::new().await;
+    sqlx::query("DROP TABLE agent_capabilities_snapshot")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let done = Run::new(&["--dry-run"]).database(&db.url).run();
+    assert_eq!(done.code, 4, "{}", done.stderr);
+    assert!(
+        done.stderr
+            .contains("table 'agent_capabilities_snapshot' is missing"),
+        "{}",
+        done.stderr
+    );
+    assert!(done.stdout.is_empty());
+}
+
+#[test]
+fn rehearse_runs_the_whole_procedure_and_leaves_nothing_behind() {
+    let scratch = std::env::temp_dir().join(format!("atb-rehearse-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    // The throwaway cluster belongs to the postgres user when this runs as root.
+    std::fs::set_permissions(
+        &scratch,
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
+    let done = Run::new(&["rehearse", "--profiles", "50"])
+        .env("TMPDIR", scratch.to_str().unwrap())
+        .run();
+    assert_eq!(done.code, 0, "{}\n{}", done.stdout, done.stderr);
+    assert_eq!(done.stdout.matches("=== rehearsal ").count(), 3);
+    assert!(done.stdout.contains(
+        "rehearsal passed: the dry-run planned 2 flips, the apply wrote 2 with 2 audit rows"
+    ));
+    let leftovers: Vec<_> = std::fs::read_dir(&scratch).unwrap().collect();
+    assert!(leftovers.is_empty(), "rehearse left {leftovers:?}");
+    std::fs::remove_dir(&scratch).unwrap();
+}
