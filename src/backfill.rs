@@ -172,10 +172,7 @@ pub async fn plan(pool: &PgPool, batch_size: u32) -> Result<Plan> {
             let rows = db::profiles_page(&mut transaction, after, batch_size).await?;
             let Some(last) = rows.last() else { break };
             after = Some(last.id);
-            let columns = rows
-                .iter()
-                .map(parse_column)
-                .collect::<Result<Vec<_>>>()?;
+            let columns = rows.iter().map(parse_column).collect::<Result<Vec<_>>>()?;
             let mut urls: Vec<&str> = columns.iter().flat_map(AgentsColumn::urls).collect();
             urls.sort_unstable();
             urls.dedup();
