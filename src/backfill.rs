@@ -15,7 +15,8 @@ use uuid::Uuid;
 
 use crate::cli::{BackfillArgs, Mode};
 use crate::db::{self, FlipWrite, ProfileRow, Snapshots};
-use crate::error::Failure;
+use crate::error::{signal_name, Failure};
+use crate::interrupt::StopSignal;
 use crate::report::{FlipLine, Header, Reporter, SkipReason, Summary};
 use crate::resolver::{AgentsColumn, Flip};
 
@@ -57,11 +58,21 @@ pub fn new_run_id(now: chrono::DateTime<Utc>) -> String {
     format!("atb-{}-{}", now.format("%Y%m%dT%H%M%SZ"), &random[..8])
 }
 
-/// Runs the backfill against `url` and writes the run log to `out`.
+/// Runs the backfill against `url` and writes the run log to `out`, ignoring signals.
 pub async fn execute(
     args: &BackfillArgs,
     url: &str,
     out: &mut (dyn Write + Send),
+) -> Result<Summary> {
+    execute_with(args, url, out, StopSignal::never()).await
+}
+
+/// [`execute`], stopping between batches when `stop` fires.
+pub async fn execute_with(
+    args: &BackfillArgs,
+    url: &str,
+    out: &mut (dyn Write + Send),
+    mut stop: StopSignal,
 ) -> Result<Summary> {
     let clock = Instant::now();
     let mode = args.mode.mode();
@@ -91,7 +102,14 @@ pub async fn execute(
         max_flips: args.max_flips,
     })?;
 
-    let plan = plan(&session.pool, args.batch_size).await?;
+    let plan = tokio::select! {
+        plan = plan(&session.pool, args.batch_size) => plan?,
+        signal = stop.wait() => {
+            let summary = Summary { interrupted_by: Some(signal_name(signal)), ..Summary::default() };
+            report.summary(mode, &run_id, &summary)?;
+            return Err(Failure::Interrupted { signal, written: 0, planned: 0, run_id }.into());
+        }
+    };
     for planned in &plan.flips {
         report.flip(&planned.line())?;
     }
@@ -108,13 +126,23 @@ pub async fn execute(
     if over_threshold {
         summary.aborted = true;
     } else if mode == Mode::Apply && !plan.flips.is_empty() {
-        let written = write(&session.pool, &plan, args, &run_id, &mut report).await?;
+        let written = write(&session.pool, &plan, args, &run_id, &mut report, &stop).await?;
         summary.written = written.written;
         summary.skipped = written.skipped;
         summary.unplanned = written.unplanned;
+        summary.interrupted_by = written.interrupted_by.map(signal_name);
         summary.duration_ms = clock.elapsed().as_millis() as u64;
         report.summary(mode, &run_id, &summary)?;
         session.pool.close().await;
+        if let Some(signal) = written.interrupted_by {
+            return Err(Failure::Interrupted {
+                signal,
+                written: written.written,
+                planned: summary.flips,
+                run_id,
+            }
+            .into());
+        }
         if written.timed_out > 0 {
             anyhow::bail!(
                 "{} planned flips were not written because their batches kept hitting lock or \
@@ -242,6 +270,7 @@ struct WriteOutcome {
     skipped: u64,
     unplanned: u64,
     timed_out: u64,
+    interrupted_by: Option<i32>,
 }
 
 /// Writes the plan in batches of profiles, one short transaction each.
@@ -251,6 +280,7 @@ async fn write(
     args: &BackfillArgs,
     run_id: &str,
     report: &mut Reporter<'_>,
+    stop: &StopSignal,
 ) -> Result<WriteOutcome> {
     let mut by_profile: Vec<(Uuid, Vec<&PlannedFlip>)> = Vec::new();
     for planned in &plan.flips {
@@ -262,6 +292,11 @@ async fn write(
     let progress = progress_bar(Some(by_profile.len() as u64), "writing");
     let mut outcome = WriteOutcome::default();
     for batch in by_profile.chunks(args.batch_size as usize) {
+        // A stop request is honoured between batches only, so each batch commits whole.
+        if let Some(signal) = stop.raised() {
+            outcome.interrupted_by = Some(signal);
+            break;
+        }
         let mut attempt = 1;
         let checked = loop {
             match write_batch(pool, batch, run_id).await {
@@ -301,6 +336,9 @@ async fn write(
         progress.inc(batch.len() as u64);
     }
     progress.finish_and_clear();
+    // A signal that arrived during the last batch still ends the run as interrupted: the
+    // operator asked to stop and should see that the exit status honours it.
+    outcome.interrupted_by = outcome.interrupted_by.or(stop.raised());
     Ok(outcome)
 }
 

@@ -22,6 +22,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct EphemeralPostgres {
+    bin: PathBuf,
+    run_as: Option<RunAs>,
     root: PathBuf,
     port: u16,
     pid: libc::pid_t,
@@ -74,27 +76,44 @@ impl EphemeralPostgres {
             );
         }
 
-        let port = free_port()?;
-        let log =
-            fs::File::create(root.join("server.log")).context("could not create server log")?;
-        if let Some(RunAs { uid, gid }) = run_as {
-            std::os::unix::fs::chown(root.join("server.log"), Some(uid), Some(gid))
+        let mut server = EphemeralPostgres {
+            bin: bin.to_owned(),
+            run_as,
+            root,
+            port: free_port()?,
+            pid: 0,
+            exited: mpsc::channel().1,
+            stopped: true,
+        };
+        server.launch()?;
+        Ok(server)
+    }
+
+    /// Starts the server process on the existing cluster and waits until it accepts connections.
+    fn launch(&mut self) -> Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join("server.log"))
+            .context("could not open the server log")?;
+        if let Some(RunAs { uid, gid }) = self.run_as {
+            std::os::unix::fs::chown(self.root.join("server.log"), Some(uid), Some(gid))
                 .context("could not hand the server log to the postgres user")?;
         }
-        let mut postgres = Command::new(bin.join("postgres"));
+        let mut postgres = Command::new(self.bin.join("postgres"));
         postgres
             .arg("-D")
-            .arg(&data)
+            .arg(self.root.join("data"))
             .arg("-p")
-            .arg(port.to_string())
+            .arg(self.port.to_string())
             .arg("-k")
-            .arg(&root)
+            .arg(&self.root)
             .args(["-c", "listen_addresses=127.0.0.1"])
             // Durability is worthless for a cluster that is deleted at the end.
             .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
             .args(["-c", "full_page_writes=off", "-c", "max_connections=200"])
             .args(["-c", "shared_buffers=256MB", "-c", "max_wal_size=4GB"])
-            .current_dir(&root)
+            .current_dir(&self.root)
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("could not share the server log")?)
             .stderr(log);
@@ -111,7 +130,7 @@ impl EphemeralPostgres {
                 Ok(())
             });
         }
-        as_user(&mut postgres, run_as);
+        as_user(&mut postgres, self.run_as);
 
         // The death signal fires when the *thread* that forked the server ends, so the server is
         // forked from a keeper thread that lives exactly as long as the server does.
@@ -130,30 +149,30 @@ impl EphemeralPostgres {
                 }
             })
             .context("could not start the postgres keeper thread")?;
-        let pid = started_rx
+        self.pid = started_rx
             .recv()
             .context("postgres keeper thread vanished")?
-            .with_context(|| format!("could not start {:?}", bin.join("postgres")))?;
-
-        let mut server = EphemeralPostgres {
-            root,
-            port,
-            pid,
-            exited,
-            stopped: false,
-        };
-        server.wait_ready(bin)?;
-        Ok(server)
+            .with_context(|| format!("could not start {:?}", self.bin.join("postgres")))?;
+        self.exited = exited;
+        self.stopped = false;
+        self.wait_ready()
     }
 
-    fn wait_ready(&mut self, bin: &Path) -> Result<()> {
+    /// A fast shutdown followed by a start on the same cluster and port, as
+    /// `pg_ctl restart -m fast` would do: open sessions are terminated.
+    pub fn restart(&mut self) -> Result<()> {
+        self.signal_and_wait()?;
+        self.launch()
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if self.exited.try_recv().is_ok() {
                 self.stopped = true;
                 bail!("postgres exited during start-up: {}", self.log_tail());
             }
-            let ready = Command::new(bin.join("pg_isready"))
+            let ready = Command::new(self.bin.join("pg_isready"))
                 .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
                 .status()
                 .context("could not run pg_isready")?;
@@ -200,19 +219,31 @@ impl EphemeralPostgres {
         self.shutdown()
     }
 
-    fn shutdown(&mut self) -> Result<()> {
-        if !self.stopped {
-            self.stopped = true;
-            unsafe {
-                libc::kill(self.pid, libc::SIGINT);
-            }
-            if self.exited.recv_timeout(STOP_TIMEOUT).is_err() {
-                unsafe {
-                    libc::kill(self.pid, libc::SIGKILL);
-                }
-                let _ = self.exited.recv_timeout(STOP_TIMEOUT);
-            }
+    /// Fast shutdown (SIGINT); SIGKILL if the server is still there after the timeout.
+    fn signal_and_wait(&mut self) -> Result<()> {
+        if self.stopped {
+            return Ok(());
         }
+        self.stopped = true;
+        unsafe {
+            libc::kill(self.pid, libc::SIGINT);
+        }
+        if self.exited.recv_timeout(STOP_TIMEOUT).is_err() {
+            unsafe {
+                libc::kill(self.pid, libc::SIGKILL);
+            }
+            self.exited.recv_timeout(STOP_TIMEOUT).map_err(|_| {
+                anyhow!(
+                    "postgres (pid {}) did not exit even after SIGKILL",
+                    self.pid
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        self.signal_and_wait()?;
         if self.root.exists() {
             fs::remove_dir_all(&self.root)
                 .with_context(|| format!("could not remove {:?}", self.root))?;

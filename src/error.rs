@@ -11,6 +11,13 @@ pub enum Failure {
     ThresholdExceeded { flips: usize, max_flips: usize },
     /// The target is missing a table, a column or a privilege: nothing was written.
     Preflight(String),
+    /// SIGINT or SIGTERM: the run stopped between batches; what was written is committed.
+    Interrupted {
+        signal: i32,
+        written: u64,
+        planned: u64,
+        run_id: String,
+    },
 }
 
 impl Failure {
@@ -19,6 +26,7 @@ impl Failure {
             Failure::Usage(_) => 2,
             Failure::ThresholdExceeded { .. } => 3,
             Failure::Preflight(_) => 4,
+            Failure::Interrupted { signal, .. } => 128 + signal,
         }
     }
 }
@@ -32,7 +40,27 @@ impl fmt::Display for Failure {
                 "the plan has {flips} flips, more than --max-flips {max_flips}: nothing was written; \
                  read the flips above, and rerun with a higher --max-flips only if every one is expected"
             ),
+            Failure::Interrupted {
+                signal,
+                written,
+                planned,
+                run_id,
+            } => write!(
+                f,
+                "interrupted by {} after writing {written} of {planned} planned flips under run id \
+                 '{run_id}'; every batch committed whole or not at all: rerun the same command to \
+                 pick up the rest",
+                signal_name(*signal)
+            ),
         }
+    }
+}
+
+pub fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        2 => "SIGINT",
+        15 => "SIGTERM",
+        _ => "a signal",
     }
 }
 

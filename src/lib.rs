@@ -8,6 +8,7 @@ pub mod cli;
 pub mod db;
 pub mod ephemeral;
 pub mod error;
+pub mod interrupt;
 pub mod rehearse;
 pub mod report;
 pub mod resolver;
@@ -33,7 +34,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                         "no database given: set DATABASE_URL or pass --database-url".to_owned(),
                     )
                 })?;
-            backfill::execute(&cli.backfill, url, &mut stdout).await?;
+            let stop = interrupt::StopSignal::from_os()?;
+            backfill::execute_with(&cli.backfill, url, &mut stdout, stop).await?;
             Ok(())
         }
     }

@@ -71,6 +71,8 @@ pub struct Summary {
     pub skipped: u64,
     pub unplanned: u64,
     pub aborted: bool,
+    /// The signal that stopped the run between batches, if any.
+    pub interrupted_by: Option<&'static str>,
     pub duration_ms: u64,
 }
 
@@ -214,10 +216,12 @@ impl<'w> Reporter<'w> {
                         self.line(&format!("  {:<31} {value}", format!("{name}:")))?;
                     }
                 }
-                let outcome = if summary.aborted {
-                    "aborted by --max-flips, nothing written"
-                } else {
-                    "completed"
+                let outcome = match (summary.aborted, summary.interrupted_by) {
+                    (true, _) => "aborted by --max-flips, nothing written".to_owned(),
+                    (false, Some(signal)) => {
+                        format!("interrupted by {signal}; rerun to pick up the rest")
+                    }
+                    (false, None) => "completed".to_owned(),
                 };
                 self.line(&format!("  {:<31} {outcome}", "outcome:"))?;
                 self.line(&format!(

@@ -502,3 +502,62 @@ async fn batches_smaller_than_the_table_cover_every_profile_once() {
     let (rerun, _) = run(&db, &["--dry-run", "--batch-size", "1"]).await;
     assert_eq!(rerun.unwrap().flips, 0);
 }
+
+#[tokio::test]
+async fn stop_request_lets_the_batch_in_flight_commit_then_reports_and_exits_143() {
+    let db = TestDb::seeded(20).await;
+    // One profile per batch: bidcliq and swivel land in different batches.
+    let first: String = sqlx::query_scalar(
+        "SELECT slug::text FROM member_profiles WHERE slug IN ('bidcliq', 'swivel') ORDER BY id LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let holder = lock_profile(&db, &first).await;
+    let (stop, raise) = agent_type_backfill::interrupt::StopSignal::manual();
+    let url = db.url.clone();
+    let apply = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let flags = [
+            "--apply",
+            "--batch-size",
+            "1",
+            "--lock-timeout",
+            "30s",
+            "--format",
+            "json",
+        ];
+        let result = backfill::execute_with(&args(&flags), &url, &mut out, stop).await;
+        (result, out)
+    });
+    wait_for_blocked_writer(&db).await;
+    raise
+        .send(Some(agent_type_backfill::interrupt::SIGTERM))
+        .unwrap();
+    holder.close().await.unwrap();
+
+    let (result, out) = apply.await.unwrap();
+    let error = result.unwrap_err();
+    assert_eq!(exit_code(&error), 143);
+    assert!(
+        format!("{error:#}").contains("after writing 1 of 2 planned flips"),
+        "{error:#}"
+    );
+    let summary = events(&out).pop().unwrap();
+    assert_eq!(summary["written"], 1);
+    assert_eq!(summary["interrupted_by"], "SIGTERM");
+    assert_eq!(
+        db.audit_rows().await.len(),
+        1,
+        "the batch in flight committed whole"
+    );
+
+    let (rerun, _) = run(&db, &["--apply"]).await;
+    let rerun = rerun.unwrap();
+    assert_eq!(
+        (rerun.flips, rerun.written),
+        (1, 1),
+        "a second run picks up the rest"
+    );
+    assert_eq!(db.audit_rows().await.len(), 2);
+}

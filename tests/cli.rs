@@ -257,3 +257,59 @@ fn rehearse_runs_the_whole_procedure_and_leaves_nothing_behind() {
     assert!(leftovers.is_empty(), "rehearse left {leftovers:?}");
     std::fs::remove_dir(&scratch).unwrap();
 }
+
+#[tokio::test]
+async fn sigterm_during_apply_prints_the_summary_and_exits_143() {
+    use sqlx::Connection;
+    let db = TestDb::seeded(10).await;
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM member_profiles WHERE slug IN ('bidcliq', 'swivel') FOR UPDATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let binary = assert_cmd::cargo::cargo_bin("agent-type-backfill");
+    let child = std::process::Command::new(binary)
+        .args(["--apply", "--lock-timeout", "30s"])
+        .env("DATABASE_URL", &db.url)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut blocked = false;
+    for _ in 0..400 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name LIKE 'agent-type-backfill %' AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            blocked = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(blocked, "the apply never reached its write");
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(143), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("written:                        2"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("interrupted by SIGTERM"), "{stdout}");
+    assert!(stderr.contains("rerun the same command"), "{stderr}");
+    assert_eq!(
+        db.audit_rows().await.len(),
+        2,
+        "the batch in flight committed whole"
+    );
+}
