@@ -13,8 +13,8 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::cli::{BackfillArgs, Mode};
-use crate::db::{self, FlipWrite, ProfileRow, Snapshots};
+use crate::cli::{BackfillArgs, ConnectOpts, Mode};
+use crate::db::{self, FlipWrite, ProfileRow, SnapshotRow, Snapshots};
 use crate::error::{signal_name, Failure};
 use crate::interrupt::StopSignal;
 use crate::report::{FlipLine, Header, Reporter, SkipReason, Summary};
@@ -28,10 +28,12 @@ pub struct PlannedFlip {
     pub profile_id: Uuid,
     pub label: String,
     pub flip: Flip,
+    /// The snapshot behind the decision; `None` when the flip comes from an invalid stored type.
+    pub probe: Option<SnapshotRow>,
 }
 
 impl PlannedFlip {
-    fn line(&self) -> FlipLine<'_> {
+    fn line(&self, now: chrono::DateTime<Utc>) -> FlipLine<'_> {
         FlipLine {
             profile_id: self.profile_id,
             profile: &self.label,
@@ -39,6 +41,8 @@ impl PlannedFlip {
             url: &self.flip.url,
             from: &self.flip.from,
             to: &self.flip.to,
+            probe: self.probe.as_ref(),
+            now,
         }
     }
 }
@@ -78,17 +82,9 @@ pub async fn execute_with(
     let mode = args.mode.mode();
     let started_at = Utc::now();
     let run_id = new_run_id(started_at);
-    let application_name = format!("agent-type-backfill {run_id}");
-    let session = db::connect(
-        url,
-        &db::SessionSettings {
-            application_name: &application_name,
-            lock_timeout: args.connect.lock_timeout,
-            statement_timeout: args.connect.statement_timeout,
-        },
-    )
-    .await?;
+    let session = db::connect(url, &session_settings(&args.connect, &run_id)).await?;
     info!(target = %session.target, %run_id, mode = mode.as_str(), "connected");
+    check_expected_database(&session.target, args.connect.expect_database.as_deref())?;
 
     db::preflight(&session.pool, mode == Mode::Apply).await?;
 
@@ -111,7 +107,7 @@ pub async fn execute_with(
         }
     };
     for planned in &plan.flips {
-        report.flip(&planned.line())?;
+        report.flip(&planned.line(started_at))?;
     }
     let mut summary = Summary {
         profiles_scanned: plan.profiles_scanned,
@@ -122,48 +118,100 @@ pub async fn execute_with(
         ..Summary::default()
     };
 
-    let over_threshold = plan.flips.len() > args.max_flips;
-    if over_threshold {
-        summary.aborted = true;
-    } else if mode == Mode::Apply && !plan.flips.is_empty() {
-        let written = write(&session.pool, &plan, args, &run_id, &mut report, &stop).await?;
-        summary.written = written.written;
-        summary.skipped = written.skipped;
-        summary.unplanned = written.unplanned;
-        summary.interrupted_by = written.interrupted_by.map(signal_name);
-        summary.duration_ms = clock.elapsed().as_millis() as u64;
-        report.summary(mode, &run_id, &summary)?;
-        session.pool.close().await;
-        if let Some(signal) = written.interrupted_by {
-            return Err(Failure::Interrupted {
-                signal,
-                written: written.written,
-                planned: summary.flips,
-                run_id,
-            }
-            .into());
+    let refusal = check_limits(&plan, args, &mut report)?;
+    summary.aborted = refusal.is_some();
+    let written = match refusal {
+        None if mode == Mode::Apply && !plan.flips.is_empty() => {
+            write(&session.pool, &plan, args, &run_id, &mut report, &stop).await?
         }
-        if written.timed_out > 0 {
-            anyhow::bail!(
-                "{} planned flips were not written because their batches kept hitting lock or \
-                 statement timeouts (see the skipped lines above); everything else was written \
-                 under run id '{run_id}': rerun the same command to finish",
-                written.timed_out
-            );
-        }
-        return Ok(summary);
-    }
+        _ => WriteOutcome::default(),
+    };
+    summary.written = written.written;
+    summary.skipped = written.skipped;
+    summary.unplanned = written.unplanned;
+    summary.interrupted_by = written.interrupted_by.map(signal_name);
     summary.duration_ms = clock.elapsed().as_millis() as u64;
     report.summary(mode, &run_id, &summary)?;
     session.pool.close().await;
-    if over_threshold {
-        return Err(Failure::ThresholdExceeded {
-            flips: plan.flips.len(),
-            max_flips: args.max_flips,
+
+    if let Some(refusal) = refusal {
+        return Err(refusal.into());
+    }
+    if let Some(signal) = written.interrupted_by {
+        return Err(Failure::Interrupted {
+            signal,
+            written: written.written,
+            planned: summary.flips,
+            run_id,
         }
         .into());
     }
+    if written.timed_out > 0 {
+        anyhow::bail!(
+            "{} planned flips were not written because their batches kept hitting lock or \
+             statement timeouts (see the skipped lines above); everything else was written \
+             under run id '{run_id}': rerun the same command to finish",
+            written.timed_out
+        );
+    }
     Ok(summary)
+}
+
+pub fn session_settings(connect: &ConnectOpts, run_id: &str) -> db::SessionSettings {
+    db::SessionSettings {
+        application_name: format!("agent-type-backfill {run_id}"),
+        lock_timeout: connect.lock_timeout,
+        statement_timeout: connect.statement_timeout,
+    }
+}
+
+/// `--expect-database`: refuses to go on when connected somewhere else.
+pub fn check_expected_database(target: &db::Target, expected: Option<&str>) -> Result<()> {
+    match expected {
+        Some(expected) if expected != target.database => Err(Failure::Usage(format!(
+            "connected to database '{}' but --expect-database is '{expected}': nothing was read; \
+             check DATABASE_URL",
+            target.database
+        ))
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+/// The threshold and `--allow-transition`: a plan that breaks either is written not at all.
+fn check_limits(
+    plan: &Plan,
+    args: &BackfillArgs,
+    report: &mut Reporter<'_>,
+) -> Result<Option<Failure>> {
+    if !args.allow_transition.is_empty() {
+        let mut refused: Vec<String> = Vec::new();
+        for planned in &plan.flips {
+            let from = planned.flip.from_label();
+            let allowed = args
+                .allow_transition
+                .iter()
+                .any(|allowed| allowed.from == from && allowed.to == planned.flip.to);
+            if !allowed {
+                report.not_allowed(&planned.line(Utc::now()))?;
+                refused.push(format!("{from}->{}", planned.flip.to));
+            }
+        }
+        if !refused.is_empty() {
+            refused.sort();
+            refused.dedup();
+            return Ok(Some(Failure::TransitionNotAllowed {
+                transitions: refused,
+            }));
+        }
+    }
+    if plan.flips.len() > args.max_flips {
+        return Ok(Some(Failure::ThresholdExceeded {
+            flips: plan.flips.len(),
+            max_flips: args.max_flips,
+        }));
+    }
+    Ok(None)
 }
 
 fn progress_bar(total: Option<u64>, message: &'static str) -> ProgressBar {
@@ -240,6 +288,7 @@ pub async fn plan(pool: &PgPool, batch_size: u32) -> Result<Plan> {
                     .extend(verdict.flips.into_iter().map(|flip| PlannedFlip {
                         profile_id: row.id,
                         label: label.clone(),
+                        probe: page.snapshots.get(&flip.url).cloned(),
                         flip,
                     }));
             }
@@ -318,7 +367,7 @@ async fn write(
             Some(checked) => {
                 outcome.written += checked.written;
                 for (line, reason) in &checked.not_written {
-                    report.skipped(&line.line(), *reason)?;
+                    report.skipped(&line.line(Utc::now()), *reason)?;
                     match reason {
                         SkipReason::Unplanned => outcome.unplanned += 1,
                         _ => outcome.skipped += 1,
@@ -327,7 +376,7 @@ async fn write(
             }
             None => {
                 for planned in batch.iter().flat_map(|(_, flips)| flips) {
-                    report.skipped(&planned.line(), SkipReason::NotWrittenTimeout)?;
+                    report.skipped(&planned.line(Utc::now()), SkipReason::NotWrittenTimeout)?;
                     outcome.skipped += 1;
                     outcome.timed_out += 1;
                 }
@@ -408,6 +457,7 @@ async fn write_batch(
                 PlannedFlip {
                     profile_id: *id,
                     label: label.clone(),
+                    probe: snapshots.get(&flip.url).cloned(),
                     flip,
                 },
                 SkipReason::Unplanned,

@@ -67,6 +67,11 @@ pub struct BackfillArgs {
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
 
+    /// Only write flips of this transition, e.g. 'buying->sales' (repeatable). Any other
+    /// transition in the plan is reported and the run exits 3 with nothing written
+    #[arg(long, value_name = "FROM->TO", value_parser = parse_transition)]
+    pub allow_transition: Vec<Transition>,
+
     /// Attempts at a batch that hits a lock or statement timeout before it is reported as not written
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub write_attempts: u32,
@@ -90,6 +95,10 @@ pub struct ConnectOpts {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_name = "URL")]
     pub database_url: Option<String>,
 
+    /// Exit 2 before reading anything unless the connected database has this name
+    #[arg(long, value_name = "NAME")]
+    pub expect_database: Option<String>,
+
     /// How long one statement waits for a row lock before the batch is retried (e.g. 500ms, 5s)
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub lock_timeout: Duration,
@@ -97,6 +106,25 @@ pub struct ConnectOpts {
     /// Longest any single statement may run (e.g. 30s, 2min)
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub statement_timeout: Duration,
+}
+
+/// One allowed type change, as `--allow-transition FROM->TO` names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub from: String,
+    pub to: String,
+}
+
+fn parse_transition(text: &str) -> Result<Transition, String> {
+    match text.split_once("->") {
+        Some((from, to)) if !from.trim().is_empty() && !to.trim().is_empty() => Ok(Transition {
+            from: from.trim().to_owned(),
+            to: to.trim().to_owned(),
+        }),
+        _ => Err(format!(
+            "'{text}' is not a transition: write it as FROM->TO, e.g. buying->sales"
+        )),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -166,6 +194,17 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("5 fortnights").is_err());
+    }
+
+    #[test]
+    fn transitions_parse_as_from_arrow_to() {
+        let parsed = parse_transition("buying->sales").unwrap();
+        assert_eq!(
+            (parsed.from.as_str(), parsed.to.as_str()),
+            ("buying", "sales")
+        );
+        assert!(parse_transition("buying").is_err());
+        assert!(parse_transition("->sales").is_err());
     }
 
     #[test]

@@ -41,8 +41,8 @@ pub struct Session {
 }
 
 /// Session settings every connection carries so a DBA can see and bound what the tool does.
-pub struct SessionSettings<'a> {
-    pub application_name: &'a str,
+pub struct SessionSettings {
+    pub application_name: String,
     pub lock_timeout: Duration,
     pub statement_timeout: Duration,
 }
@@ -81,9 +81,9 @@ fn url_password(url: &str) -> Option<String> {
     Some(userinfo.split_once(':')?.1.to_owned())
 }
 
-pub async fn connect(url: &str, settings: &SessionSettings<'_>) -> Result<Session> {
+pub async fn connect(url: &str, settings: &SessionSettings) -> Result<Session> {
     let options = parse_url(url)?
-        .application_name(settings.application_name)
+        .application_name(&settings.application_name)
         .options([
             (
                 "lock_timeout",

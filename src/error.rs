@@ -9,6 +9,8 @@ pub enum Failure {
     Usage(String),
     /// The plan has more flips than `--max-flips`: nothing was written.
     ThresholdExceeded { flips: usize, max_flips: usize },
+    /// The plan holds transitions that `--allow-transition` does not list: nothing was written.
+    TransitionNotAllowed { transitions: Vec<String> },
     /// The target is missing a table, a column or a privilege: nothing was written.
     Preflight(String),
     /// SIGINT or SIGTERM: the run stopped between batches; what was written is committed.
@@ -24,7 +26,7 @@ impl Failure {
     pub fn code(&self) -> i32 {
         match self {
             Failure::Usage(_) => 2,
-            Failure::ThresholdExceeded { .. } => 3,
+            Failure::ThresholdExceeded { .. } | Failure::TransitionNotAllowed { .. } => 3,
             Failure::Preflight(_) => 4,
             Failure::Interrupted { signal, .. } => 128 + signal,
         }
@@ -39,6 +41,12 @@ impl fmt::Display for Failure {
                 f,
                 "the plan has {flips} flips, more than --max-flips {max_flips}: nothing was written; \
                  read the flips above, and rerun with a higher --max-flips only if every one is expected"
+            ),
+            Failure::TransitionNotAllowed { transitions } => write!(
+                f,
+                "the plan holds transitions that --allow-transition does not list ({}): nothing \
+                 was written; review them, and allow them only if staging showed them too",
+                transitions.join(", ")
             ),
             Failure::Interrupted {
                 signal,

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::cli::{Format, Mode};
-use crate::db::Target;
+use crate::db::{SnapshotRow, Target};
 use crate::resolver::type_label;
 
 pub struct Header<'a> {
@@ -30,6 +30,64 @@ pub struct FlipLine<'a> {
     pub url: &'a str,
     pub from: &'a Value,
     pub to: &'a str,
+    /// The snapshot behind the flip, so a reviewer can judge how fresh and clean the probe was.
+    pub probe: Option<&'a SnapshotRow>,
+    pub now: DateTime<Utc>,
+}
+
+impl FlipLine<'_> {
+    /// `probed 3d ago`, with the snapshot's warning signs; `no snapshot` for a legacy type.
+    fn probe_note(&self) -> String {
+        let Some(probe) = self.probe else {
+            return "no snapshot".to_owned();
+        };
+        let mut note = format!("probed {} ago", age(self.now - probe.last_discovered));
+        if probe.discovery_error {
+            note.push_str(", discovery error");
+        }
+        if probe.oauth_required {
+            note.push_str(", needs OAuth");
+        }
+        note
+    }
+
+    fn text(&self) -> String {
+        format!(
+            "{}  {}  {} -> {}  ({})",
+            self.profile,
+            self.url,
+            type_label(self.from),
+            self.to,
+            self.probe_note()
+        )
+    }
+
+    fn event(&self, kind: &str) -> Value {
+        json!({
+            "event": kind,
+            "profile_id": self.profile_id,
+            "profile": self.profile,
+            "index": self.index,
+            "url": self.url,
+            "from": self.from,
+            "to": self.to,
+            "probed_at": self.probe.map(|probe| probe.last_discovered.to_rfc3339_opts(SecondsFormat::Secs, true)),
+            "discovery_error": self.probe.is_some_and(|probe| probe.discovery_error),
+            "oauth_required": self.probe.is_some_and(|probe| probe.oauth_required),
+        })
+    }
+}
+
+/// A compact age: minutes under an hour, hours under two days, then days.
+pub fn age(elapsed: chrono::Duration) -> String {
+    let minutes = elapsed.num_minutes().max(0);
+    if minutes < 60 {
+        format!("{minutes}m")
+    } else if minutes < 48 * 60 {
+        format!("{}h", minutes / 60)
+    } else {
+        format!("{}d", minutes / (24 * 60))
+    }
 }
 
 /// Why a planned flip was not written, or a found flip was not planned.
@@ -123,45 +181,31 @@ impl<'w> Reporter<'w> {
 
     pub fn flip(&mut self, flip: &FlipLine) -> Result<()> {
         match self.format {
-            Format::Json => self.event(json!({
-                "event": "flip",
-                "profile_id": flip.profile_id,
-                "profile": flip.profile,
-                "index": flip.index,
-                "url": flip.url,
-                "from": flip.from,
-                "to": flip.to,
-            })),
-            Format::Text => self.line(&format!(
-                "  {}  {}  {} -> {}",
-                flip.profile,
-                flip.url,
-                type_label(flip.from),
-                flip.to
-            )),
+            Format::Json => self.event(flip.event("flip")),
+            Format::Text => self.line(&format!("  {}", flip.text())),
         }
     }
 
     pub fn skipped(&mut self, flip: &FlipLine, reason: SkipReason) -> Result<()> {
         match self.format {
-            Format::Json => self.event(json!({
-                "event": "skipped",
-                "profile_id": flip.profile_id,
-                "profile": flip.profile,
-                "index": flip.index,
-                "url": flip.url,
-                "from": flip.from,
-                "to": flip.to,
-                "reason": reason,
-            })),
+            Format::Json => {
+                let mut event = flip.event("skipped");
+                event["reason"] = json!(reason);
+                self.event(event)
+            }
             Format::Text => self.line(&format!(
-                "  skipped  {}  {}  {} -> {}  ({})",
-                flip.profile,
-                flip.url,
-                type_label(flip.from),
-                flip.to,
+                "  skipped  {}  [{}]",
+                flip.text(),
                 reason.describe()
             )),
+        }
+    }
+
+    /// A planned flip whose transition `--allow-transition` does not list.
+    pub fn not_allowed(&mut self, flip: &FlipLine) -> Result<()> {
+        match self.format {
+            Format::Json => self.event(flip.event("not_allowed")),
+            Format::Text => self.line(&format!("  not allowed  {}", flip.text())),
         }
     }
 
@@ -217,7 +261,9 @@ impl<'w> Reporter<'w> {
                     }
                 }
                 let outcome = match (summary.aborted, summary.interrupted_by) {
-                    (true, _) => "aborted by --max-flips, nothing written".to_owned(),
+                    (true, _) => {
+                        "refused by --max-flips or --allow-transition, nothing written".to_owned()
+                    }
                     (false, Some(signal)) => {
                         format!("interrupted by {signal}; rerun to pick up the rest")
                     }

@@ -158,7 +158,7 @@ async fn dry_run_writes_nothing_and_its_transaction_refuses_writes() {
     let (result, log) = run(&db, &["--dry-run"]).await;
     assert_eq!(result.unwrap().written, 0);
     assert!(
-        log.contains("  bidcliq  https://bidcliq.example/mcp  buying -> sales"),
+        log.contains("  bidcliq  https://bidcliq.example/mcp  buying -> sales  (probed 30h ago)"),
         "{log}"
     );
     assert_eq!(db.dump().await, before);
@@ -560,4 +560,42 @@ async fn stop_request_lets_the_batch_in_flight_commit_then_reports_and_exits_143
         "a second run picks up the rest"
     );
     assert_eq!(db.audit_rows().await.len(), 2);
+}
+
+#[tokio::test]
+async fn flip_lines_show_probe_age_and_warning_signs() {
+    let db = TestDb::new().await;
+    let profile = NewProfile {
+        id: uuid::Uuid::from_u128(9),
+        slug: "probe-flags".into(),
+        display_name: "Probe flags".into(),
+        agents: Some(json!([
+            {"url": "https://stale.example", "type": "buying"},
+            {"url": "https://legacy.example", "type": "buyer"}
+        ])),
+    };
+    let mut snapshot = NewSnapshot::new("https://stale.example", Some("sales"));
+    snapshot.age_hours = 24 * 3 + 1;
+    snapshot.discovery_error = Some("timeout".into());
+    snapshot.oauth_required = true;
+    seed::insert(&db.pool, &[profile], &[snapshot])
+        .await
+        .unwrap();
+
+    let (result, log) = run(&db, &["--dry-run"]).await;
+    result.unwrap();
+    assert!(log.contains(
+        "  probe-flags  https://stale.example  buying -> sales  (probed 3d ago, discovery error, needs OAuth)\n"
+    ), "{log}");
+    assert!(
+        log.contains("  probe-flags  https://legacy.example  buyer -> unknown  (no snapshot)\n"),
+        "{log}"
+    );
+
+    let (_, json_log) = run(&db, &["--dry-run", "--format", "json"]).await;
+    let flips = flip_events(&json_log);
+    assert_eq!(flips[0]["discovery_error"], true);
+    assert_eq!(flips[0]["oauth_required"], true);
+    assert!(flips[0]["probed_at"].is_string());
+    assert_eq!(flips[1]["probed_at"], Value::Null);
 }

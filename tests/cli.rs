@@ -126,8 +126,11 @@ async fn dry_run_text_log_has_header_flips_and_summary_and_no_password() {
         "{stdout}"
     );
     assert!(stdout.contains("run id:      atb-"));
-    assert!(stdout.contains("\n  bidcliq  https://bidcliq.example/mcp  buying -> sales\n"));
-    assert!(stdout.contains("\n  swivel  https://ads.swivel.example/a2a  buying -> sales\n"));
+    assert!(stdout
+        .contains("\n  bidcliq  https://bidcliq.example/mcp  buying -> sales  (probed 30h ago)\n"));
+    assert!(stdout.contains(
+        "\n  swivel  https://ads.swivel.example/a2a  buying -> sales  (probed 30h ago)\n"
+    ));
     for line in [
         "profiles scanned:               41",
         "profiles with type changes:     2",
@@ -312,4 +315,56 @@ async fn sigterm_during_apply_prints_the_summary_and_exits_143() {
         2,
         "the batch in flight committed whole"
     );
+}
+
+#[tokio::test]
+async fn expect_database_mismatch_exits_2_before_reading() {
+    let db = TestDb::seeded(0).await;
+    let done = Run::new(&["--apply", "--expect-database", "registry_prod"])
+        .database(&db.url)
+        .run();
+    assert_eq!(done.code, 2, "{}", done.stderr);
+    assert!(
+        done.stderr.contains(&format!(
+            "connected to database '{}' but --expect-database is 'registry_prod'",
+            db.name
+        )),
+        "{}",
+        done.stderr
+    );
+    assert!(done.stdout.is_empty(), "nothing read, nothing reported");
+    assert!(db.audit_rows().await.is_empty());
+
+    let matching = Run::new(&["--dry-run", "--expect-database", &db.name])
+        .database(&db.url)
+        .run();
+    assert_eq!(matching.code, 0, "{}", matching.stderr);
+}
+
+#[tokio::test]
+async fn transitions_not_allowed_are_listed_and_nothing_is_written() {
+    let db = TestDb::seeded(5).await;
+    let before = db.dump().await;
+    let refused = Run::new(&["--apply", "--allow-transition", "buyer->unknown"])
+        .database(&db.url)
+        .run();
+    assert_eq!(refused.code, 3, "{}", refused.stderr);
+    assert_eq!(
+        refused.stdout.matches("\n  not allowed  ").count(),
+        2,
+        "{}",
+        refused.stdout
+    );
+    assert!(
+        refused.stderr.contains("(buying->sales)"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(db.dump().await, before);
+
+    let allowed = Run::new(&["--apply", "--allow-transition", "buying->sales"])
+        .database(&db.url)
+        .run();
+    assert_eq!(allowed.code, 0, "{}", allowed.stderr);
+    assert_eq!(db.audit_rows().await.len(), 2);
 }
