@@ -20,7 +20,8 @@ use crate::interrupt::StopSignal;
 use crate::report::{FlipLine, Header, Reporter, SkipReason, Summary};
 use crate::resolver::{AgentsColumn, Flip};
 
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The version printed in run logs and audit notes, with the commit it was built from.
+pub const VERSION: &str = crate::cli::LONG_VERSION;
 
 /// A flip the plan found, with the profile it belongs to.
 #[derive(Debug, Clone)]

@@ -4,19 +4,36 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// `0.1.0 (git 0123456789ab)`: the package version and the commit it was built from.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("AGENT_TYPE_BACKFILL_COMMIT"),
+    ")"
+);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "agent-type-backfill",
-    version,
+    version = LONG_VERSION,
+    term_width = 100,
+    max_term_width = 100,
     about = "Repairs stale agent types in member_profiles, auditing every change",
     long_about = "Loads every member_profiles row, runs the registry server's resolve_agent_types \
 rule over its agents array against agent_capabilities_snapshot, and prints (--dry-run) or writes \
 (--apply) the disagreements, each audited in type_reclassification_log under one run id.",
     after_help = "Exit codes: 0 done, 1 unexpected error, 2 usage or configuration, \
-3 threshold abort (nothing written), 4 preflight failure (nothing written).\n\n\
-Examples:\n  \
-agent-type-backfill --dry-run | tee dry-run.log\n  \
-agent-type-backfill --apply --max-flips 2 | tee apply.log\n  \
+3 threshold or transition abort (nothing written), 4 preflight failure (nothing written), \
+130/143 interrupted by SIGINT/SIGTERM (every batch committed whole).\n\n\
+Examples (RUNBOOK.md):\n  \
+# 1. staging dry-run, log kept\n  \
+DATABASE_URL=postgres://backfill@staging-db/registry agent-type-backfill --dry-run \\\n      \
+--expect-database registry | tee staging-dry-run.log\n  \
+# 3. staging apply, held to what the dry-run showed\n  \
+agent-type-backfill --apply --max-flips 2 --allow-transition buying->sales | tee staging-apply.log\n  \
+# 4. spot-check: a re-run finds nothing\n  \
+agent-type-backfill --dry-run --max-flips 0\n  \
+# rehearse the whole procedure on a throwaway local database\n  \
 agent-type-backfill rehearse",
     subcommand_negates_reqs = true,
     args_conflicts_with_subcommands = true
@@ -34,6 +51,13 @@ pub enum Command {
     /// Start a throwaway local PostgreSQL, seed a realistic registry, run dry-run, apply and
     /// re-run through the real code paths, show their output and remove everything
     Rehearse(RehearseArgs),
+    /// Print shell completions to stdout (e.g. `completions bash > /etc/bash_completion.d/atb`)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout (e.g. `man > agent-type-backfill.1`)
+    Man,
 }
 
 #[derive(Debug, Args)]

@@ -60,7 +60,10 @@ pub fn parse_url(url: &str) -> Result<PgConnectOptions> {
 
 /// Removes the URL's password (and the URL itself) from a message that may quote them.
 pub fn redact(message: &str, url: &str) -> String {
-    let mut clean = message.replace(url, "<database url>");
+    let mut clean = message.to_owned();
+    if !url.is_empty() {
+        clean = clean.replace(url, "<database url>");
+    }
     if let Some(password) = url_password(url) {
         if !password.is_empty() {
             clean = clean.replace(&password, "***");
@@ -505,4 +508,24 @@ pub fn is_retryable(error: &anyhow::Error) -> bool {
             .and_then(|error| error.code())
             .is_some_and(|code| matches!(code.as_ref(), "55P03" | "57014" | "40001" | "40P01"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_removes_the_url_and_its_password_wherever_they_appear() {
+        let url = "postgres://backfill:Sup3r%2FSecret@db:5432/registry";
+        let message = format!("failed on {url}; password Sup3r%2FSecret was rejected");
+        let clean = redact(&message, url);
+        assert!(!clean.contains("Sup3r"), "{clean}");
+        assert!(clean.contains("<database url>"));
+        assert_eq!(redact("nothing to hide", ""), "nothing to hide");
+        assert_eq!(url_password("postgres://u@db/x"), None);
+        assert_eq!(
+            url_password("postgres://u:p@ss@db/x").as_deref(),
+            Some("p@ss")
+        );
+    }
 }

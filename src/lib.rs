@@ -14,7 +14,10 @@ pub mod report;
 pub mod resolver;
 pub mod seed;
 
-use anyhow::Result;
+use std::io::Write;
+
+use anyhow::{Context, Result};
+use clap::CommandFactory;
 
 use crate::cli::{Cli, Command};
 use crate::error::Failure;
@@ -23,6 +26,22 @@ pub async fn run(cli: Cli) -> Result<()> {
     let mut stdout = std::io::stdout();
     match cli.command {
         Some(Command::Rehearse(args)) => rehearse::rehearse(&args, &mut stdout).await,
+        Some(Command::Completions { shell }) => {
+            // clap_complete panics on a failed write; buffer so a closed pipe is an error instead.
+            let mut script = Vec::new();
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "agent-type-backfill",
+                &mut script,
+            );
+            stdout
+                .write_all(&script)
+                .context("could not write the completions to stdout")
+        }
+        Some(Command::Man) => clap_mangen::Man::new(Cli::command())
+            .render(&mut stdout)
+            .context("could not write the man page to stdout"),
         None => {
             let url = cli
                 .backfill

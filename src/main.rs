@@ -5,10 +5,24 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use agent_type_backfill::cli::Cli;
+use agent_type_backfill::db::redact;
 use agent_type_backfill::error::exit_code;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let database_url = cli
+        .backfill
+        .connect
+        .database_url
+        .clone()
+        .unwrap_or_default();
+    std::panic::set_hook(Box::new(move |info| {
+        // A panic message must not become the one place a password leaks.
+        eprintln!(
+            "error: internal error, please report it: {}",
+            redact(&info.to_string(), &database_url)
+        );
+    }));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

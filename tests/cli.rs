@@ -118,7 +118,7 @@ async fn dry_run_text_log_has_header_flips_and_summary_and_no_password() {
     let stdout = &done.stdout;
     assert!(stdout.starts_with(&format!(
         "agent-type-backfill {}\n",
-        env!("CARGO_PKG_VERSION")
+        agent_type_backfill::backfill::VERSION
     )));
     assert!(stdout.contains("mode:        dry-run\n"));
     assert!(
@@ -367,4 +367,49 @@ async fn transitions_not_allowed_are_listed_and_nothing_is_written() {
         .run();
     assert_eq!(allowed.code, 0, "{}", allowed.stderr);
     assert_eq!(db.audit_rows().await.len(), 2);
+}
+
+/// `--help` is part of the operator interface: a change to it must show up in review as a diff
+/// of `tests/snapshots/`. Rewrite the snapshots with `UPDATE_SNAPSHOTS=1 cargo test --test cli`.
+#[test]
+fn help_output_matches_the_reviewed_snapshots() {
+    for (args, file) in [
+        (&["--help"][..], "help.txt"),
+        (&["rehearse", "--help"][..], "help-rehearse.txt"),
+    ] {
+        let done = Run::new(args).run();
+        assert_eq!(done.code, 0, "{}", done.stderr);
+        let path = std::path::Path::new("tests/snapshots").join(file);
+        if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+            std::fs::write(&path, &done.stdout).unwrap();
+        }
+        let reviewed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            reviewed == done.stdout,
+            "{args:?} changed; review and run UPDATE_SNAPSHOTS=1 cargo test --test cli:\n{}",
+            done.stdout
+        );
+    }
+}
+
+#[test]
+fn version_names_the_commit_and_completions_and_man_page_render() {
+    let version = Run::new(&["--version"]).run();
+    assert_eq!(version.code, 0);
+    assert!(version.stdout.starts_with(&format!(
+        "agent-type-backfill {} (git ",
+        env!("CARGO_PKG_VERSION")
+    )));
+    for shell in ["bash", "zsh", "fish"] {
+        let done = Run::new(&["completions", shell]).run();
+        assert_eq!(done.code, 0, "{}", done.stderr);
+        assert!(
+            done.stdout.contains("max-flips"),
+            "{shell} completions lack a flag"
+        );
+    }
+    let man = Run::new(&["man"]).run();
+    assert_eq!(man.code, 0);
+    assert!(man.stdout.contains(".TH agent-type-backfill 1"));
+    assert!(man.stdout.contains("expect\\-database"), "{}", man.stdout);
 }
