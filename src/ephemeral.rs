@@ -16,6 +16,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+/// The uid and gid the server runs as when this process is root, so callers can hand it files
+/// (e.g. a TLS key) it must be able to read.
+pub fn server_owner() -> Result<Option<(u32, u32)>> {
+    Ok(run_as()?.map(|RunAs { uid, gid }| (uid, gid)))
+}
+
 /// The superuser the throwaway cluster is created with.
 pub const SUPERUSER: &str = "postgres";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -23,6 +29,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct EphemeralPostgres {
     bin: PathBuf,
+    /// Extra `-c name=value` settings given at start, kept for restarts.
+    settings: Vec<String>,
     run_as: Option<RunAs>,
     root: PathBuf,
     port: u16,
@@ -40,10 +48,19 @@ struct RunAs {
 impl EphemeralPostgres {
     /// Creates a cluster in a fresh temporary directory and starts it on a free loopback port.
     pub fn start() -> Result<Self> {
+        Self::start_with(&[])
+    }
+
+    /// [`EphemeralPostgres::start`] with extra server settings (`-c name=value`), e.g. TLS.
+    pub fn start_with(settings: &[(&str, &str)]) -> Result<Self> {
         let bin = server_bin_dir()?;
         let run_as = run_as()?;
         let root = make_private_dir(run_as)?;
-        match Self::start_in(&bin, root.clone(), run_as) {
+        let settings = settings
+            .iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect();
+        match Self::start_in(&bin, root.clone(), run_as, settings) {
             Ok(server) => Ok(server),
             Err(error) => {
                 let _ = fs::remove_dir_all(&root);
@@ -52,7 +69,12 @@ impl EphemeralPostgres {
         }
     }
 
-    fn start_in(bin: &Path, root: PathBuf, run_as: Option<RunAs>) -> Result<Self> {
+    fn start_in(
+        bin: &Path,
+        root: PathBuf,
+        run_as: Option<RunAs>,
+        settings: Vec<String>,
+    ) -> Result<Self> {
         let data = root.join("data");
         let mut initdb = Command::new(bin.join("initdb"));
         initdb
@@ -84,6 +106,7 @@ impl EphemeralPostgres {
             pid: 0,
             exited: mpsc::channel().1,
             stopped: true,
+            settings,
         };
         server.launch()?;
         Ok(server)
@@ -113,6 +136,7 @@ impl EphemeralPostgres {
             .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
             .args(["-c", "full_page_writes=off", "-c", "max_connections=200"])
             .args(["-c", "shared_buffers=256MB", "-c", "max_wal_size=4GB"])
+            .args(self.settings.iter().flat_map(|setting| ["-c", setting]))
             .current_dir(&self.root)
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("could not share the server log")?)
