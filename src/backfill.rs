@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::cli::{BackfillArgs, ConnectOpts, Mode};
+use crate::cli::{BackfillArgs, ConnectOpts, Mode, RunOpts};
 use crate::db::{self, FlipWrite, ProfileRow, SnapshotRow, Snapshots};
 use crate::error::{signal_name, Failure};
 use crate::interrupt::StopSignal;
@@ -31,10 +31,22 @@ pub struct PlannedFlip {
     pub flip: Flip,
     /// The snapshot behind the decision; `None` when the flip comes from an invalid stored type.
     pub probe: Option<SnapshotRow>,
+    /// The exact JSON value to write when it is not the string `flip.to` (a revert restoring a
+    /// non-string type).
+    pub restore: Option<serde_json::Value>,
+    /// Replaces the probe description in the run log (a revert names the run it undoes).
+    pub note: Option<String>,
 }
 
 impl PlannedFlip {
-    fn line(&self, now: chrono::DateTime<Utc>) -> FlipLine<'_> {
+    fn stale_reason(&self, recheck: &Recheck) -> SkipReason {
+        match recheck {
+            Recheck::Resolve => SkipReason::ChangedSincePlan,
+            Recheck::StillCarriesFrom { .. } => SkipReason::ChangedSinceRun,
+        }
+    }
+
+    pub fn line(&self, now: chrono::DateTime<Utc>) -> FlipLine<'_> {
         FlipLine {
             profile_id: self.profile_id,
             profile: &self.label,
@@ -43,6 +55,7 @@ impl PlannedFlip {
             from: &self.flip.from,
             to: &self.flip.to,
             probe: self.probe.as_ref(),
+            note: self.note.as_deref(),
             now,
         }
     }
@@ -89,18 +102,19 @@ pub async fn execute_with(
 
     db::preflight(&session.pool, mode == Mode::Apply).await?;
 
-    let mut report = Reporter::new(args.format, out);
+    let mut report = Reporter::new(args.run.format, out);
     report.header(&Header {
         version: VERSION,
         mode,
         target: &session.target,
         started_at,
         run_id: &run_id,
-        max_flips: args.max_flips,
+        max_flips: args.run.max_flips,
+        reverts: None,
     })?;
 
     let plan = tokio::select! {
-        plan = plan(&session.pool, args.batch_size) => plan?,
+        plan = plan(&session.pool, args.run.batch_size) => plan?,
         signal = stop.wait() => {
             let summary = Summary { interrupted_by: Some(signal_name(signal)), ..Summary::default() };
             report.summary(mode, &run_id, &summary)?;
@@ -110,7 +124,7 @@ pub async fn execute_with(
     for planned in &plan.flips {
         report.flip(&planned.line(started_at))?;
     }
-    let mut summary = Summary {
+    let summary = Summary {
         profiles_scanned: plan.profiles_scanned,
         profiles_changed: plan.profiles_changed,
         flips: plan.flips.len() as u64,
@@ -120,20 +134,67 @@ pub async fn execute_with(
     };
 
     let refusal = check_limits(&plan, args, &mut report)?;
-    summary.aborted = refusal.is_some();
     let written = match refusal {
         None if mode == Mode::Apply && !plan.flips.is_empty() => {
-            write(&session.pool, &plan, args, &run_id, &mut report, &stop).await?
+            let recheck = Recheck::Resolve;
+            write(
+                &session.pool,
+                &plan.flips,
+                &args.run,
+                &recheck,
+                &run_id,
+                &mut report,
+                &stop,
+            )
+            .await?
         }
         _ => WriteOutcome::default(),
     };
+    conclude(Conclusion {
+        report: &mut report,
+        pool: &session.pool,
+        mode,
+        run_id,
+        summary,
+        refusal,
+        written,
+        clock,
+    })
+    .await
+}
+
+/// Everything a run knows when it ends.
+pub struct Conclusion<'r, 'w> {
+    pub report: &'r mut Reporter<'w>,
+    pub pool: &'r PgPool,
+    pub mode: Mode,
+    pub run_id: String,
+    pub summary: Summary,
+    pub refusal: Option<Failure>,
+    pub written: WriteOutcome,
+    pub clock: Instant,
+}
+
+/// Prints the summary, closes the pool, and turns the outcome into the run's result.
+pub async fn conclude(end: Conclusion<'_, '_>) -> Result<Summary> {
+    let Conclusion {
+        report,
+        pool,
+        mode,
+        run_id,
+        mut summary,
+        refusal,
+        written,
+        clock,
+    } = end;
+    summary.aborted = refusal.is_some();
     summary.written = written.written;
-    summary.skipped = written.skipped;
+    summary.skipped += written.skipped;
     summary.unplanned = written.unplanned;
     summary.interrupted_by = written.interrupted_by.map(signal_name);
     summary.duration_ms = clock.elapsed().as_millis() as u64;
     report.summary(mode, &run_id, &summary)?;
-    session.pool.close().await;
+    pool.close().await;
 
     if let Some(refusal) = refusal {
         return Err(refusal.into());
@@ -185,6 +246,20 @@ fn check_limits(
     args: &BackfillArgs,
     report: &mut Reporter<'_>,
 ) -> Result<Option<Failure>> {
+    let refusal = check_transitions(plan, args, report)?;
+    Ok(refusal.or_else(|| check_threshold(plan.flips.len(), args.run.max_flips)))
+}
+
+/// More flips than `--max-flips`: the run writes nothing.
+pub fn check_threshold(flips: usize, max_flips: usize) -> Option<Failure> {
+    (flips > max_flips).then_some(Failure::ThresholdExceeded { flips, max_flips })
+}
+
+fn check_transitions(
+    plan: &Plan,
+    args: &BackfillArgs,
+    report: &mut Reporter<'_>,
+) -> Result<Option<Failure>> {
     if !args.allow_transition.is_empty() {
         let mut refused: Vec<String> = Vec::new();
         for planned in &plan.flips {
@@ -206,16 +281,10 @@ fn check_limits(
             }));
         }
     }
-    if plan.flips.len() > args.max_flips {
-        return Ok(Some(Failure::ThresholdExceeded {
-            flips: plan.flips.len(),
-            max_flips: args.max_flips,
-        }));
-    }
     Ok(None)
 }
 
-fn progress_bar(total: Option<u64>, message: &'static str) -> ProgressBar {
+pub fn progress_bar(total: Option<u64>, message: &'static str) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -290,6 +359,8 @@ pub async fn plan(pool: &PgPool, batch_size: u32) -> Result<Plan> {
                         profile_id: row.id,
                         label: label.clone(),
                         probe: page.snapshots.get(&flip.url).cloned(),
+                        restore: None,
+                        note: None,
                         flip,
                     }));
             }
@@ -306,7 +377,7 @@ pub async fn plan(pool: &PgPool, batch_size: u32) -> Result<Plan> {
     Ok(plan)
 }
 
-fn parse_column(row: &ProfileRow) -> Result<AgentsColumn> {
+pub fn parse_column(row: &ProfileRow) -> Result<AgentsColumn> {
     match &row.agents {
         None => Ok(AgentsColumn::Malformed),
         Some(text) => AgentsColumn::parse(text)
@@ -315,7 +386,7 @@ fn parse_column(row: &ProfileRow) -> Result<AgentsColumn> {
 }
 
 #[derive(Debug, Default)]
-struct WriteOutcome {
+pub struct WriteOutcome {
     written: u64,
     skipped: u64,
     unplanned: u64,
@@ -323,17 +394,28 @@ struct WriteOutcome {
     interrupted_by: Option<i32>,
 }
 
+/// How a locked profile is checked before a planned flip is written.
+#[derive(Debug, Clone)]
+pub enum Recheck {
+    /// The backfill: re-resolve against current data; write what still holds exactly as planned.
+    Resolve,
+    /// `revert`: write only where the element still carries the planned `from`; the audit notes
+    /// record which run is being reverted.
+    StillCarriesFrom { reverts: String },
+}
+
 /// Writes the plan in batches of profiles, one short transaction each.
-async fn write(
+pub async fn write(
     pool: &PgPool,
-    plan: &Plan,
-    args: &BackfillArgs,
+    flips: &[PlannedFlip],
+    opts: &RunOpts,
+    recheck: &Recheck,
     run_id: &str,
     report: &mut Reporter<'_>,
     stop: &StopSignal,
 ) -> Result<WriteOutcome> {
     let mut by_profile: Vec<(Uuid, Vec<&PlannedFlip>)> = Vec::new();
-    for planned in &plan.flips {
+    for planned in flips {
         match by_profile.last_mut() {
             Some((id, flips)) if *id == planned.profile_id => flips.push(planned),
             _ => by_profile.push((planned.profile_id, vec![planned])),
@@ -341,7 +423,7 @@ async fn write(
     }
     let progress = progress_bar(Some(by_profile.len() as u64), "writing");
     let mut outcome = WriteOutcome::default();
-    for batch in by_profile.chunks(args.batch_size as usize) {
+    for batch in by_profile.chunks(opts.batch_size as usize) {
         // A stop request is honoured between batches only, so each batch commits whole.
         if let Some(signal) = stop.raised() {
             outcome.interrupted_by = Some(signal);
@@ -349,9 +431,9 @@ async fn write(
         }
         let mut attempt = 1;
         let checked = loop {
-            match write_batch(pool, batch, run_id).await {
+            match write_batch(pool, batch, recheck, run_id).await {
                 Ok(checked) => break Some(checked),
-                Err(error) if db::is_retryable(&error) && attempt < args.write_attempts => {
+                Err(error) if db::is_retryable(&error) && attempt < opts.write_attempts => {
                     let pause = Duration::from_millis(200 * 2u64.pow(attempt - 1));
                     warn!(attempt, ?pause, "batch rolled back ({error:#}); retrying");
                     tokio::time::sleep(pause).await;
@@ -397,11 +479,12 @@ struct CheckedBatch {
     not_written: Vec<(PlannedFlip, SkipReason)>,
 }
 
-/// Locks the batch's profiles, re-resolves them against current data, and writes only the flips
-/// that still hold exactly as planned, with their audit rows, in one transaction.
+/// Locks the batch's profiles, checks each planned flip against current data, and writes only
+/// the flips that still hold exactly as planned, with their audit rows, in one transaction.
 async fn write_batch(
     pool: &PgPool,
     batch: &[(Uuid, Vec<&PlannedFlip>)],
+    recheck: &Recheck,
     run_id: &str,
 ) -> Result<CheckedBatch> {
     let ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
@@ -414,27 +497,39 @@ async fn write_batch(
         .iter()
         .map(parse_column)
         .collect::<Result<Vec<_>>>()?;
-    let mut urls: Vec<&str> = columns.iter().flat_map(AgentsColumn::urls).collect();
-    urls.sort_unstable();
-    urls.dedup();
-    let snapshots = db::snapshots_for(&mut transaction, &urls).await?;
-
-    let mut now_flips: HashMap<Uuid, (String, Vec<Flip>)> = current
+    let snapshots = match recheck {
+        Recheck::Resolve => {
+            let mut urls: Vec<&str> = columns.iter().flat_map(AgentsColumn::urls).collect();
+            urls.sort_unstable();
+            urls.dedup();
+            db::snapshots_for(&mut transaction, &urls).await?
+        }
+        Recheck::StillCarriesFrom { .. } => Snapshots::default(),
+    };
+    let current: HashMap<Uuid, (String, &AgentsColumn)> = current
         .iter()
         .zip(&columns)
-        .map(|(row, column)| (row.id, (row.label(), column.verdict(&snapshots).flips)))
+        .map(|(row, column)| (row.id, (row.label(), column)))
         .collect();
 
     let mut to_write = Vec::new();
     let mut not_written = Vec::new();
     for (id, planned_flips) in batch {
-        let Some((label, found)) = now_flips.get_mut(id) else {
+        let Some((label, column)) = current.get(id) else {
             not_written.extend(
                 planned_flips
                     .iter()
                     .map(|planned| ((*planned).clone(), SkipReason::ProfileGone)),
             );
             continue;
+        };
+        let mut found = match recheck {
+            Recheck::Resolve => column.verdict(&snapshots).flips,
+            Recheck::StillCarriesFrom { .. } => planned_flips
+                .iter()
+                .filter(|planned| column.carries(&planned.flip))
+                .map(|planned| planned.flip.clone())
+                .collect(),
         };
         for planned in planned_flips {
             match found.iter().position(|flip| *flip == planned.flip) {
@@ -447,10 +542,14 @@ async fn write_batch(
                         old_type: flip.from_label(),
                         url: flip.url,
                         old_value: flip.from,
+                        new_value: planned
+                            .restore
+                            .clone()
+                            .unwrap_or_else(|| serde_json::Value::String(flip.to.clone())),
                         new_type: flip.to,
                     });
                 }
-                None => not_written.push(((*planned).clone(), SkipReason::ChangedSincePlan)),
+                None => not_written.push(((*planned).clone(), planned.stale_reason(recheck))),
             }
         }
         not_written.extend(found.drain(..).map(|flip| {
@@ -459,6 +558,8 @@ async fn write_batch(
                     profile_id: *id,
                     label: label.clone(),
                     probe: snapshots.get(&flip.url).cloned(),
+                    restore: None,
+                    note: None,
                     flip,
                 },
                 SkipReason::Unplanned,
@@ -467,7 +568,11 @@ async fn write_batch(
     }
     to_write.sort_by_key(|flip| (flip.profile_id, flip.index));
     if !to_write.is_empty() {
-        db::write_flips(&mut transaction, &to_write, run_id, VERSION).await?;
+        let notes_extra = match recheck {
+            Recheck::Resolve => serde_json::json!({}),
+            Recheck::StillCarriesFrom { reverts } => serde_json::json!({ "reverts": reverts }),
+        };
+        db::write_flips(&mut transaction, &to_write, run_id, VERSION, &notes_extra).await?;
     }
     transaction
         .commit()

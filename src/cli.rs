@@ -51,6 +51,11 @@ pub enum Command {
     /// Start a throwaway local PostgreSQL, seed a realistic registry, run dry-run, apply and
     /// re-run through the real code paths, show their output and remove everything
     Rehearse(RehearseArgs),
+    /// Undo one run: restore the old type of every element that still has the type that run
+    /// wrote; elements changed since are reported as conflicts and left alone
+    Revert(RevertArgs),
+    /// List the backfill runs recorded in type_reclassification_log, or one run's rows
+    History(HistoryArgs),
     /// Print shell completions to stdout (e.g. `completions bash > /etc/bash_completion.d/atb`)
     Completions {
         #[arg(value_enum)]
@@ -71,6 +76,36 @@ pub struct RehearseArgs {
     pub format: Format,
 }
 
+#[derive(Debug, Args)]
+pub struct RevertArgs {
+    /// The run to undo, as printed in its log header (atb-...)
+    #[arg(value_name = "RUN_ID")]
+    pub run_id: String,
+
+    #[command(flatten)]
+    pub mode: ModeArgs,
+
+    #[command(flatten)]
+    pub connect: ConnectOpts,
+
+    #[command(flatten)]
+    pub run: RunOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// Show this run's audit rows instead of the list of runs
+    #[arg(value_name = "RUN_ID")]
+    pub run_id: Option<String>,
+
+    #[command(flatten)]
+    pub connect: ConnectOpts,
+
+    /// Output format on stdout
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct BackfillArgs {
     #[command(flatten)]
@@ -79,6 +114,18 @@ pub struct BackfillArgs {
     #[command(flatten)]
     pub connect: ConnectOpts,
 
+    #[command(flatten)]
+    pub run: RunOpts,
+
+    /// Only write flips of this transition, e.g. 'buying->sales' (repeatable). Any other
+    /// transition in the plan is reported and the run exits 3 with nothing written
+    #[arg(long, value_name = "FROM->TO", value_parser = parse_transition)]
+    pub allow_transition: Vec<Transition>,
+}
+
+/// How a run that may write is bounded and reported; shared by the backfill and `revert`.
+#[derive(Debug, Clone, Args)]
+pub struct RunOpts {
     /// Abort without writing when the plan has more agent flips than this
     #[arg(long, value_name = "N", default_value_t = 25)]
     pub max_flips: usize,
@@ -90,11 +137,6 @@ pub struct BackfillArgs {
     /// Profiles read per page and written per transaction
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
-
-    /// Only write flips of this transition, e.g. 'buying->sales' (repeatable). Any other
-    /// transition in the plan is reported and the run exits 3 with nothing written
-    #[arg(long, value_name = "FROM->TO", value_parser = parse_transition)]
-    pub allow_transition: Vec<Transition>,
 
     /// Attempts at a batch that hits a lock or statement timeout before it is reported as not written
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100))]

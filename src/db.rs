@@ -401,6 +401,71 @@ pub async fn lock_profiles(connection: &mut PgConnection, ids: &[Uuid]) -> Resul
     Ok(rows.iter().map(profile_row).collect())
 }
 
+/// Current rows of the given profiles, without locking them (planning a revert).
+pub async fn profiles_by_id(
+    connection: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<Vec<ProfileRow>> {
+    let rows = sqlx::query(
+        "SELECT id, slug::text, agents::text FROM member_profiles WHERE id = ANY($1) ORDER BY id",
+    )
+    .bind(ids)
+    .fetch_all(connection)
+    .await
+    .context("could not read the profiles of the run")?;
+    Ok(rows.iter().map(profile_row).collect())
+}
+
+/// One backfill run as `history` lists it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct RunRecord {
+    pub run_id: String,
+    pub first_change: DateTime<Utc>,
+    pub last_change: DateTime<Utc>,
+    pub flips: i64,
+    pub profiles: i64,
+    /// The run this one reverted, when it was a revert.
+    pub reverts: Option<String>,
+}
+
+pub async fn backfill_runs(pool: &PgPool) -> Result<Vec<RunRecord>> {
+    sqlx::query_as::<_, RunRecord>(
+        "SELECT run_id, min(changed_at) AS first_change, max(changed_at) AS last_change, \
+                count(*) AS flips, count(DISTINCT member_id) AS profiles, \
+                max(notes ->> 'reverts') AS reverts \
+         FROM type_reclassification_log \
+         WHERE source = 'backfill_script' AND run_id IS NOT NULL \
+         GROUP BY run_id ORDER BY min(changed_at) DESC, run_id DESC",
+    )
+    .fetch_all(pool)
+    .await
+    .context("could not read type_reclassification_log")
+}
+
+/// One audit row of a backfill run.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub changed_at: DateTime<Utc>,
+    pub member_id: Option<String>,
+    pub agent_url: String,
+    pub old_type: Option<String>,
+    pub new_type: String,
+    pub notes: Option<serde_json::Value>,
+}
+
+pub async fn run_entries(pool: &PgPool, run_id: &str) -> Result<Vec<AuditEntry>> {
+    sqlx::query_as::<_, AuditEntry>(
+        "SELECT id, changed_at, member_id, agent_url, old_type, new_type, notes \
+         FROM type_reclassification_log \
+         WHERE source = 'backfill_script' AND run_id = $1 ORDER BY id",
+    )
+    .bind(run_id)
+    .fetch_all(pool)
+    .await
+    .with_context(|| format!("could not read the audit rows of run '{run_id}'"))
+}
+
 /// One confirmed flip to write, with what its audit row records.
 #[derive(Debug, Clone)]
 pub struct FlipWrite {
@@ -412,6 +477,9 @@ pub struct FlipWrite {
     pub old_type: String,
     /// The stored type exactly as it was (a JSON value), kept in the audit notes.
     pub old_value: serde_json::Value,
+    /// The value written to the element's `type` key.
+    pub new_value: serde_json::Value,
+    /// The audit log's `new_type` column.
     pub new_type: String,
 }
 
@@ -425,6 +493,7 @@ pub async fn write_flips(
     flips: &[FlipWrite],
     run_id: &str,
     tool_version: &str,
+    notes_extra: &serde_json::Value,
 ) -> Result<()> {
     let mut rounds: Vec<Vec<&FlipWrite>> = Vec::new();
     let mut seen: HashMap<Uuid, usize> = HashMap::new();
@@ -439,16 +508,16 @@ pub async fn write_flips(
     for round in rounds {
         let ids: Vec<Uuid> = round.iter().map(|flip| flip.profile_id).collect();
         let paths: Vec<String> = round.iter().map(|flip| flip.index.to_string()).collect();
-        let types: Vec<&str> = round.iter().map(|flip| flip.new_type.as_str()).collect();
+        let values: Vec<&serde_json::Value> = round.iter().map(|flip| &flip.new_value).collect();
         let updated = sqlx::query(
             "UPDATE member_profiles AS p \
-             SET agents = jsonb_set(p.agents, ARRAY[f.idx, 'type'], to_jsonb(f.new_type), true) \
-             FROM unnest($1::uuid[], $2::text[], $3::text[]) AS f(id, idx, new_type) \
+             SET agents = jsonb_set(p.agents, ARRAY[f.idx, 'type'], f.new_value, true) \
+             FROM unnest($1::uuid[], $2::text[], $3::jsonb[]) AS f(id, idx, new_value) \
              WHERE p.id = f.id",
         )
         .bind(&ids)
         .bind(&paths)
-        .bind(&types)
+        .bind(&values)
         .execute(&mut *connection)
         .await
         .context("could not update member_profiles")?;
@@ -470,13 +539,17 @@ pub async fn write_flips(
     let notes: Vec<serde_json::Value> = flips
         .iter()
         .map(|flip| {
-            serde_json::json!({
+            let mut notes = serde_json::json!({
                 "profile": flip.profile_label,
                 "index": flip.index,
                 "from": flip.old_value,
                 "tool": "agent-type-backfill",
                 "tool_version": tool_version,
-            })
+            });
+            if let (Some(notes), Some(extra)) = (notes.as_object_mut(), notes_extra.as_object()) {
+                notes.extend(extra.clone());
+            }
+            notes
         })
         .collect();
     sqlx::query(

@@ -3,6 +3,7 @@
 //! The binary is a thin shell over [`run`]. The rule lives in [`resolver`] (pure), every SQL
 //! statement in [`db`], and one run's steps in [`backfill`].
 
+pub mod audit;
 pub mod backfill;
 pub mod cli;
 pub mod db;
@@ -42,20 +43,27 @@ pub async fn run(cli: Cli) -> Result<()> {
         Some(Command::Man) => clap_mangen::Man::new(Cli::command())
             .render(&mut stdout)
             .context("could not write the man page to stdout"),
+        Some(Command::Revert(args)) => {
+            let url = database_url(&args.connect)?;
+            let stop = interrupt::StopSignal::from_os()?;
+            audit::revert(&args, url, &mut stdout, stop).await?;
+            Ok(())
+        }
+        Some(Command::History(args)) => {
+            audit::history(&args, database_url(&args.connect)?, &mut stdout).await
+        }
         None => {
-            let url = cli
-                .backfill
-                .connect
-                .database_url
-                .as_deref()
-                .ok_or_else(|| {
-                    Failure::Usage(
-                        "no database given: set DATABASE_URL or pass --database-url".to_owned(),
-                    )
-                })?;
+            let url = database_url(&cli.backfill.connect)?;
             let stop = interrupt::StopSignal::from_os()?;
             backfill::execute_with(&cli.backfill, url, &mut stdout, stop).await?;
             Ok(())
         }
     }
+}
+
+fn database_url(connect: &cli::ConnectOpts) -> Result<&str> {
+    connect.database_url.as_deref().ok_or_else(|| {
+        Failure::Usage("no database given: set DATABASE_URL or pass --database-url".to_owned())
+            .into()
+    })
 }

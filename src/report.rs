@@ -20,6 +20,8 @@ pub struct Header<'a> {
     pub started_at: DateTime<Utc>,
     pub run_id: &'a str,
     pub max_flips: usize,
+    /// For `revert`: the run being undone.
+    pub reverts: Option<&'a str>,
 }
 
 /// One flip as the log shows it.
@@ -32,12 +34,17 @@ pub struct FlipLine<'a> {
     pub to: &'a str,
     /// The snapshot behind the flip, so a reviewer can judge how fresh and clean the probe was.
     pub probe: Option<&'a SnapshotRow>,
+    /// Said instead of the probe description when set.
+    pub note: Option<&'a str>,
     pub now: DateTime<Utc>,
 }
 
 impl FlipLine<'_> {
     /// `probed 3d ago`, with the snapshot's warning signs; `no snapshot` for a legacy type.
     fn probe_note(&self) -> String {
+        if let Some(note) = self.note {
+            return note.to_owned();
+        }
         let Some(probe) = self.probe else {
             return "no snapshot".to_owned();
         };
@@ -102,6 +109,8 @@ pub enum SkipReason {
     Unplanned,
     /// The batch kept hitting lock or statement timeouts and was rolled back.
     NotWrittenTimeout,
+    /// `revert`: the element no longer carries the type the reverted run wrote.
+    ChangedSinceRun,
 }
 
 impl SkipReason {
@@ -111,6 +120,7 @@ impl SkipReason {
             SkipReason::ProfileGone => "profile deleted since plan, not written",
             SkipReason::Unplanned => "new since plan, not written; the next run will find it",
             SkipReason::NotWrittenTimeout => "lock or statement timeout, not written; rerun",
+            SkipReason::ChangedSinceRun => "changed since that run, conflict left alone",
         }
     }
 }
@@ -166,6 +176,7 @@ impl<'w> Reporter<'w> {
                 "started_at": started,
                 "run_id": header.run_id,
                 "max_flips": header.max_flips,
+                "reverts": header.reverts,
             })),
             Format::Text => {
                 self.line(&format!("agent-type-backfill {}", header.version))?;
@@ -174,6 +185,9 @@ impl<'w> Reporter<'w> {
                 self.line(&format!("started:     {started}"))?;
                 self.line(&format!("run id:      {}", header.run_id))?;
                 self.line(&format!("max flips:   {}", header.max_flips))?;
+                if let Some(reverted) = header.reverts {
+                    self.line(&format!("reverts:     {reverted}"))?;
+                }
                 self.line("flips:")
             }
         }

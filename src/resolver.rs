@@ -252,6 +252,20 @@ impl AgentsColumn {
         })
     }
 
+    /// Whether the element at `flip.index` still has `flip.url` and carries `flip.from` as its
+    /// type (absent or null reading as "unknown", as in the flip rule).
+    pub fn carries(&self, flip: &Flip) -> bool {
+        let AgentsColumn::Array(slots) = self else {
+            return false;
+        };
+        match slots.get(flip.index) {
+            Some(AgentSlot::Agent { url, stored_type }) => {
+                *url == flip.url && effective_type(stored_type.as_ref()) == flip.from
+            }
+            _ => false,
+        }
+    }
+
     pub fn verdict(&self, snapshots: &impl SnapshotLookup) -> ProfileVerdict {
         let AgentsColumn::Array(slots) = self else {
             return ProfileVerdict {
