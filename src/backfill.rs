@@ -17,6 +17,7 @@ use crate::cli::{BackfillArgs, ConnectOpts, Mode, RunOpts};
 use crate::db::{self, FlipWrite, ProfileRow, SnapshotRow, Snapshots};
 use crate::error::{signal_name, Failure};
 use crate::interrupt::StopSignal;
+use crate::plan_file::{Fingerprint, PlanFile};
 use crate::report::{FlipLine, Header, Reporter, SkipReason, Summary};
 use crate::resolver::{AgentsColumn, Flip};
 
@@ -100,6 +101,21 @@ pub async fn execute_with(
     info!(target = %session.target, %run_id, mode = mode.as_str(), "connected");
     check_expected_database(&session.target, args.connect.expect_database.as_deref())?;
 
+    let fingerprint = Fingerprint {
+        system_identifier: db::system_identifier(&session.pool).await,
+        host: session.target.host.clone(),
+        port: session.target.port,
+        database: session.target.database.clone(),
+    };
+    let reviewed = match &args.plan {
+        Some(path) => {
+            let reviewed = PlanFile::read(path)?;
+            reviewed.check_applies_to(&fingerprint, started_at, args.plan_max_age)?;
+            Some(reviewed)
+        }
+        None => None,
+    };
+
     db::preflight(&session.pool, mode == Mode::Apply).await?;
 
     let mut report = Reporter::new(args.run.format, out);
@@ -121,8 +137,22 @@ pub async fn execute_with(
             return Err(Failure::Interrupted { signal, written: 0, planned: 0, run_id }.into());
         }
     };
+    if let Some(path) = &args.plan_out {
+        PlanFile::new(&plan, fingerprint, &run_id, VERSION, started_at).write(path)?;
+        info!(path = %path.display(), flips = plan.flips.len(), "plan written");
+    }
+    let (plan, departures) = match &reviewed {
+        Some(reviewed) => hold_to_review(plan, reviewed),
+        None => (plan, Vec::new()),
+    };
     for planned in &plan.flips {
         report.flip(&planned.line(started_at))?;
+    }
+    if let Some(path) = &args.plan_out {
+        report.plan_written(path, plan.flips.len())?;
+    }
+    for (departure, reason) in &departures {
+        report.skipped(&departure.line(started_at), *reason)?;
     }
     let summary = Summary {
         profiles_scanned: plan.profiles_scanned,
@@ -130,6 +160,14 @@ pub async fn execute_with(
         flips: plan.flips.len() as u64,
         malformed: plan.malformed,
         junk_elements: plan.junk_elements,
+        skipped: departures
+            .iter()
+            .filter(|(_, reason)| *reason != SkipReason::Unplanned)
+            .count() as u64,
+        unplanned: departures
+            .iter()
+            .filter(|(_, reason)| *reason == SkipReason::Unplanned)
+            .count() as u64,
         ..Summary::default()
     };
 
@@ -190,7 +228,7 @@ pub async fn conclude(end: Conclusion<'_, '_>) -> Result<Summary> {
     summary.aborted = refusal.is_some();
     summary.written = written.written;
     summary.skipped += written.skipped;
-    summary.unplanned = written.unplanned;
+    summary.unplanned += written.unplanned;
     summary.interrupted_by = written.interrupted_by.map(signal_name);
     summary.duration_ms = clock.elapsed().as_millis() as u64;
     report.summary(mode, &run_id, &summary)?;
@@ -217,6 +255,65 @@ pub async fn conclude(end: Conclusion<'_, '_>) -> Result<Summary> {
         );
     }
     Ok(summary)
+}
+
+/// Keeps only the fresh flips that the reviewed plan holds exactly; returns the others: reviewed
+/// flips that no longer hold, and new flips nobody reviewed. Neither kind is written.
+fn hold_to_review(fresh: Plan, reviewed: &PlanFile) -> (Plan, Vec<(PlannedFlip, SkipReason)>) {
+    let by_element: HashMap<(Uuid, usize), usize> = reviewed
+        .flips
+        .iter()
+        .enumerate()
+        .map(|(position, flip)| ((flip.profile_id, flip.index), position))
+        .collect();
+    let mut matched = vec![false; reviewed.flips.len()];
+    let mut kept = Vec::new();
+    let mut departures = Vec::new();
+    for planned in fresh.flips {
+        let reviewed_position = by_element
+            .get(&(planned.profile_id, planned.flip.index))
+            .copied()
+            .filter(|position| reviewed.flips[*position].matches(&planned));
+        match reviewed_position {
+            Some(position) => {
+                matched[position] = true;
+                kept.push(planned);
+            }
+            None => departures.push((planned, SkipReason::Unplanned)),
+        }
+    }
+    for (flip, _) in reviewed
+        .flips
+        .iter()
+        .zip(&matched)
+        .filter(|(_, hit)| !**hit)
+    {
+        let planned = PlannedFlip {
+            profile_id: flip.profile_id,
+            label: flip.profile.clone(),
+            flip: Flip {
+                index: flip.index,
+                url: flip.url.clone(),
+                from: flip.from.clone(),
+                to: flip.to.clone(),
+            },
+            probe: None,
+            restore: None,
+            note: Some("in the reviewed plan".to_owned()),
+        };
+        departures.push((planned, SkipReason::ChangedSincePlan));
+    }
+    let profiles_changed = kept
+        .iter()
+        .map(|planned| planned.profile_id)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len() as u64;
+    let plan = Plan {
+        flips: kept,
+        profiles_changed,
+        ..fresh
+    };
+    (plan, departures)
 }
 
 pub fn session_settings(connect: &ConnectOpts, run_id: &str) -> db::SessionSettings {

@@ -1,5 +1,6 @@
 //! The command line. Flag names, defaults and exit codes are a contract with the runbook.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -116,6 +117,20 @@ pub struct BackfillArgs {
 
     #[command(flatten)]
     pub run: RunOpts,
+
+    /// With --dry-run: also write the plan (every flip, counts, the target's fingerprint) to FILE
+    /// as JSON, for review and for --apply --plan
+    #[arg(long, value_name = "FILE", requires = "dry_run")]
+    pub plan_out: Option<PathBuf>,
+
+    /// Write only the flips of this reviewed plan that still hold exactly; list planned flips
+    /// that no longer hold and new ones that were not planned, writing neither
+    #[arg(long, value_name = "FILE")]
+    pub plan: Option<PathBuf>,
+
+    /// Refuse a --plan older than this (e.g. 30min, 24h)
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub plan_max_age: Duration,
 
     /// Only write flips of this transition, e.g. 'buying->sales' (repeatable). Any other
     /// transition in the plan is reported and the run exits 3 with nothing written

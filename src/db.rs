@@ -249,6 +249,14 @@ fn compatible(actual: &str, wanted: &str) -> bool {
     wanted == "text" && (actual.starts_with("character varying") || actual == "character")
 }
 
+/// The cluster's identity, when this user may read `pg_control_system()`.
+pub async fn system_identifier(pool: &PgPool) -> Option<String> {
+    sqlx::query_scalar("SELECT system_identifier::text FROM pg_control_system()")
+        .fetch_one(pool)
+        .await
+        .ok()
+}
+
 /// Rows in `member_profiles`, from the planner's statistics; only used to size progress output.
 pub async fn estimated_profile_count(pool: &PgPool) -> Result<Option<u64>> {
     let estimate: Option<f32> = sqlx::query_scalar(

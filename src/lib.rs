@@ -10,6 +10,7 @@ pub mod db;
 pub mod ephemeral;
 pub mod error;
 pub mod interrupt;
+pub mod plan_file;
 pub mod rehearse;
 pub mod report;
 pub mod resolver;

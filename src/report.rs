@@ -215,6 +215,17 @@ impl<'w> Reporter<'w> {
         }
     }
 
+    pub fn plan_written(&mut self, path: &std::path::Path, flips: usize) -> Result<()> {
+        match self.format {
+            Format::Json => self.event(json!({
+                "event": "plan_written",
+                "path": path.display().to_string(),
+                "flips": flips,
+            })),
+            Format::Text => self.line(&format!("plan file:   {} ({flips} flips)", path.display())),
+        }
+    }
+
     /// A planned flip whose transition `--allow-transition` does not list.
     pub fn not_allowed(&mut self, flip: &FlipLine) -> Result<()> {
         match self.format {

@@ -1,0 +1,171 @@
+//! Reviewed plans: `--dry-run --plan-out` and `--apply --plan`, against a real PostgreSQL.
+
+mod common;
+
+use agent_type_backfill::backfill::execute;
+use agent_type_backfill::error::exit_code;
+use agent_type_backfill::plan_file::PlanFile;
+use agent_type_backfill::report::Summary;
+use agent_type_backfill::seed::{self, NewProfile, BIDCLIQ_URL, SWIVEL_URL};
+use common::{args, events, TestDb};
+use serde_json::{json, Value};
+
+async fn run(db: &TestDb, flags: &[&str]) -> (anyhow::Result<Summary>, Vec<Value>) {
+    let mut all = flags.to_vec();
+    all.extend_from_slice(&["--format", "json"]);
+    let mut out = Vec::new();
+    let result = execute(&args(&all), &db.url, &mut out).await;
+    (result, events(&out))
+}
+
+/// A plan file in the temp directory, removed when the test ends.
+struct PlanPath(std::path::PathBuf);
+
+impl PlanPath {
+    fn for_db(db: &TestDb) -> PlanPath {
+        PlanPath(std::env::temp_dir().join(format!("atb-plan-{}.json", db.name)))
+    }
+
+    fn to_str(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for PlanPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[tokio::test]
+async fn reviewed_plan_records_the_flips_and_an_apply_writes_exactly_them() {
+    let db = TestDb::seeded(20).await;
+    let path = PlanPath::for_db(&db);
+    let (dry, log) = run(&db, &["--dry-run", "--plan-out", path.to_str()]).await;
+    assert_eq!(dry.unwrap().flips, 2);
+    assert!(log
+        .iter()
+        .any(|e| e["event"] == "plan_written" && e["flips"] == 2));
+
+    let plan = PlanFile::read(&path.0).unwrap();
+    assert_eq!(plan.target.database, db.name);
+    assert!(
+        plan.target.system_identifier.is_some(),
+        "readable as superuser"
+    );
+    assert_eq!(plan.counts.flips, 2);
+    assert_eq!(plan.counts.profiles_scanned, 31);
+    let urls: Vec<&str> = plan.flips.iter().map(|f| f.url.as_str()).collect();
+    assert!(urls.contains(&BIDCLIQ_URL) && urls.contains(&SWIVEL_URL));
+    assert!(plan.flips.iter().all(|f| f.last_discovered.is_some()));
+    assert!(!std::fs::read_to_string(&path.0)
+        .unwrap()
+        .contains("password"));
+
+    let (applied, _) = run(&db, &["--apply", "--plan", path.to_str()]).await;
+    let applied = applied.unwrap();
+    assert_eq!((applied.flips, applied.written), (2, 2));
+    assert_eq!(db.audit_rows().await.len(), 2);
+}
+
+#[tokio::test]
+async fn apply_with_plan_writes_only_what_still_holds_and_lists_the_rest() {
+    let db = TestDb::seeded(20).await;
+    let path = PlanPath::for_db(&db);
+    run(&db, &["--dry-run", "--plan-out", path.to_str()])
+        .await
+        .0
+        .unwrap();
+    // After review: a member fixes bidcliq by hand, and a new legacy type appears elsewhere.
+    sqlx::query(
+        "UPDATE member_profiles SET agents = jsonb_set(agents, '{0,type}', '\"creative\"') \
+         WHERE slug = 'bidcliq'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let newcomer = NewProfile {
+        id: uuid::Uuid::from_u128(5),
+        slug: "newcomer".into(),
+        display_name: "Newcomer".into(),
+        agents: Some(json!([{"url": "https://new.example", "type": "buyer"}])),
+    };
+    seed::insert(&db.pool, &[newcomer], &[]).await.unwrap();
+
+    let (applied, log) = run(&db, &["--apply", "--plan", path.to_str()]).await;
+    let applied = applied.unwrap();
+    assert_eq!(
+        (
+            applied.flips,
+            applied.written,
+            applied.skipped,
+            applied.unplanned
+        ),
+        (1, 1, 1, 2),
+        "bidcliq's reviewed flip no longer holds; its new flip and the newcomer were not reviewed"
+    );
+    let mut departures: Vec<(String, String)> = log
+        .iter()
+        .filter(|e| e["event"] == "skipped")
+        .map(|e| {
+            (
+                e["profile"].as_str().unwrap().to_owned(),
+                e["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    departures.sort();
+    assert_eq!(
+        departures,
+        [
+            ("bidcliq".to_owned(), "changed_since_plan".to_owned()),
+            ("bidcliq".to_owned(), "unplanned".to_owned()),
+            ("newcomer".to_owned(), "unplanned".to_owned()),
+        ]
+    );
+    let audit = db.audit_rows().await;
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].agent_url, SWIVEL_URL);
+    assert_eq!(db.agents_of("newcomer").await[0]["type"], "buyer");
+}
+
+#[tokio::test]
+async fn plans_for_another_database_or_too_old_are_refused_with_nothing_written() {
+    let made_on = TestDb::seeded(5).await;
+    let other = TestDb::seeded(5).await;
+    let path = PlanPath::for_db(&made_on);
+    run(&made_on, &["--dry-run", "--plan-out", path.to_str()])
+        .await
+        .0
+        .unwrap();
+
+    let before = other.dump().await;
+    let (refused, log) = run(&other, &["--apply", "--plan", path.to_str()]).await;
+    let error = refused.unwrap_err();
+    assert_eq!(exit_code(&error), 2);
+    assert!(format!("{error:#}").contains(&format!("database={}", made_on.name)));
+    assert!(log.is_empty(), "refused before anything was read");
+    assert_eq!(other.dump().await, before);
+
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let flags = ["--apply", "--plan", path.to_str(), "--plan-max-age", "10ms"];
+    let (too_old, _) = run(&made_on, &flags).await;
+    let error = too_old.unwrap_err();
+    assert_eq!(exit_code(&error), 2);
+    assert!(
+        format!("{error:#}").contains("more than --plan-max-age"),
+        "{error:#}"
+    );
+
+    let (over, _) = run(
+        &made_on,
+        &["--apply", "--plan", path.to_str(), "--max-flips", "1"],
+    )
+    .await;
+    assert_eq!(
+        exit_code(&over.unwrap_err()),
+        3,
+        "the threshold holds for what would be written"
+    );
+    assert!(made_on.audit_rows().await.is_empty());
+}
