@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use sqlx::{Connection, PgConnection, Postgres, Row, Transaction};
 use uuid::Uuid;
 
@@ -49,13 +49,28 @@ pub struct SessionSettings {
 
 /// Parses the URL without ever echoing it: sqlx errors can quote their input.
 pub fn parse_url(url: &str) -> Result<PgConnectOptions> {
-    PgConnectOptions::from_str(url).map_err(|error| {
+    let options = PgConnectOptions::from_str(url).map_err(|error| {
         let reason = redact(&error.to_string(), url);
         Failure::Usage(format!(
             "the database URL could not be parsed ({reason}): check DATABASE_URL or --database-url"
         ))
-        .into()
-    })
+    })?;
+    // libpq treats `require` with a root certificate as `verify-ca`; sqlx would silently skip
+    // the verification the operator asked for by naming the certificate.
+    if matches!(options.get_ssl_mode(), PgSslMode::Require) && names_root_certificate(url) {
+        return Ok(options.ssl_mode(PgSslMode::VerifyCa));
+    }
+    Ok(options)
+}
+
+fn names_root_certificate(url: &str) -> bool {
+    let in_url = url
+        .split_once('?')
+        .map(|(_, query)| query.split('&'))
+        .into_iter()
+        .flatten()
+        .any(|pair| pair.starts_with("sslrootcert=") || pair.starts_with("ssl-root-cert="));
+    in_url || std::env::var_os("PGSSLROOTCERT").is_some_and(|path| !path.is_empty())
 }
 
 /// Removes the URL's password (and the URL itself) from a message that may quote them.
@@ -604,6 +619,10 @@ mod tests {
         assert!(clean.contains("<database url>"));
         assert_eq!(redact("nothing to hide", ""), "nothing to hide");
         assert_eq!(url_password("postgres://u@db/x"), None);
+        assert!(names_root_certificate(
+            "postgres://db/x?sslmode=require&sslrootcert=/ca.pem"
+        ));
+        assert!(!names_root_certificate("postgres://db/x?sslmode=require"));
         assert_eq!(
             url_password("postgres://u:p@ss@db/x").as_deref(),
             Some("p@ss")
