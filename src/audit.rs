@@ -18,7 +18,7 @@ use crate::cli::{Format, HistoryArgs, Mode, RevertArgs};
 use crate::db::{self, AuditEntry};
 use crate::error::Failure;
 use crate::interrupt::StopSignal;
-use crate::report::{Header, Reporter, SkipReason, Summary};
+use crate::report::{printable, Header, Reporter, SkipReason, Summary};
 use crate::resolver::{type_label, Flip};
 
 /// `history [RUN_ID]`: the runs in `type_reclassification_log`, or one run's rows.
@@ -73,15 +73,15 @@ pub async fn history(args: &HistoryArgs, url: &str, out: &mut (dyn Write + Send)
                         format!(
                             "{}  {}  {}  {}  {} -> {}",
                             entry.changed_at.to_rfc3339_opts(SecondsFormat::Secs, true),
-                            entry_label(entry),
-                            entry.agent_url,
+                            printable(&entry_label(entry)),
+                            printable(&entry.agent_url),
                             entry
                                 .notes
                                 .as_ref()
                                 .and_then(|notes| notes.get("index"))
                                 .map_or("?".to_owned(), Value::to_string),
-                            entry.old_type.as_deref().unwrap_or("(none)"),
-                            entry.new_type
+                            printable(entry.old_type.as_deref().unwrap_or("(none)")),
+                            printable(&entry.new_type)
                         )
                     }));
                     lines.push(format!("{} rows in run {wanted}", entries.len()));

@@ -61,9 +61,9 @@ impl FlipLine<'_> {
     fn text(&self) -> String {
         format!(
             "{}  {}  {} -> {}  ({})",
-            self.profile,
-            self.url,
-            type_label(self.from),
+            printable(self.profile),
+            printable(self.url),
+            printable(&type_label(self.from)),
             self.to,
             self.probe_note()
         )
@@ -83,6 +83,29 @@ impl FlipLine<'_> {
             "oauth_required": self.probe.is_some_and(|probe| probe.oauth_required),
         })
     }
+}
+
+/// Stored values go into the text log escaped where they could forge or garble it: a newline in
+/// a URL would start a fake flip line, an ESC sequence would reach the operator's terminal, and a
+/// bidirectional override would reorder what is shown. JSON output is escaped by its encoder.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let risky = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(risky) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    text.chars()
+        .map(|c| {
+            if risky(c) {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
 }
 
 /// A compact age: minutes under an hour, hours under two days, then days.
@@ -302,5 +325,22 @@ impl<'w> Reporter<'w> {
                 ))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_values_cannot_forge_or_garble_log_lines() {
+        let forged = "https://x\n  forged  https://y  buying -> sales";
+        assert_eq!(
+            printable(forged),
+            "https://x\\u{a}  forged  https://y  buying -> sales"
+        );
+        assert_eq!(printable("\u{1b}[2Jslug"), "\\u{1b}[2Jslug");
+        assert_eq!(printable("evil\u{202e}lmth.exe"), "evil\\u{202e}lmth.exe");
+        assert_eq!(printable("广告 x Acme é"), "广告 x Acme é");
     }
 }

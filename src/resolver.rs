@@ -346,7 +346,10 @@ impl<'de> Deserialize<'de> for AgentSlot {
                 while let Some(key) = map.next_key::<KeyOfInterest>()? {
                     match key {
                         KeyOfInterest::Url => url = map.next_value::<UrlValue>()?.0,
-                        KeyOfInterest::Type => stored_type = Some(map.next_value::<Value>()?),
+                        KeyOfInterest::Type => {
+                            let raw = map.next_value::<Box<serde_json::value::RawValue>>()?;
+                            stored_type = Some(bounded_type(raw.get()).map_err(de::Error::custom)?);
+                        }
                         KeyOfInterest::Other => {
                             map.next_value::<IgnoredAny>()?;
                         }
@@ -382,6 +385,54 @@ impl<'de> Deserialize<'de> for AgentSlot {
         }
         deserializer.deserialize_any(SlotVisitor)
     }
+}
+
+/// Deeper than this, a stored `type` is kept as a summary object. Cloning, printing or
+/// auditing a value nested thousands deep recurses once per level and would overflow the stack;
+/// the summary is just as much "not a string" to the rule, so decisions are unchanged.
+pub const MAX_TYPE_DEPTH: usize = 64;
+
+fn bounded_type(text: &str) -> serde_json::Result<Value> {
+    let depth = nesting_depth(text);
+    if depth <= MAX_TYPE_DEPTH {
+        return serde_json::from_str(text);
+    }
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    Ok(serde_json::json!({
+        "nested_json_summary": {
+            "depth": depth,
+            "bytes": text.len(),
+            "hash": format!("{:016x}", hasher.finish()),
+        }
+    }))
+}
+
+/// Deepest bracket nesting of a JSON text, counted without recursion.
+fn nesting_depth(text: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for byte in text.bytes() {
+        if in_string {
+            match (escaped, byte) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 enum KeyOfInterest {
@@ -546,6 +597,34 @@ mod tests {
         );
         let verdict = AgentsColumn::parse(&text).unwrap().verdict(&snapshots(&[]));
         assert_eq!(verdict.flips.len(), 1);
+    }
+
+    #[test]
+    fn deeply_nested_type_of_a_probed_agent_is_summarised_not_recursed() {
+        let depth = 45_000;
+        let text = format!(
+            "[{{\"url\":\"u\",\"type\":{}{}}}]",
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        let verdict = AgentsColumn::parse(&text)
+            .unwrap()
+            .verdict(&snapshots(&[("u", Some("sales"))]));
+        assert_eq!(verdict.flips.len(), 1);
+        assert_eq!(verdict.flips[0].from["nested_json_summary"]["depth"], depth);
+        assert_eq!(verdict.flips[0].to, "sales");
+        let unprobed = AgentsColumn::parse(&text).unwrap().verdict(&snapshots(&[]));
+        assert!(
+            unprobed.flips.is_empty(),
+            "still not a string: kept without a snapshot"
+        );
+    }
+
+    #[test]
+    fn nesting_depth_ignores_brackets_inside_strings() {
+        assert_eq!(nesting_depth(r#"[{"a":"[[[\"]]]"}]"#), 2);
+        assert_eq!(nesting_depth("5"), 0);
+        assert_eq!(nesting_depth("[[],[[]]]"), 3);
     }
 
     #[test]
