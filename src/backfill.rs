@@ -101,11 +101,17 @@ pub async fn execute_with(
     info!(target = %session.target, %run_id, mode = mode.as_str(), "connected");
     check_expected_database(&session.target, args.connect.expect_database.as_deref())?;
 
-    let fingerprint = Fingerprint {
-        system_identifier: db::system_identifier(&session.pool).await,
-        host: session.target.host.clone(),
-        port: session.target.port,
-        database: session.target.database.clone(),
+    // Only asked for when a plan file is involved: for a user without the privilege, the query
+    // leaves a "permission denied" line in the server log.
+    let fingerprint = if args.plan.is_some() || args.plan_out.is_some() {
+        Fingerprint {
+            system_identifier: db::system_identifier(&session.pool).await,
+            host: session.target.host.clone(),
+            port: session.target.port,
+            database: session.target.database.clone(),
+        }
+    } else {
+        Fingerprint::default()
     };
     let reviewed = match &args.plan {
         Some(path) => {

@@ -17,7 +17,7 @@ pub const FORMAT: &str = "agent-type-backfill plan v1";
 
 /// Which database a plan was made on. `system_identifier` is the cluster's identity from
 /// `pg_control_system()`, when the user may read it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fingerprint {
     pub system_identifier: Option<String>,
     pub host: String,
