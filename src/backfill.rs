@@ -523,12 +523,14 @@ pub async fn write(
                 Ok(checked) => break Some(checked),
                 Err(error) if db::is_retryable(&error) && attempt < opts.write_attempts => {
                     let pause = Duration::from_millis(200 * 2u64.pow(attempt - 1));
-                    warn!(attempt, ?pause, "batch rolled back ({error:#}); retrying");
+                    let reason = crate::error::render(&error);
+                    warn!(attempt, ?pause, "batch rolled back ({reason}); retrying");
                     tokio::time::sleep(pause).await;
                     attempt += 1;
                 }
                 Err(error) if db::is_retryable(&error) => {
-                    warn!(attempt, "batch rolled back ({error:#}); giving up on it");
+                    let reason = crate::error::render(&error);
+                    warn!(attempt, "batch rolled back ({reason}); giving up on it");
                     break None;
                 }
                 Err(error) => return Err(error),

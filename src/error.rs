@@ -74,6 +74,19 @@ pub fn signal_name(signal: i32) -> &'static str {
 
 impl std::error::Error for Failure {}
 
+/// The error as one line, outermost context first. A database error repeats its own message as
+/// its source; the repeat is dropped so the operator reads each cause once.
+pub fn render(error: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
+}
+
 /// The exit status for an error returned by [`crate::run`].
 pub fn exit_code(error: &anyhow::Error) -> i32 {
     error
@@ -86,6 +99,37 @@ pub fn exit_code(error: &anyhow::Error) -> i32 {
 mod tests {
     use super::*;
     use anyhow::Context;
+
+    #[derive(Debug)]
+    struct Echo(&'static str, Option<Box<Echo>>);
+
+    impl fmt::Display for Echo {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Echo {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1
+                .as_deref()
+                .map(|echo| echo as &(dyn std::error::Error + 'static))
+        }
+    }
+
+    #[test]
+    fn render_says_a_repeated_cause_once() {
+        let inner = Echo("canceling statement due to statement timeout", None);
+        let outer = Echo(
+            "canceling statement due to statement timeout",
+            Some(Box::new(inner)),
+        );
+        let error = anyhow::Error::new(outer).context("could not update member_profiles");
+        assert_eq!(
+            render(&error),
+            "could not update member_profiles: canceling statement due to statement timeout"
+        );
+    }
 
     #[test]
     fn typed_failures_keep_their_code_under_context() {

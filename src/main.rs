@@ -6,7 +6,7 @@ use tracing_subscriber::EnvFilter;
 
 use agent_type_backfill::cli::Cli;
 use agent_type_backfill::db::redact;
-use agent_type_backfill::error::exit_code;
+use agent_type_backfill::error::{exit_code, render};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -45,7 +45,7 @@ fn main() -> ExitCode {
     match runtime.block_on(agent_type_backfill::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", render(&error));
             ExitCode::from(exit_code(&error) as u8)
         }
     }
