@@ -41,7 +41,16 @@ impl Drop for PlanPath {
 async fn reviewed_plan_records_the_flips_and_an_apply_writes_exactly_them() {
     let db = TestDb::seeded(20).await;
     let path = PlanPath::for_db(&db);
-    let (dry, log) = run(&db, &["--dry-run", "--plan-out", path.to_str()]).await;
+    // Trust authentication ignores the password; the tool must still never write it anywhere.
+    let url_with_password = db.url.replacen("postgres@", "postgres:Sup3rSecret@", 1);
+    let mut out = Vec::new();
+    let dry = execute(
+        &args(&["--dry-run", "--format", "json", "--plan-out", path.to_str()]),
+        &url_with_password,
+        &mut out,
+    )
+    .await;
+    let log = events(&out);
     assert_eq!(dry.unwrap().flips, 2);
     assert!(log
         .iter()
@@ -62,10 +71,21 @@ async fn reviewed_plan_records_the_flips_and_an_apply_writes_exactly_them() {
         .unwrap()
         .contains("password"));
 
-    let (applied, _) = run(&db, &["--apply", "--plan", path.to_str()]).await;
-    let applied = applied.unwrap();
+    let mut out = Vec::new();
+    let applied = execute(
+        &args(&["--apply", "--plan", path.to_str()]),
+        &url_with_password,
+        &mut out,
+    )
+    .await
+    .unwrap();
+    assert!(!String::from_utf8(out).unwrap().contains("Sup3rSecret"));
     assert_eq!((applied.flips, applied.written), (2, 2));
-    assert_eq!(db.audit_rows().await.len(), 2);
+    let audit = db.audit_rows().await;
+    assert_eq!(audit.len(), 2);
+    for row in audit {
+        assert!(!row.notes.unwrap().to_string().contains("Sup3rSecret"));
+    }
 }
 
 #[tokio::test]
