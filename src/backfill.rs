@@ -403,6 +403,7 @@ pub fn progress_bar(total: Option<u64>, message: &'static str) -> ProgressBar {
 
 struct Page {
     rows: Vec<ProfileRow>,
+    columns: Vec<AgentsColumn>,
     snapshots: Snapshots,
 }
 
@@ -417,11 +418,25 @@ pub async fn plan(pool: &PgPool, batch_size: u32) -> Result<Plan> {
     let reader = tokio::spawn(async move {
         let mut after = None;
         loop {
-            let (rows, snapshots) = db::profiles_page(&mut transaction, after, batch_size).await?;
+            let rows = db::profiles_page(&mut transaction, after, batch_size).await?;
             let Some(last) = rows.last() else { break };
             after = Some(last.id);
+            let columns = rows.iter().map(parse_column).collect::<Result<Vec<_>>>()?;
+            let mut urls: Vec<&str> = columns.iter().flat_map(AgentsColumn::urls).collect();
+            urls.sort_unstable();
+            urls.dedup();
+            let snapshots = db::snapshots_for(&mut transaction, &urls).await?;
             let full = rows.len() == batch_size as usize;
-            if pages_tx.send(Page { rows, snapshots }).await.is_err() || !full {
+            if pages_tx
+                .send(Page {
+                    rows,
+                    columns,
+                    snapshots,
+                })
+                .await
+                .is_err()
+                || !full
+            {
                 break;
             }
         }
@@ -434,8 +449,8 @@ pub async fn plan(pool: &PgPool, batch_size: u32) -> Result<Plan> {
 
     let mut plan = Plan::default();
     while let Some(page) = pages_rx.recv().await {
-        for row in &page.rows {
-            let verdict = parse_column(row)?.verdict(&page.snapshots);
+        for (row, column) in page.rows.iter().zip(&page.columns) {
+            let verdict = column.verdict(&page.snapshots);
             plan.profiles_scanned += 1;
             plan.malformed += u64::from(verdict.malformed);
             plan.junk_elements += verdict.untouchable_elements as u64;

@@ -348,70 +348,28 @@ pub async fn begin_read_only(pool: &PgPool) -> Result<Transaction<'static, Postg
     Ok(transaction)
 }
 
-/// The next page of profiles after `after` in id order (keyset pagination), with the snapshot
-/// rows of every string `url` in it, in one round trip: the server extracts the URLs, so the
-/// client can hand the page to the resolver while the next one is fetched.
+/// The next page of profiles after `after` in id order (keyset pagination).
 pub async fn profiles_page(
     connection: &mut PgConnection,
     after: Option<Uuid>,
     limit: u32,
-) -> Result<(Vec<ProfileRow>, Snapshots)> {
-    // Two statements rather than `$1 IS NULL OR id > $1`, which a cached generic plan would
-    // turn into a scan of the whole table for every page.
-    const FIRST_PAGE: &str = "SELECT id, slug, agents FROM member_profiles ORDER BY id LIMIT $1";
-    const NEXT_PAGE: &str =
-        "SELECT id, slug, agents FROM member_profiles WHERE id > $2 ORDER BY id LIMIT $1";
-    let sql = format!(
-        "WITH page AS MATERIALIZED ({}), \
-         urls AS ( \
-             SELECT DISTINCT element ->> 'url' AS url \
-             FROM page, jsonb_array_elements( \
-                 CASE jsonb_typeof(page.agents) WHEN 'array' THEN page.agents ELSE '[]'::jsonb END \
-             ) AS element \
-             WHERE jsonb_typeof(element -> 'url') = 'string') \
-         SELECT id, slug::text, agents::text, \
-                NULL::text, NULL::text, NULL::timestamptz, NULL::bool, NULL::bool \
-         FROM page \
-         UNION ALL \
-         SELECT NULL, NULL, NULL, \
-                s.agent_url, s.inferred_type, s.last_discovered, s.discovery_error IS NOT NULL, \
-                coalesce(s.oauth_required, false) \
-         FROM agent_capabilities_snapshot s JOIN urls ON s.agent_url = urls.url",
-        if after.is_some() {
-            NEXT_PAGE
-        } else {
-            FIRST_PAGE
-        }
-    );
-    let mut query = sqlx::query(&sql).bind(i64::from(limit));
-    if let Some(after) = after {
-        query = query.bind(after);
-    }
+) -> Result<Vec<ProfileRow>> {
+    let query = match after {
+        None => sqlx::query(
+            "SELECT id, slug::text, agents::text FROM member_profiles ORDER BY id LIMIT $1",
+        )
+        .bind(i64::from(limit)),
+        Some(after) => sqlx::query(
+            "SELECT id, slug::text, agents::text FROM member_profiles WHERE id > $2 ORDER BY id LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .bind(after),
+    };
     let rows = query
         .fetch_all(connection)
         .await
         .context("could not read a page of member_profiles")?;
-    let mut profiles = Vec::with_capacity(limit as usize);
-    let mut snapshots = HashMap::new();
-    for row in &rows {
-        match row.get::<Option<Uuid>, _>(0) {
-            Some(_) => profiles.push(profile_row(row)),
-            None => {
-                snapshots.insert(row.get::<String, _>(3), snapshot_row(row, 4));
-            }
-        }
-    }
-    profiles.sort_unstable_by_key(|profile| profile.id);
-    Ok((profiles, Snapshots(snapshots)))
-}
-
-fn snapshot_row(row: &sqlx::postgres::PgRow, first: usize) -> SnapshotRow {
-    SnapshotRow {
-        inferred_type: row.get(first),
-        last_discovered: row.get(first + 1),
-        discovery_error: row.get(first + 2),
-        oauth_required: row.get(first + 3),
-    }
+    Ok(rows.iter().map(profile_row).collect())
 }
 
 fn profile_row(row: &sqlx::postgres::PgRow) -> ProfileRow {
@@ -438,7 +396,17 @@ pub async fn snapshots_for(connection: &mut PgConnection, urls: &[&str]) -> Resu
     .context("could not read agent_capabilities_snapshot")?;
     Ok(Snapshots(
         rows.iter()
-            .map(|row| (row.get::<String, _>(0), snapshot_row(row, 1)))
+            .map(|row| {
+                (
+                    row.get::<String, _>(0),
+                    SnapshotRow {
+                        inferred_type: row.get(1),
+                        last_discovered: row.get(2),
+                        discovery_error: row.get(3),
+                        oauth_required: row.get(4),
+                    },
+                )
+            })
             .collect(),
     ))
 }
