@@ -11,10 +11,10 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::backfill::{
-    self, check_expected_database, check_threshold, conclude, new_run_id, session_settings,
-    Conclusion, PlannedFlip, Recheck, WriteOutcome, VERSION,
+    self, check_expected_database, check_threshold, finish, new_run_id, session_settings, Ending,
+    PlannedFlip, Recheck, VERSION,
 };
-use crate::cli::{Format, HistoryArgs, Mode, RevertArgs};
+use crate::cli::{Format, HistoryArgs, RevertArgs};
 use crate::db::{self, AuditEntry};
 use crate::error::Failure;
 use crate::interrupt::StopSignal;
@@ -172,33 +172,20 @@ pub async fn revert(
     };
 
     let refusal = check_threshold(flips.len(), args.run.max_flips);
-    let written = match refusal {
-        None if mode == Mode::Apply && !flips.is_empty() => {
-            let recheck = Recheck::StillCarriesFrom {
-                reverts: args.run_id.clone(),
-            };
-            backfill::write(
-                &session.pool,
-                &flips,
-                &args.run,
-                &recheck,
-                &run_id,
-                &mut report,
-                &stop,
-            )
-            .await?
-        }
-        _ => WriteOutcome::default(),
-    };
-    conclude(Conclusion {
+    finish(Ending {
         report: &mut report,
         pool: &session.pool,
         mode,
         run_id,
         summary,
         refusal,
-        written,
         clock,
+        opts: &args.run,
+        stop: &stop,
+        flips: &flips,
+        recheck: Recheck::StillCarriesFrom {
+            reverts: args.run_id.clone(),
+        },
     })
     .await
 }

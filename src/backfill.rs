@@ -178,49 +178,81 @@ pub async fn execute_with(
     };
 
     let refusal = check_limits(&plan, args, &mut report)?;
-    let written = match refusal {
-        None if mode == Mode::Apply && !plan.flips.is_empty() => {
-            let recheck = Recheck::Resolve;
-            write(
-                &session.pool,
-                &plan.flips,
-                &args.run,
-                &recheck,
-                &run_id,
-                &mut report,
-                &stop,
-            )
-            .await?
-        }
-        _ => WriteOutcome::default(),
-    };
-    conclude(Conclusion {
+    finish(Ending {
         report: &mut report,
         pool: &session.pool,
         mode,
         run_id,
         summary,
         refusal,
-        written,
         clock,
+        opts: &args.run,
+        stop: &stop,
+        flips: &plan.flips,
+        recheck: Recheck::Resolve,
     })
     .await
 }
 
-/// Everything a run knows when it ends.
-pub struct Conclusion<'r, 'w> {
+/// Everything a run knows once its plan is checked against its limits.
+pub struct Ending<'r, 'w> {
     pub report: &'r mut Reporter<'w>,
     pub pool: &'r PgPool,
     pub mode: Mode,
     pub run_id: String,
     pub summary: Summary,
     pub refusal: Option<Failure>,
-    pub written: WriteOutcome,
     pub clock: Instant,
+    pub opts: &'r RunOpts,
+    pub stop: &'r StopSignal,
+    pub flips: &'r [PlannedFlip],
+    pub recheck: Recheck,
+}
+
+/// The last two steps of every run: write (an apply that nothing refused), then report.
+pub async fn finish(end: Ending<'_, '_>) -> Result<Summary> {
+    let written = match end.refusal {
+        None if end.mode == Mode::Apply && !end.flips.is_empty() => {
+            write(
+                end.pool,
+                end.flips,
+                end.opts,
+                &end.recheck,
+                &end.run_id,
+                end.report,
+                end.stop,
+            )
+            .await?
+        }
+        _ => WriteOutcome::default(),
+    };
+    conclude(Conclusion {
+        report: end.report,
+        pool: end.pool,
+        mode: end.mode,
+        run_id: end.run_id,
+        summary: end.summary,
+        refusal: end.refusal,
+        written,
+        clock: end.clock,
+    })
+    .await
+}
+
+/// What a run reports when it ends.
+struct Conclusion<'r, 'w> {
+    report: &'r mut Reporter<'w>,
+    pool: &'r PgPool,
+    mode: Mode,
+    run_id: String,
+    summary: Summary,
+    refusal: Option<Failure>,
+    written: WriteOutcome,
+    clock: Instant,
 }
 
 /// Prints the summary, closes the pool, and turns the outcome into the run's result.
-pub async fn conclude(end: Conclusion<'_, '_>) -> Result<Summary> {
+async fn conclude(end: Conclusion<'_, '_>) -> Result<Summary> {
     let Conclusion {
         report,
         pool,
