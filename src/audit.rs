@@ -11,8 +11,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::backfill::{
-    self, check_expected_database, check_threshold, finish, new_run_id, session_settings, Ending,
-    PlannedFlip, Recheck, VERSION,
+    self, check_threshold, finish, new_run_id, open_session, Ending, PlannedFlip, Recheck, VERSION,
 };
 use crate::cli::{Format, HistoryArgs, RevertArgs};
 use crate::db::{self, AuditEntry};
@@ -24,8 +23,7 @@ use crate::resolver::{type_label, Flip};
 /// `history [RUN_ID]`: the runs in `type_reclassification_log`, or one run's rows.
 pub async fn history(args: &HistoryArgs, url: &str, out: &mut (dyn Write + Send)) -> Result<()> {
     let run_id = new_run_id(Utc::now());
-    let session = db::connect(url, &session_settings(&args.connect, &run_id)).await?;
-    check_expected_database(&session.target, args.connect.expect_database.as_deref())?;
+    let session = open_session(url, &args.connect, &run_id).await?;
     db::preflight(&session.pool, true).await?;
     let mut lines = Vec::new();
     match &args.run_id {
@@ -127,8 +125,7 @@ pub async fn revert(
     let mode = args.mode.mode();
     let started_at = Utc::now();
     let run_id = new_run_id(started_at);
-    let session = db::connect(url, &session_settings(&args.connect, &run_id)).await?;
-    check_expected_database(&session.target, args.connect.expect_database.as_deref())?;
+    let session = open_session(url, &args.connect, &run_id).await?;
     // Even a dry-run reads the audit table here.
     db::preflight(&session.pool, true).await?;
     let entries = db::run_entries(&session.pool, &args.run_id).await?;

@@ -97,9 +97,7 @@ pub async fn execute_with(
     let mode = args.mode.mode();
     let started_at = Utc::now();
     let run_id = new_run_id(started_at);
-    let session = db::connect(url, &session_settings(&args.connect, &run_id)).await?;
-    info!(target = %session.target, %run_id, mode = mode.as_str(), "connected");
-    check_expected_database(&session.target, args.connect.expect_database.as_deref())?;
+    let session = open_session(url, &args.connect, &run_id).await?;
 
     // Only asked for when a plan file is involved: for a user without the privilege, the query
     // leaves a "permission denied" line in the server log.
@@ -354,16 +352,22 @@ fn hold_to_review(fresh: Plan, reviewed: &PlanFile) -> (Plan, Vec<(PlannedFlip, 
     (plan, departures)
 }
 
-pub fn session_settings(connect: &ConnectOpts, run_id: &str) -> db::SessionSettings {
-    db::SessionSettings {
+/// The first step of every command: a run id, a connection that carries it as
+/// `application_name` with the operator's timeouts, and the `--expect-database` guard.
+pub async fn open_session(url: &str, connect: &ConnectOpts, run_id: &str) -> Result<db::Session> {
+    let settings = db::SessionSettings {
         application_name: format!("agent-type-backfill {run_id}"),
         lock_timeout: connect.lock_timeout,
         statement_timeout: connect.statement_timeout,
-    }
+    };
+    let session = db::connect(url, &settings).await?;
+    info!(target = %session.target, %run_id, "connected");
+    check_expected_database(&session.target, connect.expect_database.as_deref())?;
+    Ok(session)
 }
 
 /// `--expect-database`: refuses to go on when connected somewhere else.
-pub fn check_expected_database(target: &db::Target, expected: Option<&str>) -> Result<()> {
+fn check_expected_database(target: &db::Target, expected: Option<&str>) -> Result<()> {
     match expected {
         Some(expected) if expected != target.database => Err(Failure::Usage(format!(
             "connected to database '{}' but --expect-database is '{expected}': nothing was read; \
