@@ -50,13 +50,7 @@ async fn revert_restores_what_still_holds_and_leaves_conflicts() {
     let db = TestDb::seeded(20).await;
     let applied = apply(&db).await;
     // A member changes swivel's agent after the run: that element is no longer the run's to undo.
-    sqlx::query(
-        "UPDATE member_profiles SET agents = jsonb_set(agents, '{1,type}', '\"creative\"') \
-         WHERE slug = 'swivel'",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    db.member_sets_type("swivel", 1, "creative").await;
     let after_member_edit = db.dump().await;
 
     let (dry, log) = revert(&db, &[&applied, "--dry-run"]).await;

@@ -97,13 +97,7 @@ async fn apply_with_plan_writes_only_what_still_holds_and_lists_the_rest() {
         .0
         .unwrap();
     // After review: a member fixes bidcliq by hand, and a new legacy type appears elsewhere.
-    sqlx::query(
-        "UPDATE member_profiles SET agents = jsonb_set(agents, '{0,type}', '\"creative\"') \
-         WHERE slug = 'bidcliq'",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    db.member_sets_type("bidcliq", 0, "creative").await;
     let newcomer = NewProfile {
         id: uuid::Uuid::from_u128(5),
         slug: "newcomer".into(),

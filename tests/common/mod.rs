@@ -170,6 +170,20 @@ impl TestDb {
         dump
     }
 
+    /// A member's own edit between runs: sets the `type` of one element of one profile.
+    pub async fn member_sets_type(&self, slug: &str, index: usize, agent_type: &str) {
+        sqlx::query(
+            "UPDATE member_profiles SET agents = jsonb_set(agents, ARRAY[$2, 'type'], to_jsonb($3::text)) \
+             WHERE slug = $1",
+        )
+        .bind(slug)
+        .bind(index.to_string())
+        .bind(agent_type)
+        .execute(&self.pool)
+        .await
+        .unwrap();
+    }
+
     pub async fn agents_of(&self, slug: &str) -> serde_json::Value {
         let text: Option<String> =
             sqlx::query_scalar("SELECT agents::text FROM member_profiles WHERE slug = $1")
