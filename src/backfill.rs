@@ -9,7 +9,6 @@ use anyhow::{Context, Result};
 use chrono::Utc;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sqlx::PgPool;
-use tokio::sync::mpsc;
 use tracing::{info, warn};
 use uuid::Uuid;
 
@@ -134,7 +133,7 @@ pub async fn execute_with(
     })?;
 
     let plan = tokio::select! {
-        plan = plan(&session.pool, args.run.batch_size) => plan?,
+        plan = plan(&session.pool, args.run.batch_size, args.connect.statement_timeout) => plan?,
         signal = stop.wait() => {
             let summary = Summary { interrupted_by: Some(signal_name(signal)), ..Summary::default() };
             report.summary(mode, &run_id, &summary)?;
@@ -423,6 +422,21 @@ fn check_transitions(
     Ok(None)
 }
 
+/// A spinner with the elapsed time, for a step whose progress the server does not report.
+fn progress_spinner(message: String) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let spinner = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    spinner.set_style(
+        ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+            .expect("static progress template is valid"),
+    );
+    spinner.set_message(message);
+    spinner.enable_steady_tick(Duration::from_millis(200));
+    spinner
+}
+
 pub fn progress_bar(total: Option<u64>, message: &'static str) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
@@ -437,77 +451,77 @@ pub fn progress_bar(total: Option<u64>, message: &'static str) -> ProgressBar {
     bar
 }
 
-struct Page {
-    rows: Vec<ProfileRow>,
-    columns: Vec<AgentsColumn>,
-    snapshots: Snapshots,
-}
-
-/// Reads the whole table once, page by page, inside one read-only snapshot. Only flips are kept.
-/// The next page is fetched while the current one is resolved.
-pub async fn plan(pool: &PgPool, batch_size: u32) -> Result<Plan> {
-    let estimate = db::estimated_profile_count(pool).await?;
-    let progress = progress_bar(estimate, "planning");
+/// Reads the registry once inside one read-only snapshot. The server checks every agent against
+/// the snapshots in a single pass and names the profiles that may hold a flip; only those are read
+/// back and decided by the Rust resolver. Only flips are kept.
+pub async fn plan(pool: &PgPool, batch_size: u32, statement_timeout: Duration) -> Result<Plan> {
     let mut transaction = db::begin_read_only(pool).await?;
-
-    let (pages_tx, mut pages_rx) = mpsc::channel::<Page>(2);
-    let reader = tokio::spawn(async move {
-        let mut after = None;
-        loop {
-            let rows = db::profiles_page(&mut transaction, after, batch_size).await?;
-            let Some(last) = rows.last() else { break };
-            after = Some(last.id);
-            let columns = rows.iter().map(parse_column).collect::<Result<Vec<_>>>()?;
-            let mut urls: Vec<&str> = columns.iter().flat_map(AgentsColumn::urls).collect();
-            urls.sort_unstable();
-            urls.dedup();
-            let snapshots = db::snapshots_for(&mut transaction, &urls).await?;
-            let full = rows.len() == batch_size as usize;
-            if pages_tx
-                .send(Page {
-                    rows,
-                    columns,
-                    snapshots,
-                })
-                .await
-                .is_err()
-                || !full
-            {
-                break;
+    let census = db::census(&mut transaction).await?;
+    let scanning = progress_spinner(format!(
+        "planning: the server is checking the agents of {} profiles",
+        census.profiles
+    ));
+    let candidates = db::flip_candidates(&mut transaction)
+        .await
+        .map_err(|error| {
+            if db::is_statement_timeout(&error) {
+                error.context(format!(
+                    "the planning pass reads every agent in one statement and ran past \
+                     --statement-timeout '{statement_timeout:?}': raise it (the benchmark's \
+                     2-core server needs about 5 s per million profiles)"
+                ))
+            } else {
+                error
             }
-        }
-        transaction
-            .rollback()
-            .await
-            .context("could not close the planning transaction")?;
-        anyhow::Ok(())
-    });
+        })?;
+    scanning.finish_and_clear();
+    info!(
+        profiles = census.profiles,
+        candidates = candidates.profile_ids.len(),
+        "server pass complete"
+    );
 
-    let mut plan = Plan::default();
-    while let Some(page) = pages_rx.recv().await {
-        for (row, column) in page.rows.iter().zip(&page.columns) {
-            let verdict = column.verdict(&page.snapshots);
-            plan.profiles_scanned += 1;
-            plan.malformed += u64::from(verdict.malformed);
-            plan.junk_elements += verdict.untouchable_elements as u64;
-            if !verdict.flips.is_empty() {
-                plan.profiles_changed += 1;
-                let label = row.label();
-                plan.flips
-                    .extend(verdict.flips.into_iter().map(|flip| PlannedFlip {
-                        profile_id: row.id,
-                        label: label.clone(),
-                        probe: page.snapshots.get(&flip.url).cloned(),
-                        restore: None,
-                        note: None,
-                        flip,
-                    }));
+    let mut plan = Plan {
+        profiles_scanned: census.profiles,
+        malformed: census.malformed,
+        junk_elements: candidates.untouchable_elements,
+        ..Plan::default()
+    };
+    let progress = progress_bar(
+        Some(candidates.profile_ids.len() as u64),
+        "resolving candidates",
+    );
+    for ids in candidates.profile_ids.chunks(batch_size as usize) {
+        let rows = db::profiles_by_id(&mut transaction, ids).await?;
+        let columns = rows.iter().map(parse_column).collect::<Result<Vec<_>>>()?;
+        let mut urls: Vec<&str> = columns.iter().flat_map(AgentsColumn::urls).collect();
+        urls.sort_unstable();
+        urls.dedup();
+        let snapshots = db::snapshots_for(&mut transaction, &urls).await?;
+        for (row, column) in rows.iter().zip(&columns) {
+            let verdict = column.verdict(&snapshots);
+            if verdict.flips.is_empty() {
+                continue;
             }
+            plan.profiles_changed += 1;
+            let label = row.label();
+            plan.flips
+                .extend(verdict.flips.into_iter().map(|flip| PlannedFlip {
+                    profile_id: row.id,
+                    label: label.clone(),
+                    probe: snapshots.get(&flip.url).cloned(),
+                    restore: None,
+                    note: None,
+                    flip,
+                }));
         }
-        progress.inc(page.rows.len() as u64);
+        progress.inc(ids.len() as u64);
     }
-    reader.await.context("the page reader panicked")??;
     progress.finish_and_clear();
+    transaction
+        .rollback()
+        .await
+        .context("could not close the planning transaction")?;
     info!(
         profiles = plan.profiles_scanned,
         flips = plan.flips.len(),

@@ -149,7 +149,7 @@ pub struct RunOpts {
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
 
-    /// Profiles read per page and written per transaction
+    /// Profiles written per transaction, and candidate profiles read back per statement
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
 
@@ -184,7 +184,8 @@ pub struct ConnectOpts {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub lock_timeout: Duration,
 
-    /// Longest any single statement may run (e.g. 30s, 2min)
+    /// Longest any single statement may run (e.g. 30s, 2min); the plan's pass over every agent is
+    /// one statement
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub statement_timeout: Duration,
 }

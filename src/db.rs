@@ -9,12 +9,11 @@ use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
-use sqlx::{Connection, PgConnection, Postgres, Row, Transaction};
+use sqlx::{ConnectOptions, Connection, PgConnection, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::error::Failure;
-use crate::resolver::Probe;
-use crate::resolver::SnapshotLookup;
+use crate::resolver::{Probe, SnapshotLookup, SELF_DECLARED_TYPE, UNKNOWN_TYPE, VALID_AGENT_TYPES};
 
 /// Where the tool is connected, as printed in the run log header. Never holds the password.
 #[derive(Debug, Clone, Serialize)]
@@ -102,6 +101,8 @@ fn url_password(url: &str) -> Option<String> {
 pub async fn connect(url: &str, settings: &SessionSettings) -> Result<Session> {
     let options = parse_url(url)?
         .application_name(&settings.application_name)
+        // The planning pass is one long statement by design; say so at info, not as a warning.
+        .log_slow_statements(log::LevelFilter::Info, Duration::from_secs(1))
         .options([
             (
                 "lock_timeout",
@@ -111,6 +112,8 @@ pub async fn connect(url: &str, settings: &SessionSettings) -> Result<Session> {
                 "statement_timeout",
                 settings.statement_timeout.as_millis().to_string(),
             ),
+            // The planning pass is one cheap scan that a JIT would spend seconds compiling.
+            ("jit", "off".to_owned()),
         ]);
     let described = format!(
         "{}:{}/{}",
@@ -272,17 +275,6 @@ pub async fn system_identifier(pool: &PgPool) -> Option<String> {
         .ok()
 }
 
-/// Rows in `member_profiles`, from the planner's statistics; only used to size progress output.
-pub async fn estimated_profile_count(pool: &PgPool) -> Result<Option<u64>> {
-    let estimate: Option<f32> = sqlx::query_scalar(
-        "SELECT reltuples FROM pg_class WHERE oid = to_regclass('member_profiles')",
-    )
-    .fetch_optional(pool)
-    .await
-    .context("could not read the table size estimate")?;
-    Ok(estimate.filter(|rows| *rows >= 0.0).map(|rows| rows as u64))
-}
-
 /// One profile as the planner reads it.
 #[derive(Debug, Clone)]
 pub struct ProfileRow {
@@ -348,28 +340,110 @@ pub async fn begin_read_only(pool: &PgPool) -> Result<Transaction<'static, Postg
     Ok(transaction)
 }
 
-/// The next page of profiles after `after` in id order (keyset pagination).
-pub async fn profiles_page(
-    connection: &mut PgConnection,
-    after: Option<Uuid>,
-    limit: u32,
-) -> Result<Vec<ProfileRow>> {
-    let query = match after {
-        None => sqlx::query(
-            "SELECT id, slug::text, agents::text FROM member_profiles ORDER BY id LIMIT $1",
-        )
-        .bind(i64::from(limit)),
-        Some(after) => sqlx::query(
-            "SELECT id, slug::text, agents::text FROM member_profiles WHERE id > $2 ORDER BY id LIMIT $1",
-        )
-        .bind(i64::from(limit))
-        .bind(after),
-    };
-    let rows = query
-        .fetch_all(connection)
+/// How many profiles the planning snapshot holds, and how many of them have an `agents` column
+/// that is SQL NULL or not a JSON array (the server leaves those untouched).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Census {
+    pub profiles: u64,
+    pub malformed: u64,
+}
+
+pub async fn census(connection: &mut PgConnection) -> Result<Census> {
+    let (profiles, malformed): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE jsonb_typeof(agents) IS DISTINCT FROM 'array') \
+         FROM member_profiles",
+    )
+    .fetch_one(connection)
+    .await
+    .context("could not count member_profiles")?;
+    Ok(Census {
+        profiles: profiles as u64,
+        malformed: malformed as u64,
+    })
+}
+
+/// What one pass of the server over every agent found: the profiles that may hold a flip, in id
+/// order without repeats, and how many elements the rule cannot touch (not an object, or no
+/// string `url`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FlipCandidates {
+    pub profile_ids: Vec<Uuid>,
+    pub untouchable_elements: u64,
+}
+
+/// The resolve rule of `resolver::resolve_type`, written in SQL and applied to every agent in one
+/// statement, so the snapshots are joined once (a hash join) instead of looked up page by page.
+/// It only narrows the profiles the tool reads: each candidate is then read again and decided by
+/// the Rust resolver. tests/prefilter.rs runs every conformance vector through this statement and
+/// checks that it names exactly the profiles with flips.
+///
+/// The filter is one equality on `verdict` on purpose: the planner estimates it as selective and
+/// picks a parallel plan, where a `<>` test reads as "almost every row" and keeps it serial.
+///
+/// $1: the valid types; $2: the type kept when the probe could not classify; $3: "unknown".
+pub const FLIP_CANDIDATES: &str = r#"
+SELECT id, verdict = 'untouchable' FROM (
+    SELECT p.id,
+           CASE
+               -- Only an object has a `url` key, so this also rules out every other element.
+               WHEN jsonb_typeof(e.element -> 'url') IS DISTINCT FROM 'string' THEN 'untouchable'
+               -- Never probed: only a string type outside the valid set changes.
+               WHEN s.agent_url IS NULL THEN
+                   CASE
+                       WHEN NOT (e.element ->> 'type') = ANY ($1::text[])
+                            AND jsonb_typeof(e.element -> 'type') = 'string' THEN 'may flip'
+                   END
+               -- The common case, first: the stored type already is the probe's valid type (no
+               -- number, boolean, object or array reads as a valid type name).
+               WHEN (e.element ->> 'type') = s.inferred_type
+                    AND s.inferred_type = ANY ($1::text[]) THEN NULL
+               -- Probed and classified otherwise: the probe's type wins; an absent or null type
+               -- reads as "unknown".
+               WHEN s.inferred_type = ANY ($1::text[]) THEN
+                   CASE
+                       WHEN s.inferred_type = $3::text
+                            AND coalesce(e.element -> 'type', 'null') = 'null' THEN NULL
+                       ELSE 'may flip'
+                   END
+               -- Probed, not classified: a self-declared type survives, anything else becomes
+               -- "unknown".
+               WHEN coalesce(e.element -> 'type', 'null')
+                    IN ('null', to_jsonb($2::text), to_jsonb($3::text)) THEN NULL
+               ELSE 'may flip'
+           END AS verdict
+    FROM member_profiles p
+    CROSS JOIN LATERAL jsonb_array_elements(
+        CASE WHEN jsonb_typeof(p.agents) = 'array' THEN p.agents ELSE '[]'::jsonb END
+    ) AS e(element)
+    LEFT JOIN agent_capabilities_snapshot s ON s.agent_url = e.element ->> 'url'
+) elements
+WHERE verdict IN ('untouchable', 'may flip')
+"#;
+
+/// Streams [`FLIP_CANDIDATES`]; only candidate ids are kept, so memory follows the flips, not
+/// the table.
+pub async fn flip_candidates(connection: &mut PgConnection) -> Result<FlipCandidates> {
+    use futures_util::TryStreamExt;
+    let mut rows = sqlx::query_as::<_, (Uuid, bool)>(FLIP_CANDIDATES)
+        .bind(&VALID_AGENT_TYPES[..])
+        .bind(SELF_DECLARED_TYPE)
+        .bind(UNKNOWN_TYPE)
+        .fetch(connection);
+    let mut found = FlipCandidates::default();
+    while let Some((id, untouchable)) = rows
+        .try_next()
         .await
-        .context("could not read a page of member_profiles")?;
-    Ok(rows.iter().map(profile_row).collect())
+        .context("could not scan the agents of member_profiles")?
+    {
+        if untouchable {
+            found.untouchable_elements += 1;
+        } else {
+            found.profile_ids.push(id);
+        }
+    }
+    found.profile_ids.sort_unstable();
+    found.profile_ids.dedup();
+    Ok(found)
 }
 
 fn profile_row(row: &sqlx::postgres::PgRow) -> ProfileRow {
@@ -597,12 +671,19 @@ pub async fn write_flips(
 /// Whether an error is a lock or statement timeout, a deadlock or a serialization failure: the
 /// batch rolled back whole and may simply be tried again.
 pub fn is_retryable(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        cause
-            .downcast_ref::<sqlx::Error>()
-            .and_then(|error| error.as_database_error())
-            .and_then(|error| error.code())
-            .is_some_and(|code| matches!(code.as_ref(), "55P03" | "57014" | "40001" | "40P01"))
+    sqlstates(error).any(|code| matches!(code.as_str(), "55P03" | "57014" | "40001" | "40P01"))
+}
+
+/// Whether the server cancelled a statement for running past `statement_timeout` (57014 is also
+/// what a cancel request gives, and the tool never sends one).
+pub fn is_statement_timeout(error: &anyhow::Error) -> bool {
+    sqlstates(error).any(|code| code == "57014")
+}
+
+fn sqlstates(error: &anyhow::Error) -> impl Iterator<Item = String> + '_ {
+    error.chain().filter_map(|cause| {
+        let error = cause.downcast_ref::<sqlx::Error>()?.as_database_error()?;
+        Some(error.code()?.into_owned())
     })
 }
 

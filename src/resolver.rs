@@ -27,8 +27,9 @@ pub const VALID_AGENT_TYPES: [&str; 9] = [
 
 /// The one type the server keeps when the probe could not classify the agent: members declare
 /// their own buying agents, which a crawler cannot confirm.
-const SELF_DECLARED_TYPE: &str = "buying";
-const UNKNOWN: &str = "unknown";
+pub const SELF_DECLARED_TYPE: &str = "buying";
+/// What an unclassifiable or invalid type becomes; an absent or `null` type also reads as this.
+pub const UNKNOWN_TYPE: &str = "unknown";
 
 pub fn is_valid_agent_type(candidate: &str) -> bool {
     VALID_AGENT_TYPES.contains(&candidate)
@@ -74,11 +75,11 @@ pub fn resolve_type(stored: Option<&Value>, probe: Probe<'_>) -> Decision {
             None if stored.and_then(Value::as_str) == Some(SELF_DECLARED_TYPE) => {
                 Decision::Set(SELF_DECLARED_TYPE)
             }
-            None => Decision::Set(UNKNOWN),
+            None => Decision::Set(UNKNOWN_TYPE),
         },
         Probe::NotProbed => match stored {
             Some(Value::String(declared)) if !is_valid_agent_type(declared) => {
-                Decision::Set(UNKNOWN)
+                Decision::Set(UNKNOWN_TYPE)
             }
             _ => Decision::Keep,
         },
@@ -120,7 +121,7 @@ pub fn type_label(value: &Value) -> String {
 /// Reads a stored type the way the flip rule does: absent or `null` counts as `"unknown"`.
 fn effective_type(stored: Option<&Value>) -> Value {
     match stored {
-        None | Some(Value::Null) => Value::String(UNKNOWN.to_owned()),
+        None | Some(Value::Null) => Value::String(UNKNOWN_TYPE.to_owned()),
         Some(other) => other.clone(),
     }
 }

@@ -341,6 +341,50 @@ async fn expect_database_mismatch_exits_2_before_reading() {
     assert_eq!(matching.code, 0, "{}", matching.stderr);
 }
 
+/// Regression: the planning pass is one statement over the whole table, so on a big registry it
+/// is the statement `--statement-timeout` cuts; the operator must be told which flag to raise.
+#[tokio::test]
+async fn a_planning_pass_past_the_statement_timeout_names_the_flag_to_raise() {
+    let db = TestDb::seeded(0).await;
+    // The census reads only member_profiles; holding the snapshot table makes the server pass,
+    // and only it, wait until the statement timeout cancels it.
+    let mut blocker = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE agent_capabilities_snapshot IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let url = db.url.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        Run::new(&[
+            "--dry-run",
+            "--statement-timeout",
+            "500ms",
+            "--lock-timeout",
+            "30s",
+        ])
+        .database(&url)
+        .run()
+    })
+    .await
+    .unwrap();
+    blocker.rollback().await.unwrap();
+    assert_eq!(done.code, 1, "{}", done.stderr);
+    assert!(
+        done.stderr.contains(
+            "error: the planning pass reads every agent in one statement and ran past \
+             --statement-timeout '500ms': raise it"
+        ),
+        "{}",
+        done.stderr
+    );
+    assert!(
+        done.stdout.starts_with("agent-type-backfill"),
+        "{}",
+        done.stdout
+    );
+    assert!(!done.stdout.contains("summary:"), "{}", done.stdout);
+}
+
 #[tokio::test]
 async fn transitions_not_allowed_are_listed_and_nothing_is_written() {
     let db = TestDb::seeded(5).await;
