@@ -468,8 +468,25 @@ fn canonical_json(text: &str) -> Result<String> {
 }
 
 /// (b): the same flips from one statement, on a fresh connection so its backend's CPU is counted.
+/// Which server settings the floor runs under.
+#[derive(Clone, Copy, PartialEq)]
+enum FloorSession {
+    /// The server's defaults: what a DBA typing the query would get.
+    Defaults,
+    /// `jit = off`, as the tool's own sessions run.
+    JitOff,
+}
+
 async fn run_floor(url: &str, server: &ServerCpu) -> Result<FloorRun> {
-    let mut connection = PgConnection::connect(url).await?;
+    run_floor_with(url, server, FloorSession::Defaults).await
+}
+
+async fn run_floor_with(url: &str, server: &ServerCpu, session: FloorSession) -> Result<FloorRun> {
+    let mut options = sqlx::postgres::PgConnectOptions::from_str(url)?;
+    if session == FloorSession::JitOff {
+        options = options.options([("jit", "off")]);
+    }
+    let mut connection = PgConnection::connect_with(&options).await?;
     let before = server.reaped()?;
     let started = Instant::now();
     let rows = sqlx::query(FLOOR_SQL)
@@ -525,7 +542,22 @@ fn vm_rss_kib() -> i64 {
 
 /// (c): the original script's access pattern, resolved with the crate's whole-value port of
 /// `resolveAgentTypes` (the path the conformance vectors pin).
-async fn run_script(url: &str, every: usize, server: &ServerCpu) -> Result<ScriptRun> {
+/// How (c) sends its per-profile snapshot query.
+#[derive(Clone, Copy, PartialEq)]
+enum ScriptStatements {
+    /// An unnamed statement parsed and planned on every call: what node-postgres sends for
+    /// `pool.query(text, values)`, the original script's client.
+    Unnamed,
+    /// One prepared statement reused for every call (sqlx's default): cheaper than the script.
+    Prepared,
+}
+
+async fn run_script(
+    url: &str,
+    every: usize,
+    server: &ServerCpu,
+    statements: ScriptStatements,
+) -> Result<ScriptRun> {
     let mut connection = PgConnection::connect(url).await?;
     let before = server.reaped()?;
     let rss_before = vm_rss_kib();
@@ -557,6 +589,7 @@ async fn run_script(url: &str, every: usize, server: &ServerCpu) -> Result<Scrip
                 "SELECT agent_url, inferred_type FROM agent_capabilities_snapshot \
                  WHERE agent_url = ANY($1)",
             )
+            .persistent(statements == ScriptStatements::Prepared)
             .bind(&urls)
             .fetch_all(&mut connection)
             .await
@@ -597,179 +630,95 @@ async fn run_script(url: &str, every: usize, server: &ServerCpu) -> Result<Scrip
 }
 
 const TOOL_DEFAULT_BATCH: u32 = 1000;
-const PAGE_FIRST_SQL: &str =
-    "SELECT id, slug::text, agents::text FROM member_profiles ORDER BY id LIMIT $1";
-const PAGE_AFTER_SQL: &str =
-    "SELECT id, slug::text, agents::text FROM member_profiles WHERE id > $2 ORDER BY id LIMIT $1";
-const SNAPSHOTS_SQL: &str =
-    "SELECT agent_url, inferred_type, last_discovered, discovery_error IS NOT NULL, \
-            coalesce(oauth_required, false) \
-     FROM agent_capabilities_snapshot WHERE agent_url = ANY($1)";
 
-#[derive(Default)]
-struct Replay {
-    wall: Duration,
-    server: Duration,
-    pages: usize,
-    page_queries: Duration,
-    parse: Duration,
-    snapshot_queries: Duration,
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum ReplayMode {
-    /// The tool's keyset pages only.
-    KeysetPages,
-    /// Keyset pages, the lean parse and the snapshot lookup, one after the other.
-    KeysetPagesAndSnapshots,
-    /// The same rows through a server-side cursor over an unordered scan.
-    CursorPages,
-}
-
-async fn replay(url: &str, batch: u32, mode: ReplayMode, cpu: &ServerCpu) -> Result<Replay> {
-    use agent_type_backfill::resolver::AgentsColumn;
-    let mut connection = PgConnection::connect(url).await?;
+/// Where a dry-run's time goes: the tool's own statements (`db::census`, `db::flip_candidates`,
+/// then the candidate pages) called from the bench in one READ ONLY REPEATABLE READ transaction
+/// with the tool's session settings, each timed, plus the plans of the server pass and the floor.
+async fn anatomy(url: &str, batch: u32, cpu: &ServerCpu) -> Result<Vec<String>> {
+    use agent_type_backfill::db;
+    use agent_type_backfill::resolver::{
+        AgentsColumn, SELF_DECLARED_TYPE, UNKNOWN_TYPE, VALID_AGENT_TYPES,
+    };
+    let options = sqlx::postgres::PgConnectOptions::from_str(url)?.options([("jit", "off")]);
+    let mut connection = PgConnection::connect_with(&options).await?;
     let before = cpu.reaped()?;
     let started = Instant::now();
-    let mut replay = Replay::default();
     let mut transaction = connection.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *transaction)
         .await?;
-    if mode == ReplayMode::CursorPages {
-        sqlx::query(
-            "DECLARE pages NO SCROLL CURSOR FOR \
-             SELECT id, slug::text, agents::text FROM member_profiles",
-        )
-        .execute(&mut *transaction)
-        .await?;
+    let step = Instant::now();
+    let census = db::census(&mut transaction).await?;
+    let census_time = step.elapsed();
+    let step = Instant::now();
+    let candidates = db::flip_candidates(&mut transaction).await?;
+    let pass_time = step.elapsed();
+    let step = Instant::now();
+    let mut pages = 0;
+    for ids in candidates.profile_ids.chunks(batch as usize) {
+        let rows = db::profiles_by_id(&mut transaction, ids).await?;
+        let columns = rows
+            .iter()
+            .map(|row| AgentsColumn::parse(row.agents.as_deref().unwrap_or("null")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut urls: Vec<&str> = columns.iter().flat_map(AgentsColumn::urls).collect();
+        urls.sort_unstable();
+        urls.dedup();
+        db::snapshots_for(&mut transaction, &urls).await?;
+        pages += 1;
     }
-    let fetch = format!("FETCH {batch} FROM pages");
-    let mut after: Option<Uuid> = None;
-    loop {
-        let queried = Instant::now();
-        let rows = match (mode, after) {
-            (ReplayMode::CursorPages, _) => sqlx::query(&fetch),
-            (_, None) => sqlx::query(PAGE_FIRST_SQL).bind(i64::from(batch)),
-            (_, Some(after)) => sqlx::query(PAGE_AFTER_SQL)
-                .bind(i64::from(batch))
-                .bind(after),
-        }
-        .fetch_all(&mut *transaction)
-        .await?;
-        replay.page_queries += queried.elapsed();
-        let Some(last) = rows.last() else { break };
-        after = Some(last.try_get(0)?);
-        replay.pages += 1;
-        if mode == ReplayMode::KeysetPagesAndSnapshots {
-            let parsed = Instant::now();
-            let texts = rows
-                .iter()
-                .map(|row| row.try_get::<Option<String>, _>(2))
-                .collect::<Result<Vec<_>, _>>()?;
-            let columns = texts
-                .iter()
-                .map(|text| match text {
-                    None => Ok(AgentsColumn::Malformed),
-                    Some(text) => AgentsColumn::parse(text),
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let mut urls: Vec<&str> = columns.iter().flat_map(AgentsColumn::urls).collect();
-            urls.sort_unstable();
-            urls.dedup();
-            replay.parse += parsed.elapsed();
-            let looked_up = Instant::now();
-            sqlx::query(SNAPSHOTS_SQL)
-                .bind(&urls)
-                .fetch_all(&mut *transaction)
-                .await?;
-            replay.snapshot_queries += looked_up.elapsed();
-        }
-        if rows.len() < batch as usize {
-            break;
-        }
-    }
+    let pages_time = step.elapsed();
     transaction.rollback().await?;
-    replay.wall = started.elapsed();
-    connection.close().await?;
+    let wall = started.elapsed();
     cpu.settle().await;
-    replay.server = cpu.reaped()?.saturating_sub(before);
-    Ok(replay)
-}
-
-/// Where a dry-run's time goes, measured piece by piece, plus the buffers one page touches.
-async fn anatomy(url: &str, batch: u32, cpu: &ServerCpu) -> Result<Vec<String>> {
-    let mut lines = Vec::new();
-    for (mode, label) in [
-        (
-            ReplayMode::KeysetPages,
-            "keyset pages only (ORDER BY id LIMIT)",
+    let server = cpu.reaped()?.saturating_sub(before);
+    let mut lines = vec![
+        format!(
+            "all statements: wall {:.2}s | server CPU {:.2}s",
+            secs(wall),
+            secs(server)
         ),
-        (
-            ReplayMode::KeysetPagesAndSnapshots,
-            "keyset pages + lean parse + snapshot lookup",
+        format!(
+            "  census ({} profiles, {} malformed)            {:>6.2}s",
+            census.profiles,
+            census.malformed,
+            secs(census_time)
         ),
-        (
-            ReplayMode::CursorPages,
-            "same rows via a cursor over a seq scan (FETCH)",
+        format!(
+            "  server pass ({} candidate profiles, {} untouchable elements) {:>6.2}s",
+            candidates.profile_ids.len(),
+            candidates.untouchable_elements,
+            secs(pass_time)
         ),
-    ] {
-        let run = replay(url, batch, mode, cpu).await?;
-        lines.push(format!(
-            "{label:<46} wall {:>7.2}s | server CPU {:>6.2}s | {} pages: page statements {:.2}s, parse {:.2}s, snapshot statements {:.2}s",
-            secs(run.wall),
-            secs(run.server),
-            run.pages,
-            secs(run.page_queries),
-            secs(run.parse),
-            secs(run.snapshot_queries),
-        ));
-    }
-    let mut connection = PgConnection::connect(url).await?;
-    let middle: Uuid = sqlx::query_scalar(
-        "SELECT id FROM member_profiles ORDER BY id OFFSET (SELECT count(*) / 2 FROM member_profiles) LIMIT 1",
-    )
-    .fetch_one(&mut connection)
-    .await?;
+        format!(
+            "  {pages} candidate pages (rows by id, lean parse, snapshots)  {:>6.2}s",
+            secs(pages_time)
+        ),
+    ];
     let explain: Vec<String> = sqlx::query_scalar(&format!(
-        "EXPLAIN (ANALYZE, BUFFERS) SELECT id, slug::text, agents::text FROM member_profiles \
-         WHERE id > '{middle}' ORDER BY id LIMIT {batch}"
+        "EXPLAIN (ANALYZE, BUFFERS) {}",
+        db::FLIP_CANDIDATES
     ))
+    .bind(&VALID_AGENT_TYPES[..])
+    .bind(SELF_DECLARED_TYPE)
+    .bind(UNKNOWN_TYPE)
     .fetch_all(&mut connection)
     .await?;
-    lines
-        .push("EXPLAIN (ANALYZE, BUFFERS) of one keyset page from the middle of the table:".into());
+    lines.push(
+        "EXPLAIN (ANALYZE, BUFFERS) of the server pass (jit off, as the tool runs it):".into(),
+    );
     lines.extend(
         explain
             .into_iter()
             .map(|line| format!("    {}", clip(&line))),
     );
-    let urls: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT e ->> 'url' FROM (SELECT agents FROM member_profiles WHERE id > $1 \
-         ORDER BY id LIMIT $2) p, jsonb_array_elements(p.agents) e",
-    )
-    .bind(middle)
-    .bind(i64::from(batch))
-    .fetch_all(&mut connection)
-    .await?;
-    let explain: Vec<String> =
-        sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, BUFFERS) {SNAPSHOTS_SQL}"))
-            .bind(&urls)
-            .fetch_all(&mut connection)
-            .await?;
-    lines.push(format!(
-        "EXPLAIN (ANALYZE, BUFFERS) of the snapshot lookup for that page ({} URLs):",
-        urls.len()
-    ));
-    lines.extend(
-        explain
-            .into_iter()
-            .map(|line| format!("    {}", clip(&line))),
-    );
+    connection.close().await?;
+
+    let mut connection = PgConnection::connect(url).await?;
     let explain: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {FLOOR_SQL}"))
         .fetch_all(&mut connection)
         .await?;
-    lines.push("EXPLAIN of the floor query (b):".into());
+    lines.push("EXPLAIN of the floor query (b), server defaults:".into());
     lines.extend(
         explain
             .into_iter()
@@ -1112,7 +1061,9 @@ async fn bench(
     // Main comparison: a, b, c alternate so drift in machine load hits all three alike.
     let mut a_runs = Vec::new();
     let mut b_runs = Vec::new();
+    let mut b_jit_off_runs = Vec::new();
     let mut c_runs = Vec::new();
+    let mut c_prepared = None;
     for round in 1..=config.rounds {
         log.note(format!("round {round}: (a) dry-run"));
         let a = run_tool(tool, &url_n, &dry_run_args(config, None), None).await?;
@@ -1124,13 +1075,24 @@ async fn bench(
         ));
         let b = run_floor(&url_n, cpu).await?;
         compare("(b) floor vs expected", expected_n, &b.flips)?;
-        log.note(format!("round {round}: (b) {:.2}s", secs(b.wall)));
+        let b_jit_off = run_floor_with(&url_n, cpu, FloorSession::JitOff).await?;
+        compare(
+            "(b') floor, jit off, vs expected",
+            expected_n,
+            &b_jit_off.flips,
+        )?;
+        log.note(format!(
+            "round {round}: (b) {:.2}s, (b') jit off {:.2}s",
+            secs(b.wall),
+            secs(b_jit_off.wall)
+        ));
+        b_jit_off_runs.push(b_jit_off);
         if round <= config.c_rounds {
             log.note(format!(
                 "round {round}: (c) script pattern, every {}th profile",
                 config.c_every
             ));
-            let c = run_script(&url_n, config.c_every, cpu).await?;
+            let c = run_script(&url_n, config.c_every, cpu, ScriptStatements::Unnamed).await?;
             let on_sample: FlipSet = a
                 .flips
                 .iter()
@@ -1151,6 +1113,18 @@ async fn bench(
                 secs(c.estimate)
             ));
             c_runs.push(c);
+            if round == 1 {
+                let every = config.c_every.max(10);
+                log.note(format!(
+                    "round {round}: (c') script pattern with a reused prepared statement, every {every}th profile"
+                ));
+                let prepared = run_script(&url_n, every, cpu, ScriptStatements::Prepared).await?;
+                log.note(format!(
+                    "round {round}: (c') -> {:.1}s",
+                    secs(prepared.estimate)
+                ));
+                c_prepared = Some(prepared);
+            }
         }
         a_runs.push(a);
         b_runs.push(b);
@@ -1167,9 +1141,10 @@ async fn bench(
     )?;
     writeln!(
         out,
-        "round | (a) wall s | (a) in-tool s | (a) peak RSS MiB | (a) client CPU s (user+sys) | (a) server CPU s | (b) wall s | (b) server CPU s | (c) s"
+        "round | (a) wall s | (a) in-tool s | (a) peak RSS MiB | (a) client CPU s (user+sys) | (a) server CPU s | (b) wall s | (b) server CPU s | (b') jit off wall s | (c) s"
     )?;
-    for (index, (a, b)) in a_runs.iter().zip(&b_runs).enumerate() {
+    for (index, ((a, b), b_jit_off)) in a_runs.iter().zip(&b_runs).zip(&b_jit_off_runs).enumerate()
+    {
         let c = c_runs.get(index).map_or("-".to_owned(), |c| {
             if c.sampled == c.total {
                 format!(
@@ -1192,7 +1167,7 @@ async fn bench(
         });
         writeln!(
             out,
-            "{:>5} | {:>10.2} | {:>13.2} | {:>16.1} | {:>7.2} ({:.2}+{:.2}) | {:>16.2} | {:>10.2} | {:>16.2} | {c}",
+            "{:>5} | {:>10.2} | {:>13.2} | {:>16.1} | {:>7.2} ({:.2}+{:.2}) | {:>16.2} | {:>10.2} | {:>16.2} | {:>18.2} | {c}",
             index + 1,
             secs(a.wall),
             a.internal_ms.unwrap_or_default() as f64 / 1000.0,
@@ -1203,10 +1178,17 @@ async fn bench(
             secs(a.server),
             secs(b.wall),
             secs(b.server),
+            secs(b_jit_off.wall),
         )?;
     }
     let a_med = median(&a_runs.iter().map(|a| secs(a.wall)).collect::<Vec<_>>());
     let b_med = median(&b_runs.iter().map(|b| secs(b.wall)).collect::<Vec<_>>());
+    let b_jit_off_med = median(
+        &b_jit_off_runs
+            .iter()
+            .map(|b| secs(b.wall))
+            .collect::<Vec<_>>(),
+    );
     let c_med = median(&c_runs.iter().map(|c| secs(c.estimate)).collect::<Vec<_>>());
     let rss_n = a_runs
         .iter()
@@ -1215,7 +1197,7 @@ async fn bench(
         .unwrap_or_default();
     writeln!(
         out,
-        "median | (a) {a_med:.2}s | (b) {b_med:.2}s | (c) {c_med:.1}s{}",
+        "median | (a) {a_med:.2}s | (b) {b_med:.2}s | (b') {b_jit_off_med:.2}s | (c) {c_med:.1}s{}",
         if c_runs.iter().any(|c| c.sampled < c.total) {
             " (extrapolated from a sample)"
         } else {
@@ -1245,13 +1227,13 @@ async fn bench(
         })
     )?;
 
-    log.note("anatomy: the tool's statements replayed without the binary");
+    log.note("anatomy: the tool's statements called without the binary");
     let batch = config.batch_size.unwrap_or(TOOL_DEFAULT_BATCH);
     let anatomy = anatomy(&url_n, batch, cpu).await?;
     writeln!(out)?;
     writeln!(
         out,
-        "-- anatomy of (a): the tool's own statements (copied from src/db.rs) replayed from the bench, batch {batch}, one READ ONLY REPEATABLE READ transaction, no pipelining --"
+        "-- anatomy of (a): the tool's own statements (src/db.rs) called from the bench, batch {batch}, one READ ONLY REPEATABLE READ transaction --"
     )?;
     for line in anatomy {
         writeln!(out, "{line}")?;
@@ -1383,6 +1365,11 @@ async fn bench(
     )?;
     writeln!(
         out,
+        "  the same against the floor with jit off (the tool's own setting): a/b' = {:.2}",
+        a_med / b_jit_off_med
+    )?;
+    writeln!(
+        out,
         "dry-run >= 30x faster than script: c/a = {c_over_a:.1}{}  {}",
         if c_runs.iter().any(|c| c.sampled < c.total) {
             " ((c) extrapolated from a sample)"
@@ -1391,6 +1378,21 @@ async fn bench(
         },
         verdict(c_over_a >= 30.0)
     )?;
+    writeln!(
+        out,
+        "  (c) and (b): c/b = {:.1}, the floor's own margin over the script pattern",
+        c_med / b_med
+    )?;
+    if let Some(prepared) = &c_prepared {
+        writeln!(
+            out,
+            "  (c') with one reused prepared statement instead of node-postgres's unnamed ones: {:.1}s ({} of {} profiles, scaled), c'/a = {:.1}",
+            secs(prepared.estimate),
+            prepared.sampled,
+            prepared.total,
+            secs(prepared.estimate) / a_med
+        )?;
+    }
     writeln!(
         out,
         "peak RSS <= 64 MiB at N:           {:.1} MiB at {} profiles  {}",
