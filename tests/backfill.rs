@@ -599,3 +599,35 @@ async fn flip_lines_show_probe_age_and_warning_signs() {
     assert!(flips[0]["probed_at"].is_string());
     assert_eq!(flips[1]["probed_at"], Value::Null);
 }
+
+/// The tool's session settings go beside any options in the URL instead of replacing them:
+/// RUNBOOK.md tells a DBA to keep the planning pass off the parallel workers that way.
+#[tokio::test]
+async fn session_settings_are_added_to_the_options_in_the_url() {
+    let db = TestDb::new().await;
+    let separator = if db.url.contains('?') { '&' } else { '?' };
+    let url = format!(
+        "{}{separator}options=-c%20max_parallel_workers_per_gather%3D0",
+        db.url
+    );
+    let connect = args(&["--dry-run", "--statement-timeout", "42s"]).connect;
+    let session = backfill::open_session(&url, &connect, "atb-options")
+        .await
+        .unwrap();
+    let settings: (String, String, String, String) = sqlx::query_as(
+        "SELECT current_setting('max_parallel_workers_per_gather'), current_setting('jit'), \
+                current_setting('statement_timeout'), current_setting('application_name')",
+    )
+    .fetch_one(&session.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        settings,
+        (
+            "0".to_owned(),
+            "off".to_owned(),
+            "42s".to_owned(),
+            "agent-type-backfill atb-options".to_owned()
+        )
+    );
+}
