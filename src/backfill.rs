@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -132,9 +133,11 @@ pub async fn execute_with(
         reverts: None,
     })?;
 
+    let planning = PlanningBackend::default();
     let plan = tokio::select! {
-        plan = plan(&session.pool, args.run.batch_size, args.connect.statement_timeout) => plan?,
+        plan = plan(&session.pool, args.run.batch_size, args.connect.statement_timeout, &planning) => plan?,
         signal = stop.wait() => {
+            planning.cancel(&session.pool).await;
             let summary = Summary { interrupted_by: Some(signal_name(signal)), ..Summary::default() };
             report.summary(mode, &run_id, &summary)?;
             return Err(Failure::Interrupted { signal, written: 0, planned: 0, run_id }.into());
@@ -451,11 +454,42 @@ pub fn progress_bar(total: Option<u64>, message: &'static str) -> ProgressBar {
     bar
 }
 
+/// The server process running the plan. An interrupted run cancels its statement there: the
+/// server pass can run for minutes on a big registry, and without a cancel it would go on after
+/// the tool has exited, until it finished or hit `--statement-timeout`.
+#[derive(Debug, Default)]
+pub struct PlanningBackend(AtomicI32);
+
+impl PlanningBackend {
+    fn record(&self, pid: i32) {
+        self.0.store(pid, Ordering::SeqCst);
+    }
+
+    pub async fn cancel(&self, pool: &PgPool) {
+        let pid = self.0.load(Ordering::SeqCst);
+        if pid == 0 {
+            return;
+        }
+        match db::cancel_backend(pool, pid).await {
+            Ok(_) => info!(pid, "cancelled the planning statement on the server"),
+            Err(error) => warn!(
+                "{error:#}; the planning statement ends by itself at --statement-timeout at the latest"
+            ),
+        }
+    }
+}
+
 /// Reads the registry once inside one read-only snapshot. The server checks every agent against
 /// the snapshots in a single pass and names the profiles that may hold a flip; only those are read
 /// back and decided by the Rust resolver. Only flips are kept.
-pub async fn plan(pool: &PgPool, batch_size: u32, statement_timeout: Duration) -> Result<Plan> {
+pub async fn plan(
+    pool: &PgPool,
+    batch_size: u32,
+    statement_timeout: Duration,
+    backend: &PlanningBackend,
+) -> Result<Plan> {
     let mut transaction = db::begin_read_only(pool).await?;
+    backend.record(db::backend_pid(&mut transaction).await?);
     let census = db::census(&mut transaction).await?;
     let scanning = progress_spinner(format!(
         "planning: the server is checking the agents of {} profiles",

@@ -340,6 +340,25 @@ pub async fn begin_read_only(pool: &PgPool) -> Result<Transaction<'static, Postg
     Ok(transaction)
 }
 
+/// The server process behind `connection`, so a statement running on it can be cancelled from
+/// another connection.
+pub async fn backend_pid(connection: &mut PgConnection) -> Result<i32> {
+    sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(connection)
+        .await
+        .context("could not ask the server for the planning session's process id")
+}
+
+/// Cancels whatever statement backend `pid` is running. A backend blocked on a lock, or busy in a
+/// scan that returns few rows, does not notice that its client has gone away.
+pub async fn cancel_backend(pool: &PgPool, pid: i32) -> Result<bool> {
+    sqlx::query_scalar("SELECT pg_cancel_backend($1)")
+        .bind(pid)
+        .fetch_one(pool)
+        .await
+        .with_context(|| format!("could not cancel the statement of server process {pid}"))
+}
+
 /// How many profiles the planning snapshot holds, and how many of them have an `agents` column
 /// that is SQL NULL or not a JSON array (the server leaves those untouched).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -261,6 +261,51 @@ fn rehearse_runs_the_whole_procedure_and_leaves_nothing_behind() {
     std::fs::remove_dir(&scratch).unwrap();
 }
 
+/// The binary started in the background against `url`, for tests that signal it mid-run.
+fn spawn_tool(args: &[&str], url: &str) -> std::process::Child {
+    std::process::Command::new(assert_cmd::cargo::cargo_bin("agent-type-backfill"))
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Sessions of the tool in `pg_stat_activity` that are running a statement.
+const ACTIVE_TOOL_SESSIONS: &str = "SELECT count(*) FROM pg_stat_activity \
+     WHERE datname = current_database() AND application_name LIKE 'agent-type-backfill %' \
+     AND state = 'active'";
+
+/// Holds `agent_capabilities_snapshot` until the transaction ends. The census reads only
+/// member_profiles, so this stops the plan at its server pass and nowhere else.
+async fn hold_the_snapshot_table(db: &TestDb) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut blocker = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE agent_capabilities_snapshot IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    blocker
+}
+
+/// Polls for up to 10 s until one of the tool's sessions waits on a lock.
+async fn tool_waits_on_a_lock(db: &TestDb) -> bool {
+    for _ in 0..400 {
+        let waiting: i64 = sqlx::query_scalar(&format!(
+            "{ACTIVE_TOOL_SESSIONS} AND wait_event_type = 'Lock'"
+        ))
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    false
+}
+
 #[tokio::test]
 async fn sigterm_during_apply_prints_the_summary_and_exits_143() {
     use sqlx::Connection;
@@ -271,31 +316,11 @@ async fn sigterm_during_apply_prints_the_summary_and_exits_143() {
         .execute(&mut holder)
         .await
         .unwrap();
-    let binary = assert_cmd::cargo::cargo_bin("agent-type-backfill");
-    let child = std::process::Command::new(binary)
-        .args(["--apply", "--lock-timeout", "30s"])
-        .env("DATABASE_URL", &db.url)
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut blocked = false;
-    for _ in 0..400 {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND application_name LIKE 'agent-type-backfill %' AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            blocked = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    assert!(blocked, "the apply never reached its write");
+    let child = spawn_tool(&["--apply", "--lock-timeout", "30s"], &db.url);
+    assert!(
+        tool_waits_on_a_lock(&db).await,
+        "the apply never reached its write"
+    );
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
@@ -315,6 +340,50 @@ async fn sigterm_during_apply_prints_the_summary_and_exits_143() {
         2,
         "the batch in flight committed whole"
     );
+}
+
+/// Regression: an interrupted dry-run must not leave its planning statement running on the
+/// server. A backend blocked on a lock (or busy in a long scan) does not notice that its client
+/// has gone, so without a cancel it would hold on until its timeout.
+#[tokio::test]
+async fn sigint_during_the_planning_pass_cancels_it_on_the_server() {
+    let db = TestDb::seeded(10).await;
+    let blocker = hold_the_snapshot_table(&db).await;
+    let child = spawn_tool(
+        &[
+            "--dry-run",
+            "--lock-timeout",
+            "60s",
+            "--statement-timeout",
+            "60s",
+        ],
+        &db.url,
+    );
+    assert!(
+        tool_waits_on_a_lock(&db).await,
+        "the dry-run never reached its server pass"
+    );
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(130), "{stdout}\n{stderr}");
+    assert!(stdout.contains("interrupted by SIGINT"), "{stdout}");
+
+    // The lock is still held: only a cancel can have ended the tool's statement.
+    let mut still_active: i64 = -1;
+    for _ in 0..100 {
+        still_active = sqlx::query_scalar(ACTIVE_TOOL_SESSIONS)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        if still_active == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    blocker.rollback().await.unwrap();
+    assert_eq!(still_active, 0, "the planning statement outlived the tool");
 }
 
 #[tokio::test]
@@ -346,13 +415,8 @@ async fn expect_database_mismatch_exits_2_before_reading() {
 #[tokio::test]
 async fn a_planning_pass_past_the_statement_timeout_names_the_flag_to_raise() {
     let db = TestDb::seeded(0).await;
-    // The census reads only member_profiles; holding the snapshot table makes the server pass,
-    // and only it, wait until the statement timeout cancels it.
-    let mut blocker = db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE agent_capabilities_snapshot IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    // The server pass waits on the held table until the statement timeout cancels it.
+    let blocker = hold_the_snapshot_table(&db).await;
     let url = db.url.clone();
     let done = tokio::task::spawn_blocking(move || {
         Run::new(&[
