@@ -635,10 +635,8 @@ const TOOL_DEFAULT_BATCH: u32 = 1000;
 /// then the candidate pages) called from the bench in one READ ONLY REPEATABLE READ transaction
 /// with the tool's session settings, each timed, plus the plans of the server pass and the floor.
 async fn anatomy(url: &str, batch: u32, cpu: &ServerCpu) -> Result<Vec<String>> {
-    use agent_type_backfill::db;
-    use agent_type_backfill::resolver::{
-        AgentsColumn, SELF_DECLARED_TYPE, UNKNOWN_TYPE, VALID_AGENT_TYPES,
-    };
+    use agent_type_backfill::resolver::{SELF_DECLARED_TYPE, UNKNOWN_TYPE, VALID_AGENT_TYPES};
+    use agent_type_backfill::{backfill, db};
     let options = sqlx::postgres::PgConnectOptions::from_str(url)?.options([("jit", "off")]);
     let mut connection = PgConnection::connect_with(&options).await?;
     let before = cpu.reaped()?;
@@ -659,12 +657,9 @@ async fn anatomy(url: &str, batch: u32, cpu: &ServerCpu) -> Result<Vec<String>> 
         let rows = db::profiles_by_id(&mut transaction, ids).await?;
         let columns = rows
             .iter()
-            .map(|row| AgentsColumn::parse(row.agents.as_deref().unwrap_or("null")))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut urls: Vec<&str> = columns.iter().flat_map(AgentsColumn::urls).collect();
-        urls.sort_unstable();
-        urls.dedup();
-        db::snapshots_for(&mut transaction, &urls).await?;
+            .map(backfill::parse_column)
+            .collect::<Result<Vec<_>>>()?;
+        db::snapshots_for(&mut transaction, &columns).await?;
         pages += 1;
     }
     let pages_time = step.elapsed();

@@ -528,10 +528,7 @@ pub async fn plan(
     for ids in candidates.profile_ids.chunks(batch_size as usize) {
         let rows = db::profiles_by_id(&mut transaction, ids).await?;
         let columns = rows.iter().map(parse_column).collect::<Result<Vec<_>>>()?;
-        let mut urls: Vec<&str> = columns.iter().flat_map(AgentsColumn::urls).collect();
-        urls.sort_unstable();
-        urls.dedup();
-        let snapshots = db::snapshots_for(&mut transaction, &urls).await?;
+        let snapshots = db::snapshots_for(&mut transaction, &columns).await?;
         for (row, column) in rows.iter().zip(&columns) {
             let verdict = column.verdict(&snapshots);
             if verdict.flips.is_empty() {
@@ -687,12 +684,7 @@ async fn write_batch(
         .map(parse_column)
         .collect::<Result<Vec<_>>>()?;
     let snapshots = match recheck {
-        Recheck::Resolve => {
-            let mut urls: Vec<&str> = columns.iter().flat_map(AgentsColumn::urls).collect();
-            urls.sort_unstable();
-            urls.dedup();
-            db::snapshots_for(&mut transaction, &urls).await?
-        }
+        Recheck::Resolve => db::snapshots_for(&mut transaction, &columns).await?,
         Recheck::StillCarriesFrom { .. } => Snapshots::default(),
     };
     let current: HashMap<Uuid, (String, &AgentsColumn)> = current

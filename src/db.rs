@@ -13,7 +13,9 @@ use sqlx::{ConnectOptions, Connection, PgConnection, Postgres, Row, Transaction}
 use uuid::Uuid;
 
 use crate::error::Failure;
-use crate::resolver::{Probe, SnapshotLookup, SELF_DECLARED_TYPE, UNKNOWN_TYPE, VALID_AGENT_TYPES};
+use crate::resolver::{
+    AgentsColumn, Probe, SnapshotLookup, SELF_DECLARED_TYPE, UNKNOWN_TYPE, VALID_AGENT_TYPES,
+};
 
 /// Where the tool is connected, as printed in the run log header. Never holds the password.
 #[derive(Debug, Clone, Serialize)]
@@ -473,8 +475,14 @@ fn profile_row(row: &sqlx::postgres::PgRow) -> ProfileRow {
     }
 }
 
-/// Snapshot rows for exactly these URLs, in one round trip.
-pub async fn snapshots_for(connection: &mut PgConnection, urls: &[&str]) -> Result<Snapshots> {
+/// The snapshot rows the rule will ask for when resolving `columns`, in one round trip.
+pub async fn snapshots_for(
+    connection: &mut PgConnection,
+    columns: &[AgentsColumn],
+) -> Result<Snapshots> {
+    let mut urls: Vec<&str> = columns.iter().flat_map(AgentsColumn::urls).collect();
+    urls.sort_unstable();
+    urls.dedup();
     if urls.is_empty() {
         return Ok(Snapshots::default());
     }

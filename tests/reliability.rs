@@ -632,30 +632,30 @@ async fn hold_audit_table(url: &str) -> PgConnection {
 // Faults: a seeded template, its uninterrupted reference, and one trial per fault
 // ------------------------------------------------------------------------------------------------
 
-const FAULT_FLAGS: [&str; 9] = [
-    "--apply",
-    "--format",
-    "json",
-    "--batch-size",
-    "10",
-    "--max-flips",
-    NO_LIMIT,
-    "--lock-timeout",
-    "30s",
-];
+/// The flags of every fault trial and of its uninterrupted reference run.
+fn fault_flags() -> Vec<&'static str> {
+    apply_flags("10", &["--lock-timeout", "30s"])
+}
 
 /// A re-run only has to finish the job: bigger pages plan faster.
-const RERUN_FLAGS: [&str; 9] = [
-    "--apply",
-    "--format",
-    "json",
-    "--batch-size",
-    "500",
-    "--max-flips",
-    NO_LIMIT,
-    "--lock-timeout",
-    "30s",
-];
+fn rerun_flags() -> Vec<&'static str> {
+    apply_flags("500", &["--lock-timeout", "30s"])
+}
+
+/// `--apply` with a JSON log, `batch_size` and no flip limit, then `extra`.
+fn apply_flags<'a>(batch_size: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut flags = vec![
+        "--apply",
+        "--format",
+        "json",
+        "--batch-size",
+        batch_size,
+        "--max-flips",
+        NO_LIMIT,
+    ];
+    flags.extend_from_slice(extra);
+    flags
+}
 
 struct FaultFixture {
     server: Server,
@@ -689,7 +689,12 @@ async fn fault_fixture(
     let reference = format!("{template}_reference");
     server.copy(template, &reference).await;
     let reference_pool = server.pool(&reference).await;
-    let mut run = spawn_tool(&server.url(&reference), &FAULT_FLAGS, &scratch, "reference");
+    let mut run = spawn_tool(
+        &server.url(&reference),
+        &fault_flags(),
+        &scratch,
+        "reference",
+    );
     let mut plan_ms = None;
     while run.running() && plan_ms.is_none() {
         if audit_count(&reference_pool).await > 0 {
@@ -716,9 +721,14 @@ async fn fault_fixture(
         "uninterrupted reference run",
     );
     reference_pool.close().await;
-    let rerun = spawn_tool(&server.url(&reference), &RERUN_FLAGS, &scratch, "ref-rerun")
-        .finish()
-        .await;
+    let rerun = spawn_tool(
+        &server.url(&reference),
+        &rerun_flags(),
+        &scratch,
+        "ref-rerun",
+    )
+    .finish()
+    .await;
     assert_eq!(rerun.status.code(), Some(0), "{}", rerun.stderr);
     let summary = rerun.events().pop().unwrap();
     assert_eq!(summary["flips"], 0, "a reference re-run finds nothing");
@@ -834,7 +844,7 @@ impl FaultFixture {
 
         let rerun = spawn_tool(
             &self.server.url(database),
-            &RERUN_FLAGS,
+            &rerun_flags(),
             &self.scratch,
             &format!("{database}-rerun"),
         )
@@ -910,7 +920,7 @@ impl FaultFixture {
                 Some(hold_row_lock(&url, self.flipped[last].0).await)
             }
         };
-        let mut run = spawn_tool(&url, &FAULT_FLAGS, &self.scratch, &database);
+        let mut run = spawn_tool(&url, &fault_flags(), &self.scratch, &database);
         let reached = match moment {
             Moment::AfterMs(ms) => {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -1716,17 +1726,7 @@ async fn server_restart_mid_apply_exits_1_with_a_clear_error_and_a_rerun_converg
 
 /// Flags for a timeout case: `--batch-size 10` and no flip limit, then `extra`.
 fn timeout_flags<'a>(extra: &[&'a str]) -> Vec<&'a str> {
-    let mut flags = vec![
-        "--apply",
-        "--format",
-        "json",
-        "--batch-size",
-        "10",
-        "--max-flips",
-        NO_LIMIT,
-    ];
-    flags.extend_from_slice(extra);
-    flags
+    apply_flags("10", extra)
 }
 
 impl FaultFixture {
