@@ -427,29 +427,36 @@ fn check_transitions(
 
 /// A spinner with the elapsed time, for a step whose progress the server does not report.
 fn progress_spinner(message: String) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
+    let spinner = progress_on_terminal(None, "{spinner} {msg} ({elapsed})", message);
+    if !spinner.is_hidden() {
+        spinner.enable_steady_tick(Duration::from_millis(200));
     }
-    let spinner = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-    spinner.set_style(
-        ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
-            .expect("static progress template is valid"),
-    );
-    spinner.set_message(message);
-    spinner.enable_steady_tick(Duration::from_millis(200));
     spinner
 }
 
-pub fn progress_bar(total: Option<u64>, message: &'static str) -> ProgressBar {
+/// A bar over `total` profiles with rate and ETA.
+pub fn progress_bar(total: u64, message: &'static str) -> ProgressBar {
+    progress_on_terminal(
+        Some(total),
+        "{msg} {wide_bar} {human_pos}/{human_len} profiles, {per_sec}, eta {eta}",
+        message,
+    )
+}
+
+/// Progress on stderr when it is a terminal, and nothing otherwise: the stdout report is the
+/// same either way.
+fn progress_on_terminal(
+    length: Option<u64>,
+    template: &'static str,
+    message: impl Into<std::borrow::Cow<'static, str>>,
+) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
-    let bar = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr());
-    let style = ProgressStyle::with_template(
-        "{msg} {wide_bar} {human_pos}/{human_len} profiles, {per_sec}, eta {eta}",
-    )
-    .expect("static progress template is valid");
-    bar.set_style(style);
+    let bar = ProgressBar::with_draw_target(length, ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template(template).expect("static progress template is valid"),
+    );
     bar.set_message(message);
     bar
 }
@@ -521,10 +528,7 @@ pub async fn plan(
         junk_elements: candidates.untouchable_elements,
         ..Plan::default()
     };
-    let progress = progress_bar(
-        Some(candidates.profile_ids.len() as u64),
-        "resolving candidates",
-    );
+    let progress = progress_bar(candidates.profile_ids.len() as u64, "resolving candidates");
     for ids in candidates.profile_ids.chunks(batch_size as usize) {
         let rows = db::profiles_by_id(&mut transaction, ids).await?;
         let columns = rows.iter().map(parse_column).collect::<Result<Vec<_>>>()?;
@@ -605,7 +609,7 @@ pub async fn write(
             _ => by_profile.push((planned.profile_id, vec![planned])),
         }
     }
-    let progress = progress_bar(Some(by_profile.len() as u64), "writing");
+    let progress = progress_bar(by_profile.len() as u64, "writing");
     let mut outcome = WriteOutcome::default();
     for batch in by_profile.chunks(opts.batch_size as usize) {
         // A stop request is honoured between batches only, so each batch commits whole.
