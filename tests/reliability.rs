@@ -1092,11 +1092,9 @@ async fn terminated_session_at_20_moments_never_splits_a_flip_from_its_audit_row
 // ------------------------------------------------------------------------------------------------
 
 const WRITERS: usize = 4;
-/// Pause between two edits of one writer while the tool plans, and once it writes: a long plan
-/// (`--batch-size 1` reads 20,000 pages) must not let the writers fix every stale profile
-/// before the first write transaction.
-const PLAN_PHASE_PAUSE: Duration = Duration::from_millis(20);
-const WRITE_PHASE_PAUSE: Duration = Duration::from_millis(3);
+/// Pause between two edits of one writer. The plan is one snapshot taken at its start and takes
+/// a fraction of a second, so the writers edit at the same pace throughout the run.
+const EDIT_PAUSE: Duration = Duration::from_millis(3);
 
 /// How each writer edits a profile, besides bumping its own counter key `"w<n>"` in one element.
 /// Every edit re-serialises the whole array; the reshaping ones happen on every other edit.
@@ -1115,8 +1113,6 @@ struct WriterInput {
     all: Arc<Vec<Uuid>>,
     snapshots: Arc<HashMap<String, Option<String>>>,
     stop: Arc<AtomicBool>,
-    /// Set once the tool's first audit row is visible.
-    writing: Arc<AtomicBool>,
     committed: Arc<AtomicU64>,
 }
 
@@ -1227,12 +1223,7 @@ async fn writer(input: WriterInput) -> WriterLog {
         log.edits += 1;
         input.committed.fetch_add(1, Ordering::Relaxed);
         // A busy registry, not a benchmark: leave the two cores to the tool and the server.
-        tokio::time::sleep(if input.writing.load(Ordering::Relaxed) {
-            WRITE_PHASE_PAUSE
-        } else {
-            PLAN_PHASE_PAUSE
-        })
-        .await;
+        tokio::time::sleep(EDIT_PAUSE).await;
     }
     connection.close().await.unwrap();
     log
@@ -1342,7 +1333,6 @@ async fn apply_under_concurrent_writers(batch_size: u32) {
     let planned = &template.planned;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let writing = Arc::new(AtomicBool::new(false));
     let committed = Arc::new(AtomicU64::new(0));
     let hot = Arc::new(template.hot.clone());
     let all = Arc::new(seeded.keys().copied().collect::<Vec<_>>());
@@ -1356,22 +1346,15 @@ async fn apply_under_concurrent_writers(batch_size: u32) {
                 all: all.clone(),
                 snapshots: snapshots.clone(),
                 stop: stop.clone(),
-                writing: writing.clone(),
                 committed: committed.clone(),
             }))
         })
         .collect();
     let monitor = {
-        let (pool, stop, writing, committed) = (
-            pool.clone(),
-            stop.clone(),
-            writing.clone(),
-            committed.clone(),
-        );
+        let (pool, stop, committed) = (pool.clone(), stop.clone(), committed.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 if audit_count(&pool).await > 0 {
-                    writing.store(true, Ordering::Relaxed);
                     return Some(committed.load(Ordering::Relaxed));
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
