@@ -252,6 +252,11 @@ pub async fn preflight(pool: &PgPool, for_apply: bool) -> Result<()> {
                 problems.push(format!("this user lacks {privilege} on '{table}'"));
             }
         }
+        if for_apply {
+            for sequence in sequences_without_usage(pool, "type_reclassification_log").await? {
+                problems.push(format!("this user lacks USAGE on sequence '{sequence}'"));
+            }
+        }
     }
     if problems.is_empty() {
         Ok(())
@@ -262,6 +267,27 @@ pub async fn preflight(pool: &PgPool, for_apply: bool) -> Result<()> {
         ))
         .into())
     }
+}
+
+/// Sequences behind the column defaults of `table` (a `serial` id) this user may not draw from:
+/// INSERT on the table alone is not enough for them, and the first audit insert would fail
+/// after the batch's update. Identity columns need no such grant and are not listed.
+async fn sequences_without_usage(pool: &PgPool, table: &str) -> Result<Vec<String>> {
+    // The CASE keeps the privilege test off the rows that are no sequence: the planner may
+    // evaluate it before the join has filtered them out.
+    sqlx::query_scalar(
+        "SELECT DISTINCT d.refobjid::regclass::text \
+         FROM pg_attrdef ad \
+         JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid \
+              AND d.refclassid = 'pg_class'::regclass \
+         JOIN pg_class c ON c.oid = d.refobjid \
+         WHERE ad.adrelid = to_regclass($1) \
+           AND CASE WHEN c.relkind = 'S' THEN NOT has_sequence_privilege(c.oid, 'USAGE') END",
+    )
+    .bind(table)
+    .fetch_all(pool)
+    .await
+    .with_context(|| format!("could not check the sequences behind '{table}'"))
 }
 
 fn compatible(actual: &str, wanted: &str) -> bool {
