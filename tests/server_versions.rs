@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use agent_type_backfill::backfill::execute;
 use agent_type_backfill::db;
+use agent_type_backfill::ephemeral::server_bin_dir;
 use agent_type_backfill::error::exit_code;
 use agent_type_backfill::resolver::{SELF_DECLARED_TYPE, UNKNOWN_TYPE, VALID_AGENT_TYPES};
 use common::{args, TestDb};
@@ -54,6 +55,34 @@ async fn pool_for(url: &str) -> PgPool {
 async fn run(url: &str, flags: &[&str]) -> anyhow::Result<agent_type_backfill::report::Summary> {
     let mut out = Vec::new();
     execute(&args(flags), url, &mut out).await
+}
+
+/// scripts/pg-matrix labels its results with the version the binaries report; this checks that
+/// the tests really ran on a server started from them.
+#[tokio::test]
+async fn the_throwaway_server_runs_the_binaries_of_pg_bin() {
+    if std::env::var_os("DATABASE_URL").is_some() {
+        eprintln!("DATABASE_URL names the server: no throwaway server to check");
+        return;
+    }
+    let db = TestDb::new().await;
+    let bin = server_bin_dir().unwrap();
+    let output = std::process::Command::new(bin.join("postgres"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    // "postgres (PostgreSQL) 16.14", with " (Debian 15.18-0+deb12u1)" after it on Debian.
+    let reported = String::from_utf8(output.stdout).unwrap();
+    let binaries = reported.split_whitespace().nth(2).unwrap().to_owned();
+    let running: String = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        running.split_whitespace().next(),
+        Some(binaries.as_str()),
+        "{bin:?} reports {reported:?}"
+    );
 }
 
 /// The server pass is written so the planner may run it in parallel workers (see
