@@ -4,20 +4,22 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use agent_type_backfill::cli::Cli;
+use agent_type_backfill::cli::{Cli, Command};
 use agent_type_backfill::db::redact;
-use agent_type_backfill::error::{exit_code, render};
+use agent_type_backfill::error::{exit_code, is_broken_pipe, render};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let database_url = cli
-        .backfill
-        .connect
-        .database_url
-        .clone()
-        .unwrap_or_default();
+    // Every command that connects takes a URL; a panic message must not become the one place
+    // its password leaks.
+    let database_url = match &cli.command {
+        Some(Command::Revert(args)) => args.connect.database_url.clone(),
+        Some(Command::History(args)) => args.connect.database_url.clone(),
+        _ => cli.backfill.connect.database_url.clone(),
+    }
+    .or_else(|| std::env::var("DATABASE_URL").ok())
+    .unwrap_or_default();
     std::panic::set_hook(Box::new(move |info| {
-        // A panic message must not become the one place a password leaks.
         eprintln!(
             "error: internal error, please report it: {}",
             redact(&info.to_string(), &database_url)
@@ -44,9 +46,10 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(agent_type_backfill::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {}", render(&error));
-            ExitCode::from(exit_code(&error) as u8)
+            ExitCode::from(u8::try_from(exit_code(&error)).unwrap_or(1))
         }
     }
 }

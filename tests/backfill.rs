@@ -4,20 +4,19 @@ mod common;
 
 use std::time::Duration;
 
-use agent_type_backfill::backfill::{self, execute};
 use agent_type_backfill::db;
 use agent_type_backfill::error::{exit_code, Failure};
 use agent_type_backfill::seed::{
     self, NewProfile, NewSnapshot, BIDCLIQ_URL, NORTHWIND_URL, SWIVEL_URL,
 };
-use common::{args, events, TestDb};
+use common::{args, events, execute, TestDb};
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
 
 async fn run(
     db: &TestDb,
     flags: &[&str],
-) -> (anyhow::Result<agent_type_backfill::report::Summary>, String) {
+) -> (anyhow::Result<agent_type_backfill::events::Summary>, String) {
     let mut out = Vec::new();
     let result = execute(&args(flags), &db.url, &mut out).await;
     (result, String::from_utf8(out).unwrap())
@@ -101,7 +100,7 @@ async fn apply_writes_the_two_flips_with_two_audit_rows_and_a_rerun_finds_none()
         assert_eq!(row.old_type.as_deref(), Some("buying"));
         assert_eq!(row.new_type, "sales");
         let notes = row.notes.as_ref().unwrap();
-        assert_eq!(notes["tool_version"], backfill::VERSION);
+        assert_eq!(notes["tool_version"], agent_type_backfill::VERSION);
         let (slug, url) = if row.agent_url == BIDCLIQ_URL {
             ("bidcliq", BIDCLIQ_URL)
         } else {
@@ -527,7 +526,7 @@ async fn stop_request_lets_the_batch_in_flight_commit_then_reports_and_exits_143
             "--format",
             "json",
         ];
-        let result = backfill::execute_with(&args(&flags), &url, &mut out, stop).await;
+        let result = common::execute_with(&args(&flags), &url, &mut out, stop).await;
         (result, out)
     });
     wait_for_blocked_writer(&db).await;
@@ -610,10 +609,12 @@ async fn session_settings_are_added_to_the_options_in_the_url() {
         "{}{separator}options=-c%20max_parallel_workers_per_gather%3D0",
         db.url
     );
-    let connect = args(&["--dry-run", "--statement-timeout", "42s"]).connect;
-    let session = backfill::open_session(&url, &connect, "atb-options")
-        .await
-        .unwrap();
+    let settings = db::SessionSettings {
+        application_name: "agent-type-backfill atb-options".to_owned(),
+        lock_timeout: std::time::Duration::from_secs(5),
+        statement_timeout: std::time::Duration::from_secs(42),
+    };
+    let session = db::connect(&url, &settings).await.unwrap();
     let settings: (String, String, String, String) = sqlx::query_as(
         "SELECT current_setting('max_parallel_workers_per_gather'), current_setting('jit'), \
                 current_setting('statement_timeout'), current_setting('application_name')",

@@ -118,7 +118,7 @@ async fn dry_run_text_log_has_header_flips_and_summary_and_no_password() {
     let stdout = &done.stdout;
     assert!(stdout.starts_with(&format!(
         "agent-type-backfill {}\n",
-        agent_type_backfill::backfill::VERSION
+        agent_type_backfill::VERSION
     )));
     assert!(stdout.contains("mode:        dry-run\n"));
     assert!(
@@ -453,7 +453,7 @@ async fn a_planning_pass_past_the_statement_timeout_names_the_flag_to_raise() {
 async fn transitions_not_allowed_are_listed_and_nothing_is_written() {
     let db = TestDb::seeded(5).await;
     let before = db.dump().await;
-    let refused = Run::new(&["--apply", "--allow-transition", "buyer->unknown"])
+    let refused = Run::new(&["--apply", "--allow-transition", "buyer:unknown"])
         .database(&db.url)
         .run();
     assert_eq!(refused.code, 3, "{}", refused.stderr);
@@ -464,13 +464,14 @@ async fn transitions_not_allowed_are_listed_and_nothing_is_written() {
         refused.stdout
     );
     assert!(
-        refused.stderr.contains("(buying->sales)"),
+        refused.stderr.contains("(buying:sales)"),
         "{}",
         refused.stderr
     );
     assert_eq!(db.dump().await, before);
 
-    let allowed = Run::new(&["--apply", "--allow-transition", "buying->sales"])
+    // The spelling every document uses, pasted through a real shell: no `>` to redirect.
+    let allowed = Run::new(&["--apply", "--allow-transition", "buying:sales"])
         .database(&db.url)
         .run();
     assert_eq!(allowed.code, 0, "{}", allowed.stderr);
