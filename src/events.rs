@@ -9,7 +9,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::db::{AuditEntry, CrawlerEvidence, RunRecord, Target};
-use crate::resolver::{RULE_COMMIT, RULE_SOURCE, VALID_AGENT_TYPES};
+use crate::resolver::{RULE_COMMIT, RULE_FILE, RULE_FUNCTION, RULE_REPOSITORY, VALID_AGENT_TYPES};
 
 /// One line of the run log.
 #[derive(Debug, Clone, Serialize)]
@@ -58,9 +58,10 @@ pub struct Start {
 }
 
 /// The server rule this build ports, so a log says which rule decided its flips.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Rule {
-    pub source: &'static str,
+    /// `adcontextprotocol/adcp server/src/routes/member-profiles.ts resolveAgentTypes`.
+    pub source: String,
     pub commit: &'static str,
     pub types: &'static [&'static str],
 }
@@ -68,10 +69,19 @@ pub struct Rule {
 impl Rule {
     pub fn ported() -> Rule {
         Rule {
-            source: RULE_SOURCE,
+            source: format!("{RULE_REPOSITORY} {RULE_FILE} {RULE_FUNCTION}"),
             commit: RULE_COMMIT,
             types: &VALID_AGENT_TYPES,
         }
+    }
+
+    /// `adcp resolveAgentTypes at 4439b18 (brand, ...)`, as the text log and `--version` say it.
+    pub fn short(&self) -> String {
+        format!(
+            "adcp {RULE_FUNCTION} at {} ({})",
+            &self.commit[..7.min(self.commit.len())],
+            self.types.join(", ")
+        )
     }
 }
 
@@ -219,7 +229,7 @@ impl SkipReason {
             SkipReason::ChangedSincePlan => "skipped (changed since plan)",
             SkipReason::ProfileGone => "skipped (profile deleted)",
             SkipReason::Unplanned => "new since plan (not written)",
-            SkipReason::NotWrittenTimeout => "skipped (lock/statement timeout)",
+            SkipReason::NotWrittenTimeout => "skipped (timeout)",
             SkipReason::ChangedSinceRun => "conflicts (changed since run)",
         }
     }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use agent_type_backfill::cli::{Cli, Command};
+use agent_type_backfill::cli::Cli;
 use agent_type_backfill::db::redact;
 use agent_type_backfill::error::{exit_code, is_broken_pipe, render};
 
@@ -12,13 +12,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Every command that connects takes a URL; a panic message must not become the one place
     // its password leaks.
-    let database_url = match &cli.command {
-        Some(Command::Revert(args)) => args.connect.database_url.clone(),
-        Some(Command::History(args)) => args.connect.database_url.clone(),
-        _ => cli.backfill.connect.database_url.clone(),
-    }
-    .or_else(|| std::env::var("DATABASE_URL").ok())
-    .unwrap_or_default();
+    let database_url = cli.database_url().unwrap_or_default().to_owned();
     std::panic::set_hook(Box::new(move |info| {
         eprintln!(
             "error: internal error, please report it: {}",

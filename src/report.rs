@@ -273,12 +273,7 @@ fn outcome(summary: &Summary) -> String {
 }
 
 fn rule_text(start: &Start) -> String {
-    format!(
-        "{} at {} ({})",
-        start.rule.source,
-        start.rule.commit,
-        start.rule.types.join(", ")
-    )
+    start.rule.short()
 }
 
 fn run_columns(run: &RunRecord) -> [String; 6] {

@@ -13,10 +13,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Where the ported rule comes from, as run logs, plan files and `--version` name it.
-pub const RULE_SOURCE: &str =
-    "adcontextprotocol/adcp server/src/routes/member-profiles.ts resolveAgentTypes";
+pub const RULE_REPOSITORY: &str = "adcontextprotocol/adcp";
+pub const RULE_FILE: &str = "server/src/routes/member-profiles.ts";
+pub const RULE_FUNCTION: &str = "resolveAgentTypes";
 /// The adcp commit the port and its conformance vectors were taken from.
-pub const RULE_COMMIT: &str = "4439b18";
+pub const RULE_COMMIT: &str = "4439b1871329488ce24b213e88d855849fb41187";
 
 /// `VALID_AGENT_TYPES` from the server's `types.ts`, `unknown` included.
 pub const VALID_AGENT_TYPES: [&str; 9] = [

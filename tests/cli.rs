@@ -521,6 +521,14 @@ fn version_names_the_commit_and_completions_and_man_page_render() {
         "agent-type-backfill {} (git ",
         env!("CARGO_PKG_VERSION")
     )));
+    assert!(
+        version.stdout.ends_with(
+            "\nrule: adcp resolveAgentTypes at 4439b18 (brand, rights, measurement, governance, \
+             creative, sales, buying, signals, unknown)\n"
+        ),
+        "{}",
+        version.stdout
+    );
     for shell in ["bash", "zsh", "fish"] {
         let done = Run::new(&["completions", shell]).run();
         assert_eq!(done.code, 0, "{}", done.stderr);
@@ -631,7 +639,7 @@ async fn markdown_log_has_the_header_flips_and_summary_as_tables() {
     assert_eq!(done.code, 0, "{}", done.stderr);
     let md = &done.stdout;
     assert!(md.starts_with("## agent-type-backfill run log\n"), "{md}");
-    assert!(md.contains("| rule | adcontextprotocol/adcp server/src/routes/member-profiles.ts resolveAgentTypes at 4439b18 ("), "{md}");
+    assert!(md.contains("| rule | adcp resolveAgentTypes at 4439b18 (brand, rights, measurement, governance, creative, sales, buying, signals, unknown) |"), "{md}");
     assert!(md.contains("\n### Flips\n\n| profile | url | from | to | probe | crawler |\n| --- | --- | --- | --- | --- | --- |\n"), "{md}");
     assert!(
         md.contains("| bidcliq | https://bidcliq.example/mcp | buying | sales | probed 30h ago |"),
