@@ -378,8 +378,8 @@ pub async fn census(connection: &mut PgConnection) -> Result<Census> {
     .await
     .context("could not count member_profiles")?;
     Ok(Census {
-        profiles: profiles as u64,
-        malformed: malformed as u64,
+        profiles: u64::try_from(profiles).context("the server counted fewer than no profiles")?,
+        malformed: u64::try_from(malformed).context("the server counted fewer than no profiles")?,
     })
 }
 

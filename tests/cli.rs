@@ -321,7 +321,7 @@ async fn sigterm_during_apply_prints_the_summary_and_exits_143() {
         tool_waits_on_a_lock(&db).await,
         "the apply never reached its write"
     );
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(libc::pid_t::try_from(child.id()).unwrap(), libc::SIGTERM) };
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
 
@@ -363,7 +363,7 @@ async fn sigint_during_the_planning_pass_cancels_it_on_the_server() {
         tool_waits_on_a_lock(&db).await,
         "the dry-run never reached its server pass"
     );
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    unsafe { libc::kill(libc::pid_t::try_from(child.id()).unwrap(), libc::SIGINT) };
     let output = child.wait_with_output().unwrap();
     let stdout = String::from_utf8(output.stdout).unwrap();
     let stderr = String::from_utf8(output.stderr).unwrap();
@@ -565,7 +565,7 @@ async fn sigint_while_a_batch_waits_on_a_lock_starts_no_new_attempt() {
         "the apply never reached its write"
     );
     let signalled = std::time::Instant::now();
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    unsafe { libc::kill(libc::pid_t::try_from(child.id()).unwrap(), libc::SIGINT) };
     let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
         .await
         .unwrap();

@@ -295,7 +295,8 @@ fn event_key(event: &Value) -> FlipKey {
 fn audit_flip_key(row: &AuditRow) -> FlipKey {
     (
         row.member_id.clone().unwrap_or_default(),
-        row.index.map_or(u64::MAX, |index| index as u64),
+        row.index
+            .map_or(u64::MAX, |index| u64::try_from(index).unwrap()),
         row.agent_url.clone(),
         row.from
             .as_ref()
@@ -466,7 +467,12 @@ impl ToolRun {
     }
 
     fn kill(&self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        unsafe {
+            libc::kill(
+                libc::pid_t::try_from(self.child.id()).unwrap(),
+                libc::SIGKILL,
+            )
+        };
     }
 
     async fn finish(mut self) -> Finished {
@@ -697,7 +703,7 @@ async fn fault_fixture(
     let mut plan_ms = None;
     while run.running() && plan_ms.is_none() {
         if audit_count(&reference_pool).await > 0 {
-            plan_ms = Some(run.started.elapsed().as_millis() as u64);
+            plan_ms = Some(u64::try_from(run.started.elapsed().as_millis()).unwrap());
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -741,7 +747,7 @@ async fn fault_fixture(
         reference_agents: state.agents,
         reference_audit: audit_multiset(&state.audit),
         plan_ms: plan_ms.unwrap_or(0),
-        run_ms: done.elapsed.as_millis() as u64,
+        run_ms: u64::try_from(done.elapsed.as_millis()).unwrap(),
         scratch,
     }
 }
@@ -767,12 +773,26 @@ enum Moment {
     BetweenUpdateAndAudit(usize),
 }
 
+/// `share` (between 0 and 1) of `count`, rounded down: where in a run a fault lands.
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_precision_loss
+)]
+fn share_of(count: usize, share: f64) -> usize {
+    assert!((0.0..=1.0).contains(&share), "share {share}");
+    // Counts here are far below 2^52, so the float holds them exactly.
+    (count as f64 * share) as usize
+}
+
 impl FaultFixture {
     /// Twenty moments spread over the run; the terminations use other fractions than the kills.
     fn moments(&self, fault: Fault) -> Vec<Moment> {
-        let rows = |share: f64| (self.flips as f64 * share) as i64;
-        let nth = |share: f64| ((self.flipped.len() - 1) as f64 * share) as usize;
-        let ms = |share: f64| (self.plan_ms as f64 * share) as u64;
+        let rows = |share: f64| i64::try_from(share_of(self.flips, share)).unwrap();
+        let nth = |share: f64| share_of(self.flipped.len() - 1, share);
+        let ms = |share: f64| {
+            u64::try_from(share_of(usize::try_from(self.plan_ms).unwrap(), share)).unwrap()
+        };
         let (times, row_shares, lock_shares, between_shares): (&[f64], &[f64], &[f64], &[f64]) =
             match fault {
                 Fault::Kill => (
@@ -1155,9 +1175,9 @@ async fn writer(input: WriterInput) -> WriterLog {
     let mut log = WriterLog::default();
     while !input.stop.load(Ordering::Relaxed) {
         let id = if rng.below(5) < 4 {
-            input.hot[rng.below(input.hot.len() as u64) as usize]
+            input.hot[rng.index_below(input.hot.len())]
         } else {
-            input.all[rng.below(input.all.len() as u64) as usize]
+            input.all[rng.index_below(input.all.len())]
         };
         let mut transaction = connection.begin().await.unwrap();
         let text: Option<String> =
@@ -1178,7 +1198,7 @@ async fn writer(input: WriterInput) -> WriterLog {
             transaction.rollback().await.unwrap();
             continue;
         }
-        let index = agents[rng.below(agents.len() as u64) as usize];
+        let index = agents[rng.index_below(agents.len())];
         let url = elements[index]["url"].as_str().unwrap().to_owned();
         let stored = elements[index]
             .get(&key)
@@ -1659,7 +1679,7 @@ async fn server_restart_mid_apply_exits_1_with_a_clear_error_and_a_rerun_converg
             "mid-batch" => {
                 wait_blocked(&pool, &mut run, "SELECT id, slug::text, agents::text").await
             }
-            _ => wait_audit_rows(&pool, &mut run, fixture.flips as i64 / 3).await,
+            _ => wait_audit_rows(&pool, &mut run, i64::try_from(fixture.flips / 3).unwrap()).await,
         };
         assert!(reached, "{scenario}: the run ended before the restart");
         let rows_at_restart = audit_count(&pool).await;
@@ -1784,7 +1804,7 @@ async fn lock_timeouts_are_retried_or_reported_and_never_half_applied() {
     assert_reported_not_written(&done, batch_flips, "row lock held");
     assert_eq!(timed_out(&done), (batch_profiles.clone(), batch_flips));
     assert_eq!(
-        audit_count(&pool).await as usize,
+        usize::try_from(audit_count(&pool).await).unwrap(),
         fixture.flips - batch_flips,
         "every other batch is written"
     );
@@ -1914,7 +1934,7 @@ async fn statement_timeouts_are_retried_or_reported_and_never_half_applied() {
     assert_reported_not_written(&done, batch_flips, "slow always");
     assert_eq!(timed_out(&done), (batch_profiles, batch_flips));
     assert_eq!(
-        audit_count(&pool).await as usize,
+        usize::try_from(audit_count(&pool).await).unwrap(),
         fixture.flips - batch_flips
     );
     sqlx::query("DROP TRIGGER slow_update ON member_profiles")
