@@ -705,3 +705,37 @@ async fn flips_are_listed_by_profile_then_index_and_counted_per_transition() {
     );
     assert_eq!(summary["held"], 0);
 }
+
+/// Regression: `--plan-max-age 1s` reported "the plan is 0m old, more than 0m". Durations in the
+/// message show the difference.
+#[tokio::test]
+async fn a_plan_older_than_plan_max_age_says_both_ages_precisely() {
+    let db = TestDb::seeded(5).await;
+    let scratch = common::Scratch::new();
+    let path = scratch.0.join("plan.json");
+    let path = path.to_str().unwrap();
+    let dry = Tool::new(&["--dry-run", "--plan-out", path])
+        .database(&db.url)
+        .run();
+    assert_eq!(dry.code(), 0, "{}", dry.stderr);
+    tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+    let before = db.dump().await;
+    let stale = Tool::new(&["--apply", "--plan", path, "--plan-max-age", "1s"])
+        .database(&db.url)
+        .run();
+    assert_eq!(stale.code(), 2, "{}", stale.stderr);
+    let error = stale.error_line();
+    assert!(
+        error.contains("old, more than --plan-max-age 1.0s"),
+        "{error}"
+    );
+    assert!(!error.contains("the plan is 0m"), "{error}");
+    let age: f64 = error
+        .split("the plan is ")
+        .nth(1)
+        .and_then(|rest| rest.split("s old").next())
+        .and_then(|age| age.parse().ok())
+        .unwrap_or_else(|| panic!("no age in seconds: {error}"));
+    assert!((2.0..10.0).contains(&age), "{error}");
+    assert_eq!(db.dump().await, before);
+}
