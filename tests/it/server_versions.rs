@@ -3,18 +3,17 @@
 //! preflight and `pg_cancel_backend`, each as an ordinary (non-superuser) user where it matters.
 //! `scripts/pg-matrix` runs these, with the rest of the integration tests, on every supported
 //! version; JIT is pinned by `session_settings_are_added_to_the_options_in_the_url` in
-//! tests/backfill.rs and the cancel of an interrupted plan end to end in tests/cli.rs.
+//! backfill.rs and the cancel of an interrupted plan end to end in cli.rs.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use agent_type_backfill::backfill::execute;
 use agent_type_backfill::db;
 use agent_type_backfill::ephemeral::server_bin_dir;
 use agent_type_backfill::error::exit_code;
 use agent_type_backfill::resolver::{SELF_DECLARED_TYPE, UNKNOWN_TYPE, VALID_AGENT_TYPES};
-use common::{args, TestDb};
+use common::{args, execute, TestDb};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
@@ -52,7 +51,7 @@ async fn pool_for(url: &str) -> PgPool {
         .unwrap()
 }
 
-async fn run(url: &str, flags: &[&str]) -> anyhow::Result<agent_type_backfill::report::Summary> {
+async fn run(url: &str, flags: &[&str]) -> anyhow::Result<agent_type_backfill::events::Summary> {
     let mut out = Vec::new();
     execute(&args(flags), url, &mut out).await
 }

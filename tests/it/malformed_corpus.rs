@@ -1,13 +1,12 @@
 //! Every malformed shape the `agents` column can hold, mixed into an ordinary registry, through a
 //! real `--apply`. The rule decides what may change; everything else must come back byte for byte.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 
-use agent_type_backfill::backfill::execute;
 use agent_type_backfill::seed::{self, NewProfile, NewSnapshot, BIDCLIQ_URL, SWIVEL_URL};
-use common::{args, TestDb};
+use common::{args, execute, TestDb};
 use serde_json::{json, Value};
 use uuid::Uuid;
 

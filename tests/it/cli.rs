@@ -1,0 +1,741 @@
+//! End-to-end runs of the built binary: stdout, stderr, exit code and table contents.
+
+use crate::common;
+
+use common::{events, TestDb, Tool};
+
+/// The test URL with a password that trust authentication ignores but the tool must never echo.
+fn with_password(url: &str, password: &str) -> String {
+    url.replacen("postgres@", &format!("postgres:{password}@"), 1)
+}
+
+#[test]
+fn missing_database_url_is_a_usage_error_naming_it() {
+    let done = Tool::new(&["--dry-run"]).run();
+    assert_eq!(done.code(), 2);
+    assert!(done.stderr.contains("DATABASE_URL"), "{}", done.stderr);
+    assert!(done.stdout.is_empty());
+}
+
+#[test]
+fn mode_is_required_and_exclusive() {
+    let neither = Tool::new(&[]).database("postgres://localhost/x").run();
+    assert_eq!(neither.code(), 2);
+    assert!(neither.stderr.contains("--dry-run"), "{}", neither.stderr);
+    let both = Tool::new(&["--dry-run", "--apply"])
+        .database("postgres://localhost/x")
+        .run();
+    assert_eq!(both.code(), 2);
+    assert!(
+        both.stderr.contains("cannot be used with"),
+        "{}",
+        both.stderr
+    );
+}
+
+#[test]
+fn unparseable_url_is_a_usage_error_that_does_not_echo_it() {
+    let url = "postgres://backfill:Sup3rSecret@db.internal:notaport/registry";
+    let done = Tool::new(&["--dry-run"]).database(url).run();
+    assert_eq!(done.code(), 2, "{}", done.stderr);
+    assert!(done.stderr.contains("DATABASE_URL"), "{}", done.stderr);
+    assert!(!done.stderr.contains("Sup3rSecret"), "{}", done.stderr);
+}
+
+#[test]
+fn unreachable_server_exits_1_without_the_password() {
+    let url = "postgres://backfill:Sup3rSecret@127.0.0.1:1/registry?connect_timeout=2";
+    let done = Tool::new(&["--dry-run"]).database(url).run();
+    assert_eq!(done.code(), 1, "{}", done.stderr);
+    assert!(
+        done.stderr
+            .contains("could not connect to '127.0.0.1:1/registry'"),
+        "{}",
+        done.stderr
+    );
+    assert!(!done.stderr.contains("Sup3rSecret"));
+    assert_eq!(
+        done.stderr.matches("error:").count(),
+        1,
+        "printed once: {}",
+        done.stderr
+    );
+}
+
+#[tokio::test]
+async fn dry_run_text_log_has_header_flips_and_summary_and_no_password() {
+    let db = TestDb::seeded(30).await;
+    let before = db.dump().await;
+    let url = with_password(&db.url, "Sup3rSecret");
+    let done = Tool::new(&["--dry-run"])
+        .database(&url)
+        .env("PGPASSWORD", "Sup3rSecret")
+        .run();
+    assert_eq!(done.code(), 0, "{}", done.stderr);
+    let stdout = &done.stdout;
+    assert!(stdout.starts_with(&format!(
+        "agent-type-backfill {}\n",
+        agent_type_backfill::VERSION
+    )));
+    assert!(stdout.contains("mode:        dry-run\n"));
+    assert!(
+        stdout.contains(&format!("database={} user=postgres", db.name)),
+        "{stdout}"
+    );
+    assert!(stdout.contains("run id:      atb-"));
+    assert!(stdout
+        .contains("\n  bidcliq  https://bidcliq.example/mcp  buying -> sales  (probed 30h ago)\n"));
+    assert!(stdout.contains(
+        "\n  swivel  https://ads.swivel.example/a2a  buying -> sales  (probed 30h ago)\n"
+    ));
+    for line in [
+        "profiles scanned:               41",
+        "profiles with type changes:     2",
+        "agent rows flipped:             2",
+        "malformed rows skipped:         5",
+        "mode:                           dry-run",
+        "outcome:                        completed",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in\n{stdout}");
+    }
+    assert!(stdout.contains("duration:"));
+    for stream in [&done.stdout, &done.stderr] {
+        assert!(
+            !stream.contains("Sup3rSecret"),
+            "password leaked:\n{stream}"
+        );
+    }
+    assert!(!done.stderr.contains("bidcliq"), "flips go to stdout only");
+    assert_eq!(db.dump().await, before);
+}
+
+#[tokio::test]
+async fn json_apply_then_threshold_abort_then_idempotent_rerun() {
+    let db = TestDb::seeded(30).await;
+
+    let before = db.dump().await;
+    let aborted = Tool::new(&["--apply", "--max-flips", "1", "--format", "json"])
+        .database(&db.url)
+        .run();
+    assert_eq!(aborted.code(), 3, "{}", aborted.stderr);
+    assert!(
+        aborted
+            .stderr
+            .contains("more than --max-flips 1: nothing was written"),
+        "{}",
+        aborted.stderr
+    );
+    let log = events(aborted.stdout.as_bytes());
+    assert_eq!(log.iter().filter(|e| e["event"] == "flip").count(), 2);
+    assert_eq!(log.last().unwrap()["aborted"], true);
+    assert_eq!(db.dump().await, before, "a threshold abort writes nothing");
+
+    let applied = Tool::new(&["--apply", "--format", "json"])
+        .database(&db.url)
+        .run();
+    assert_eq!(applied.code(), 0, "{}", applied.stderr);
+    let log = events(applied.stdout.as_bytes());
+    assert_eq!(log[0]["event"], "start");
+    assert_eq!(log[0]["mode"], "apply");
+    assert_eq!(log[0]["target"]["database"], db.name.as_str());
+    let flip = log.iter().find(|e| e["profile"] == "bidcliq").unwrap();
+    for key in ["profile_id", "profile", "index", "url", "from", "to"] {
+        assert!(flip.get(key).is_some(), "flip event lacks {key}: {flip}");
+    }
+    assert_eq!(flip["from"], "buying");
+    let summary = log.last().unwrap();
+    assert_eq!(summary["event"], "summary");
+    assert_eq!(
+        (
+            summary["profiles_scanned"].as_u64(),
+            summary["profiles_changed"].as_u64()
+        ),
+        (Some(41), Some(2))
+    );
+    assert_eq!(
+        (summary["flips"].as_u64(), summary["malformed"].as_u64()),
+        (Some(2), Some(5))
+    );
+    assert_eq!(summary["mode"], "apply");
+    assert_eq!(summary["run_id"], log[0]["run_id"]);
+    assert_eq!(summary["aborted"], false);
+    let audited: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM type_reclassification_log WHERE run_id = $1")
+            .bind(summary["run_id"].as_str().unwrap())
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(audited, 2);
+    assert_eq!(db.agents_of("bidcliq").await[0]["type"], "sales");
+
+    let rerun = Tool::new(&["--dry-run", "--format", "json"])
+        .database(&db.url)
+        .run();
+    assert_eq!(rerun.code(), 0);
+    let summary = events(rerun.stdout.as_bytes()).pop().unwrap();
+    assert_eq!(summary["flips"], 0);
+    assert_eq!(summary["run_id"], serde_json::Value::Null);
+}
+
+#[tokio::test]
+async fn preflight_failure_exits_4() {
+    let db = TestDb::new().await;
+    sqlx::query("DROP TABLE agent_capabilities_snapshot")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let done = Tool::new(&["--dry-run"]).database(&db.url).run();
+    assert_eq!(done.code(), 4, "{}", done.stderr);
+    assert!(
+        done.stderr
+            .contains("table 'agent_capabilities_snapshot' is missing"),
+        "{}",
+        done.stderr
+    );
+    assert!(done.stdout.is_empty());
+}
+
+#[test]
+fn rehearse_runs_the_whole_procedure_and_leaves_nothing_behind() {
+    let scratch = std::env::temp_dir().join(format!("atb-rehearse-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    // The throwaway cluster belongs to the postgres user when this runs as root.
+    std::fs::set_permissions(
+        &scratch,
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
+    let done = Tool::new(&["rehearse", "--profiles", "50"])
+        .env("TMPDIR", scratch.to_str().unwrap())
+        .run();
+    assert_eq!(done.code(), 0, "{}\n{}", done.stdout, done.stderr);
+    assert_eq!(done.stdout.matches("=== rehearsal ").count(), 3);
+    assert!(done.stdout.contains(
+        "rehearsal passed: the dry-run planned 2 flips, the apply wrote 2 with 2 audit rows"
+    ));
+    let leftovers: Vec<_> = std::fs::read_dir(&scratch).unwrap().collect();
+    assert!(leftovers.is_empty(), "rehearse left {leftovers:?}");
+    std::fs::remove_dir(&scratch).unwrap();
+}
+
+/// Sessions of the tool in `pg_stat_activity` that are running a statement.
+const ACTIVE_TOOL_SESSIONS: &str = "SELECT count(*) FROM pg_stat_activity \
+     WHERE datname = current_database() AND application_name LIKE 'agent-type-backfill %' \
+     AND state = 'active'";
+
+/// Holds `agent_capabilities_snapshot` until the transaction ends. The census reads only
+/// member_profiles, so this stops the plan at its server pass and nowhere else.
+async fn hold_the_snapshot_table(db: &TestDb) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut blocker = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE agent_capabilities_snapshot IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    blocker
+}
+
+/// Polls for up to 10 s until one of the tool's sessions waits on a lock.
+async fn tool_waits_on_a_lock(db: &TestDb) -> bool {
+    for _ in 0..400 {
+        let waiting: i64 = sqlx::query_scalar(&format!(
+            "{ACTIVE_TOOL_SESSIONS} AND wait_event_type = 'Lock'"
+        ))
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn sigterm_during_apply_prints_the_summary_and_exits_143() {
+    use sqlx::Connection;
+    let db = TestDb::seeded(10).await;
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM member_profiles WHERE slug IN ('bidcliq', 'swivel') FOR UPDATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let run = Tool::new(&["--apply", "--lock-timeout", "30s"])
+        .database(&db.url)
+        .spawn();
+    assert!(
+        tool_waits_on_a_lock(&db).await,
+        "the apply never reached its write"
+    );
+    run.signal(libc::SIGTERM);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+
+    let done = run.finish().await;
+    let (stdout, stderr) = (&done.stdout, &done.stderr);
+    assert_eq!(done.status.code(), Some(143), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("written:                        2"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("interrupted by SIGTERM"), "{stdout}");
+    assert!(stderr.contains("rerun the same command"), "{stderr}");
+    assert_eq!(
+        db.audit_rows().await.len(),
+        2,
+        "the batch in flight committed whole"
+    );
+}
+
+/// Regression: an interrupted dry-run must not leave its planning statement running on the
+/// server. A backend blocked on a lock (or busy in a long scan) does not notice that its client
+/// has gone, so without a cancel it would hold on until its timeout.
+#[tokio::test]
+async fn sigint_during_the_planning_pass_cancels_it_on_the_server() {
+    let db = TestDb::seeded(10).await;
+    let blocker = hold_the_snapshot_table(&db).await;
+    let run = Tool::new(&[
+        "--dry-run",
+        "--lock-timeout",
+        "60s",
+        "--statement-timeout",
+        "60s",
+    ])
+    .database(&db.url)
+    .spawn();
+    assert!(
+        tool_waits_on_a_lock(&db).await,
+        "the dry-run never reached its server pass"
+    );
+    run.signal(libc::SIGINT);
+    let done = run.finish().await;
+    let (stdout, stderr) = (&done.stdout, &done.stderr);
+    assert_eq!(done.status.code(), Some(130), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("plan interrupted by SIGINT after "),
+        "{stdout}"
+    );
+    // Regression: it used to print an empty summary and tell a dry-run to "pick up the rest".
+    for misleading in ["summary:", "profiles scanned", "(none)", "rerun"] {
+        assert!(!stdout.contains(misleading), "{misleading}: {stdout}");
+    }
+    assert!(
+        stderr.contains("interrupted by SIGINT while planning: nothing was written"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("rerun the same command"), "{stderr}");
+
+    // The lock is still held: only a cancel can have ended the tool's statement.
+    let mut still_active: i64 = -1;
+    for _ in 0..100 {
+        still_active = sqlx::query_scalar(ACTIVE_TOOL_SESSIONS)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        if still_active == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    blocker.rollback().await.unwrap();
+    assert_eq!(still_active, 0, "the planning statement outlived the tool");
+}
+
+#[tokio::test]
+async fn expect_database_mismatch_exits_2_before_reading() {
+    let db = TestDb::seeded(0).await;
+    let done = Tool::new(&["--apply", "--expect-database", "registry_prod"])
+        .database(&db.url)
+        .run();
+    assert_eq!(done.code(), 2, "{}", done.stderr);
+    assert!(
+        done.stderr.contains(&format!(
+            "connected to database '{}' but --expect-database is 'registry_prod'",
+            db.name
+        )),
+        "{}",
+        done.stderr
+    );
+    assert!(done.stdout.is_empty(), "nothing read, nothing reported");
+    assert!(db.audit_rows().await.is_empty());
+
+    let matching = Tool::new(&["--dry-run", "--expect-database", &db.name])
+        .database(&db.url)
+        .run();
+    assert_eq!(matching.code(), 0, "{}", matching.stderr);
+}
+
+/// Regression: the planning pass is one statement over the whole table, so on a big registry it
+/// is the statement `--statement-timeout` cuts; the operator must be told which flag to raise.
+#[tokio::test]
+async fn a_planning_pass_past_the_statement_timeout_names_the_flag_to_raise() {
+    let db = TestDb::seeded(0).await;
+    // The server pass waits on the held table until the statement timeout cancels it.
+    let blocker = hold_the_snapshot_table(&db).await;
+    let url = db.url.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        Tool::new(&[
+            "--dry-run",
+            "--statement-timeout",
+            "500ms",
+            "--lock-timeout",
+            "30s",
+        ])
+        .database(&url)
+        .run()
+    })
+    .await
+    .unwrap();
+    blocker.rollback().await.unwrap();
+    assert_eq!(done.code(), 1, "{}", done.stderr);
+    assert!(
+        done.stderr.contains(
+            "error: the planning pass reads every agent in one statement and ran past \
+             --statement-timeout '500ms': raise it"
+        ),
+        "{}",
+        done.stderr
+    );
+    assert!(
+        done.stdout.starts_with("agent-type-backfill"),
+        "{}",
+        done.stdout
+    );
+    assert!(!done.stdout.contains("summary:"), "{}", done.stdout);
+    // Regression: sqlx wraps the server's message in its own and the cause was printed twice.
+    assert_eq!(
+        done.stderr
+            .matches("canceling statement due to statement timeout")
+            .count(),
+        1,
+        "{}",
+        done.stderr
+    );
+}
+
+#[tokio::test]
+async fn transitions_not_allowed_are_listed_and_nothing_is_written() {
+    let db = TestDb::seeded(5).await;
+    let before = db.dump().await;
+    let refused = Tool::new(&["--apply", "--allow-transition", "buyer:unknown"])
+        .database(&db.url)
+        .run();
+    assert_eq!(refused.code(), 3, "{}", refused.stderr);
+    assert_eq!(
+        refused.stdout.matches("\n  not allowed  ").count(),
+        2,
+        "{}",
+        refused.stdout
+    );
+    assert!(
+        refused.stderr.contains("(buying:sales)"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(db.dump().await, before);
+
+    // The spelling every document uses, pasted through a real shell: no `>` to redirect.
+    let allowed = Tool::new(&["--apply", "--allow-transition", "buying:sales"])
+        .database(&db.url)
+        .run();
+    assert_eq!(allowed.code(), 0, "{}", allowed.stderr);
+    assert_eq!(db.audit_rows().await.len(), 2);
+}
+
+/// `--help` is part of the operator interface: a change to it must show up in review as a diff
+/// of `tests/snapshots/`. Rewrite the snapshots with `UPDATE_SNAPSHOTS=1 cargo test --test it cli::help`.
+#[test]
+fn help_output_matches_the_reviewed_snapshots() {
+    for (args, file) in [
+        (&["--help"][..], "help.txt"),
+        (&["rehearse", "--help"][..], "help-rehearse.txt"),
+    ] {
+        let done = Tool::new(args).run();
+        assert_eq!(done.code(), 0, "{}", done.stderr);
+        let path = std::path::Path::new("tests/snapshots").join(file);
+        if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+            std::fs::write(&path, &done.stdout).unwrap();
+        }
+        let reviewed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            reviewed == done.stdout,
+            "{args:?} changed; review and run UPDATE_SNAPSHOTS=1 cargo test --test it cli::help:\n{}",
+            done.stdout
+        );
+    }
+}
+
+#[test]
+fn version_names_the_commit_and_completions_and_man_page_render() {
+    let version = Tool::new(&["--version"]).run();
+    assert_eq!(version.code(), 0);
+    assert!(version.stdout.starts_with(&format!(
+        "agent-type-backfill {} (git ",
+        env!("CARGO_PKG_VERSION")
+    )));
+    assert!(
+        version.stdout.ends_with(
+            "\nrule: adcp resolveAgentTypes at 4439b18 (brand, rights, measurement, governance, \
+             creative, sales, buying, signals, unknown)\n"
+        ),
+        "{}",
+        version.stdout
+    );
+    for shell in ["bash", "zsh", "fish"] {
+        let done = Tool::new(&["completions", shell]).run();
+        assert_eq!(done.code(), 0, "{}", done.stderr);
+        assert!(
+            done.stdout.contains("max-flips"),
+            "{shell} completions lack a flag"
+        );
+    }
+    let man = Tool::new(&["man"]).run();
+    assert_eq!(man.code(), 0);
+    assert!(man.stdout.contains(".TH agent-type-backfill 1"));
+    assert!(man.stdout.contains("expect\\-database"), "{}", man.stdout);
+}
+
+/// Regression: Ctrl-C during an apply used to retry a lock-waiting batch for all its attempts.
+/// After the signal no new attempt starts; the one in flight ends at `--lock-timeout`.
+#[tokio::test]
+async fn sigint_while_a_batch_waits_on_a_lock_starts_no_new_attempt() {
+    use sqlx::Connection;
+    let db = TestDb::seeded(10).await;
+    let before = db.dump().await;
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM member_profiles WHERE slug = 'bidcliq' FOR UPDATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let run = Tool::new(&["--apply", "--lock-timeout", "1s", "--write-attempts", "20"])
+        .database(&db.url)
+        .spawn();
+    assert!(
+        tool_waits_on_a_lock(&db).await,
+        "the apply never reached its write"
+    );
+    let signalled = std::time::Instant::now();
+    run.signal(libc::SIGINT);
+    let done = run.finish().await;
+    let waited = signalled.elapsed();
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    let (stdout, stderr) = (&done.stdout, &done.stderr);
+    assert_eq!(done.status.code(), Some(130), "{stdout}\n{stderr}");
+    // 20 attempts at 1 s each with backoff would take well over a minute.
+    assert!(
+        waited < std::time::Duration::from_secs(5),
+        "took {waited:?}: {stderr}"
+    );
+    assert!(stdout.contains("interrupted by SIGINT"), "{stdout}");
+    assert_eq!(db.dump().await, before, "the batch rolled back whole");
+}
+
+/// Regression: `--plan-out` with `--apply` wrote every flip unreviewed (the operator meant
+/// `--plan`). It is a usage error now: nothing read, nothing written, no file.
+#[tokio::test]
+async fn plan_out_with_apply_is_a_usage_error() {
+    let db = TestDb::seeded(5).await;
+    let before = db.dump().await;
+    let dir = std::env::temp_dir().join(format!("atb-plan-out-{}", std::process::id()));
+    let path = dir.join("plan.json");
+    let done = Tool::new(&["--apply", "--plan-out", path.to_str().unwrap()])
+        .database(&db.url)
+        .run();
+    assert_eq!(done.code(), 2, "{}", done.stderr);
+    assert!(done.stderr.contains("--plan-out"), "{}", done.stderr);
+    assert!(done.stdout.is_empty(), "{}", done.stdout);
+    assert!(!path.exists());
+    assert_eq!(db.dump().await, before);
+}
+
+/// `agent-type-backfill man | head` used to exit 1 with "Broken pipe". A reader that has what it
+/// wants ends the program quietly, as ripgrep does.
+#[test]
+fn a_closed_stdout_ends_the_program_quietly() {
+    for args in [&["man"][..], &["completions", "bash"][..]] {
+        let mut child = std::process::Command::new(common::BIN)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let output = child.wait_with_output().unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            output.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+/// The Markdown log says what the text log says, as tables a ticket renders.
+#[tokio::test]
+async fn markdown_log_has_the_header_flips_and_summary_as_tables() {
+    let db = TestDb::seeded(5).await;
+    let done = Tool::new(&["--dry-run", "--format", "markdown"])
+        .database(&db.url)
+        .run();
+    assert_eq!(done.code(), 0, "{}", done.stderr);
+    let md = &done.stdout;
+    assert!(md.starts_with("## agent-type-backfill run log\n"), "{md}");
+    assert!(md.contains("| rule | adcp resolveAgentTypes at 4439b18 (brand, rights, measurement, governance, creative, sales, buying, signals, unknown) |"), "{md}");
+    assert!(md.contains("\n### Flips\n\n| profile | url | from | to | probe | crawler |\n| --- | --- | --- | --- | --- | --- |\n"), "{md}");
+    assert!(
+        md.contains("| bidcliq | https://bidcliq.example/mcp | buying | sales | probed 30h ago |"),
+        "{md}"
+    );
+    assert!(md.contains("| agent rows flipped | 2 |"), "{md}");
+    assert!(md.contains("\n### Transitions\n\n| from | to | flips |\n| --- | --- | --- |\n| buying | sales | 2 |\n"), "{md}");
+
+    let applied = Tool::new(&["--apply", "--format", "json"])
+        .database(&db.url)
+        .run();
+    assert_eq!(applied.code(), 0, "{}", applied.stderr);
+    let history = Tool::new(&["history", "--format", "markdown"])
+        .database(&db.url)
+        .run();
+    assert_eq!(history.code(), 0, "{}", history.stderr);
+    assert!(
+        history
+            .stdout
+            .contains("### Runs\n\n| run id | first change |"),
+        "{}",
+        history.stdout
+    );
+    let text = Tool::new(&["history"]).database(&db.url).run();
+    assert!(text.stdout.ends_with("\n1 run\n"), "{}", text.stdout);
+}
+
+/// Flips, held and skipped lines are listed by profile, then element, whatever order the
+/// database returns them in, so staging and prod logs diff cleanly; the summary counts each
+/// transition.
+#[tokio::test]
+async fn flips_are_listed_by_profile_then_index_and_counted_per_transition() {
+    use agent_type_backfill::seed::{self, NewProfile, NewSnapshot};
+    use serde_json::json;
+    let db = TestDb::new().await;
+    // Ids in the opposite order of the slugs, so id order is not log order.
+    let profiles: Vec<NewProfile> = ["zulu", "mike", "alpha"]
+        .iter()
+        .enumerate()
+        .map(|(position, slug)| NewProfile {
+            id: uuid::Uuid::from_u128(position as u128 + 1),
+            slug: (*slug).to_owned(),
+            display_name: (*slug).to_owned(),
+            agents: Some(json!([
+                {"url": format!("https://{slug}.example/b"), "type": "buying"},
+                {"url": format!("https://{slug}.example/a"), "type": "buyer"},
+            ])),
+        })
+        .collect();
+    let snapshots: Vec<NewSnapshot> = ["zulu", "mike", "alpha"]
+        .iter()
+        .map(|slug| NewSnapshot::new(&format!("https://{slug}.example/b"), Some("sales")))
+        .collect();
+    seed::insert(&db.pool, &profiles, &snapshots).await.unwrap();
+    let text = Tool::new(&["--dry-run"]).database(&db.url).run();
+    assert_eq!(text.code(), 0, "{}", text.stderr);
+    let lines: Vec<&str> = text
+        .stdout
+        .lines()
+        .filter(|line| line.contains(".example/"))
+        .collect();
+    let order: Vec<String> = lines
+        .iter()
+        .map(|line| {
+            line.split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "alpha https://alpha.example/b",
+            "alpha https://alpha.example/a",
+            "mike https://mike.example/b",
+            "mike https://mike.example/a",
+            "zulu https://zulu.example/b",
+            "zulu https://zulu.example/a",
+        ],
+        "{}",
+        text.stdout
+    );
+    assert!(
+        text.stdout
+            .contains("\ntransitions:\n  buyer -> unknown  3\n  buying -> sales  3\n"),
+        "{}",
+        text.stdout
+    );
+    let json = Tool::new(&["--dry-run", "--format", "json"])
+        .database(&db.url)
+        .run();
+    let events = events(json.stdout.as_bytes());
+    let flips: Vec<(String, u64)> = events
+        .iter()
+        .filter(|event| event["event"] == "flip")
+        .map(|event| {
+            (
+                event["profile"].as_str().unwrap().to_owned(),
+                event["index"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        flips
+            .iter()
+            .map(|(p, i)| format!("{p}{i}"))
+            .collect::<Vec<_>>(),
+        ["alpha0", "alpha1", "mike0", "mike1", "zulu0", "zulu1"]
+    );
+    let summary = events.last().unwrap();
+    assert_eq!(
+        summary["transitions"],
+        json!({"buyer->unknown": 3, "buying->sales": 3})
+    );
+    assert_eq!(summary["held"], 0);
+}
+
+/// Regression: `--plan-max-age 1s` reported "the plan is 0m old, more than 0m". Durations in the
+/// message show the difference.
+#[tokio::test]
+async fn a_plan_older_than_plan_max_age_says_both_ages_precisely() {
+    let db = TestDb::seeded(5).await;
+    let scratch = common::Scratch::new();
+    let path = scratch.0.join("plan.json");
+    let path = path.to_str().unwrap();
+    let dry = Tool::new(&["--dry-run", "--plan-out", path])
+        .database(&db.url)
+        .run();
+    assert_eq!(dry.code(), 0, "{}", dry.stderr);
+    tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+    let before = db.dump().await;
+    let stale = Tool::new(&["--apply", "--plan", path, "--plan-max-age", "1s"])
+        .database(&db.url)
+        .run();
+    assert_eq!(stale.code(), 2, "{}", stale.stderr);
+    let error = stale.error_line();
+    assert!(
+        error.contains("old, more than --plan-max-age 1.0s"),
+        "{error}"
+    );
+    assert!(!error.contains("the plan is 0m"), "{error}");
+    let age: f64 = error
+        .split("the plan is ")
+        .nth(1)
+        .and_then(|rest| rest.split("s old").next())
+        .and_then(|age| age.parse().ok())
+        .unwrap_or_else(|| panic!("no age in seconds: {error}"));
+    assert!((2.0..10.0).contains(&age), "{error}");
+    assert_eq!(db.dump().await, before);
+}

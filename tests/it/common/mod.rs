@@ -1,0 +1,406 @@
+//! Shared test support: one throwaway PostgreSQL per test binary (or the server named by
+//! DATABASE_URL), and a fresh database with `migrations/` applied for every test.
+
+mod tool;
+
+pub use tool::{Finished, Scratch, Tool, ToolRun, BIN, HANG};
+
+use std::sync::{Mutex, OnceLock};
+
+use agent_type_backfill::cli::{BackfillArgs, Cli, Command};
+use agent_type_backfill::config::{BackfillConfig, HistoryConfig, RevertConfig};
+use agent_type_backfill::ephemeral::EphemeralPostgres;
+use agent_type_backfill::events::Summary;
+use agent_type_backfill::interrupt::StopSignal;
+use agent_type_backfill::rehearse::MIGRATOR;
+use agent_type_backfill::report;
+use agent_type_backfill::seed;
+use clap::Parser;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
+
+/// A PostgreSQL server the tests may create databases on, by URL template.
+#[derive(Clone)]
+pub struct Server {
+    /// URL with `{db}` where the database name goes.
+    url_template: String,
+}
+
+/// pid, backend type, application name and query of a session in `pg_stat_activity`.
+type Session = (i32, Option<String>, Option<String>, Option<String>);
+
+impl Server {
+    /// The server a throwaway cluster runs, as its superuser over loopback.
+    pub fn of(postgres: &EphemeralPostgres) -> Server {
+        Server {
+            url_template: postgres.url("{db}"),
+        }
+    }
+
+    pub fn url(&self, database: &str) -> String {
+        self.url_template.replace("{db}", database)
+    }
+
+    pub async fn admin(&self, statement: &str) {
+        let mut admin = PgConnection::connect(&self.url("postgres")).await.unwrap();
+        sqlx::query(statement).execute(&mut admin).await.unwrap();
+        admin.close().await.unwrap();
+    }
+
+    /// `CREATE DATABASE name TEMPLATE template`. Only the tests' own connections ever open a
+    /// template, and they are closed and dropped before it is copied; but sqlx 0.8's
+    /// `Pool::close` can leave a connection that was being returned at that moment open for as
+    /// long as a pool handle lives. Should such a session still be there after the server's 5 s
+    /// wait, it is named on stderr, terminated, and the copy tried again.
+    pub async fn copy(&self, template: &str, name: &str) {
+        let mut admin = PgConnection::connect(&self.url("postgres")).await.unwrap();
+        for attempt in 1.. {
+            let created = sqlx::query(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
+                .execute(&mut admin)
+                .await;
+            match created {
+                Ok(_) => break,
+                Err(error) if attempt < 3 => {
+                    let sessions: Vec<Session> = sqlx::query_as(
+                        "SELECT pid, backend_type, application_name, query \
+                         FROM pg_stat_activity WHERE datname = $1",
+                    )
+                    .bind(template)
+                    .fetch_all(&mut admin)
+                    .await
+                    .unwrap();
+                    eprintln!(
+                        "[tests] copy of {template} failed ({error}); terminating the sessions \
+                         left on it: {sessions:?}"
+                    );
+                    sqlx::query(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                         WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    )
+                    .bind(template)
+                    .execute(&mut admin)
+                    .await
+                    .unwrap();
+                }
+                Err(error) => panic!("could not copy {template}: {error}"),
+            }
+        }
+        admin.close().await.unwrap();
+    }
+
+    pub async fn drop_database(&self, name: &str) {
+        self.admin(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await;
+    }
+
+    pub async fn pool(&self, database: &str) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&self.url(database))
+            .await
+            .unwrap()
+    }
+}
+
+/// The server every test shares, with a database holding `migrations/` to copy from.
+struct Shared {
+    server: Server,
+    template_db: String,
+}
+
+static SHARED: OnceLock<Shared> = OnceLock::new();
+static OWNED: Mutex<Option<EphemeralPostgres>> = Mutex::new(None);
+
+extern "C" fn stop_owned_server() {
+    if let Ok(mut owned) = OWNED.lock() {
+        drop(owned.take());
+    }
+}
+
+/// One throwaway PostgreSQL for the whole test run, or the server named by `DATABASE_URL`.
+fn shared() -> &'static Shared {
+    SHARED.get_or_init(|| {
+        // Runs on its own thread: the caller is already inside a tokio runtime.
+        std::thread::spawn(|| {
+            let server = match std::env::var("DATABASE_URL") {
+                Ok(url) => Server {
+                    url_template: replace_database(&url),
+                },
+                Err(_) => {
+                    let postgres =
+                        EphemeralPostgres::start().expect("start a throwaway PostgreSQL");
+                    let server = Server::of(&postgres);
+                    *OWNED.lock().unwrap() = Some(postgres);
+                    // Statics are never dropped; stop the server when the test process exits.
+                    unsafe { libc::atexit(stop_owned_server) };
+                    server
+                }
+            };
+            let template_db = format!("atb_template_{}", &Uuid::new_v4().simple().to_string()[..8]);
+            block_on(async {
+                server
+                    .admin(&format!("CREATE DATABASE {template_db}"))
+                    .await;
+                let mut template = PgConnection::connect(&server.url(&template_db))
+                    .await
+                    .unwrap();
+                MIGRATOR
+                    .run(&mut template)
+                    .await
+                    .expect("apply migrations/");
+                template.close().await.unwrap();
+            });
+            Shared {
+                server,
+                template_db,
+            }
+        })
+        .join()
+        .expect("test server set-up")
+    })
+}
+
+/// The server every test shares.
+pub fn shared_server() -> &'static Server {
+    &shared().server
+}
+
+/// Drops `database` from a `Drop` impl, which runs inside a test's runtime and cannot block on
+/// it: a thread with a runtime of its own does the work.
+pub fn drop_database_now(server: &Server, database: &str) {
+    let (server, database) = (server.clone(), database.to_owned());
+    let dropped =
+        std::thread::spawn(move || block_on(async move { server.drop_database(&database).await }))
+            .join();
+    if dropped.is_err() {
+        eprintln!("[tests] could not drop a test database");
+    }
+}
+
+/// Runs `future` to the end on a runtime of its own: for set-up and clean-up outside any test's
+/// runtime.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
+
+fn replace_database(url: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((head, query)) => (head, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    let scheme_end = head.find("://").map_or(0, |at| at + 3);
+    let base = match head[scheme_end..].find('/') {
+        Some(slash) => &head[..scheme_end + slash],
+        None => head,
+    };
+    format!("{base}/{{db}}{query}")
+}
+
+/// A database of its own for one test, with `migrations/` applied, dropped when the test is done
+/// so a run against a shared `DATABASE_URL` server leaves nothing behind.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+    server: Server,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let shared = shared();
+        let name = format!("t_{}", Uuid::new_v4().simple());
+        shared.server.copy(&shared.template_db, &name).await;
+        let url = shared.server.url(&name);
+        let pool = shared.server.pool(&name).await;
+        TestDb {
+            name,
+            url,
+            pool,
+            server: shared.server.clone(),
+        }
+    }
+
+    /// The named stale, buying and junk profiles among `ordinary` consistent ones.
+    pub async fn seeded(ordinary: usize) -> TestDb {
+        let db = TestDb::new().await;
+        seed::seed_rehearsal(&db.pool, ordinary).await.unwrap();
+        db
+    }
+
+    /// Every row of the tables, in a stable order, as text: compare before and after.
+    pub async fn dump(&self) -> String {
+        self.dump_tables(&[
+            ("member_profiles", "id"),
+            ("agent_capabilities_snapshot", "agent_url"),
+            ("type_reclassification_log", "id"),
+            ("organizations", "workos_organization_id"),
+        ])
+        .await
+    }
+
+    /// [`TestDb::dump`] for a database whose audit table was dropped.
+    pub async fn dump_without_audit(&self) -> String {
+        self.dump_tables(&[
+            ("member_profiles", "id"),
+            ("agent_capabilities_snapshot", "agent_url"),
+            ("organizations", "workos_organization_id"),
+        ])
+        .await
+    }
+
+    async fn dump_tables(&self, tables: &[(&str, &str)]) -> String {
+        let mut dump = String::new();
+        for (table, order) in tables {
+            let rows: Option<String> = sqlx::query_scalar(&format!(
+                "SELECT string_agg(t::text, E'\\n' ORDER BY {order}) FROM {table} t"
+            ))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
+            dump.push_str(&format!("-- {table}\n{}\n", rows.unwrap_or_default()));
+        }
+        dump
+    }
+
+    /// A member's own edit between runs: sets the `type` of one element of one profile.
+    pub async fn member_sets_type(&self, slug: &str, index: usize, agent_type: &str) {
+        sqlx::query(
+            "UPDATE member_profiles SET agents = jsonb_set(agents, ARRAY[$2, 'type'], to_jsonb($3::text)) \
+             WHERE slug = $1",
+        )
+        .bind(slug)
+        .bind(index.to_string())
+        .bind(agent_type)
+        .execute(&self.pool)
+        .await
+        .unwrap();
+    }
+
+    pub async fn agents_of(&self, slug: &str) -> serde_json::Value {
+        let text: Option<String> =
+            sqlx::query_scalar("SELECT agents::text FROM member_profiles WHERE slug = $1")
+                .bind(slug)
+                .fetch_one(&self.pool)
+                .await
+                .unwrap();
+        text.map_or(serde_json::Value::Null, |text| {
+            serde_json::from_str(&text).unwrap()
+        })
+    }
+
+    pub async fn audit_rows(&self) -> Vec<AuditRow> {
+        audit_rows(&self.pool).await
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // `WITH (FORCE)` also ends this pool's sessions and any the tool left behind.
+        drop_database_now(&self.server, &self.name);
+    }
+}
+
+/// Every row of `type_reclassification_log`, in the order written.
+pub async fn audit_rows(pool: &PgPool) -> Vec<AuditRow> {
+    sqlx::query_as::<_, AuditRow>(
+        "SELECT agent_url, member_id, old_type, new_type, source, run_id, notes \
+         FROM type_reclassification_log ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// One audit row, as every test reads it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AuditRow {
+    pub agent_url: String,
+    pub member_id: Option<String>,
+    pub old_type: Option<String>,
+    pub new_type: String,
+    pub source: String,
+    pub run_id: Option<String>,
+    pub notes: Option<serde_json::Value>,
+}
+
+impl AuditRow {
+    /// The element the row changed, as its notes record it.
+    pub fn index(&self) -> Option<i64> {
+        self.notes.as_ref()?.get("index")?.as_i64()
+    }
+
+    /// The stored type before the change, exactly as its notes keep it.
+    pub fn from(&self) -> Option<&serde_json::Value> {
+        self.notes.as_ref()?.get("from")
+    }
+}
+
+/// Backfill arguments exactly as the command line would produce them.
+pub fn args(flags: &[&str]) -> BackfillArgs {
+    let mut argv = vec!["agent-type-backfill"];
+    argv.extend_from_slice(flags);
+    Cli::try_parse_from(argv)
+        .expect("valid test flags")
+        .backfill
+}
+
+/// The config a command line gives, for `url`.
+pub fn config(args: &BackfillArgs, url: &str) -> BackfillConfig {
+    let mut args = args.clone();
+    args.connect.database_url = Some(url.to_owned());
+    BackfillConfig::from_cli(&args).expect("a database url is set")
+}
+
+/// Runs the backfill the flags describe against `url`, its log in the flags' format into `out`.
+pub async fn execute(args: &BackfillArgs, url: &str, out: &mut Vec<u8>) -> anyhow::Result<Summary> {
+    execute_with(args, url, out, StopSignal::never()).await
+}
+
+/// [`execute`], stopping when `stop` fires.
+pub async fn execute_with(
+    args: &BackfillArgs,
+    url: &str,
+    out: &mut Vec<u8>,
+    stop: StopSignal,
+) -> anyhow::Result<Summary> {
+    let config = config(args, url);
+    let mut printer = report::printer(config.run.format, out);
+    agent_type_backfill::backfill::execute(&config, printer.as_mut(), stop).await
+}
+
+/// `revert` with these flags (after `revert`) against `url`; its log into `out`.
+pub async fn revert(flags: &[&str], url: &str, out: &mut Vec<u8>) -> anyhow::Result<Summary> {
+    let mut argv = vec!["agent-type-backfill", "revert", "--database-url", url];
+    argv.extend_from_slice(flags);
+    let Some(Command::Revert(args)) = Cli::try_parse_from(argv).unwrap().command else {
+        unreachable!("parsed a revert command line")
+    };
+    let config = RevertConfig::from_cli(&args).unwrap();
+    let mut printer = report::printer(config.run.format, out);
+    agent_type_backfill::audit::revert(&config, printer.as_mut(), StopSignal::never()).await
+}
+
+/// `history` with these flags (after `history`) against `url`; its log into `out`.
+pub async fn history(flags: &[&str], url: &str, out: &mut Vec<u8>) -> anyhow::Result<()> {
+    let mut argv = vec!["agent-type-backfill", "history", "--database-url", url];
+    argv.extend_from_slice(flags);
+    let Some(Command::History(args)) = Cli::try_parse_from(argv).unwrap().command else {
+        unreachable!("parsed a history command line")
+    };
+    let config = HistoryConfig::from_cli(&args).unwrap();
+    let mut printer = report::printer(config.format, out);
+    agent_type_backfill::audit::history(&config, printer.as_mut()).await
+}
+
+/// Parses a `--format json` run log into its events.
+pub fn events(output: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(output)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+        .collect()
+}

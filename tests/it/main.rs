@@ -1,0 +1,22 @@
+//! The integration and end-to-end tests: one crate, one build, one throwaway PostgreSQL shared by
+//! every test that does not need a server of its own (each test still gets its own database).
+//!
+//! - conformance, prefilter, resolver_properties, malformed_corpus: the rule against the 787
+//!   vectors, in Rust and in the server's SQL, and under hostile input;
+//! - backfill, plans, audit: the library's runs against a real PostgreSQL;
+//! - cli, tls: the built binary, end to end;
+//! - reliability: concurrent writers, killed processes and sessions, restarts and timeouts;
+//! - server_versions: what could change between PostgreSQL versions (scripts/pg-matrix).
+
+mod audit;
+mod backfill;
+mod cli;
+mod common;
+mod conformance;
+mod malformed_corpus;
+mod plans;
+mod prefilter;
+mod reliability;
+mod resolver_properties;
+mod server_versions;
+mod tls;
