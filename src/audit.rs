@@ -7,11 +7,11 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::backfill::check_threshold;
 use crate::config::{HistoryConfig, RevertConfig};
 use crate::db::{self, AuditEntry, Snapshots};
 use crate::error::Failure;
 use crate::events::{Event, Mode, SkipReason, Skipped, Summary};
+use crate::guard::check_threshold;
 use crate::interrupt::StopSignal;
 use crate::plan::{parse_column, Plan, PlannedFlip, PlanningBackend};
 use crate::report::Printer;
@@ -120,10 +120,7 @@ pub async fn revert(
         ..Summary::default()
     };
     for planned in &flips {
-        *summary
-            .transitions
-            .entry(planned.event(run.started_at).transition())
-            .or_default() += 1;
+        summary.count_transition(&planned.event(run.started_at));
     }
     for _ in &conflicts {
         summary.count_skip(SkipReason::ChangedSinceRun);

@@ -112,7 +112,7 @@ impl PlanFile {
     /// The plan as the reviewer reads it; `holds` says which flips a guard holds back.
     pub fn new<H>(
         plan: &Plan,
-        holds: &impl Fn(&PlannedFlip) -> Option<(HoldReason, H)>,
+        holds: &dyn Fn(&PlannedFlip) -> Option<(HoldReason, H)>,
         target: Fingerprint,
         run_id: &str,
         created_at: DateTime<Utc>,
