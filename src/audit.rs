@@ -24,7 +24,7 @@ use crate::resolver::{type_label, Flip};
 pub async fn history(args: &HistoryArgs, url: &str, out: &mut (dyn Write + Send)) -> Result<()> {
     let run_id = new_run_id(Utc::now());
     let session = open_session(url, &args.connect, &run_id).await?;
-    db::preflight(&session.pool, true).await?;
+    db::preflight(&session.pool, db::Needs::ReadAudit).await?;
     let mut lines = Vec::new();
     match &args.run_id {
         None => {
@@ -126,8 +126,11 @@ pub async fn revert(
     let started_at = Utc::now();
     let run_id = new_run_id(started_at);
     let session = open_session(url, &args.connect, &run_id).await?;
-    // Even a dry-run reads the audit table here.
-    db::preflight(&session.pool, true).await?;
+    let needs = match mode {
+        crate::cli::Mode::Apply => db::Needs::RevertApply,
+        _ => db::Needs::ReadAudit,
+    };
+    db::preflight(&session.pool, needs).await?;
     let entries = db::run_entries(&session.pool, &args.run_id).await?;
     if entries.is_empty() {
         return Err(no_such_run(&args.run_id));
@@ -190,7 +193,7 @@ pub async fn revert(
 /// Splits the run's audit rows into restorable flips and conflicts, against current data in one
 /// read-only snapshot. Returns them with the number of profiles the run touched.
 async fn plan_revert(
-    pool: &sqlx::PgPool,
+    pool: &db::Pool,
     reverted: &str,
     entries: &[AuditEntry],
 ) -> Result<(Vec<PlannedFlip>, Vec<PlannedFlip>, u64)> {

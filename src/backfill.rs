@@ -9,12 +9,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use chrono::Utc;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use sqlx::PgPool;
 use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::cli::{BackfillArgs, ConnectOpts, Mode, RunOpts};
-use crate::db::{self, FlipWrite, ProfileRow, SnapshotRow, Snapshots};
+use crate::db::{self, FlipWrite, Needs, Pool, ProfileRow, SnapshotRow, Snapshots};
 use crate::error::{signal_name, Failure};
 use crate::interrupt::StopSignal;
 use crate::plan_file::{Fingerprint, PlanFile};
@@ -102,12 +101,7 @@ pub async fn execute_with(
     // Only asked for when a plan file is involved: for a user without the privilege, the query
     // leaves a "permission denied" line in the server log.
     let fingerprint = if args.plan.is_some() || args.plan_out.is_some() {
-        Fingerprint {
-            system_identifier: db::system_identifier(&session.pool).await,
-            host: session.target.host.clone(),
-            port: session.target.port,
-            database: session.target.database.clone(),
-        }
+        Fingerprint::of(&session).await?
     } else {
         Fingerprint::default()
     };
@@ -120,7 +114,12 @@ pub async fn execute_with(
         None => None,
     };
 
-    db::preflight(&session.pool, mode == Mode::Apply).await?;
+    let needs = if mode == Mode::Apply {
+        Needs::Apply
+    } else {
+        Needs::DryRun
+    };
+    db::preflight(&session.pool, needs).await?;
 
     let mut report = Reporter::new(args.run.format, out);
     report.header(&Header {
@@ -197,7 +196,7 @@ pub async fn execute_with(
 /// Everything a run knows once its plan is checked against its limits.
 pub struct Ending<'r, 'w> {
     pub report: &'r mut Reporter<'w>,
-    pub pool: &'r PgPool,
+    pub pool: &'r Pool,
     pub mode: Mode,
     pub run_id: String,
     pub summary: Summary,
@@ -242,7 +241,7 @@ pub async fn finish(end: Ending<'_, '_>) -> Result<Summary> {
 /// What a run reports when it ends.
 struct Conclusion<'r, 'w> {
     report: &'r mut Reporter<'w>,
-    pool: &'r PgPool,
+    pool: &'r Pool,
     mode: Mode,
     run_id: String,
     summary: Summary,
@@ -472,7 +471,7 @@ impl PlanningBackend {
         self.0.store(pid, Ordering::SeqCst);
     }
 
-    pub async fn cancel(&self, pool: &PgPool) {
+    pub async fn cancel(&self, pool: &Pool) {
         let pid = self.0.load(Ordering::SeqCst);
         if pid == 0 {
             return;
@@ -490,7 +489,7 @@ impl PlanningBackend {
 /// the snapshots in a single pass and names the profiles that may hold a flip; only those are read
 /// back and decided by the Rust resolver. Only flips are kept.
 pub async fn plan(
-    pool: &PgPool,
+    pool: &Pool,
     batch_size: u32,
     statement_timeout: Duration,
     backend: &PlanningBackend,
@@ -594,7 +593,7 @@ pub enum Recheck {
 
 /// Writes the plan in batches of profiles, one short transaction each.
 pub async fn write(
-    pool: &PgPool,
+    pool: &Pool,
     flips: &[PlannedFlip],
     opts: &RunOpts,
     recheck: &Recheck,
@@ -672,7 +671,7 @@ struct CheckedBatch {
 /// Locks the batch's profiles, checks each planned flip against current data, and writes only
 /// the flips that still hold exactly as planned, with their audit rows, in one transaction.
 async fn write_batch(
-    pool: &PgPool,
+    pool: &Pool,
     batch: &[(Uuid, Vec<&PlannedFlip>)],
     recheck: &Recheck,
     run_id: &str,
