@@ -753,9 +753,14 @@ pub async fn preflight(pool: &Pool, needs: Needs) -> Result<()> {
         .with_context(|| format!("could not check {} on '{}'", grant.privilege, grant.table))?;
         if !missing.is_empty() {
             problems.push(format!(
-                "user {role} lacks {} on '{}' (column {}): run {}",
+                "user {role} lacks {} on '{}' ({} {}): run {}",
                 grant.privilege,
                 grant.table,
+                if missing.len() == 1 {
+                    "column"
+                } else {
+                    "columns"
+                },
                 missing.join(", "),
                 grant.statement(&role)
             ));
@@ -1280,6 +1285,52 @@ fn sqlstates(error: &anyhow::Error) -> impl Iterator<Item = String> + '_ {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Lines as libpq's `passwordFromFile` reads them: escapes in every field, `*` only as a
+    /// whole field, comments, CRLF, the first match, and the password ending at an unescaped `:`.
+    #[test]
+    fn password_file_lines_match_and_unescape_as_in_libpq() {
+        let find = |text: &str| pgpass::find(text, "db", "5432", "registry", "backfill");
+        assert_eq!(
+            find("db:5432:registry:backfill:se\\:cr\\\\et\n").as_deref(),
+            Some("se:cr\\et")
+        );
+        assert_eq!(find("*:*:*:*:any").as_deref(), Some("any"));
+        assert_eq!(
+            find("# db:5432:registry:backfill:no\n*:5432:*:backfill:yes\r\n").as_deref(),
+            Some("yes")
+        );
+        assert_eq!(
+            find("*:*:*:backfill:first\ndb:5432:registry:backfill:second").as_deref(),
+            Some("first")
+        );
+        assert_eq!(
+            find("d*:5432:registry:backfill:x"),
+            None,
+            "no partial wildcards"
+        );
+        assert_eq!(find("db:5432:registry:backfil:x"), None);
+        assert_eq!(find("db:5432:registry:backfill2:x"), None);
+        assert_eq!(find("db:5432:registry:backfill"), None, "no password field");
+        assert_eq!(find("db:5432:registry:backfill:a:b").as_deref(), Some("a"));
+        assert_eq!(find("db:5432:registry:backfill:*").as_deref(), Some("*"));
+        assert_eq!(
+            find("db:5432:registry:backfill:trailing\\").as_deref(),
+            Some("trailing\\")
+        );
+        assert_eq!(
+            pgpass::find(
+                "\\/run\\:pg:5432:registry:backfill:s",
+                "/run:pg",
+                "5432",
+                "registry",
+                "backfill"
+            )
+            .as_deref(),
+            Some("s"),
+            "an escaped socket directory"
+        );
+    }
 
     #[test]
     fn redact_removes_the_url_and_its_password_wherever_they_appear() {
