@@ -230,6 +230,18 @@ pub async fn connect(url: &str, settings: &SessionSettings) -> Result<Session> {
     let mut transaction = first
         .begin()
         .await
+        .map_err(|error| {
+            let statement_pooling = error.to_string().contains("statement pooling mode");
+            let error = anyhow::Error::new(error);
+            if statement_pooling {
+                error.context(
+                    "a pooler in statement mode cannot keep a transaction on one server session: \
+                     point DATABASE_URL at a PgBouncer pool in session or transaction mode",
+                )
+            } else {
+                error
+            }
+        })
         .context("could not open the first transaction")?;
     apply_settings(&mut transaction, settings).await?;
     let row = sqlx::query("SELECT current_database()::text, current_user::text")

@@ -230,3 +230,137 @@ fn tempdir(name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Sessions of the tool in `pg_stat_activity` that are running a statement, by the
+/// application_name the pooler passed on.
+const ACTIVE_TOOL_SESSIONS: &str = "SELECT count(*) FROM pg_stat_activity \
+     WHERE datname = current_database() AND application_name LIKE 'agent-type-backfill %' \
+     AND state = 'active'";
+
+/// Ctrl-C while planning cancels the planning statement through the pooler: the cancel runs on
+/// another server session and `pg_cancel_backend` reaches the planning one. A backend blocked on a
+/// lock does not notice that PgBouncer closed its connection, so without the cancel it would wait.
+#[tokio::test]
+async fn sigint_while_planning_cancels_the_statement_through_pgbouncer() {
+    for mode in MODES {
+        let db = TestDb::seeded(10).await;
+        let (_bouncer, url) = bouncer_for(&db, mode);
+        let mut blocker = db.pool.begin().await.unwrap();
+        sqlx::query("LOCK TABLE agent_capabilities_snapshot IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut *blocker)
+            .await
+            .unwrap();
+        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("agent-type-backfill"))
+            .args([
+                "--dry-run",
+                "--lock-timeout",
+                "60s",
+                "--statement-timeout",
+                "60s",
+            ])
+            .env("DATABASE_URL", &url)
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut waiting = false;
+        for _ in 0..400 {
+            let count: i64 = sqlx::query_scalar(&format!(
+                "{ACTIVE_TOOL_SESSIONS} AND wait_event_type = 'Lock'"
+            ))
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            if count > 0 {
+                waiting = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(
+            waiting,
+            "{mode:?}: the dry-run never reached its server pass"
+        );
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let output = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(130),
+            "{mode:?}: {stdout}\n{stderr}"
+        );
+        assert!(
+            stderr.contains("cancelled the planning statement on the server"),
+            "{mode:?}: {stderr}"
+        );
+        let mut still_active: i64 = -1;
+        for _ in 0..100 {
+            still_active = sqlx::query_scalar(ACTIVE_TOOL_SESSIONS)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+            if still_active == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        blocker.rollback().await.unwrap();
+        assert_eq!(
+            still_active, 0,
+            "{mode:?}: the planning statement outlived the tool"
+        );
+    }
+}
+
+/// Inside every transaction the tool opens through the pooler, its settings and name are the
+/// server session's, whichever server session the pooler picked.
+#[tokio::test]
+async fn every_transaction_through_pgbouncer_carries_the_tool_settings() {
+    use agent_type_backfill::{backfill, db};
+    for mode in MODES {
+        let test_db = TestDb::new().await;
+        let (_bouncer, url) = bouncer_for(&test_db, mode);
+        let connect = common::args(&[
+            "--dry-run",
+            "--lock-timeout",
+            "1234ms",
+            "--statement-timeout",
+            "42s",
+        ])
+        .connect;
+        let session = backfill::open_session(&url, &connect, "atb-pooled")
+            .await
+            .unwrap();
+        for read_only in [false, true, false, true] {
+            let mut transaction = if read_only {
+                db::begin_read_only(&session.pool).await.unwrap()
+            } else {
+                session.pool.begin().await.unwrap()
+            };
+            let settings: (String, String, String, String) = sqlx::query_as(
+                "SELECT current_setting('lock_timeout'), current_setting('statement_timeout'), \
+                        current_setting('jit'), current_setting('application_name')",
+            )
+            // Unnamed, as the tool's own: each pooled connection numbers its named statements
+            // from sqlx_s_1, and under transaction pooling they meet on one server session
+            // ("prepared statement \"sqlx_s_1\" already exists").
+            .persistent(false)
+            .fetch_one(&mut *transaction)
+            .await
+            .unwrap();
+            assert_eq!(
+                settings,
+                (
+                    "1234ms".to_owned(),
+                    "42s".to_owned(),
+                    "off".to_owned(),
+                    "agent-type-backfill atb-pooled".to_owned()
+                ),
+                "{mode:?}"
+            );
+        }
+        session.pool.close().await;
+    }
+}
