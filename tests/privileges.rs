@@ -131,6 +131,37 @@ async fn roles_with_exactly_the_runbook_grants_run_every_command() {
         assert_eq!(done.code, 0, "{history:?}: {}", done.stderr);
         assert!(done.stdout.contains(&run_id), "{}", done.stdout);
     }
+    // A plan carries the cluster's identity only where the user may read pg_control_system()
+    // (anyone, unless an administrator revoked it, as here), as RUNBOOK.md says for the
+    // replica-then-primary flow.
+    sqlx::query("REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let scratch = std::env::temp_dir().join(format!("atb-least-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let plan_path = scratch.join("plan.json");
+    let plan_arg = plan_path.to_str().unwrap();
+    let identified = role_with(&db, DRY_RUN).await;
+    sqlx::query(&format!(
+        "GRANT EXECUTE ON FUNCTION pg_control_system() TO {identified}"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    for (url, readable) in [(&reader, false), (&as_user(&db.url, &identified), true)] {
+        let done = tool(url, &["--dry-run", "--plan-out", plan_arg], &[]);
+        assert_eq!(done.code, 0, "{}", done.stderr);
+        let plan: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&plan_path).unwrap()).unwrap();
+        assert_eq!(
+            plan["target"]["system_identifier"].is_string(),
+            readable,
+            "{plan}"
+        );
+    }
+    std::fs::remove_dir_all(scratch).unwrap();
+
     let revert_dry = tool(&auditor, &["revert", &run_id, "--dry-run"], &[]);
     assert_eq!(revert_dry.code, 0, "{}", revert_dry.stderr);
     let revert = tool(
