@@ -9,11 +9,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use agent_type_backfill::ephemeral::EphemeralPostgres;
-use agent_type_backfill::rehearse::MIGRATOR;
-use agent_type_backfill::seed;
 use common::events;
-use sqlx::{Connection, PgConnection};
-use support::tool;
+use support::{registry_on, tool};
 
 /// A password with both characters a password file must escape.
 const PASSWORD: &str = r"se:cr\et";
@@ -32,29 +29,14 @@ async fn server_with_password_role() -> EphemeralPostgres {
         ),
     )
     .unwrap();
-    let mut admin = PgConnection::connect(&server.url("postgres"))
-        .await
-        .unwrap();
+    let pool = registry_on(&server, 5).await;
     for statement in [
         "SELECT pg_reload_conf()".to_owned(),
-        "CREATE DATABASE registry".to_owned(),
         format!("CREATE ROLE atb_pw LOGIN PASSWORD '{PASSWORD}'"),
+        "GRANT SELECT ON member_profiles, agent_capabilities_snapshot TO atb_pw".to_owned(),
     ] {
-        sqlx::query(&statement).execute(&mut admin).await.unwrap();
+        sqlx::query(&statement).execute(&pool).await.unwrap();
     }
-    let mut registry = PgConnection::connect(&server.url("registry"))
-        .await
-        .unwrap();
-    MIGRATOR.run(&mut registry).await.unwrap();
-    sqlx::query("GRANT SELECT ON member_profiles, agent_capabilities_snapshot TO atb_pw")
-        .execute(&mut registry)
-        .await
-        .unwrap();
-    registry.close().await.unwrap();
-    let pool = sqlx::PgPool::connect(&server.url("registry"))
-        .await
-        .unwrap();
-    seed::seed_rehearsal(&pool, 5).await.unwrap();
     pool.close().await;
     server
 }
@@ -168,17 +150,7 @@ async fn the_password_file_is_read_as_libpq_reads_it() {
 #[tokio::test]
 async fn a_socket_target_is_shown_as_its_socket_directory() {
     let server = EphemeralPostgres::start().unwrap();
-    let mut admin = PgConnection::connect(&server.url("postgres"))
-        .await
-        .unwrap();
-    sqlx::query("CREATE DATABASE registry")
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let mut registry = PgConnection::connect(&server.url("registry"))
-        .await
-        .unwrap();
-    MIGRATOR.run(&mut registry).await.unwrap();
+    registry_on(&server, 5).await.close().await;
     let socket = server.root().to_str().unwrap().to_owned();
     let port = server.port();
     let url = format!("postgres:///registry?host={socket}&port={port}&user=postgres");

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{events, TestDb};
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
-use support::{host_port, tool, via, PgBouncer, PoolMode};
+use support::{active_tool_sessions, host_port, tool, via, PgBouncer, PoolMode};
 
 const MODES: [PoolMode; 2] = [PoolMode::Session, PoolMode::Transaction];
 
@@ -231,12 +231,6 @@ fn tempdir(name: &str) -> std::path::PathBuf {
     dir
 }
 
-/// Sessions of the tool in `pg_stat_activity` that are running a statement, by the
-/// application_name the pooler passed on.
-const ACTIVE_TOOL_SESSIONS: &str = "SELECT count(*) FROM pg_stat_activity \
-     WHERE datname = current_database() AND application_name LIKE 'agent-type-backfill %' \
-     AND state = 'active'";
-
 /// Ctrl-C while planning cancels the planning statement through the pooler: the cancel runs on
 /// another server session and `pg_cancel_backend` reaches the planning one. A backend blocked on a
 /// lock does not notice that PgBouncer closed its connection, so without the cancel it would wait.
@@ -266,13 +260,7 @@ async fn sigint_while_planning_cancels_the_statement_through_pgbouncer() {
             .unwrap();
         let mut waiting = false;
         for _ in 0..400 {
-            let count: i64 = sqlx::query_scalar(&format!(
-                "{ACTIVE_TOOL_SESSIONS} AND wait_event_type = 'Lock'"
-            ))
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-            if count > 0 {
+            if active_tool_sessions(&db.pool, "AND wait_event_type = 'Lock'").await > 0 {
                 waiting = true;
                 break;
             }
@@ -297,10 +285,7 @@ async fn sigint_while_planning_cancels_the_statement_through_pgbouncer() {
         );
         let mut still_active: i64 = -1;
         for _ in 0..100 {
-            still_active = sqlx::query_scalar(ACTIVE_TOOL_SESSIONS)
-                .fetch_one(&db.pool)
-                .await
-                .unwrap();
+            still_active = active_tool_sessions(&db.pool, "").await;
             if still_active == 0 {
                 break;
             }

@@ -6,37 +6,14 @@ mod common;
 mod support;
 
 use agent_type_backfill::ephemeral::EphemeralPostgres;
-use agent_type_backfill::rehearse::MIGRATOR;
-use agent_type_backfill::seed;
 use common::{events, TestDb};
 use serde_json::Value;
-use sqlx::postgres::PgPoolOptions;
-use sqlx::{Connection, PgConnection, PgPool};
-use support::{as_user, role_name, tool};
-
-async fn registry_on(server: &EphemeralPostgres) -> PgPool {
-    let mut admin = PgConnection::connect(&server.url("postgres"))
-        .await
-        .unwrap();
-    sqlx::query("CREATE DATABASE registry")
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    admin.close().await.unwrap();
-    let pool = PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&server.url("registry"))
-        .await
-        .unwrap();
-    MIGRATOR.run(&pool).await.unwrap();
-    seed::seed_rehearsal(&pool, 30).await.unwrap();
-    pool
-}
+use support::{as_user, registry_on, role_name, tool};
 
 #[tokio::test]
 async fn a_standby_refuses_writes_at_preflight_and_its_plan_applies_on_the_primary() {
     let primary = EphemeralPostgres::start().unwrap();
-    let pool = registry_on(&primary).await;
+    let pool = registry_on(&primary, 30).await;
     let standby = EphemeralPostgres::start_standby_of(&primary).unwrap();
     let on_standby = standby.url("registry");
     let on_primary = primary.url("registry");
@@ -111,7 +88,7 @@ async fn a_standby_refuses_writes_at_preflight_and_its_plan_applies_on_the_prima
 
     // Another cluster with a database of the same name is not the standby's primary.
     let stranger = EphemeralPostgres::start().unwrap();
-    registry_on(&stranger).await;
+    registry_on(&stranger, 0).await;
     let refused = tool(
         &stranger.url("registry"),
         &["--apply", "--plan", plan_arg],

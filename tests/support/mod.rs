@@ -220,3 +220,45 @@ fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A `registry` database on `server` with `migrations/` applied and `profiles` ordinary profiles
+/// seeded beside the named ones.
+pub async fn registry_on(
+    server: &agent_type_backfill::ephemeral::EphemeralPostgres,
+    profiles: usize,
+) -> sqlx::PgPool {
+    use sqlx::Connection;
+    let mut admin = sqlx::PgConnection::connect(&server.url("postgres"))
+        .await
+        .unwrap();
+    sqlx::query("CREATE DATABASE registry")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    admin.close().await.unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&server.url("registry"))
+        .await
+        .unwrap();
+    agent_type_backfill::rehearse::MIGRATOR
+        .run(&pool)
+        .await
+        .unwrap();
+    agent_type_backfill::seed::seed_rehearsal(&pool, profiles)
+        .await
+        .unwrap();
+    pool
+}
+
+/// Sessions of the tool in `pg_stat_activity` running a statement, found by the
+/// application_name it sets (passed on by a pooler too); `extra` narrows them.
+pub async fn active_tool_sessions(pool: &sqlx::PgPool, extra: &str) -> i64 {
+    sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND application_name LIKE 'agent-type-backfill %' AND state = 'active' {extra}"
+    ))
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
