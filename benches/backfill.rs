@@ -636,7 +636,7 @@ const TOOL_DEFAULT_BATCH: u32 = 1000;
 /// with the tool's session settings, each timed, plus the plans of the server pass and the floor.
 async fn anatomy(url: &str, batch: u32, cpu: &ServerCpu) -> Result<Vec<String>> {
     use agent_type_backfill::resolver::{SELF_DECLARED_TYPE, UNKNOWN_TYPE, VALID_AGENT_TYPES};
-    use agent_type_backfill::{backfill, db};
+    use agent_type_backfill::{db, plan};
     let options = sqlx::postgres::PgConnectOptions::from_str(url)?.options([("jit", "off")]);
     let mut connection = PgConnection::connect_with(&options).await?;
     let before = cpu.reaped()?;
@@ -657,7 +657,7 @@ async fn anatomy(url: &str, batch: u32, cpu: &ServerCpu) -> Result<Vec<String>> 
         let rows = db::profiles_by_id(&mut transaction, ids).await?;
         let columns = rows
             .iter()
-            .map(backfill::parse_column)
+            .map(plan::parse_column)
             .collect::<Result<Vec<_>>>()?;
         db::snapshots_for(&mut transaction, &columns).await?;
         pages += 1;

@@ -1,97 +1,46 @@
 //! Reading the audit trail back: `history` lists runs, `revert` undoes one through the same write
-//! path, threshold and report as the backfill.
+//! path, threshold and log as the backfill.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::Write;
-use std::time::Instant;
 
 use anyhow::{Context, Result};
-use chrono::{SecondsFormat, Utc};
-use serde_json::{json, Value};
+use serde_json::Value;
 use uuid::Uuid;
 
-use crate::backfill::{
-    self, check_threshold, finish, new_run_id, open_session, Ending, PlannedFlip, Recheck, VERSION,
-};
-use crate::cli::{Format, HistoryArgs, RevertArgs};
-use crate::db::{self, AuditEntry};
+use crate::backfill::check_threshold;
+use crate::config::{HistoryConfig, RevertConfig};
+use crate::db::{self, AuditEntry, Snapshots};
 use crate::error::Failure;
+use crate::events::{Event, Mode, SkipReason, Skipped, Summary};
 use crate::interrupt::StopSignal;
-use crate::report::{printable, Header, Reporter, SkipReason, Summary};
-use crate::resolver::{type_label, Flip};
+use crate::plan::{parse_column, Plan, PlannedFlip, PlanningBackend};
+use crate::report::Printer;
+use crate::resolver::{bounded_type, type_label, AgentsColumn, Flip};
+use crate::run::{Ending, Run};
+use crate::write::Recheck;
 
 /// `history [RUN_ID]`: the runs in `type_reclassification_log`, or one run's rows.
-pub async fn history(args: &HistoryArgs, url: &str, out: &mut (dyn Write + Send)) -> Result<()> {
-    let run_id = new_run_id(Utc::now());
-    let session = open_session(url, &args.connect, &run_id).await?;
-    db::preflight(&session.pool, db::Needs::ReadAudit).await?;
-    let mut lines = Vec::new();
-    match &args.run_id {
+pub async fn history(config: &HistoryConfig, printer: &mut dyn Printer) -> Result<()> {
+    let mut run = Run::open(&config.connect, Mode::DryRun, printer, StopSignal::never()).await?;
+    db::preflight(&run.session.pool, db::Needs::ReadAudit).await?;
+    match &config.run_id {
         None => {
-            let runs = db::backfill_runs(&session.pool).await?;
-            match args.format {
-                Format::Json => lines.extend(runs.iter().map(|run| {
-                    let mut event = json!(run);
-                    event["event"] = json!("run");
-                    event.to_string()
-                })),
-                Format::Text => {
-                    lines.push(format!(
-                        "{:<31}  {:<20}  {:<20}  {:>6}  {:>8}  reverts",
-                        "run id", "first change", "last change", "flips", "profiles"
-                    ));
-                    lines.extend(runs.iter().map(|run| {
-                        format!(
-                            "{:<31}  {:<20}  {:<20}  {:>6}  {:>8}  {}",
-                            run.run_id,
-                            run.first_change.to_rfc3339_opts(SecondsFormat::Secs, true),
-                            run.last_change.to_rfc3339_opts(SecondsFormat::Secs, true),
-                            run.flips,
-                            run.profiles,
-                            run.reverts.as_deref().unwrap_or("-")
-                        )
-                    }));
-                    lines.push(format!("{} runs", runs.len()));
-                }
+            for record in db::backfill_runs(&run.session.pool).await? {
+                run.print(Event::Run(record))?;
             }
         }
         Some(wanted) => {
-            let entries = db::run_entries(&session.pool, wanted).await?;
+            let entries = db::run_entries(&run.session.pool, wanted).await?;
             if entries.is_empty() {
                 return Err(no_such_run(wanted));
             }
-            match args.format {
-                Format::Json => lines.extend(entries.iter().map(|entry| {
-                    let mut event = json!(entry);
-                    event["event"] = json!("row");
-                    event.to_string()
-                })),
-                Format::Text => {
-                    lines.extend(entries.iter().map(|entry| {
-                        format!(
-                            "{}  {}  {}  {}  {} -> {}",
-                            entry.changed_at.to_rfc3339_opts(SecondsFormat::Secs, true),
-                            printable(&entry_label(entry)),
-                            printable(&entry.agent_url),
-                            entry
-                                .notes
-                                .as_ref()
-                                .and_then(|notes| notes.get("index"))
-                                .map_or("?".to_owned(), Value::to_string),
-                            printable(entry.old_type.as_deref().unwrap_or("(none)")),
-                            printable(&entry.new_type)
-                        )
-                    }));
-                    lines.push(format!("{} rows in run {wanted}", entries.len()));
-                }
+            for entry in entries {
+                run.print(Event::Row(entry))?;
             }
         }
     }
-    session.pool.close().await;
-    for line in lines {
-        writeln!(out, "{line}").context("could not write to stdout")?;
-    }
-    Ok(())
+    run.session.pool.close().await;
+    run.print_finish()
 }
 
 fn no_such_run(run_id: &str) -> anyhow::Error {
@@ -102,92 +51,123 @@ fn no_such_run(run_id: &str) -> anyhow::Error {
     .into()
 }
 
-fn entry_label(entry: &AuditEntry) -> String {
-    entry
-        .notes
-        .as_ref()
-        .and_then(|notes| notes.get("profile"))
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .or_else(|| entry.member_id.clone())
-        .unwrap_or_default()
+/// `revert`: write only where the element still carries the type the reverted run wrote; the
+/// audit notes record which run is being reverted.
+struct StillCarriesFrom {
+    reverts: String,
+}
+
+impl Recheck for StillCarriesFrom {
+    fn reads_snapshots(&self) -> bool {
+        false
+    }
+
+    fn holding(&self, column: &AgentsColumn, _: &Snapshots, planned: &[&PlannedFlip]) -> Vec<Flip> {
+        planned
+            .iter()
+            .filter(|planned| column.carries(&planned.flip))
+            .map(|planned| planned.flip.clone())
+            .collect()
+    }
+
+    fn stale_reason(&self) -> SkipReason {
+        SkipReason::ChangedSinceRun
+    }
+
+    fn notes_extra(&self) -> Value {
+        serde_json::json!({ "reverts": self.reverts })
+    }
 }
 
 /// `revert RUN_ID`: restores the old type of every element that still carries the type the run
 /// wrote. Elements changed since are conflicts: reported and left alone.
 pub async fn revert(
-    args: &RevertArgs,
-    url: &str,
-    out: &mut (dyn Write + Send),
-    mut stop: StopSignal,
+    config: &RevertConfig,
+    printer: &mut dyn Printer,
+    stop: StopSignal,
 ) -> Result<Summary> {
-    let clock = Instant::now();
-    let mode = args.mode.mode();
-    let started_at = Utc::now();
-    let run_id = new_run_id(started_at);
-    let session = open_session(url, &args.connect, &run_id).await?;
-    let needs = match mode {
-        crate::cli::Mode::Apply => db::Needs::RevertApply,
-        _ => db::Needs::ReadAudit,
+    let mut run = Run::open(&config.connect, config.run.mode, printer, stop).await?;
+    // Even a dry-run reads the audit table here.
+    let needs = match run.mode {
+        Mode::Apply => db::Needs::RevertApply,
+        Mode::DryRun => db::Needs::ReadAudit,
     };
-    db::preflight(&session.pool, needs).await?;
-    let entries = db::run_entries(&session.pool, &args.run_id).await?;
+    db::preflight(&run.session.pool, needs).await?;
+    let entries = db::run_entries(&run.session.pool, &config.reverted_run).await?;
     if entries.is_empty() {
-        return Err(no_such_run(&args.run_id));
+        return Err(no_such_run(&config.reverted_run));
     }
+    run.header(config.run.max_flips, Some(&config.reverted_run))?;
 
-    let mut report = Reporter::new(args.run.format, out);
-    report.header(&Header {
-        version: VERSION,
-        mode,
-        target: &session.target,
-        started_at,
-        run_id: &run_id,
-        max_flips: args.run.max_flips,
-        reverts: Some(&args.run_id),
-    })?;
-
-    let (flips, conflicts, profiles) = tokio::select! {
-        planned = plan_revert(&session.pool, &args.run_id, &entries) => planned?,
-        signal = stop.wait() => {
-            return Err(Failure::Interrupted { signal, written: 0, planned: 0, run_id }.into());
-        }
-    };
-    for planned in &flips {
-        report.flip(&planned.line(started_at))?;
-    }
-    for conflict in &conflicts {
-        report.skipped(&conflict.line(started_at), SkipReason::ChangedSinceRun)?;
-    }
-    let summary = Summary {
+    let pool = run.session.pool.clone();
+    let planning = plan_revert(&pool, &config.reverted_run, &entries);
+    let (flips, conflicts, profiles) = run.plan(planning, &PlanningBackend::default()).await?;
+    run.print_flips(
+        flips.clone(),
+        |planned| planned,
+        |planned, now| Event::Flip(planned.event(now)),
+    )?;
+    run.print_flips(
+        conflicts.clone(),
+        |planned| planned,
+        |planned, now| {
+            Event::Skipped(Skipped {
+                flip: planned.event(now),
+                reason: SkipReason::ChangedSinceRun,
+            })
+        },
+    )?;
+    let mut summary = Summary {
         profiles_scanned: profiles,
-        profiles_changed: flips
-            .iter()
-            .map(|flip| flip.profile_id)
-            .collect::<BTreeSet<_>>()
-            .len() as u64,
-        flips: flips.len() as u64,
-        skipped: conflicts.len() as u64,
+        profiles_changed: Plan::count_profiles(flips.iter()),
+        flips: u64::try_from(flips.len()).unwrap_or(u64::MAX),
         ..Summary::default()
     };
+    for planned in &flips {
+        *summary
+            .transitions
+            .entry(planned.event(run.started_at).transition())
+            .or_default() += 1;
+    }
+    for _ in &conflicts {
+        summary.count_skip(SkipReason::ChangedSinceRun);
+    }
 
-    let refusal = check_threshold(flips.len(), args.run.max_flips);
-    finish(Ending {
-        report: &mut report,
-        pool: &session.pool,
-        mode,
-        run_id,
-        summary,
-        refusal,
-        clock,
-        opts: &args.run,
-        stop: &stop,
+    let refusal = check_threshold(flips.len(), config.run.max_flips);
+    let recheck = StillCarriesFrom {
+        reverts: config.reverted_run.clone(),
+    };
+    run.write_and_report(Ending {
         flips: &flips,
-        recheck: Recheck::StillCarriesFrom {
-            reverts: args.run_id.clone(),
-        },
+        refusal,
+        summary,
+        batch_size: config.run.batch_size,
+        write_attempts: config.run.write_attempts,
+        recheck: &recheck,
     })
     .await
+}
+
+/// Where an audit row says its change was made.
+enum Restorable {
+    /// The row names the profile and the element.
+    At { profile_id: Uuid, index: usize },
+    /// The row lacks a profile id or an element index: nothing can be restored from it.
+    Unlocatable,
+}
+
+impl Restorable {
+    fn of(entry: &AuditEntry) -> Restorable {
+        let profile_id = entry
+            .member_id
+            .as_deref()
+            .and_then(|id| id.parse::<Uuid>().ok());
+        let index = entry.index().and_then(|index| usize::try_from(index).ok());
+        match (profile_id, index) {
+            (Some(profile_id), Some(index)) => Restorable::At { profile_id, index },
+            _ => Restorable::Unlocatable,
+        }
+    }
 }
 
 /// Splits the run's audit rows into restorable flips and conflicts, against current data in one
@@ -199,7 +179,10 @@ async fn plan_revert(
 ) -> Result<(Vec<PlannedFlip>, Vec<PlannedFlip>, u64)> {
     let ids: BTreeSet<Uuid> = entries
         .iter()
-        .filter_map(|entry| entry.member_id.as_deref()?.parse().ok())
+        .filter_map(|entry| match Restorable::of(entry) {
+            Restorable::At { profile_id, .. } => Some(profile_id),
+            Restorable::Unlocatable => None,
+        })
         .collect();
     let ids: Vec<Uuid> = ids.into_iter().collect();
     let mut transaction = db::begin_read_only(pool).await?;
@@ -208,53 +191,71 @@ async fn plan_revert(
         .rollback()
         .await
         .context("could not close the planning transaction")?;
-    let columns: HashMap<Uuid, (String, _)> = rows
+    let columns: HashMap<Uuid, AgentsColumn> = rows
         .iter()
-        .map(|row| Ok((row.id, (row.label(), backfill::parse_column(row)?))))
+        .map(|row| Ok((row.id, parse_column(row)?)))
         .collect::<Result<_>>()?;
 
     let note = format!("reverts {reverted}");
     let mut flips = Vec::new();
     let mut conflicts = Vec::new();
     for entry in entries {
-        let restore = entry
-            .notes
-            .as_ref()
-            .and_then(|notes| notes.get("from"))
-            .cloned()
-            .unwrap_or_else(|| json!(entry.old_type.as_deref().unwrap_or("unknown")));
-        let index = entry
-            .notes
-            .as_ref()
-            .and_then(|notes| notes.get("index"))
-            .and_then(Value::as_u64);
-        let profile_id = entry
-            .member_id
-            .as_deref()
-            .and_then(|id| id.parse::<Uuid>().ok());
-        let planned = PlannedFlip {
-            profile_id: profile_id.unwrap_or(Uuid::nil()),
-            label: entry_label(entry),
-            flip: Flip {
-                index: index.unwrap_or(u64::MAX) as usize,
+        // The stored value exactly as the run found it, however deep; the log shows it as the
+        // resolver would.
+        let restore = entry.from_json.clone().unwrap_or_else(|| {
+            Value::String(
+                entry
+                    .old_type
+                    .clone()
+                    .unwrap_or_else(|| "unknown".to_owned()),
+            )
+            .to_string()
+        });
+        let shown = bounded_type(&restore)
+            .with_context(|| format!("audit row {} holds a malformed notes.from", entry.id))?;
+        let location = Restorable::of(entry);
+        let (profile_id, index) = match location {
+            Restorable::At { profile_id, index } => (profile_id, index),
+            // Only ever listed as a conflict: the log shows what the row holds, and the maximum
+            // index for an element it does not name.
+            Restorable::Unlocatable => (
+                entry
+                    .member_id
+                    .as_deref()
+                    .and_then(|id| id.parse().ok())
+                    .unwrap_or_default(),
+                entry
+                    .index()
+                    .and_then(|index| usize::try_from(index).ok())
+                    .unwrap_or(usize::MAX),
+            ),
+        };
+        let mut planned = PlannedFlip::found(
+            profile_id,
+            &entry.label(),
+            Flip {
+                index,
                 url: entry.agent_url.clone(),
                 from: Value::String(entry.new_type.clone()),
-                to: type_label(&restore),
+                to: type_label(&shown),
             },
-            probe: None,
-            restore: Some(restore),
-            note: Some(note.clone()),
-        };
-        let holds = profile_id
-            .and_then(|id| columns.get(&id))
-            .is_some_and(|(_, column)| index.is_some() && column.carries(&planned.flip));
+            None,
+        );
+        planned.restore = Some(restore);
+        planned.note = Some(note.clone());
+        let holds = matches!(location, Restorable::At { .. })
+            && columns
+                .get(&profile_id)
+                .is_some_and(|column| column.carries(&planned.flip));
         if holds {
             flips.push(planned);
         } else {
             conflicts.push(planned);
         }
     }
-    // The writer batches consecutive flips of one profile together.
-    flips.sort_by_key(|planned| (planned.profile_id, planned.flip.index));
-    Ok((flips, conflicts, ids.len() as u64))
+    Ok((
+        flips,
+        conflicts,
+        u64::try_from(ids.len()).unwrap_or(u64::MAX),
+    ))
 }

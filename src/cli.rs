@@ -13,14 +13,23 @@ pub const LONG_VERSION: &str = concat!(
     ")"
 );
 
+/// What `--version` prints: the build, and the server rule it ports with that rule's vocabulary.
+pub const VERSION_WITH_RULE: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("AGENT_TYPE_BACKFILL_COMMIT"),
+    ")\nrule: adcp resolveAgentTypes at 4439b18 \
+     (brand, rights, measurement, governance, creative, sales, buying, signals, unknown)"
+);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "agent-type-backfill",
-    version = LONG_VERSION,
+    version = VERSION_WITH_RULE,
     term_width = 100,
     max_term_width = 100,
     about = "Repairs stale agent types in member_profiles, auditing every change",
-    long_about = "Loads every member_profiles row, runs the registry server's resolve_agent_types \
+    long_about = "Loads every member_profiles row, runs the registry server's resolveAgentTypes \
 rule over its agents array against agent_capabilities_snapshot, and prints (--dry-run) or writes \
 (--apply) the disagreements, each audited in type_reclassification_log under one run id.",
     after_help = "Exit codes: 0 done, 1 unexpected error, 2 usage or configuration, \
@@ -31,7 +40,7 @@ Examples (RUNBOOK.md):\n  \
 DATABASE_URL=postgres://backfill@staging-db/registry agent-type-backfill --dry-run \\\n      \
 --expect-database registry | tee staging-dry-run.log\n  \
 # 3. staging apply, held to what the dry-run showed\n  \
-agent-type-backfill --apply --max-flips 2 --allow-transition buying->sales | tee staging-apply.log\n  \
+agent-type-backfill --apply --max-flips 2 --allow-transition buying:sales | tee staging-apply.log\n  \
 # 4. spot-check: a re-run finds nothing\n  \
 agent-type-backfill --dry-run --max-flips 0\n  \
 # rehearse the whole procedure on a throwaway local database\n  \
@@ -45,6 +54,19 @@ pub struct Cli {
 
     #[command(flatten)]
     pub backfill: BackfillArgs,
+}
+
+impl Cli {
+    /// The URL this command connects to, whichever command it is: the one string a panic message
+    /// must never quote.
+    pub fn database_url(&self) -> Option<&str> {
+        let connect = match &self.command {
+            Some(Command::Revert(args)) => &args.connect,
+            Some(Command::History(args)) => &args.connect,
+            _ => &self.backfill.connect,
+        };
+        connect.database_url.as_deref()
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,7 +124,7 @@ pub struct HistoryArgs {
     #[command(flatten)]
     pub connect: ConnectOpts,
 
-    /// Output format on stdout
+    /// Output format on stdout: text, JSON lines, or Markdown for a ticket
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
 }
@@ -120,7 +142,7 @@ pub struct BackfillArgs {
 
     /// With --dry-run: also write the plan (every flip, counts, the target's fingerprint) to FILE
     /// as JSON, for review and for --apply --plan
-    #[arg(long, value_name = "FILE", requires = "dry_run")]
+    #[arg(long, value_name = "FILE", conflicts_with = "apply")]
     pub plan_out: Option<PathBuf>,
 
     /// Write only the flips of this reviewed plan that still hold exactly; list planned flips
@@ -132,10 +154,21 @@ pub struct BackfillArgs {
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
     pub plan_max_age: Duration,
 
-    /// Only write flips of this transition, e.g. 'buying->sales' (repeatable). Any other
-    /// transition in the plan is reported and the run exits 3 with nothing written
-    #[arg(long, value_name = "FROM->TO", value_parser = parse_transition)]
+    /// Only write flips of this transition, e.g. buying:sales (repeatable; 'buying->sales' quoted
+    /// also works). Any other transition in the plan is reported and the run exits 3 with nothing
+    /// written
+    #[arg(long, value_name = "FROM:TO", value_parser = parse_transition)]
     pub allow_transition: Vec<Transition>,
+
+    /// Hold (never write, exit 3) a flip decided by a snapshot probed longer ago than this
+    /// (e.g. 7d, 48h); off by default
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub max_probe_age: Option<Duration>,
+
+    /// Hold (never write, exit 3) a flip from one known type to another that fewer than N of the
+    /// crawler's own logged disagreements agree with; off by default
+    #[arg(long, value_name = "N")]
+    pub min_corroboration: Option<u64>,
 }
 
 /// How a run that may write is bounded and reported; shared by the backfill and `revert`.
@@ -145,7 +178,7 @@ pub struct RunOpts {
     #[arg(long, value_name = "N", default_value_t = 25)]
     pub max_flips: usize,
 
-    /// Report format on stdout: a text run log, or one JSON object per line
+    /// Report format on stdout: a text run log, one JSON object per line, or Markdown for a ticket
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
 
@@ -190,21 +223,30 @@ pub struct ConnectOpts {
     pub statement_timeout: Duration,
 }
 
-/// One allowed type change, as `--allow-transition FROM->TO` names it.
+/// One allowed type change, as `--allow-transition FROM:TO` names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transition {
     pub from: String,
     pub to: String,
 }
 
-fn parse_transition(text: &str) -> Result<Transition, String> {
-    match text.split_once("->") {
+impl std::fmt::Display for Transition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.from, self.to)
+    }
+}
+
+/// `FROM:TO`, which no shell mangles; `FROM->TO` too, for those who quote it. A bare `>` in a
+/// shell redirects, so the colon is the spelling every message and document uses.
+pub fn parse_transition(text: &str) -> Result<Transition, String> {
+    let split = text.split_once("->").or_else(|| text.split_once(':'));
+    match split {
         Some((from, to)) if !from.trim().is_empty() && !to.trim().is_empty() => Ok(Transition {
             from: from.trim().to_owned(),
             to: to.trim().to_owned(),
         }),
         _ => Err(format!(
-            "'{text}' is not a transition: write it as FROM->TO, e.g. buying->sales"
+            "'{text}' is not a transition: write it as FROM:TO, e.g. buying:sales"
         )),
     }
 }
@@ -213,34 +255,20 @@ fn parse_transition(text: &str) -> Result<Transition, String> {
 pub enum Format {
     Text,
     Json,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    DryRun,
-    Apply,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::DryRun => "dry-run",
-            Mode::Apply => "apply",
-        }
-    }
+    Markdown,
 }
 
 impl ModeArgs {
-    pub fn mode(&self) -> Mode {
+    pub fn mode(&self) -> crate::events::Mode {
         if self.apply {
-            Mode::Apply
+            crate::events::Mode::Apply
         } else {
-            Mode::DryRun
+            crate::events::Mode::DryRun
         }
     }
 }
 
-/// Accepts `250ms`, `5s`, `2min`, `1h`; a bare number is seconds.
+/// Accepts `250ms`, `5s`, `2min`, `1h`, `7d`; a bare number is seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let trimmed = text.trim();
     let split = trimmed
@@ -248,15 +276,23 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .unwrap_or(trimmed.len());
     let (digits, unit) = trimmed.split_at(split);
     let amount: u64 = digits.parse().map_err(|_| {
-        format!("'{text}' is not a duration: use a whole number with ms, s, min or h")
+        format!("'{text}' is not a duration: use a whole number with ms, s, min, h or d")
     })?;
-    let millis = match unit.trim() {
-        "ms" => amount,
-        "" | "s" => amount * 1_000,
-        "min" | "m" => amount * 60_000,
-        "h" => amount * 3_600_000,
-        _ => return Err(format!("'{text}' has an unknown unit: use ms, s, min or h")),
+    let per_unit: u64 = match unit.trim() {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "min" | "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => {
+            return Err(format!(
+                "'{text}' has an unknown unit: use ms, s, min, h or d"
+            ))
+        }
     };
+    let millis = amount
+        .checked_mul(per_unit)
+        .ok_or_else(|| format!("'{text}' is too long a duration"))?;
     if millis == 0 {
         return Err(format!("'{text}' must be longer than zero"));
     }
@@ -279,14 +315,53 @@ mod tests {
     }
 
     #[test]
-    fn transitions_parse_as_from_arrow_to() {
-        let parsed = parse_transition("buying->sales").unwrap();
+    fn transitions_parse_as_from_colon_to_or_from_arrow_to() {
+        for spelling in ["buying:sales", "buying->sales", " buying : sales "] {
+            let parsed = parse_transition(spelling).unwrap();
+            assert_eq!(
+                (parsed.from.as_str(), parsed.to.as_str()),
+                ("buying", "sales"),
+                "{spelling}"
+            );
+        }
         assert_eq!(
-            (parsed.from.as_str(), parsed.to.as_str()),
-            ("buying", "sales")
+            parse_transition("buying:sales").unwrap().to_string(),
+            "buying:sales"
         );
         assert!(parse_transition("buying").is_err());
         assert!(parse_transition("->sales").is_err());
+        assert!(parse_transition(":sales").is_err());
+        let message = parse_transition("buying>sales").unwrap_err();
+        assert!(message.contains("buying:sales"), "{message}");
+    }
+
+    #[test]
+    fn version_names_the_ported_rule_and_its_vocabulary() {
+        let rule = VERSION_WITH_RULE.lines().nth(1).unwrap();
+        assert_eq!(
+            rule,
+            format!("rule: {}", crate::events::Rule::ported().short())
+        );
+    }
+
+    #[test]
+    fn every_command_that_connects_names_its_url_for_redaction() {
+        let url = "postgres://backfill:s3cret@db/registry";
+        for argv in [
+            vec!["agent-type-backfill", "--dry-run", "--database-url", url],
+            vec![
+                "agent-type-backfill",
+                "revert",
+                "atb-x",
+                "--dry-run",
+                "--database-url",
+                url,
+            ],
+            vec!["agent-type-backfill", "history", "--database-url", url],
+        ] {
+            let cli = Cli::try_parse_from(&argv).unwrap();
+            assert_eq!(cli.database_url(), Some(url), "{argv:?}");
+        }
     }
 
     #[test]

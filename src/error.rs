@@ -11,8 +11,13 @@ pub enum Failure {
     ThresholdExceeded { flips: usize, max_flips: usize },
     /// The plan holds transitions that `--allow-transition` does not list: nothing was written.
     TransitionNotAllowed { transitions: Vec<String> },
+    /// A guard holds flips the rule found (a type the rule does not know, a stale or
+    /// uncorroborated probe): nothing was written.
+    Held { held: usize, reasons: Vec<String> },
     /// The target is missing a table, a column or a privilege: nothing was written.
     Preflight(String),
+    /// SIGINT or SIGTERM before the plan was complete: nothing was written.
+    InterruptedPlanning { signal: i32 },
     /// SIGINT or SIGTERM: the run stopped between batches; what was written is committed.
     Interrupted {
         signal: i32,
@@ -26,9 +31,13 @@ impl Failure {
     pub fn code(&self) -> i32 {
         match self {
             Failure::Usage(_) => 2,
-            Failure::ThresholdExceeded { .. } | Failure::TransitionNotAllowed { .. } => 3,
+            Failure::ThresholdExceeded { .. }
+            | Failure::TransitionNotAllowed { .. }
+            | Failure::Held { .. } => 3,
             Failure::Preflight(_) => 4,
-            Failure::Interrupted { signal, .. } => 128 + signal,
+            Failure::Interrupted { signal, .. } | Failure::InterruptedPlanning { signal } => {
+                128 + signal
+            }
         }
     }
 }
@@ -41,6 +50,18 @@ impl fmt::Display for Failure {
                 f,
                 "the plan has {flips} flips, more than --max-flips {max_flips}: nothing was written; \
                  read the flips above, and rerun with a higher --max-flips only if every one is expected"
+            ),
+            Failure::Held { held, reasons } => write!(
+                f,
+                "{held} flips are held ({}): nothing was written; a type this tool's rule does \
+                 not know means the registry server is newer than the tool: stop and update the \
+                 tool; a stale or uncorroborated probe needs a fresh crawl or a closer review",
+                reasons.join("; ")
+            ),
+            Failure::InterruptedPlanning { signal } => write!(
+                f,
+                "interrupted by {} while planning: nothing was written",
+                signal_name(*signal)
             ),
             Failure::TransitionNotAllowed { transitions } => write!(
                 f,
@@ -75,16 +96,31 @@ pub fn signal_name(signal: i32) -> &'static str {
 impl std::error::Error for Failure {}
 
 /// The error as one line, outermost context first. A database error repeats its own message as
-/// its source; the repeat is dropped so the operator reads each cause once.
+/// its source (`error returned from database: X`, then `X`); a cause that the line already ends
+/// with is dropped, so the operator reads each cause once.
 pub fn render(error: &anyhow::Error) -> String {
-    let mut parts: Vec<String> = Vec::new();
+    let mut line = String::new();
     for cause in error.chain() {
         let text = cause.to_string();
-        if parts.last() != Some(&text) {
-            parts.push(text);
+        if text.is_empty() || line.ends_with(&text) {
+            continue;
         }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
     }
-    parts.join(": ")
+    line
+}
+
+/// Whether the error is a closed stdout (`| head`): the reader has what it wanted, and the
+/// program ends quietly, as ripgrep does.
+pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// The exit status for an error returned by [`crate::run`].
@@ -128,6 +164,21 @@ mod tests {
         assert_eq!(
             render(&error),
             "could not update member_profiles: canceling statement due to statement timeout"
+        );
+    }
+
+    #[test]
+    fn render_says_a_database_cause_once_when_sqlx_wraps_it() {
+        let inner = Echo("canceling statement due to statement timeout", None);
+        let outer = Echo(
+            "error returned from database: canceling statement due to statement timeout",
+            Some(Box::new(inner)),
+        );
+        let error = anyhow::Error::new(outer).context("could not update member_profiles");
+        assert_eq!(
+            render(&error),
+            "could not update member_profiles: error returned from database: canceling \
+             statement due to statement timeout"
         );
     }
 

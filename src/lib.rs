@@ -1,20 +1,27 @@
 //! agent-type-backfill: repairs stale agent types in a registry's `member_profiles`.
 //!
 //! The binary is a thin shell over [`run`]. The rule lives in [`resolver`] (pure), every SQL
-//! statement in [`db`], and one run's steps in [`backfill`].
+//! statement in [`db`], one backfill's steps in [`backfill`], and everything the log prints in
+//! [`events`], rendered by the printers in [`report`].
 
 pub mod audit;
 pub mod backfill;
 pub mod cli;
+pub mod config;
 pub mod db;
 pub mod ephemeral;
 pub mod error;
+pub mod events;
 pub mod interrupt;
+pub mod plan;
 pub mod plan_file;
+mod progress;
 pub mod rehearse;
 pub mod report;
 pub mod resolver;
+mod run;
 pub mod seed;
+mod write;
 
 use std::io::Write;
 
@@ -22,7 +29,11 @@ use anyhow::{Context, Result};
 use clap::CommandFactory;
 
 use crate::cli::{Cli, Command};
-use crate::error::Failure;
+use crate::config::{BackfillConfig, HistoryConfig, RevertConfig};
+
+/// The version printed in run logs, plan files and audit notes, with the commit it was built
+/// from.
+pub const VERSION: &str = crate::cli::LONG_VERSION;
 
 pub async fn run(cli: Cli) -> Result<()> {
     let mut stdout = std::io::stdout();
@@ -45,26 +56,23 @@ pub async fn run(cli: Cli) -> Result<()> {
             .render(&mut stdout)
             .context("could not write the man page to stdout"),
         Some(Command::Revert(args)) => {
-            let url = database_url(&args.connect)?;
+            let config = RevertConfig::from_cli(&args)?;
             let stop = interrupt::StopSignal::from_os()?;
-            audit::revert(&args, url, &mut stdout, stop).await?;
+            let mut printer = report::printer(config.run.format, &mut stdout);
+            audit::revert(&config, printer.as_mut(), stop).await?;
             Ok(())
         }
         Some(Command::History(args)) => {
-            audit::history(&args, database_url(&args.connect)?, &mut stdout).await
+            let config = HistoryConfig::from_cli(&args)?;
+            let mut printer = report::printer(config.format, &mut stdout);
+            audit::history(&config, printer.as_mut()).await
         }
         None => {
-            let url = database_url(&cli.backfill.connect)?;
+            let config = BackfillConfig::from_cli(&cli.backfill)?;
             let stop = interrupt::StopSignal::from_os()?;
-            backfill::execute_with(&cli.backfill, url, &mut stdout, stop).await?;
+            let mut printer = report::printer(config.run.format, &mut stdout);
+            backfill::execute(&config, printer.as_mut(), stop).await?;
             Ok(())
         }
     }
-}
-
-fn database_url(connect: &cli::ConnectOpts) -> Result<&str> {
-    connect.database_url.as_deref().ok_or_else(|| {
-        Failure::Usage("no database given: set DATABASE_URL or pass --database-url".to_owned())
-            .into()
-    })
 }

@@ -6,18 +6,14 @@ use tracing_subscriber::EnvFilter;
 
 use agent_type_backfill::cli::Cli;
 use agent_type_backfill::db::redact;
-use agent_type_backfill::error::{exit_code, render};
+use agent_type_backfill::error::{exit_code, is_broken_pipe, render};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let database_url = cli
-        .backfill
-        .connect
-        .database_url
-        .clone()
-        .unwrap_or_default();
+    // Every command that connects takes a URL; a panic message must not become the one place
+    // its password leaks.
+    let database_url = cli.database_url().unwrap_or_default().to_owned();
     std::panic::set_hook(Box::new(move |info| {
-        // A panic message must not become the one place a password leaks.
         eprintln!(
             "error: internal error, please report it: {}",
             redact(&info.to_string(), &database_url)
@@ -44,9 +40,10 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(agent_type_backfill::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {}", render(&error));
-            ExitCode::from(exit_code(&error) as u8)
+            ExitCode::from(u8::try_from(exit_code(&error)).unwrap_or(1))
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Reviewed plans: a dry-run writes the flips it found (`--plan-out`), and an apply given that
 //! file (`--plan`) writes only those of them that still hold, on the database they came from.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -10,8 +11,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::backfill::{Plan, PlannedFlip};
+use crate::db::{self, CrawlerEvidence};
 use crate::error::Failure;
+use crate::events::{HoldReason, Rule, SkipReason};
+use crate::plan::{Plan, PlannedFlip};
+use crate::resolver::Flip;
+use crate::VERSION;
 
 pub const FORMAT: &str = "agent-type-backfill plan v1";
 
@@ -31,14 +36,16 @@ pub struct Fingerprint {
 }
 
 impl Fingerprint {
-    /// The fingerprint of the database `session` is connected to.
-    pub async fn of(session: &crate::db::Session) -> Result<Fingerprint> {
+    /// The fingerprint of the database `session` is connected to. Only asked for when a plan
+    /// file is involved: for a user without the privilege, the query leaves a "permission
+    /// denied" line in the server log.
+    pub async fn of(session: &db::Session) -> Result<Fingerprint> {
         Ok(Fingerprint {
-            system_identifier: crate::db::system_identifier(&session.pool).await,
+            system_identifier: db::system_identifier(&session.pool).await,
             host: session.target.host.clone(),
             port: session.target.port,
             database: session.target.database.clone(),
-            standby: crate::db::in_recovery(&session.pool).await?,
+            standby: db::in_recovery(&session.pool).await?,
         })
     }
 
@@ -65,6 +72,12 @@ pub struct PlanFlip {
     pub to: String,
     /// When the snapshot behind the flip was probed; `None` for a legacy type without one.
     pub last_discovered: Option<DateTime<Utc>>,
+    /// Set when a guard holds the flip: an apply of this plan writes nothing while it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<HoldReason>,
+    /// The crawler's logged disagreements for the url, as the dry-run read them.
+    #[serde(default, skip_deserializing)]
+    pub crawler_disagreements: Option<CrawlerEvidence>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -81,13 +94,16 @@ pub struct PlanFile {
     pub tool_version: String,
     pub created_at: DateTime<Utc>,
     pub run_id: String,
+    /// The rule that decided the flips; informational.
+    #[serde(default, skip_deserializing)]
+    pub rule: Option<Rule>,
     pub target: Fingerprint,
     pub counts: PlanCounts,
     pub flips: Vec<PlanFlip>,
 }
 
 impl PlanFlip {
-    fn of(planned: &PlannedFlip) -> PlanFlip {
+    fn of(planned: &PlannedFlip, held: Option<HoldReason>) -> PlanFlip {
         PlanFlip {
             profile_id: planned.profile_id,
             profile: planned.label.clone(),
@@ -96,6 +112,8 @@ impl PlanFlip {
             from: planned.flip.from.clone(),
             to: planned.flip.to.clone(),
             last_discovered: planned.probe.as_ref().map(|probe| probe.last_discovered),
+            held,
+            crawler_disagreements: planned.evidence.clone(),
         }
     }
 
@@ -110,18 +128,22 @@ impl PlanFlip {
 }
 
 impl PlanFile {
-    pub fn new(
+    /// The plan as the reviewer reads it; `holds` says which flips a guard holds back.
+    pub fn new<H>(
         plan: &Plan,
+        holds: &impl Fn(&PlannedFlip) -> Option<(HoldReason, H)>,
         target: Fingerprint,
         run_id: &str,
-        tool_version: &str,
         created_at: DateTime<Utc>,
     ) -> PlanFile {
+        let mut flips = plan.flips.clone();
+        crate::plan::sort_for_log(&mut flips);
         PlanFile {
             format: FORMAT.to_owned(),
-            tool_version: tool_version.to_owned(),
+            tool_version: VERSION.to_owned(),
             created_at,
             run_id: run_id.to_owned(),
+            rule: Some(Rule::ported()),
             target,
             counts: PlanCounts {
                 profiles_scanned: plan.profiles_scanned,
@@ -129,7 +151,10 @@ impl PlanFile {
                 flips: plan.flips.len() as u64,
                 malformed: plan.malformed,
             },
-            flips: plan.flips.iter().map(PlanFlip::of).collect(),
+            flips: flips
+                .iter()
+                .map(|planned| PlanFlip::of(planned, holds(planned).map(|(reason, _)| reason)))
+                .collect(),
         }
     }
 
@@ -196,13 +221,64 @@ impl PlanFile {
             return Err(Failure::Usage(format!(
                 "the plan is {} old, more than --plan-max-age {}: nothing was written; make a \
                  new plan with --dry-run --plan-out",
-                crate::report::age(age),
-                crate::report::age(limit)
+                crate::report::precise_age(age),
+                crate::report::precise_age(limit)
             ))
             .into());
         }
         Ok(())
     }
+}
+
+/// Keeps only the fresh flips that the reviewed plan holds exactly; returns the others: reviewed
+/// flips that no longer hold, and new flips nobody reviewed. Neither kind is written.
+pub fn hold_to_review(
+    fresh: Vec<PlannedFlip>,
+    reviewed: &PlanFile,
+) -> (Vec<PlannedFlip>, Vec<(PlannedFlip, SkipReason)>) {
+    let by_element: HashMap<(Uuid, usize), usize> = reviewed
+        .flips
+        .iter()
+        .enumerate()
+        .map(|(position, flip)| ((flip.profile_id, flip.index), position))
+        .collect();
+    let mut matched = vec![false; reviewed.flips.len()];
+    let mut kept = Vec::new();
+    let mut departures = Vec::new();
+    for planned in fresh {
+        let reviewed_position = by_element
+            .get(&(planned.profile_id, planned.flip.index))
+            .copied()
+            .filter(|position| reviewed.flips[*position].matches(&planned));
+        match reviewed_position {
+            Some(position) => {
+                matched[position] = true;
+                kept.push(planned);
+            }
+            None => departures.push((planned, SkipReason::Unplanned)),
+        }
+    }
+    for (flip, _) in reviewed
+        .flips
+        .iter()
+        .zip(&matched)
+        .filter(|(_, hit)| !**hit)
+    {
+        let mut planned = PlannedFlip::found(
+            flip.profile_id,
+            &flip.profile,
+            Flip {
+                index: flip.index,
+                url: flip.url.clone(),
+                from: flip.from.clone(),
+                to: flip.to.clone(),
+            },
+            None,
+        );
+        planned.note = Some("in the reviewed plan".to_owned());
+        departures.push((planned, SkipReason::ChangedSincePlan));
+    }
+    (kept, departures)
 }
 
 fn describe(target: &Fingerprint) -> String {
@@ -234,7 +310,8 @@ mod tests {
     }
 
     fn plan_made(at: DateTime<Utc>, target: Fingerprint) -> PlanFile {
-        PlanFile::new(&Plan::default(), target, "atb-x", "0.1.0", at)
+        let holds_nothing = |_: &PlannedFlip| None::<(HoldReason, ())>;
+        PlanFile::new(&Plan::default(), &holds_nothing, target, "atb-x", at)
     }
 
     #[test]
@@ -259,7 +336,24 @@ mod tests {
         let error = stale
             .check_applies_to(&fingerprint(None, "registry"), now, day)
             .unwrap_err();
-        assert!(error.to_string().contains("the plan is 25h old"), "{error}");
+        assert!(
+            error.to_string().contains("the plan is 25h0m old"),
+            "{error}"
+        );
+        // Seconds apart must read as different durations, never "0m old, more than 0m".
+        let second = Duration::from_secs(1);
+        let error = plan_made(
+            now - chrono::Duration::milliseconds(2_500),
+            fingerprint(None, "registry"),
+        )
+        .check_applies_to(&fingerprint(None, "registry"), now, second)
+        .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("the plan is 2.5s old, more than --plan-max-age 1.0s"),
+            "{error}"
+        );
     }
 
     #[test]

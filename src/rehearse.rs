@@ -4,12 +4,15 @@
 use std::io::Write;
 
 use anyhow::{ensure, Context, Result};
-use clap::Parser;
 use sqlx::postgres::PgPoolOptions;
 
 use crate::backfill;
-use crate::cli::{Cli, RehearseArgs};
+use crate::cli::RehearseArgs;
+use crate::config::BackfillConfig;
 use crate::ephemeral::EphemeralPostgres;
+use crate::events::Mode;
+use crate::interrupt::StopSignal;
+use crate::report;
 use crate::seed;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -55,21 +58,19 @@ async fn rehearse_on(
         .await
         .context("could not seed the rehearsal registry")?;
 
-    let format = match args.format {
-        crate::cli::Format::Text => "text",
-        crate::cli::Format::Json => "json",
-    };
     let steps = [
-        ("1/3", "staging dry-run", "--dry-run"),
-        ("2/3", "apply", "--apply"),
-        ("3/3", "re-run after apply (dry-run)", "--dry-run"),
+        ("1/3", "staging dry-run", Mode::DryRun),
+        ("2/3", "apply", Mode::Apply),
+        ("3/3", "re-run after apply (dry-run)", Mode::DryRun),
     ];
     let mut summaries = Vec::new();
     for (step, title, mode) in steps {
         writeln!(out, "=== rehearsal {step}: {title} ===").context("could not write to stdout")?;
-        let cli = Cli::try_parse_from(["agent-type-backfill", mode, "--format", format])
-            .context("could not build the rehearsal's command line")?;
-        summaries.push(backfill::execute(&cli.backfill, &url, out).await?);
+        let mut config = BackfillConfig::new(mode, url.clone());
+        config.run.format = args.format;
+        let mut printer = report::printer(config.run.format, out);
+        summaries.push(backfill::execute(&config, printer.as_mut(), StopSignal::never()).await?);
+        drop(printer);
         writeln!(out).context("could not write to stdout")?;
     }
 

@@ -1,100 +1,95 @@
-//! The run log on stdout: a header, one line per flip, then a summary; or the same as JSON lines.
-//! Operators keep this output as the record of a run, so its shape only changes on purpose.
+//! Printers of the run log: text for people, JSON lines for machines, Markdown for tickets. Each
+//! renders the same [`Event`]s, so the three formats cannot say different things. Operators keep
+//! this output as the record of a run, so its shape only changes on purpose.
 
+use std::borrow::Cow;
 use std::io::Write;
 
 use anyhow::{Context, Result};
-use chrono::{DateTime, SecondsFormat, Utc};
-use serde::Serialize;
-use serde_json::{json, Value};
-use uuid::Uuid;
 
-use crate::cli::{Format, Mode};
-use crate::db::{SnapshotRow, Target};
+use crate::cli::Format;
+use crate::db::{AuditEntry, RunRecord};
+use crate::events::{rfc3339, Event, FlipEvent, Mode, SkipReason, Start, Summary};
 use crate::resolver::type_label;
 
-pub struct Header<'a> {
-    pub version: &'a str,
-    pub mode: Mode,
-    pub target: &'a Target,
-    pub started_at: DateTime<Utc>,
-    pub run_id: &'a str,
-    pub max_flips: usize,
-    /// For `revert`: the run being undone.
-    pub reverts: Option<&'a str>,
+/// Where a run sends its events.
+pub trait Printer: Send {
+    fn print(&mut self, event: &Event) -> Result<()>;
+    /// After the last event: what a format closes with (the `history` footers).
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
-/// One flip as the log shows it.
-pub struct FlipLine<'a> {
-    pub profile_id: Uuid,
-    pub profile: &'a str,
-    pub index: usize,
-    pub url: &'a str,
-    pub from: &'a Value,
-    pub to: &'a str,
-    /// The snapshot behind the flip, so a reviewer can judge how fresh and clean the probe was.
-    pub probe: Option<&'a SnapshotRow>,
-    /// Said instead of the probe description when set.
-    pub note: Option<&'a str>,
-    pub now: DateTime<Utc>,
+/// The printer for `format`, writing to `out`.
+pub fn printer<'w>(format: Format, out: &'w mut (dyn Write + Send)) -> Box<dyn Printer + 'w> {
+    match format {
+        Format::Text => Box::new(TextPrinter::new(out)),
+        Format::Json => Box::new(JsonPrinter { out }),
+        Format::Markdown => Box::new(MarkdownPrinter::new(out)),
+    }
 }
 
-impl FlipLine<'_> {
-    /// `probed 3d ago`, with the snapshot's warning signs; `no snapshot` for a legacy type.
-    fn probe_note(&self) -> String {
-        if let Some(note) = self.note {
-            return note.to_owned();
-        }
-        let Some(probe) = self.probe else {
-            return "no snapshot".to_owned();
-        };
-        let mut note = format!("probed {} ago", age(self.now - probe.last_discovered));
-        if probe.discovery_error {
-            note.push_str(", discovery error");
-        }
-        if probe.oauth_required {
-            note.push_str(", needs OAuth");
-        }
-        note
-    }
+/// Keeps the events in memory: for tests and for callers that inspect a run.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    pub events: Vec<Event>,
+}
 
-    fn text(&self) -> String {
-        format!(
-            "{}  {}  {} -> {}  ({})",
-            printable(self.profile),
-            printable(self.url),
-            printable(&type_label(self.from)),
-            self.to,
-            self.probe_note()
-        )
+impl Printer for Recorder {
+    fn print(&mut self, event: &Event) -> Result<()> {
+        self.events.push(event.clone());
+        Ok(())
     }
+}
 
-    fn event(&self, kind: &str) -> Value {
-        json!({
-            "event": kind,
-            "profile_id": self.profile_id,
-            "profile": self.profile,
-            "index": self.index,
-            "url": self.url,
-            "from": self.from,
-            "to": self.to,
-            "probed_at": self.probe.map(|probe| probe.last_discovered.to_rfc3339_opts(SecondsFormat::Secs, true)),
-            "discovery_error": self.probe.is_some_and(|probe| probe.discovery_error),
-            "oauth_required": self.probe.is_some_and(|probe| probe.oauth_required),
-        })
+/// Sends every event to two printers: the log on stdout and a recorder.
+pub struct Tee<'a> {
+    pub first: &'a mut dyn Printer,
+    pub second: &'a mut dyn Printer,
+}
+
+impl Printer for Tee<'_> {
+    fn print(&mut self, event: &Event) -> Result<()> {
+        self.first.print(event)?;
+        self.second.print(event)
+    }
+    fn finish(&mut self) -> Result<()> {
+        self.first.finish()?;
+        self.second.finish()
+    }
+}
+
+fn write_line(out: &mut (dyn Write + Send), text: &str) -> Result<()> {
+    writeln!(out, "{text}")
+        .and_then(|()| out.flush())
+        .context("could not write the run report to stdout")
+}
+
+/// One JSON object per line, keys in sorted order.
+pub struct JsonPrinter<'w> {
+    out: &'w mut (dyn Write + Send),
+}
+
+impl Printer for JsonPrinter<'_> {
+    fn print(&mut self, event: &Event) -> Result<()> {
+        // Through a `Value`, whose maps keep keys sorted: the line's shape never depends on the
+        // order fields are declared in.
+        let value = serde_json::to_value(event).context("could not encode a log event")?;
+        write_line(self.out, &value.to_string())
     }
 }
 
 /// Stored values go into the text log escaped where they could forge or garble it: a newline in
 /// a URL would start a fake flip line, an ESC sequence would reach the operator's terminal, and a
 /// bidirectional override would reorder what is shown. JSON output is escaped by its encoder.
-pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+pub fn printable(text: &str) -> Cow<'_, str> {
     let risky = |c: char| {
         c.is_control()
             || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
     };
     if !text.chars().any(risky) {
-        return std::borrow::Cow::Borrowed(text);
+        return Cow::Borrowed(text);
     }
     text.chars()
         .map(|c| {
@@ -120,209 +115,510 @@ pub fn age(elapsed: chrono::Duration) -> String {
     }
 }
 
-/// Why a planned flip was not written, or a found flip was not planned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SkipReason {
-    /// The profile or its snapshot changed between plan and write; the flip no longer holds.
-    ChangedSincePlan,
-    /// The profile was deleted between plan and write.
-    ProfileGone,
-    /// Found while writing but absent from the plan; left for the next run.
-    Unplanned,
-    /// The batch kept hitting lock or statement timeouts and was rolled back.
-    NotWrittenTimeout,
-    /// `revert`: the element no longer carries the type the reverted run wrote.
-    ChangedSinceRun,
-}
-
-impl SkipReason {
-    fn describe(self) -> &'static str {
-        match self {
-            SkipReason::ChangedSincePlan => "changed since plan, not written",
-            SkipReason::ProfileGone => "profile deleted since plan, not written",
-            SkipReason::Unplanned => "new since plan, not written; the next run will find it",
-            SkipReason::NotWrittenTimeout => "lock or statement timeout, not written; rerun",
-            SkipReason::ChangedSinceRun => "changed since that run, conflict left alone",
-        }
+/// A duration at a precision that shows the difference between two close ones: `1.5s`, `59s`,
+/// `12m30s`, `25h0m`.
+pub fn precise_age(elapsed: chrono::Duration) -> String {
+    let millis = elapsed.num_milliseconds().max(0);
+    let seconds = millis / 1000;
+    if seconds < 10 {
+        format!("{}.{}s", seconds, (millis % 1000) / 100)
+    } else if seconds < 60 {
+        format!("{seconds}s")
+    } else if seconds < 3600 {
+        format!("{}m{}s", seconds / 60, seconds % 60)
+    } else {
+        format!("{}h{}m", seconds / 3600, (seconds % 3600) / 60)
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Summary {
-    pub profiles_scanned: u64,
-    pub profiles_changed: u64,
-    /// Flips in the plan: what the threshold is checked against.
-    pub flips: u64,
-    /// Profiles whose `agents` is not an array (NULL included): never written.
-    pub malformed: u64,
-    /// Array elements the rule cannot touch (not objects, or no string `url`).
-    pub junk_elements: u64,
-    pub written: u64,
-    pub skipped: u64,
-    pub unplanned: u64,
-    pub aborted: bool,
-    /// The signal that stopped the run between batches, if any.
-    pub interrupted_by: Option<&'static str>,
-    pub duration_ms: u64,
+fn duration_text(duration_ms: u64) -> String {
+    format!("{}.{:02}s", duration_ms / 1000, (duration_ms % 1000) / 10)
 }
 
-pub struct Reporter<'w> {
-    format: Format,
+/// What a flip's note says after the probe: the crawler's own record of the disagreement.
+fn evidence_note(flip: &FlipEvent) -> Option<String> {
+    let evidence = flip.crawler_disagreements.as_ref()?;
+    if let Some(why) = &evidence.unavailable {
+        return Some(format!("crawler log unavailable: {why}"));
+    }
+    let mut parts = Vec::new();
+    if let (count @ 1.., Some(first)) = (evidence.count.unwrap_or(0), evidence.first_at) {
+        parts.push(format!(
+            "crawler disagreed {count}x since {}",
+            first.format("%Y-%m-%d")
+        ));
+    }
+    if let Some(last) = &evidence.last_inferred {
+        if *last != flip.to {
+            parts.push(format!("crawler last saw {last}"));
+        }
+    }
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+fn flip_note(flip: &FlipEvent) -> String {
+    match evidence_note(flip) {
+        Some(evidence) => format!("{}; {evidence}", flip.probe_note),
+        None => flip.probe_note.clone(),
+    }
+}
+
+fn flip_text(flip: &FlipEvent) -> String {
+    format!(
+        "{}  {}  {} -> {}  ({})",
+        printable(&flip.profile),
+        printable(&flip.url),
+        printable(&type_label(&flip.from)),
+        flip.to,
+        printable(&flip_note(flip))
+    )
+}
+
+fn held_reason_text(reason: crate::events::HoldReason, inferred: Option<&str>) -> String {
+    match inferred {
+        Some(inferred) => format!("{}: '{}'", reason.describe(), printable(inferred)),
+        None => reason.describe().to_owned(),
+    }
+}
+
+/// The summary as label/value rows, shared by the text and Markdown printers.
+fn summary_rows(summary: &Summary, reverting: bool) -> Vec<(String, String)> {
+    let mode = summary.mode.unwrap_or(Mode::DryRun);
+    let mut rows: Vec<(String, String)> = vec![
+        (
+            "profiles scanned".into(),
+            summary.profiles_scanned.to_string(),
+        ),
+        (
+            "profiles with type changes".into(),
+            summary.profiles_changed.to_string(),
+        ),
+        ("agent rows flipped".into(), summary.flips.to_string()),
+        ("held (never written)".into(), summary.held.to_string()),
+        (
+            "malformed rows skipped".into(),
+            summary.malformed.to_string(),
+        ),
+        (
+            "junk agent elements left alone".into(),
+            summary.junk_elements.to_string(),
+        ),
+    ];
+    if !reverting {
+        let unrecognised = if summary.unrecognised_inferred_types.is_empty() {
+            "(none)".to_owned()
+        } else {
+            summary
+                .unrecognised_inferred_types
+                .iter()
+                .map(|(name, count)| format!("{} {count}", printable(name)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        rows.push(("unrecognised inferred types".into(), unrecognised));
+    }
+    rows.push(("mode".into(), mode.as_str().to_owned()));
+    if mode == Mode::Apply {
+        rows.push(("written".into(), summary.written.to_string()));
+        let reasons: &[SkipReason] = if reverting {
+            &[
+                SkipReason::ChangedSinceRun,
+                SkipReason::ProfileGone,
+                SkipReason::NotWrittenTimeout,
+            ]
+        } else {
+            &[
+                SkipReason::ChangedSincePlan,
+                SkipReason::ProfileGone,
+                SkipReason::NotWrittenTimeout,
+                SkipReason::Unplanned,
+            ]
+        };
+        for reason in reasons {
+            let count = summary.skipped_by_reason.get(reason).copied().unwrap_or(0);
+            rows.push((reason.summary_label().into(), count.to_string()));
+        }
+        rows.push((
+            "audit run id".into(),
+            summary
+                .run_id
+                .clone()
+                .unwrap_or_else(|| "(none: nothing written)".to_owned()),
+        ));
+    } else if reverting {
+        let conflicts = summary
+            .skipped_by_reason
+            .get(&SkipReason::ChangedSinceRun)
+            .copied()
+            .unwrap_or(0);
+        rows.push((
+            SkipReason::ChangedSinceRun.summary_label().into(),
+            conflicts.to_string(),
+        ));
+    }
+    rows.push(("outcome".into(), outcome(summary)));
+    rows.push(("duration".into(), duration_text(summary.duration_ms)));
+    rows
+}
+
+fn outcome(summary: &Summary) -> String {
+    match (summary.aborted, summary.interrupted_by) {
+        (true, _) if summary.held > 0 => {
+            format!("{} flips held, nothing written", summary.held)
+        }
+        (true, _) => "refused by --max-flips or --allow-transition, nothing written".to_owned(),
+        (false, Some(signal)) => format!("interrupted by {signal}; rerun to pick up the rest"),
+        (false, None) => "completed".to_owned(),
+    }
+}
+
+fn rule_text(start: &Start) -> String {
+    start.rule.short()
+}
+
+fn run_columns(run: &RunRecord) -> [String; 6] {
+    [
+        run.run_id.clone(),
+        rfc3339(&run.first_change),
+        rfc3339(&run.last_change),
+        run.flips.to_string(),
+        run.profiles.to_string(),
+        run.reverts.clone().unwrap_or_else(|| "-".to_owned()),
+    ]
+}
+
+fn row_columns(row: &AuditEntry) -> [String; 5] {
+    [
+        rfc3339(&row.changed_at),
+        row.label(),
+        row.agent_url.clone(),
+        row.index()
+            .map_or("?".to_owned(), |index| index.to_string()),
+        format!(
+            "{} -> {}",
+            row.old_type.as_deref().unwrap_or("(none)"),
+            row.new_type
+        ),
+    ]
+}
+
+fn plural(count: usize, one: &str, many: &str) -> String {
+    format!("{count} {}", if count == 1 { one } else { many })
+}
+
+/// The text log: a header, one line per flip, then a summary.
+pub struct TextPrinter<'w> {
     out: &'w mut (dyn Write + Send),
+    /// A run log rather than a `history` listing.
+    started: bool,
+    reverting: bool,
+    runs: Option<usize>,
+    rows: Option<(usize, String)>,
 }
 
-impl<'w> Reporter<'w> {
-    pub fn new(format: Format, out: &'w mut (dyn Write + Send)) -> Self {
-        Reporter { format, out }
+impl<'w> TextPrinter<'w> {
+    pub fn new(out: &'w mut (dyn Write + Send)) -> Self {
+        TextPrinter {
+            out,
+            started: false,
+            reverting: false,
+            runs: None,
+            rows: None,
+        }
     }
 
     fn line(&mut self, text: &str) -> Result<()> {
-        writeln!(self.out, "{text}")
-            .and_then(|()| self.out.flush())
-            .context("could not write the run report to stdout")
+        write_line(self.out, text)
     }
 
-    fn event(&mut self, event: Value) -> Result<()> {
-        self.line(&event.to_string())
+    fn field(&mut self, name: &str, value: &str) -> Result<()> {
+        self.line(&format!("{:<12} {value}", format!("{name}:")))
     }
 
-    pub fn header(&mut self, header: &Header) -> Result<()> {
-        let started = header.started_at.to_rfc3339_opts(SecondsFormat::Secs, true);
-        match self.format {
-            Format::Json => self.event(json!({
-                "event": "start",
-                "tool": "agent-type-backfill",
-                "version": header.version,
-                "mode": header.mode.as_str(),
-                "target": header.target,
-                "started_at": started,
-                "run_id": header.run_id,
-                "max_flips": header.max_flips,
-                "reverts": header.reverts,
-            })),
-            Format::Text => {
-                self.line(&format!("agent-type-backfill {}", header.version))?;
-                self.line(&format!("mode:        {}", header.mode.as_str()))?;
-                self.line(&format!("target:      {}", header.target))?;
-                self.line(&format!("started:     {started}"))?;
-                self.line(&format!("run id:      {}", header.run_id))?;
-                self.line(&format!("max flips:   {}", header.max_flips))?;
-                if let Some(reverted) = header.reverts {
-                    self.line(&format!("reverts:     {reverted}"))?;
+    fn runs_header(&mut self) -> Result<()> {
+        if self.runs.is_none() {
+            self.line(&format!(
+                "{:<31}  {:<20}  {:<20}  {:>6}  {:>8}  reverts",
+                "run id", "first change", "last change", "flips", "profiles"
+            ))?;
+            self.runs = Some(0);
+        }
+        Ok(())
+    }
+}
+
+impl Printer for TextPrinter<'_> {
+    fn print(&mut self, event: &Event) -> Result<()> {
+        match event {
+            Event::Start(start) => {
+                self.started = true;
+                self.reverting = start.reverts.is_some();
+                self.line(&format!("{} {}", start.tool, start.version))?;
+                self.field("mode", start.mode.as_str())?;
+                self.field("target", &start.target.to_string())?;
+                self.field("started", &rfc3339(&start.started_at))?;
+                self.field("run id", &start.run_id)?;
+                self.field("rule", &rule_text(start))?;
+                self.field("max flips", &start.max_flips.to_string())?;
+                if let Some(reverted) = &start.reverts {
+                    self.field("reverts", reverted)?;
                 }
                 self.line("flips:")
             }
-        }
-    }
-
-    pub fn flip(&mut self, flip: &FlipLine) -> Result<()> {
-        match self.format {
-            Format::Json => self.event(flip.event("flip")),
-            Format::Text => self.line(&format!("  {}", flip.text())),
-        }
-    }
-
-    pub fn skipped(&mut self, flip: &FlipLine, reason: SkipReason) -> Result<()> {
-        match self.format {
-            Format::Json => {
-                let mut event = flip.event("skipped");
-                event["reason"] = json!(reason);
-                self.event(event)
-            }
-            Format::Text => self.line(&format!(
-                "  skipped  {}  [{}]",
-                flip.text(),
-                reason.describe()
+            Event::Flip(flip) => self.line(&format!("  {}", flip_text(flip))),
+            Event::Held(held) => self.line(&format!(
+                "  held  {}  [{}]",
+                flip_text(&held.flip),
+                held_reason_text(held.reason, held.inferred_type.as_deref())
             )),
-        }
-    }
-
-    pub fn plan_written(&mut self, path: &std::path::Path, flips: usize) -> Result<()> {
-        match self.format {
-            Format::Json => self.event(json!({
-                "event": "plan_written",
-                "path": path.display().to_string(),
-                "flips": flips,
-            })),
-            Format::Text => self.line(&format!("plan file:   {} ({flips} flips)", path.display())),
-        }
-    }
-
-    /// A planned flip whose transition `--allow-transition` does not list.
-    pub fn not_allowed(&mut self, flip: &FlipLine) -> Result<()> {
-        match self.format {
-            Format::Json => self.event(flip.event("not_allowed")),
-            Format::Text => self.line(&format!("  not allowed  {}", flip.text())),
-        }
-    }
-
-    pub fn summary(&mut self, mode: Mode, run_id: &str, summary: &Summary) -> Result<()> {
-        let audit_run_id = (mode == Mode::Apply && summary.written > 0).then_some(run_id);
-        match self.format {
-            Format::Json => {
-                let mut event =
-                    serde_json::to_value(summary).context("could not encode summary")?;
-                let fields = event.as_object_mut().expect("summary is an object");
-                fields.insert("event".into(), json!("summary"));
-                fields.insert("mode".into(), json!(mode.as_str()));
-                fields.insert("run_id".into(), json!(audit_run_id));
-                self.event(event)
+            Event::NotAllowed(flip) => self.line(&format!("  not allowed  {}", flip_text(flip))),
+            Event::Skipped(skipped) => self.line(&format!(
+                "  skipped  {}  [{}]",
+                flip_text(&skipped.flip),
+                skipped.reason.describe()
+            )),
+            Event::PlanWritten { path, flips } => {
+                self.field("plan file", &format!("{} ({flips} flips)", printable(path)))
             }
-            Format::Text => {
+            Event::Interrupted {
+                signal,
+                during,
+                duration_ms,
+            } => self.line(&format!(
+                "{during} interrupted by {signal} after {}: nothing was written",
+                duration_text(*duration_ms)
+            )),
+            Event::Summary(summary) => {
                 if summary.flips == 0 {
                     self.line("  (none)")?;
                 }
                 self.line("summary:")?;
-                let rows: Vec<(&str, String)> = vec![
-                    ("profiles scanned", summary.profiles_scanned.to_string()),
-                    (
-                        "profiles with type changes",
-                        summary.profiles_changed.to_string(),
-                    ),
-                    ("agent rows flipped", summary.flips.to_string()),
-                    ("malformed rows skipped", summary.malformed.to_string()),
-                    (
-                        "junk agent elements left alone",
-                        summary.junk_elements.to_string(),
-                    ),
-                    ("mode", mode.as_str().to_owned()),
-                ];
-                for (name, value) in rows {
+                for (name, value) in summary_rows(summary, self.reverting) {
                     self.line(&format!("  {:<31} {value}", format!("{name}:")))?;
                 }
-                if mode == Mode::Apply {
-                    let apply_rows = [
-                        ("written", summary.written.to_string()),
-                        ("skipped (changed since plan)", summary.skipped.to_string()),
-                        (
-                            "new since plan (not written)",
-                            summary.unplanned.to_string(),
-                        ),
-                        (
-                            "audit run id",
-                            audit_run_id.unwrap_or("(none: nothing written)").to_owned(),
-                        ),
-                    ];
-                    for (name, value) in apply_rows {
-                        self.line(&format!("  {:<31} {value}", format!("{name}:")))?;
+                if !summary.transitions.is_empty() {
+                    self.line("transitions:")?;
+                    for (transition, count) in &summary.transitions {
+                        let (from, to) = transition.split_once("->").unwrap_or((transition, ""));
+                        self.line(&format!("  {} -> {to}  {count}", printable(from)))?;
                     }
                 }
-                let outcome = match (summary.aborted, summary.interrupted_by) {
-                    (true, _) => {
-                        "refused by --max-flips or --allow-transition, nothing written".to_owned()
-                    }
-                    (false, Some(signal)) => {
-                        format!("interrupted by {signal}; rerun to pick up the rest")
-                    }
-                    (false, None) => "completed".to_owned(),
-                };
-                self.line(&format!("  {:<31} {outcome}", "outcome:"))?;
+                Ok(())
+            }
+            Event::Run(run) => {
+                self.runs_header()?;
+                *self.runs.get_or_insert(0) += 1;
+                let [id, first, last, flips, profiles, reverts] = run_columns(run);
                 self.line(&format!(
-                    "  {:<31} {:.2}s",
-                    "duration:",
-                    summary.duration_ms as f64 / 1000.0
+                    "{id:<31}  {first:<20}  {last:<20}  {flips:>6}  {profiles:>8}  {reverts}"
                 ))
+            }
+            Event::Row(row) => {
+                let rows = self
+                    .rows
+                    .get_or_insert_with(|| (0, row.run_id.clone().unwrap_or_default()));
+                rows.0 += 1;
+                let [at, label, url, index, change] = row_columns(row);
+                self.line(&format!(
+                    "{at}  {}  {}  {index}  {}",
+                    printable(&label),
+                    printable(&url),
+                    printable(&change)
+                ))
+            }
+        }
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        if !self.started && self.rows.is_none() {
+            // A `history` listing, perhaps of no runs at all.
+            self.runs_header()?;
+        }
+        if let Some(count) = self.runs {
+            self.line(&plural(count, "run", "runs"))?;
+        }
+        if let Some((count, run_id)) = self.rows.take() {
+            self.line(&format!("{} in run {run_id}", plural(count, "row", "rows")))?;
+        }
+        Ok(())
+    }
+}
+
+/// GitHub-flavoured Markdown: tables a reviewer can paste into a ticket.
+pub struct MarkdownPrinter<'w> {
+    out: &'w mut (dyn Write + Send),
+    reverting: bool,
+    /// The table being written, so a new kind of event opens its own.
+    section: Option<&'static str>,
+    flips_listed: bool,
+}
+
+/// A table cell: escaped so stored values cannot break the table or render as markup.
+fn cell(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in printable(text).chars() {
+        if matches!(
+            c,
+            '\\' | '`' | '*' | '_' | '[' | ']' | '<' | '>' | '|' | '#' | '~' | '!'
+        ) {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+impl<'w> MarkdownPrinter<'w> {
+    pub fn new(out: &'w mut (dyn Write + Send)) -> Self {
+        MarkdownPrinter {
+            out,
+            reverting: false,
+            section: None,
+            flips_listed: false,
+        }
+    }
+
+    fn line(&mut self, text: &str) -> Result<()> {
+        write_line(self.out, text)
+    }
+
+    /// Opens a table under a heading unless it is the one being written.
+    fn table(&mut self, section: &'static str, columns: &[&str]) -> Result<()> {
+        if self.section == Some(section) {
+            return Ok(());
+        }
+        self.section = Some(section);
+        self.line("")?;
+        self.line(&format!("### {section}"))?;
+        self.line("")?;
+        self.line(&format!("| {} |", columns.join(" | ")))?;
+        self.line(&format!("|{}", " --- |".repeat(columns.len())))
+    }
+
+    fn row(&mut self, cells: &[String]) -> Result<()> {
+        self.line(&format!("| {} |", cells.join(" | ")))
+    }
+
+    fn flip_row(&mut self, flip: &FlipEvent, last: Option<String>) -> Result<()> {
+        let mut cells = vec![
+            cell(&flip.profile),
+            cell(&flip.url),
+            cell(&type_label(&flip.from)),
+            cell(&flip.to),
+            cell(&flip.probe_note),
+            cell(&evidence_note(flip).unwrap_or_default()),
+        ];
+        cells.extend(last);
+        self.row(&cells)
+    }
+
+    fn paragraph(&mut self, text: &str) -> Result<()> {
+        self.section = None;
+        self.line("")?;
+        self.line(text)
+    }
+}
+
+const FLIP_COLUMNS: [&str; 6] = ["profile", "url", "from", "to", "probe", "crawler"];
+
+impl Printer for MarkdownPrinter<'_> {
+    fn print(&mut self, event: &Event) -> Result<()> {
+        match event {
+            Event::Start(start) => {
+                self.reverting = start.reverts.is_some();
+                self.line(&format!("## {} run log", start.tool))?;
+                self.line("")?;
+                self.line("| | |")?;
+                self.line("| --- | --- |")?;
+                let mut fields = vec![
+                    ("tool", format!("{} {}", start.tool, start.version)),
+                    ("rule", rule_text(start)),
+                    ("target", start.target.to_string()),
+                    ("mode", start.mode.as_str().to_owned()),
+                    ("run id", start.run_id.clone()),
+                    ("started", rfc3339(&start.started_at)),
+                    ("max flips", start.max_flips.to_string()),
+                ];
+                if let Some(reverted) = &start.reverts {
+                    fields.push(("reverts", reverted.clone()));
+                }
+                for (name, value) in fields {
+                    self.row(&[name.to_owned(), cell(&value)])?;
+                }
+                Ok(())
+            }
+            Event::Flip(flip) => {
+                self.flips_listed = true;
+                self.table("Flips", &FLIP_COLUMNS)?;
+                self.flip_row(flip, None)
+            }
+            Event::Held(held) => {
+                let mut columns = FLIP_COLUMNS.to_vec();
+                columns.push("held because");
+                self.table("Held (never written)", &columns)?;
+                let reason = held_reason_text(held.reason, held.inferred_type.as_deref());
+                self.flip_row(&held.flip, Some(cell(&reason)))
+            }
+            Event::NotAllowed(flip) => {
+                self.table("Not allowed by --allow-transition", &FLIP_COLUMNS)?;
+                self.flip_row(flip, None)
+            }
+            Event::Skipped(skipped) => {
+                let mut columns = FLIP_COLUMNS.to_vec();
+                columns.push("not written because");
+                self.table("Skipped", &columns)?;
+                self.flip_row(&skipped.flip, Some(cell(skipped.reason.describe())))
+            }
+            Event::PlanWritten { path, flips } => {
+                self.paragraph(&format!("Plan file: {} ({flips} flips)", cell(path)))
+            }
+            Event::Interrupted {
+                signal,
+                during,
+                duration_ms,
+            } => self.paragraph(&format!(
+                "**{during} interrupted by {signal} after {}: nothing was written**",
+                duration_text(*duration_ms)
+            )),
+            Event::Summary(summary) => {
+                if !self.flips_listed && summary.flips == 0 {
+                    self.paragraph("No flips.")?;
+                }
+                self.table("Summary", &["", ""])?;
+                for (name, value) in summary_rows(summary, self.reverting) {
+                    self.row(&[name, cell(&value)])?;
+                }
+                if !summary.transitions.is_empty() {
+                    self.table("Transitions", &["from", "to", "flips"])?;
+                    for (transition, count) in &summary.transitions {
+                        let (from, to) = transition.split_once("->").unwrap_or((transition, ""));
+                        self.row(&[cell(from), cell(to), count.to_string()])?;
+                    }
+                }
+                Ok(())
+            }
+            Event::Run(run) => {
+                self.table(
+                    "Runs",
+                    &[
+                        "run id",
+                        "first change",
+                        "last change",
+                        "flips",
+                        "profiles",
+                        "reverts",
+                    ],
+                )?;
+                let cells = run_columns(run).map(|text| cell(&text));
+                self.row(&cells)
+            }
+            Event::Row(row) => {
+                self.table(
+                    "Audit rows",
+                    &["changed at", "profile", "url", "index", "change"],
+                )?;
+                let cells = row_columns(row).map(|text| cell(&text));
+                self.row(&cells)
             }
         }
     }
@@ -342,5 +638,23 @@ mod tests {
         assert_eq!(printable("\u{1b}[2Jslug"), "\\u{1b}[2Jslug");
         assert_eq!(printable("evil\u{202e}lmth.exe"), "evil\\u{202e}lmth.exe");
         assert_eq!(printable("广告 x Acme é"), "广告 x Acme é");
+    }
+
+    #[test]
+    fn markdown_cells_cannot_break_the_table_or_render_markup() {
+        assert_eq!(cell("a|b"), "a\\|b");
+        assert_eq!(cell("<img src=x>"), "\\<img src=x\\>");
+        assert_eq!(cell("line\nbreak"), "line\\\\u{a}break");
+        assert_eq!(cell("https://x.example/a_b"), "https://x.example/a\\_b");
+    }
+
+    #[test]
+    fn ages_below_a_minute_keep_their_difference() {
+        let ms = chrono::Duration::milliseconds;
+        assert_eq!(precise_age(ms(1_040)), "1.0s");
+        assert_eq!(precise_age(ms(1_960)), "1.9s");
+        assert_eq!(precise_age(ms(42_000)), "42s");
+        assert_eq!(precise_age(ms(754_000)), "12m34s");
+        assert_eq!(precise_age(ms(25 * 3_600_000)), "25h0m");
     }
 }

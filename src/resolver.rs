@@ -12,6 +12,13 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// Where the ported rule comes from, as run logs, plan files and `--version` name it.
+pub const RULE_REPOSITORY: &str = "adcontextprotocol/adcp";
+pub const RULE_FILE: &str = "server/src/routes/member-profiles.ts";
+pub const RULE_FUNCTION: &str = "resolveAgentTypes";
+/// The adcp commit the port and its conformance vectors were taken from.
+pub const RULE_COMMIT: &str = "4439b1871329488ce24b213e88d855849fb41187";
+
 /// `VALID_AGENT_TYPES` from the server's `types.ts`, `unknown` included.
 pub const VALID_AGENT_TYPES: [&str; 9] = [
     "brand",
@@ -388,12 +395,22 @@ impl<'de> Deserialize<'de> for AgentSlot {
     }
 }
 
+/// Whether `value` is the summary [`bounded_type`] stands in for a type nested too deep to keep.
+pub fn is_depth_summary(value: &Value) -> bool {
+    value
+        .get("nested_json_summary")
+        .and_then(|summary| summary.get("depth"))
+        .and_then(Value::as_u64)
+        .is_some_and(|depth| depth > MAX_TYPE_DEPTH as u64)
+        && value.as_object().is_some_and(|object| object.len() == 1)
+}
+
 /// Deeper than this, a stored `type` is kept as a summary object. Cloning, printing or
 /// auditing a value nested thousands deep recurses once per level and would overflow the stack;
 /// the summary is just as much "not a string" to the rule, so decisions are unchanged.
 pub const MAX_TYPE_DEPTH: usize = 64;
 
-fn bounded_type(text: &str) -> serde_json::Result<Value> {
+pub fn bounded_type(text: &str) -> serde_json::Result<Value> {
     let depth = nesting_depth(text);
     if depth <= MAX_TYPE_DEPTH {
         return serde_json::from_str(text);

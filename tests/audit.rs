@@ -2,15 +2,10 @@
 
 mod common;
 
-use agent_type_backfill::audit;
-use agent_type_backfill::backfill::execute;
-use agent_type_backfill::cli::{Cli, Command};
 use agent_type_backfill::error::exit_code;
-use agent_type_backfill::interrupt::StopSignal;
-use agent_type_backfill::report::Summary;
+use agent_type_backfill::events::Summary;
 use agent_type_backfill::seed::{self, NewProfile, NewSnapshot, BIDCLIQ_URL, SWIVEL_URL};
-use clap::Parser;
-use common::{args, events, TestDb};
+use common::{args, events, execute, TestDb};
 use serde_json::{json, Value};
 
 async fn apply(db: &TestDb) -> String {
@@ -22,26 +17,18 @@ async fn apply(db: &TestDb) -> String {
 }
 
 async fn revert(db: &TestDb, flags: &[&str]) -> (anyhow::Result<Summary>, Vec<Value>) {
-    let mut argv = vec!["agent-type-backfill", "revert"];
-    argv.extend_from_slice(flags);
-    argv.extend_from_slice(&["--format", "json"]);
-    let Some(Command::Revert(revert_args)) = Cli::try_parse_from(argv).unwrap().command else {
-        unreachable!("parsed a revert command line")
-    };
+    let mut flags = flags.to_vec();
+    flags.extend_from_slice(&["--format", "json"]);
     let mut out = Vec::new();
-    let result = audit::revert(&revert_args, &db.url, &mut out, StopSignal::never()).await;
+    let result = common::revert(&flags, &db.url, &mut out).await;
     (result, events(&out))
 }
 
 async fn history(db: &TestDb, flags: &[&str]) -> (anyhow::Result<()>, Vec<Value>) {
-    let mut argv = vec!["agent-type-backfill", "history"];
-    argv.extend_from_slice(flags);
-    argv.extend_from_slice(&["--format", "json"]);
-    let Some(Command::History(history_args)) = Cli::try_parse_from(argv).unwrap().command else {
-        unreachable!("parsed a history command line")
-    };
+    let mut flags = flags.to_vec();
+    flags.extend_from_slice(&["--format", "json"]);
     let mut out = Vec::new();
-    let result = audit::history(&history_args, &db.url, &mut out).await;
+    let result = common::history(&flags, &db.url, &mut out).await;
     (result, events(&out))
 }
 

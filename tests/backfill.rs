@@ -4,20 +4,19 @@ mod common;
 
 use std::time::Duration;
 
-use agent_type_backfill::backfill::{self, execute};
 use agent_type_backfill::db;
 use agent_type_backfill::error::{exit_code, Failure};
 use agent_type_backfill::seed::{
     self, NewProfile, NewSnapshot, BIDCLIQ_URL, NORTHWIND_URL, SWIVEL_URL,
 };
-use common::{args, events, TestDb};
+use common::{args, events, execute, TestDb};
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
 
 async fn run(
     db: &TestDb,
     flags: &[&str],
-) -> (anyhow::Result<agent_type_backfill::report::Summary>, String) {
+) -> (anyhow::Result<agent_type_backfill::events::Summary>, String) {
     let mut out = Vec::new();
     let result = execute(&args(flags), &db.url, &mut out).await;
     (result, String::from_utf8(out).unwrap())
@@ -101,7 +100,7 @@ async fn apply_writes_the_two_flips_with_two_audit_rows_and_a_rerun_finds_none()
         assert_eq!(row.old_type.as_deref(), Some("buying"));
         assert_eq!(row.new_type, "sales");
         let notes = row.notes.as_ref().unwrap();
-        assert_eq!(notes["tool_version"], backfill::VERSION);
+        assert_eq!(notes["tool_version"], agent_type_backfill::VERSION);
         let (slug, url) = if row.agent_url == BIDCLIQ_URL {
             ("bidcliq", BIDCLIQ_URL)
         } else {
@@ -163,10 +162,12 @@ async fn dry_run_writes_nothing_and_its_transaction_refuses_writes() {
     );
     assert_eq!(db.dump().await, before);
 
-    let connect = args(&["--dry-run"]).connect;
-    let session = backfill::open_session(&db.url, &connect, "atb-read-only")
-        .await
-        .unwrap();
+    let settings = db::SessionSettings {
+        application_name: "agent-type-backfill atb-read-only".to_owned(),
+        lock_timeout: std::time::Duration::from_secs(5),
+        statement_timeout: std::time::Duration::from_secs(60),
+    };
+    let session = db::connect(&db.url, &settings).await.unwrap();
     let mut transaction = db::begin_read_only(&session.pool).await.unwrap();
     let error = sqlx::query("UPDATE member_profiles SET agents = '[]'")
         .execute(&mut *transaction)
@@ -531,7 +532,7 @@ async fn stop_request_lets_the_batch_in_flight_commit_then_reports_and_exits_143
             "--format",
             "json",
         ];
-        let result = backfill::execute_with(&args(&flags), &url, &mut out, stop).await;
+        let result = common::execute_with(&args(&flags), &url, &mut out, stop).await;
         (result, out)
     });
     wait_for_blocked_writer(&db).await;
@@ -615,10 +616,12 @@ async fn session_settings_are_added_to_the_options_in_the_url() {
         "{}{separator}options=-c%20max_parallel_workers_per_gather%3D0",
         db.url
     );
-    let connect = args(&["--dry-run", "--statement-timeout", "42s"]).connect;
-    let session = backfill::open_session(&url, &connect, "atb-options")
-        .await
-        .unwrap();
+    let settings = db::SessionSettings {
+        application_name: "agent-type-backfill atb-options".to_owned(),
+        lock_timeout: std::time::Duration::from_secs(5),
+        statement_timeout: std::time::Duration::from_secs(42),
+    };
+    let session = db::connect(&url, &settings).await.unwrap();
     let settings: (String, String, String, String) = sqlx::query_as(
         "SELECT current_setting('max_parallel_workers_per_gather'), current_setting('jit'), \
                 current_setting('statement_timeout'), current_setting('application_name')",
@@ -634,5 +637,290 @@ async fn session_settings_are_added_to_the_options_in_the_url() {
             "42s".to_owned(),
             "agent-type-backfill atb-options".to_owned()
         )
+    );
+}
+
+async fn crawler_says(db: &TestDb, url: &str, old_type: &str, new_type: &str, days_ago: i32) {
+    sqlx::query(
+        "INSERT INTO type_reclassification_log (agent_url, old_type, new_type, source, changed_at, notes) \
+         VALUES ($1, $2, $3, 'crawler_promote', now() - make_interval(days => $4), \
+                 '{\"decision\": \"logged_only_no_promote\"}')",
+    )
+    .bind(url)
+    .bind(old_type)
+    .bind(new_type)
+    .bind(days_ago)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+fn event_for<'e>(events: &'e [Value], kind: &str, profile: &str) -> &'e Value {
+    events
+        .iter()
+        .find(|event| event["event"] == kind && event["profile"] == profile)
+        .unwrap_or_else(|| panic!("no {kind} event for {profile}: {events:#?}"))
+}
+
+/// A server newer than the port knows types the tool does not: a stored `sales` whose snapshot
+/// infers `retail_media` used to print `sales -> unknown` and be written. It is held: listed,
+/// never written, exit 3; and the summary names every such type in the snapshot table.
+#[tokio::test]
+async fn a_type_the_rule_does_not_know_holds_the_flip_and_writes_nothing() {
+    let db = TestDb::seeded(5).await;
+    let newer = NewProfile {
+        id: uuid::Uuid::from_u128(0xa1),
+        slug: "retailer".into(),
+        display_name: "Retailer".into(),
+        agents: Some(json!([{"url": "https://retail.example/mcp", "type": "sales"}])),
+    };
+    let stored_newer = NewProfile {
+        id: uuid::Uuid::from_u128(0xa2),
+        slug: "declared-newer".into(),
+        display_name: "Declared".into(),
+        agents: Some(json!([{"url": "https://declared.example/mcp", "type": "retail_media"}])),
+    };
+    seed::insert(
+        &db.pool,
+        &[newer, stored_newer],
+        &[
+            NewSnapshot::new("https://retail.example/mcp", Some("retail_media")),
+            NewSnapshot::new("https://nobody.example/mcp", Some("ctv")),
+        ],
+    )
+    .await
+    .unwrap();
+    let before = db.dump().await;
+    for mode in ["--dry-run", "--apply"] {
+        let (result, log) = run(&db, &[mode, "--format", "json"]).await;
+        let error = result.unwrap_err();
+        assert_eq!(exit_code(&error), 3, "{error:#}");
+        assert!(error.to_string().contains("retail_media"), "{error:#}");
+        let events = events(log.as_bytes());
+        let held = event_for(&events, "held", "retailer");
+        assert_eq!(held["reason"], "unrecognised_inferred_type");
+        assert_eq!(held["inferred_type"], "retail_media");
+        assert_eq!(
+            (held["from"].as_str(), held["to"].as_str()),
+            (Some("sales"), Some("unknown"))
+        );
+        let stored = event_for(&events, "held", "declared-newer");
+        assert_eq!(stored["inferred_type"], "retail_media");
+        let summary = events.last().unwrap();
+        assert_eq!(summary["held"], 2);
+        assert_eq!(
+            summary["unrecognised_inferred_types"],
+            json!({"ctv": 1, "retail_media": 1})
+        );
+        assert_eq!(summary["written"], 0);
+        // The expected flips are listed as flips, and not written either.
+        assert_eq!(flip_events(&log).len(), 2);
+        assert_eq!(db.dump().await, before, "{mode} wrote");
+    }
+    let (_, text) = run(&db, &["--dry-run"]).await;
+    assert!(
+        text.contains("  held  retailer  https://retail.example/mcp  sales -> unknown  (probed 30h ago)  [type unknown to this tool's rule; the server may be newer: stop: 'retail_media']"),
+        "{text}"
+    );
+    assert!(
+        text.contains("unrecognised inferred types:    ctv 1, retail_media 1"),
+        "{text}"
+    );
+}
+
+/// `--max-probe-age`: a flip decided by an older snapshot is held, with the same exit 3.
+#[tokio::test]
+async fn a_probe_older_than_max_probe_age_holds_its_flip() {
+    let db = TestDb::seeded(5).await;
+    let before = db.dump().await;
+    let (result, log) = run(
+        &db,
+        &["--apply", "--max-probe-age", "24h", "--format", "json"],
+    )
+    .await;
+    assert_eq!(exit_code(&result.unwrap_err()), 3);
+    let events = events(log.as_bytes());
+    assert_eq!(
+        event_for(&events, "held", "bidcliq")["reason"],
+        "stale_probe"
+    );
+    assert_eq!(db.dump().await, before);
+    // The fixtures were probed 30 hours ago: a two-day limit lets them through.
+    let (result, _) = run(
+        &db,
+        &["--apply", "--max-probe-age", "2d", "--format", "json"],
+    )
+    .await;
+    assert_eq!(result.unwrap().written, 2);
+}
+
+/// The crawler's own disagreement log beside each flip, and `--min-corroboration` on top.
+#[tokio::test]
+async fn crawler_disagreements_are_shown_on_each_flip_and_can_be_demanded() {
+    let db = TestDb::seeded(5).await;
+    for days in [9, 5, 1] {
+        crawler_says(&db, BIDCLIQ_URL, "buying", "sales", days).await;
+    }
+    crawler_says(&db, SWIVEL_URL, "buying", "sales", 4).await;
+    crawler_says(&db, SWIVEL_URL, "buying", "signals", 2).await;
+    crawler_says(&db, "https://no-flip.example/mcp", "sales", "creative", 1).await;
+
+    let (result, log) = run(&db, &["--dry-run", "--format", "json"]).await;
+    result.unwrap();
+    let planned = events(log.as_bytes());
+    let bidcliq = &event_for(&planned, "flip", "bidcliq")["crawler_disagreements"];
+    assert_eq!(bidcliq["count"], 3);
+    assert_eq!(bidcliq["last_inferred"], "sales");
+    let first =
+        chrono::DateTime::parse_from_rfc3339(bidcliq["first_at"].as_str().unwrap()).unwrap();
+    let last = chrono::DateTime::parse_from_rfc3339(bidcliq["last_at"].as_str().unwrap()).unwrap();
+    assert_eq!((last - first).num_days(), 8);
+    let swivel = &event_for(&planned, "flip", "swivel")["crawler_disagreements"];
+    assert_eq!(
+        (swivel["count"].as_u64(), swivel["last_inferred"].as_str()),
+        (Some(1), Some("signals"))
+    );
+
+    let (_, text) = run(&db, &["--dry-run"]).await;
+    let since = (chrono::Utc::now() - chrono::Duration::days(9))
+        .format("%Y-%m-%d")
+        .to_string();
+    assert!(
+        text.contains(&format!(
+            "(probed 30h ago; crawler disagreed 3x since {since})"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("crawler disagreed 1x since"), "{text}");
+    assert!(text.contains("crawler last saw signals)"), "{text}");
+
+    // Swivel has one agreeing row: not enough for two. Flips to or from unknown are untouched.
+    let before = db.dump().await;
+    let (result, log) = run(
+        &db,
+        &["--apply", "--min-corroboration", "2", "--format", "json"],
+    )
+    .await;
+    assert_eq!(exit_code(&result.unwrap_err()), 3);
+    let guarded = events(log.as_bytes());
+    assert_eq!(
+        event_for(&guarded, "held", "swivel")["reason"],
+        "uncorroborated"
+    );
+    assert!(guarded
+        .iter()
+        .all(|event| !(event["event"] == "held" && event["to"] == "unknown")));
+    assert_eq!(db.dump().await, before);
+    let (result, _) = run(
+        &db,
+        &["--apply", "--min-corroboration", "1", "--format", "json"],
+    )
+    .await;
+    assert_eq!(result.unwrap().written, 2);
+}
+
+/// Without SELECT on the audit table a dry-run still runs, and says the evidence is unavailable;
+/// `--min-corroboration`, which needs it, is refused at preflight.
+#[tokio::test]
+async fn crawler_evidence_without_select_on_the_log_is_unavailable_and_cannot_be_demanded() {
+    let db = TestDb::seeded(5).await;
+    let role = format!("reader_{}", uuid::Uuid::new_v4().simple());
+    for statement in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("GRANT SELECT ON member_profiles, agent_capabilities_snapshot TO {role}"),
+    ] {
+        sqlx::query(&statement).execute(&db.pool).await.unwrap();
+    }
+    let url = db.url.replacen("postgres@", &format!("{role}@"), 1);
+    let mut out = Vec::new();
+    execute(&args(&["--dry-run", "--format", "json"]), &url, &mut out)
+        .await
+        .unwrap();
+    let events = events(&out);
+    let evidence = &event_for(&events, "flip", "bidcliq")["crawler_disagreements"];
+    assert_eq!(
+        evidence["unavailable"],
+        "no SELECT privilege on type_reclassification_log"
+    );
+    assert_eq!(evidence["count"], Value::Null);
+    let mut out = Vec::new();
+    let error = execute(
+        &args(&["--dry-run", "--min-corroboration", "1"]),
+        &url,
+        &mut out,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(exit_code(&error), 4, "{error:#}");
+    assert!(
+        error
+            .to_string()
+            .contains("GRANT SELECT ON type_reclassification_log"),
+        "{error:#}"
+    );
+    assert!(out.is_empty());
+}
+
+/// Regression (issue 11): a stored type nested deeper than the resolver keeps whole was audited
+/// as its summary, and revert wrote the summary back. Both now keep the value exactly.
+#[tokio::test]
+async fn a_deeply_nested_type_is_audited_and_reverted_exactly() {
+    let db = TestDb::new().await;
+    let mut deep = json!("core");
+    for level in 0..70 {
+        deep = if level % 2 == 0 {
+            json!([deep])
+        } else {
+            json!({ "k": deep })
+        };
+    }
+    let agents = json!([
+        {"url": "https://deep.example/mcp", "type": deep.clone(), "name": "Deep"},
+        {"url": "https://other.example/mcp", "type": null, "price": 1.50}
+    ]);
+    let profile = NewProfile {
+        id: uuid::Uuid::from_u128(0xdee9),
+        slug: "deep".into(),
+        display_name: "Deep".into(),
+        agents: Some(agents.clone()),
+    };
+    seed::insert(
+        &db.pool,
+        &[profile],
+        &[NewSnapshot::new("https://deep.example/mcp", Some("sales"))],
+    )
+    .await
+    .unwrap();
+    let (result, log) = run(&db, &["--apply", "--format", "json"]).await;
+    assert_eq!(result.unwrap().written, 1);
+    let run_id = events(log.as_bytes())[0]["run_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (old_type, from_equal): (String, bool) = sqlx::query_as(
+        "SELECT old_type, notes -> 'from' = $1::jsonb FROM type_reclassification_log WHERE run_id = $2",
+    )
+    .bind(deep.to_string())
+    .bind(&run_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(from_equal, "notes.from is not the stored value");
+    assert_eq!(serde_json::from_str::<Value>(&old_type).unwrap(), deep);
+
+    let mut out = Vec::new();
+    common::revert(&[&run_id, "--apply", "--format", "json"], &db.url, &mut out)
+        .await
+        .unwrap();
+    let restored: bool =
+        sqlx::query_scalar("SELECT agents = $1::jsonb FROM member_profiles WHERE slug = 'deep'")
+            .bind(agents.to_string())
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(
+        restored,
+        "revert did not restore the profile exactly: {:?}",
+        db.agents_of("deep").await
     );
 }

@@ -118,7 +118,7 @@ async fn dry_run_text_log_has_header_flips_and_summary_and_no_password() {
     let stdout = &done.stdout;
     assert!(stdout.starts_with(&format!(
         "agent-type-backfill {}\n",
-        agent_type_backfill::backfill::VERSION
+        agent_type_backfill::VERSION
     )));
     assert!(stdout.contains("mode:        dry-run\n"));
     assert!(
@@ -368,7 +368,19 @@ async fn sigint_during_the_planning_pass_cancels_it_on_the_server() {
     let stdout = String::from_utf8(output.stdout).unwrap();
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert_eq!(output.status.code(), Some(130), "{stdout}\n{stderr}");
-    assert!(stdout.contains("interrupted by SIGINT"), "{stdout}");
+    assert!(
+        stdout.contains("plan interrupted by SIGINT after "),
+        "{stdout}"
+    );
+    // Regression: it used to print an empty summary and tell a dry-run to "pick up the rest".
+    for misleading in ["summary:", "profiles scanned", "(none)", "rerun"] {
+        assert!(!stdout.contains(misleading), "{misleading}: {stdout}");
+    }
+    assert!(
+        stderr.contains("interrupted by SIGINT while planning: nothing was written"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("rerun the same command"), "{stderr}");
 
     // The lock is still held: only a cancel can have ended the tool's statement.
     let mut still_active: i64 = -1;
@@ -453,7 +465,7 @@ async fn a_planning_pass_past_the_statement_timeout_names_the_flag_to_raise() {
 async fn transitions_not_allowed_are_listed_and_nothing_is_written() {
     let db = TestDb::seeded(5).await;
     let before = db.dump().await;
-    let refused = Run::new(&["--apply", "--allow-transition", "buyer->unknown"])
+    let refused = Run::new(&["--apply", "--allow-transition", "buyer:unknown"])
         .database(&db.url)
         .run();
     assert_eq!(refused.code, 3, "{}", refused.stderr);
@@ -464,13 +476,14 @@ async fn transitions_not_allowed_are_listed_and_nothing_is_written() {
         refused.stdout
     );
     assert!(
-        refused.stderr.contains("(buying->sales)"),
+        refused.stderr.contains("(buying:sales)"),
         "{}",
         refused.stderr
     );
     assert_eq!(db.dump().await, before);
 
-    let allowed = Run::new(&["--apply", "--allow-transition", "buying->sales"])
+    // The spelling every document uses, pasted through a real shell: no `>` to redirect.
+    let allowed = Run::new(&["--apply", "--allow-transition", "buying:sales"])
         .database(&db.url)
         .run();
     assert_eq!(allowed.code, 0, "{}", allowed.stderr);
@@ -508,6 +521,14 @@ fn version_names_the_commit_and_completions_and_man_page_render() {
         "agent-type-backfill {} (git ",
         env!("CARGO_PKG_VERSION")
     )));
+    assert!(
+        version.stdout.ends_with(
+            "\nrule: adcp resolveAgentTypes at 4439b18 (brand, rights, measurement, governance, \
+             creative, sales, buying, signals, unknown)\n"
+        ),
+        "{}",
+        version.stdout
+    );
     for shell in ["bash", "zsh", "fish"] {
         let done = Run::new(&["completions", shell]).run();
         assert_eq!(done.code, 0, "{}", done.stderr);
@@ -520,4 +541,219 @@ fn version_names_the_commit_and_completions_and_man_page_render() {
     assert_eq!(man.code, 0);
     assert!(man.stdout.contains(".TH agent-type-backfill 1"));
     assert!(man.stdout.contains("expect\\-database"), "{}", man.stdout);
+}
+
+/// Regression: Ctrl-C during an apply used to retry a lock-waiting batch for all its attempts.
+/// After the signal no new attempt starts; the one in flight ends at `--lock-timeout`.
+#[tokio::test]
+async fn sigint_while_a_batch_waits_on_a_lock_starts_no_new_attempt() {
+    use sqlx::Connection;
+    let db = TestDb::seeded(10).await;
+    let before = db.dump().await;
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM member_profiles WHERE slug = 'bidcliq' FOR UPDATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let child = spawn_tool(
+        &["--apply", "--lock-timeout", "1s", "--write-attempts", "20"],
+        &db.url,
+    );
+    assert!(
+        tool_waits_on_a_lock(&db).await,
+        "the apply never reached its write"
+    );
+    let signalled = std::time::Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let waited = signalled.elapsed();
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(130), "{stdout}\n{stderr}");
+    // 20 attempts at 1 s each with backoff would take well over a minute.
+    assert!(
+        waited < std::time::Duration::from_secs(5),
+        "took {waited:?}: {stderr}"
+    );
+    assert!(stdout.contains("interrupted by SIGINT"), "{stdout}");
+    assert_eq!(db.dump().await, before, "the batch rolled back whole");
+}
+
+/// Regression: `--plan-out` with `--apply` wrote every flip unreviewed (the operator meant
+/// `--plan`). It is a usage error now: nothing read, nothing written, no file.
+#[tokio::test]
+async fn plan_out_with_apply_is_a_usage_error() {
+    let db = TestDb::seeded(5).await;
+    let before = db.dump().await;
+    let dir = std::env::temp_dir().join(format!("atb-plan-out-{}", std::process::id()));
+    let path = dir.join("plan.json");
+    let done = Run::new(&["--apply", "--plan-out", path.to_str().unwrap()])
+        .database(&db.url)
+        .run();
+    assert_eq!(done.code, 2, "{}", done.stderr);
+    assert!(done.stderr.contains("--plan-out"), "{}", done.stderr);
+    assert!(done.stdout.is_empty(), "{}", done.stdout);
+    assert!(!path.exists());
+    assert_eq!(db.dump().await, before);
+}
+
+/// `agent-type-backfill man | head` used to exit 1 with "Broken pipe". A reader that has what it
+/// wants ends the program quietly, as ripgrep does.
+#[test]
+fn a_closed_stdout_ends_the_program_quietly() {
+    for args in [&["man"][..], &["completions", "bash"][..]] {
+        let mut child =
+            std::process::Command::new(assert_cmd::cargo::cargo_bin("agent-type-backfill"))
+                .args(args)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+        drop(child.stdout.take());
+        let output = child.wait_with_output().unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            output.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+/// The Markdown log says what the text log says, as tables a ticket renders.
+#[tokio::test]
+async fn markdown_log_has_the_header_flips_and_summary_as_tables() {
+    let db = TestDb::seeded(5).await;
+    let done = Run::new(&["--dry-run", "--format", "markdown"])
+        .database(&db.url)
+        .run();
+    assert_eq!(done.code, 0, "{}", done.stderr);
+    let md = &done.stdout;
+    assert!(md.starts_with("## agent-type-backfill run log\n"), "{md}");
+    assert!(md.contains("| rule | adcp resolveAgentTypes at 4439b18 (brand, rights, measurement, governance, creative, sales, buying, signals, unknown) |"), "{md}");
+    assert!(md.contains("\n### Flips\n\n| profile | url | from | to | probe | crawler |\n| --- | --- | --- | --- | --- | --- |\n"), "{md}");
+    assert!(
+        md.contains("| bidcliq | https://bidcliq.example/mcp | buying | sales | probed 30h ago |"),
+        "{md}"
+    );
+    assert!(md.contains("| agent rows flipped | 2 |"), "{md}");
+    assert!(md.contains("\n### Transitions\n\n| from | to | flips |\n| --- | --- | --- |\n| buying | sales | 2 |\n"), "{md}");
+
+    let applied = Run::new(&["--apply", "--format", "json"])
+        .database(&db.url)
+        .run();
+    assert_eq!(applied.code, 0, "{}", applied.stderr);
+    let history = Run::new(&["history", "--format", "markdown"])
+        .database(&db.url)
+        .run();
+    assert_eq!(history.code, 0, "{}", history.stderr);
+    assert!(
+        history
+            .stdout
+            .contains("### Runs\n\n| run id | first change |"),
+        "{}",
+        history.stdout
+    );
+    let text = Run::new(&["history"]).database(&db.url).run();
+    assert!(text.stdout.ends_with("\n1 run\n"), "{}", text.stdout);
+}
+
+/// Flips, held and skipped lines are listed by profile, then element, whatever order the
+/// database returns them in, so staging and prod logs diff cleanly; the summary counts each
+/// transition.
+#[tokio::test]
+async fn flips_are_listed_by_profile_then_index_and_counted_per_transition() {
+    use agent_type_backfill::seed::{self, NewProfile, NewSnapshot};
+    use serde_json::json;
+    let db = TestDb::new().await;
+    // Ids in the opposite order of the slugs, so id order is not log order.
+    let profiles: Vec<NewProfile> = ["zulu", "mike", "alpha"]
+        .iter()
+        .enumerate()
+        .map(|(position, slug)| NewProfile {
+            id: uuid::Uuid::from_u128(position as u128 + 1),
+            slug: (*slug).to_owned(),
+            display_name: (*slug).to_owned(),
+            agents: Some(json!([
+                {"url": format!("https://{slug}.example/b"), "type": "buying"},
+                {"url": format!("https://{slug}.example/a"), "type": "buyer"},
+            ])),
+        })
+        .collect();
+    let snapshots: Vec<NewSnapshot> = ["zulu", "mike", "alpha"]
+        .iter()
+        .map(|slug| NewSnapshot::new(&format!("https://{slug}.example/b"), Some("sales")))
+        .collect();
+    seed::insert(&db.pool, &profiles, &snapshots).await.unwrap();
+    let text = Run::new(&["--dry-run"]).database(&db.url).run();
+    assert_eq!(text.code, 0, "{}", text.stderr);
+    let lines: Vec<&str> = text
+        .stdout
+        .lines()
+        .filter(|line| line.contains(".example/"))
+        .collect();
+    let order: Vec<String> = lines
+        .iter()
+        .map(|line| {
+            line.split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "alpha https://alpha.example/b",
+            "alpha https://alpha.example/a",
+            "mike https://mike.example/b",
+            "mike https://mike.example/a",
+            "zulu https://zulu.example/b",
+            "zulu https://zulu.example/a",
+        ],
+        "{}",
+        text.stdout
+    );
+    assert!(
+        text.stdout
+            .contains("\ntransitions:\n  buyer -> unknown  3\n  buying -> sales  3\n"),
+        "{}",
+        text.stdout
+    );
+    let json = Run::new(&["--dry-run", "--format", "json"])
+        .database(&db.url)
+        .run();
+    let events = events(json.stdout.as_bytes());
+    let flips: Vec<(String, u64)> = events
+        .iter()
+        .filter(|event| event["event"] == "flip")
+        .map(|event| {
+            (
+                event["profile"].as_str().unwrap().to_owned(),
+                event["index"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        flips
+            .iter()
+            .map(|(p, i)| format!("{p}{i}"))
+            .collect::<Vec<_>>(),
+        ["alpha0", "alpha1", "mike0", "mike1", "zulu0", "zulu1"]
+    );
+    let summary = events.last().unwrap();
+    assert_eq!(
+        summary["transitions"],
+        json!({"buyer->unknown": 3, "buying->sales": 3})
+    );
+    assert_eq!(summary["held"], 0);
 }

@@ -5,9 +5,8 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 
-use agent_type_backfill::backfill::execute;
 use agent_type_backfill::seed::{self, NewProfile, NewSnapshot, BIDCLIQ_URL, SWIVEL_URL};
-use common::{args, TestDb};
+use common::{args, execute, TestDb};
 use serde_json::{json, Value};
 use uuid::Uuid;
 

@@ -2,12 +2,11 @@
 
 mod common;
 
-use agent_type_backfill::backfill::execute;
 use agent_type_backfill::error::exit_code;
+use agent_type_backfill::events::Summary;
 use agent_type_backfill::plan_file::PlanFile;
-use agent_type_backfill::report::Summary;
 use agent_type_backfill::seed::{self, NewProfile, BIDCLIQ_URL, SWIVEL_URL};
-use common::{args, events, TestDb};
+use common::{args, events, execute, TestDb};
 use serde_json::{json, Value};
 
 async fn run(db: &TestDb, flags: &[&str]) -> (anyhow::Result<Summary>, Vec<Value>) {

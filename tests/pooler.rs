@@ -303,21 +303,16 @@ async fn sigint_while_planning_cancels_the_statement_through_pgbouncer() {
 /// server session's, whichever server session the pooler picked.
 #[tokio::test]
 async fn every_transaction_through_pgbouncer_carries_the_tool_settings() {
-    use agent_type_backfill::{backfill, db};
+    use agent_type_backfill::db;
     for mode in MODES {
         let test_db = TestDb::new().await;
         let (_bouncer, url) = bouncer_for(&test_db, mode);
-        let connect = common::args(&[
-            "--dry-run",
-            "--lock-timeout",
-            "1234ms",
-            "--statement-timeout",
-            "42s",
-        ])
-        .connect;
-        let session = backfill::open_session(&url, &connect, "atb-pooled")
-            .await
-            .unwrap();
+        let settings = db::SessionSettings {
+            application_name: "agent-type-backfill atb-pooled".to_owned(),
+            lock_timeout: Duration::from_millis(1234),
+            statement_timeout: Duration::from_secs(42),
+        };
+        let session = db::connect(&url, &settings).await.unwrap();
         for read_only in [false, true, false, true] {
             let mut transaction = if read_only {
                 db::begin_read_only(&session.pool).await.unwrap()

@@ -20,13 +20,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent_type_backfill::backfill::execute;
 use agent_type_backfill::ephemeral::EphemeralPostgres;
+use agent_type_backfill::events::Summary;
 use agent_type_backfill::rehearse::MIGRATOR;
-use agent_type_backfill::report::Summary;
 use agent_type_backfill::resolver::{resolve_agents, type_label};
 use agent_type_backfill::seed::{self, BulkSpec, Rng};
-use common::{args, events, TestDb};
+use common::{args, events, execute, TestDb};
 use serde_json::Value;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};

@@ -4,9 +4,13 @@
 
 use std::sync::{Mutex, OnceLock};
 
-use agent_type_backfill::cli::{BackfillArgs, Cli};
+use agent_type_backfill::cli::{BackfillArgs, Cli, Command};
+use agent_type_backfill::config::{BackfillConfig, HistoryConfig, RevertConfig};
 use agent_type_backfill::ephemeral::EphemeralPostgres;
+use agent_type_backfill::events::Summary;
+use agent_type_backfill::interrupt::StopSignal;
 use agent_type_backfill::rehearse::MIGRATOR;
+use agent_type_backfill::report;
 use agent_type_backfill::seed;
 use clap::Parser;
 use sqlx::postgres::PgPoolOptions;
@@ -225,6 +229,54 @@ pub fn args(flags: &[&str]) -> BackfillArgs {
     Cli::try_parse_from(argv)
         .expect("valid test flags")
         .backfill
+}
+
+/// The config a command line gives, for `url`.
+pub fn config(args: &BackfillArgs, url: &str) -> BackfillConfig {
+    let mut args = args.clone();
+    args.connect.database_url = Some(url.to_owned());
+    BackfillConfig::from_cli(&args).expect("a database url is set")
+}
+
+/// Runs the backfill the flags describe against `url`, its log in the flags' format into `out`.
+pub async fn execute(args: &BackfillArgs, url: &str, out: &mut Vec<u8>) -> anyhow::Result<Summary> {
+    execute_with(args, url, out, StopSignal::never()).await
+}
+
+/// [`execute`], stopping when `stop` fires.
+pub async fn execute_with(
+    args: &BackfillArgs,
+    url: &str,
+    out: &mut Vec<u8>,
+    stop: StopSignal,
+) -> anyhow::Result<Summary> {
+    let config = config(args, url);
+    let mut printer = report::printer(config.run.format, out);
+    agent_type_backfill::backfill::execute(&config, printer.as_mut(), stop).await
+}
+
+/// `revert` with these flags (after `revert`) against `url`; its log into `out`.
+pub async fn revert(flags: &[&str], url: &str, out: &mut Vec<u8>) -> anyhow::Result<Summary> {
+    let mut argv = vec!["agent-type-backfill", "revert", "--database-url", url];
+    argv.extend_from_slice(flags);
+    let Some(Command::Revert(args)) = Cli::try_parse_from(argv).unwrap().command else {
+        unreachable!("parsed a revert command line")
+    };
+    let config = RevertConfig::from_cli(&args).unwrap();
+    let mut printer = report::printer(config.run.format, out);
+    agent_type_backfill::audit::revert(&config, printer.as_mut(), StopSignal::never()).await
+}
+
+/// `history` with these flags (after `history`) against `url`; its log into `out`.
+pub async fn history(flags: &[&str], url: &str, out: &mut Vec<u8>) -> anyhow::Result<()> {
+    let mut argv = vec!["agent-type-backfill", "history", "--database-url", url];
+    argv.extend_from_slice(flags);
+    let Some(Command::History(args)) = Cli::try_parse_from(argv).unwrap().command else {
+        unreachable!("parsed a history command line")
+    };
+    let config = HistoryConfig::from_cli(&args).unwrap();
+    let mut printer = report::printer(config.format, out);
+    agent_type_backfill::audit::history(&config, printer.as_mut()).await
 }
 
 /// Parses a `--format json` run log into its events.

@@ -1,0 +1,192 @@
+//! What a run was asked to do, built once from the command line. The clap structs in `cli.rs`
+//! only parse; everything after `main` (the runs, the rehearsal, the tests) works from these.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::cli::{BackfillArgs, ConnectOpts, Format, HistoryArgs, RevertArgs, RunOpts, Transition};
+use crate::error::Failure;
+use crate::events::Mode;
+
+/// Where to connect and how each statement is bounded.
+#[derive(Debug, Clone)]
+pub struct ConnectConfig {
+    pub url: String,
+    /// Stop right after connecting unless the database has this name.
+    pub expect_database: Option<String>,
+    pub lock_timeout: Duration,
+    pub statement_timeout: Duration,
+}
+
+impl ConnectConfig {
+    pub fn new(url: impl Into<String>) -> ConnectConfig {
+        ConnectConfig {
+            url: url.into(),
+            expect_database: None,
+            lock_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(60),
+        }
+    }
+
+    fn from_cli(connect: &ConnectOpts) -> Result<ConnectConfig, Failure> {
+        let url = connect.database_url.clone().ok_or_else(|| {
+            Failure::Usage("no database given: set DATABASE_URL or pass --database-url".to_owned())
+        })?;
+        Ok(ConnectConfig {
+            url,
+            expect_database: connect.expect_database.clone(),
+            lock_timeout: connect.lock_timeout,
+            statement_timeout: connect.statement_timeout,
+        })
+    }
+}
+
+/// How a run that may write is bounded and printed; shared by the backfill and `revert`.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub mode: Mode,
+    pub format: Format,
+    /// More flips than this in the plan: nothing is written.
+    pub max_flips: usize,
+    pub batch_size: usize,
+    pub write_attempts: u32,
+}
+
+impl RunConfig {
+    pub fn new(mode: Mode) -> RunConfig {
+        RunConfig {
+            mode,
+            format: Format::Text,
+            max_flips: 25,
+            batch_size: 1000,
+            write_attempts: 4,
+        }
+    }
+
+    fn from_cli(mode: Mode, run: &RunOpts) -> RunConfig {
+        RunConfig {
+            mode,
+            format: run.format,
+            max_flips: run.max_flips,
+            batch_size: usize::try_from(run.batch_size).unwrap_or(usize::MAX),
+            write_attempts: run.write_attempts,
+        }
+    }
+}
+
+/// The checks that hold a flip back even though the rule found it.
+#[derive(Debug, Clone, Default)]
+pub struct Guards {
+    /// Only these transitions may be written; empty: any.
+    pub allow_transitions: Vec<Transition>,
+    /// A flip decided by an older snapshot is held.
+    pub max_probe_age: Option<Duration>,
+    /// A reclassification with fewer agreeing crawler rows is held.
+    pub min_corroboration: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackfillConfig {
+    pub connect: ConnectConfig,
+    pub run: RunConfig,
+    pub guards: Guards,
+    /// With a dry-run: also write the plan here.
+    pub plan_out: Option<PathBuf>,
+    /// Write only the flips of this reviewed plan that still hold.
+    pub reviewed_plan: Option<PathBuf>,
+    pub plan_max_age: Duration,
+}
+
+impl BackfillConfig {
+    /// A run with every default the command line has.
+    pub fn new(mode: Mode, url: impl Into<String>) -> BackfillConfig {
+        BackfillConfig {
+            connect: ConnectConfig::new(url),
+            run: RunConfig::new(mode),
+            guards: Guards::default(),
+            plan_out: None,
+            reviewed_plan: None,
+            plan_max_age: Duration::from_secs(24 * 3600),
+        }
+    }
+
+    pub fn from_cli(args: &BackfillArgs) -> Result<BackfillConfig, Failure> {
+        let mode = args.mode.mode();
+        Ok(BackfillConfig {
+            connect: ConnectConfig::from_cli(&args.connect)?,
+            run: RunConfig::from_cli(mode, &args.run),
+            guards: Guards {
+                allow_transitions: args.allow_transition.clone(),
+                max_probe_age: args.max_probe_age,
+                min_corroboration: args.min_corroboration,
+            },
+            plan_out: args.plan_out.clone(),
+            reviewed_plan: args.plan.clone(),
+            plan_max_age: args.plan_max_age,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RevertConfig {
+    /// The run to undo.
+    pub reverted_run: String,
+    pub connect: ConnectConfig,
+    pub run: RunConfig,
+}
+
+impl RevertConfig {
+    pub fn new(mode: Mode, url: impl Into<String>, reverted_run: impl Into<String>) -> Self {
+        RevertConfig {
+            reverted_run: reverted_run.into(),
+            connect: ConnectConfig::new(url),
+            run: RunConfig::new(mode),
+        }
+    }
+
+    pub fn from_cli(args: &RevertArgs) -> Result<RevertConfig, Failure> {
+        Ok(RevertConfig {
+            reverted_run: args.run_id.clone(),
+            connect: ConnectConfig::from_cli(&args.connect)?,
+            run: RunConfig::from_cli(args.mode.mode(), &args.run),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HistoryConfig {
+    /// One run's rows instead of the list of runs.
+    pub run_id: Option<String>,
+    pub connect: ConnectConfig,
+    pub format: Format,
+}
+
+impl HistoryConfig {
+    pub fn from_cli(args: &HistoryArgs) -> Result<HistoryConfig, Failure> {
+        Ok(HistoryConfig {
+            run_id: args.run_id.clone(),
+            connect: ConnectConfig::from_cli(&args.connect)?,
+            format: args.format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn defaults_are_the_command_lines_defaults() {
+        let cli = crate::cli::Cli::try_parse_from([
+            "agent-type-backfill",
+            "--dry-run",
+            "--database-url",
+            "postgres://db/registry",
+        ])
+        .unwrap();
+        let parsed = BackfillConfig::from_cli(&cli.backfill).unwrap();
+        let built = BackfillConfig::new(Mode::DryRun, "postgres://db/registry");
+        assert_eq!(format!("{parsed:?}"), format!("{built:?}"));
+    }
+}

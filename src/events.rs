@@ -1,0 +1,298 @@
+//! Everything the run log says, as typed events. A run emits events; a printer (text, JSON lines
+//! or Markdown, in `report.rs`) renders them, so every format says the same thing.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Serialize, Serializer};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::db::{AuditEntry, CrawlerEvidence, RunRecord, Target};
+use crate::resolver::{RULE_COMMIT, RULE_FILE, RULE_FUNCTION, RULE_REPOSITORY, VALID_AGENT_TYPES};
+
+/// One line of the run log.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Start(Start),
+    /// A flip the run will write (an apply) or would write (a dry-run).
+    Flip(FlipEvent),
+    /// A flip the rule found that a guard will not let anyone write.
+    Held(Held),
+    /// A flip whose transition `--allow-transition` does not list.
+    NotAllowed(FlipEvent),
+    /// A flip that was planned or found but not written, and why.
+    Skipped(Skipped),
+    PlanWritten {
+        path: String,
+        flips: usize,
+    },
+    /// A signal stopped the run before its plan was complete: nothing was written.
+    Interrupted {
+        signal: &'static str,
+        during: &'static str,
+        duration_ms: u64,
+    },
+    Summary(Summary),
+    /// `history`: one backfill run.
+    Run(RunRecord),
+    /// `history RUN_ID`: one audit row.
+    Row(AuditEntry),
+}
+
+/// The log header: what ran, against what, under which rule.
+#[derive(Debug, Clone, Serialize)]
+pub struct Start {
+    pub tool: &'static str,
+    pub version: &'static str,
+    pub mode: Mode,
+    pub target: Target,
+    #[serde(serialize_with = "seconds")]
+    pub started_at: DateTime<Utc>,
+    pub run_id: String,
+    pub max_flips: usize,
+    /// For `revert`: the run being undone.
+    pub reverts: Option<String>,
+    pub rule: Rule,
+}
+
+/// The server rule this build ports, so a log says which rule decided its flips.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rule {
+    /// `adcontextprotocol/adcp server/src/routes/member-profiles.ts resolveAgentTypes`.
+    pub source: String,
+    pub commit: &'static str,
+    pub types: &'static [&'static str],
+}
+
+impl Rule {
+    pub fn ported() -> Rule {
+        Rule {
+            source: format!("{RULE_REPOSITORY} {RULE_FILE} {RULE_FUNCTION}"),
+            commit: RULE_COMMIT,
+            types: &VALID_AGENT_TYPES,
+        }
+    }
+
+    /// `adcp resolveAgentTypes at 4439b18 (brand, ...)`, as the text log and `--version` say it.
+    pub fn short(&self) -> String {
+        format!(
+            "adcp {RULE_FUNCTION} at {} ({})",
+            &self.commit[..7.min(self.commit.len())],
+            self.types.join(", ")
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    DryRun,
+    Apply,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::DryRun => "dry-run",
+            Mode::Apply => "apply",
+        }
+    }
+}
+
+/// One flip as every format shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct FlipEvent {
+    pub profile_id: Uuid,
+    pub profile: String,
+    pub index: usize,
+    pub url: String,
+    pub from: Value,
+    pub to: String,
+    #[serde(serialize_with = "optional_seconds")]
+    pub probed_at: Option<DateTime<Utc>>,
+    pub discovery_error: bool,
+    pub oauth_required: bool,
+    /// The crawler's own logged disagreements for this url; absent for a revert.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crawler_disagreements: Option<CrawlerEvidence>,
+    /// How old the probe was, or what stands in for it (`no snapshot`, `reverts RUN`), as the
+    /// text and Markdown logs print it.
+    #[serde(skip)]
+    pub probe_note: String,
+}
+
+impl FlipEvent {
+    /// The order every format lists flips in: by profile, then element, so two logs diff cleanly.
+    pub fn sort_key(&self) -> (&str, Uuid, usize) {
+        (&self.profile, self.profile_id, self.index)
+    }
+
+    /// `from -> to` as the summary counts transitions (JSON key `from->to`).
+    pub fn transition(&self) -> String {
+        format!("{}->{}", crate::resolver::type_label(&self.from), self.to)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Held {
+    #[serde(flatten)]
+    pub flip: FlipEvent,
+    pub reason: HoldReason,
+    /// For `unrecognised_inferred_type`: the type outside this tool's vocabulary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inferred_type: Option<String>,
+}
+
+/// Why a flip is held: the rule found it, but something says the rule may be wrong about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldReason {
+    /// The snapshot, or the stored type, names a type this tool's rule does not know: the
+    /// server (and its crawler) may be newer than the port.
+    UnrecognisedInferredType,
+    /// The snapshot behind the flip is older than `--max-probe-age`.
+    StaleProbe,
+    /// A reclassification with fewer agreeing crawler rows than `--min-corroboration`.
+    Uncorroborated,
+}
+
+impl HoldReason {
+    pub fn describe(self) -> &'static str {
+        match self {
+            HoldReason::UnrecognisedInferredType => {
+                "type unknown to this tool's rule; the server may be newer: stop"
+            }
+            HoldReason::StaleProbe => "probe older than --max-probe-age",
+            HoldReason::Uncorroborated => "fewer crawler rows agree than --min-corroboration",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    #[serde(flatten)]
+    pub flip: FlipEvent,
+    pub reason: SkipReason,
+}
+
+/// Why a planned flip was not written, or a found flip was not planned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    /// The profile or its snapshot changed between plan and write; the flip no longer holds.
+    ChangedSincePlan,
+    /// The profile was deleted between plan and write.
+    ProfileGone,
+    /// Found while writing but absent from the plan; left for the next run.
+    Unplanned,
+    /// The batch kept hitting lock or statement timeouts and was rolled back.
+    NotWrittenTimeout,
+    /// `revert`: the element no longer carries the type the reverted run wrote.
+    ChangedSinceRun,
+}
+
+impl SkipReason {
+    pub const ALL: [SkipReason; 5] = [
+        SkipReason::ChangedSincePlan,
+        SkipReason::ProfileGone,
+        SkipReason::Unplanned,
+        SkipReason::NotWrittenTimeout,
+        SkipReason::ChangedSinceRun,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::ChangedSincePlan => "changed_since_plan",
+            SkipReason::ProfileGone => "profile_gone",
+            SkipReason::Unplanned => "unplanned",
+            SkipReason::NotWrittenTimeout => "not_written_timeout",
+            SkipReason::ChangedSinceRun => "changed_since_run",
+        }
+    }
+
+    /// What a skipped line says.
+    pub fn describe(self) -> &'static str {
+        match self {
+            SkipReason::ChangedSincePlan => "changed since plan, not written",
+            SkipReason::ProfileGone => "profile deleted since plan, not written",
+            SkipReason::Unplanned => "new since plan, not written; the next run will find it",
+            SkipReason::NotWrittenTimeout => "lock or statement timeout, not written; rerun",
+            SkipReason::ChangedSinceRun => "changed since that run, conflict left alone",
+        }
+    }
+
+    /// How the summary counts it.
+    pub fn summary_label(self) -> &'static str {
+        match self {
+            SkipReason::ChangedSincePlan => "skipped (changed since plan)",
+            SkipReason::ProfileGone => "skipped (profile deleted)",
+            SkipReason::Unplanned => "new since plan (not written)",
+            SkipReason::NotWrittenTimeout => "skipped (timeout)",
+            SkipReason::ChangedSinceRun => "conflicts (changed since run)",
+        }
+    }
+}
+
+/// The last event of a run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub profiles_scanned: u64,
+    pub profiles_changed: u64,
+    /// Flips the rule found: what the threshold is checked against. Held flips are among them.
+    pub flips: u64,
+    /// Flips a guard holds back (`held` events): never written.
+    pub held: u64,
+    /// Profiles whose `agents` is not an array (NULL included): never written.
+    pub malformed: u64,
+    /// Array elements the rule cannot touch (not objects, or no string `url`).
+    pub junk_elements: u64,
+    pub written: u64,
+    /// Planned flips not written, every reason but `unplanned`.
+    pub skipped: u64,
+    pub unplanned: u64,
+    /// Every reason a flip was not written, with its count.
+    pub skipped_by_reason: BTreeMap<SkipReason, u64>,
+    /// Flips per `from->to`.
+    pub transitions: BTreeMap<String, u64>,
+    /// Non-empty `inferred_type` values in `agent_capabilities_snapshot` outside the rule's
+    /// vocabulary, with how many snapshots carry each, whether or not a flip involves them.
+    pub unrecognised_inferred_types: BTreeMap<String, u64>,
+    pub aborted: bool,
+    /// The signal that stopped the run between batches, if any.
+    pub interrupted_by: Option<&'static str>,
+    pub duration_ms: u64,
+    pub mode: Option<Mode>,
+    /// The audit run id, when something was written.
+    pub run_id: Option<String>,
+}
+
+impl Summary {
+    pub fn count_skip(&mut self, reason: SkipReason) {
+        *self.skipped_by_reason.entry(reason).or_default() += 1;
+        if reason == SkipReason::Unplanned {
+            self.unplanned += 1;
+        } else {
+            self.skipped += 1;
+        }
+    }
+}
+
+pub fn rfc3339(at: &DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+fn seconds<S: Serializer>(at: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&rfc3339(at))
+}
+
+fn optional_seconds<S: Serializer>(
+    at: &Option<DateTime<Utc>>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match at {
+        Some(at) => serializer.serialize_str(&rfc3339(at)),
+        None => serializer.serialize_none(),
+    }
+}

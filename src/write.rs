@@ -1,0 +1,283 @@
+//! The locked batch write shared by the backfill and `revert`: lock a batch of profiles, check
+//! every planned flip against what is there now, write only those that still hold, with their
+//! audit rows, in one short transaction.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tracing::warn;
+use uuid::Uuid;
+
+use crate::db::{self, FlipWrite, Snapshots};
+use crate::events::SkipReason;
+use crate::interrupt::StopSignal;
+use crate::plan::{parse_column, PlannedFlip};
+use crate::resolver::{is_depth_summary, AgentsColumn, Flip};
+use crate::VERSION;
+
+/// How a locked profile is checked before a planned flip is written.
+pub trait Recheck: Sync {
+    /// Whether [`Recheck::holding`] reads the snapshots.
+    fn reads_snapshots(&self) -> bool;
+
+    /// The flips that hold in `column` now. Planned flips among them are written; the others
+    /// are reported as `unplanned`.
+    fn holding(
+        &self,
+        column: &AgentsColumn,
+        snapshots: &Snapshots,
+        planned: &[&PlannedFlip],
+    ) -> Vec<Flip>;
+
+    /// Why a planned flip that no longer holds is not written.
+    fn stale_reason(&self) -> SkipReason;
+
+    /// What the audit notes of this kind of write add.
+    fn notes_extra(&self) -> serde_json::Value;
+}
+
+/// The backfill: re-resolve against current data and write what still holds exactly as planned.
+pub struct ResolveAgain;
+
+impl Recheck for ResolveAgain {
+    fn reads_snapshots(&self) -> bool {
+        true
+    }
+
+    fn holding(
+        &self,
+        column: &AgentsColumn,
+        snapshots: &Snapshots,
+        _: &[&PlannedFlip],
+    ) -> Vec<Flip> {
+        column.verdict(snapshots).flips
+    }
+
+    fn stale_reason(&self) -> SkipReason {
+        SkipReason::ChangedSincePlan
+    }
+
+    fn notes_extra(&self) -> serde_json::Value {
+        serde_json::json!({})
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct WriteOutcome {
+    pub written: u64,
+    /// Planned flips not written and flips found that were not planned, with why.
+    pub not_written: Vec<(PlannedFlip, SkipReason)>,
+    /// Flips whose batch kept timing out.
+    pub timed_out: u64,
+    pub interrupted_by: Option<i32>,
+}
+
+/// Writes `flips` in batches of `batch_size` profiles, one short transaction each.
+pub async fn write(
+    pool: &db::Pool,
+    flips: &[PlannedFlip],
+    batch_size: usize,
+    write_attempts: u32,
+    recheck: &dyn Recheck,
+    run_id: &str,
+    stop: &StopSignal,
+) -> Result<WriteOutcome> {
+    // Batches go in profile id order, whatever order the log lists flips in.
+    let mut by_profile: BTreeMap<Uuid, Vec<&PlannedFlip>> = BTreeMap::new();
+    for planned in flips {
+        by_profile
+            .entry(planned.profile_id)
+            .or_default()
+            .push(planned);
+    }
+    let by_profile: Vec<(Uuid, Vec<&PlannedFlip>)> = by_profile.into_iter().collect();
+    let bar = crate::progress::bar(by_profile.len(), "writing");
+    let mut outcome = WriteOutcome::default();
+    for batch in by_profile.chunks(batch_size.max(1)) {
+        // A stop request is honoured between attempts only, so each batch commits whole.
+        if let Some(signal) = stop.raised() {
+            outcome.interrupted_by = Some(signal);
+            break;
+        }
+        match write_with_retries(pool, batch, write_attempts, recheck, run_id, stop).await? {
+            Attempts::Written(checked) => {
+                outcome.written += checked.written;
+                outcome.not_written.extend(checked.not_written);
+            }
+            Attempts::GaveUp => {
+                for planned in batch.iter().flat_map(|(_, flips)| flips) {
+                    outcome
+                        .not_written
+                        .push(((*planned).clone(), SkipReason::NotWrittenTimeout));
+                    outcome.timed_out += 1;
+                }
+            }
+            Attempts::Stopped(signal) => {
+                outcome.interrupted_by = Some(signal);
+                break;
+            }
+        }
+        bar.inc(u64::try_from(batch.len()).unwrap_or(u64::MAX));
+    }
+    bar.finish_and_clear();
+    // A signal that arrived during the last batch still ends the run as interrupted: the
+    // operator asked to stop and should see that the exit status honours it.
+    outcome.interrupted_by = outcome.interrupted_by.or(stop.raised());
+    Ok(outcome)
+}
+
+enum Attempts {
+    Written(CheckedBatch),
+    /// Every attempt hit a lock or statement timeout.
+    GaveUp,
+    /// A signal arrived: no new attempt was started.
+    Stopped(i32),
+}
+
+async fn write_with_retries(
+    pool: &db::Pool,
+    batch: &[(Uuid, Vec<&PlannedFlip>)],
+    write_attempts: u32,
+    recheck: &dyn Recheck,
+    run_id: &str,
+    stop: &StopSignal,
+) -> Result<Attempts> {
+    let mut attempt = 1;
+    loop {
+        match write_batch(pool, batch, recheck, run_id).await {
+            Ok(checked) => return Ok(Attempts::Written(checked)),
+            Err(error) if db::is_retryable(&error) && attempt < write_attempts => {
+                let pause = Duration::from_millis(200 * 2u64.pow(attempt - 1));
+                let reason = crate::error::render(&error);
+                warn!(attempt, ?pause, "batch rolled back ({reason}); retrying");
+                let mut stop = stop.clone();
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    signal = stop.wait() => return Ok(Attempts::Stopped(signal)),
+                }
+                attempt += 1;
+            }
+            Err(error) if db::is_retryable(&error) => {
+                let reason = crate::error::render(&error);
+                warn!(attempt, "batch rolled back ({reason}); giving up on it");
+                return Ok(Attempts::GaveUp);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+struct CheckedBatch {
+    written: u64,
+    not_written: Vec<(PlannedFlip, SkipReason)>,
+}
+
+/// Locks the batch's profiles, checks each planned flip against current data, and writes only
+/// the flips that still hold exactly as planned, with their audit rows, in one transaction.
+async fn write_batch(
+    pool: &db::Pool,
+    batch: &[(Uuid, Vec<&PlannedFlip>)],
+    recheck: &dyn Recheck,
+    run_id: &str,
+) -> Result<CheckedBatch> {
+    let ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
+    let mut transaction = pool
+        .begin()
+        .await
+        .context("could not open a write transaction")?;
+    let current = db::lock_profiles(&mut transaction, &ids).await?;
+    let columns = current
+        .iter()
+        .map(parse_column)
+        .collect::<Result<Vec<_>>>()?;
+    let snapshots = if recheck.reads_snapshots() {
+        db::snapshots_for(&mut transaction, &columns).await?
+    } else {
+        Snapshots::default()
+    };
+    let current: HashMap<Uuid, (String, &AgentsColumn)> = current
+        .iter()
+        .zip(&columns)
+        .map(|(row, column)| (row.id, (row.label(), column)))
+        .collect();
+
+    let mut to_write = Vec::new();
+    let mut not_written = Vec::new();
+    for (id, planned_flips) in batch {
+        let Some((label, column)) = current.get(id) else {
+            not_written.extend(
+                planned_flips
+                    .iter()
+                    .map(|planned| ((*planned).clone(), SkipReason::ProfileGone)),
+            );
+            continue;
+        };
+        let mut holding = recheck.holding(column, &snapshots, planned_flips);
+        for planned in planned_flips {
+            match holding.iter().position(|flip| *flip == planned.flip) {
+                Some(position) => {
+                    let flip = holding.swap_remove(position);
+                    to_write.push(flip_write(*id, label, flip, planned));
+                }
+                None => not_written.push(((*planned).clone(), recheck.stale_reason())),
+            }
+        }
+        not_written.extend(holding.into_iter().map(|flip| {
+            let probe = snapshots.get(&flip.url).cloned();
+            (
+                PlannedFlip::found(*id, label, flip, probe),
+                SkipReason::Unplanned,
+            )
+        }));
+    }
+    to_write.sort_by_key(|flip| (flip.profile_id, flip.index));
+    if !to_write.is_empty() {
+        db::write_flips(
+            &mut transaction,
+            &to_write,
+            run_id,
+            VERSION,
+            &recheck.notes_extra(),
+        )
+        .await?;
+    }
+    transaction
+        .commit()
+        .await
+        .context("could not commit a write batch")?;
+    Ok(CheckedBatch {
+        written: u64::try_from(to_write.len()).unwrap_or(u64::MAX),
+        not_written,
+    })
+}
+
+fn flip_write(profile_id: Uuid, label: &str, flip: Flip, planned: &PlannedFlip) -> FlipWrite {
+    // A type too deep to keep whole is recorded from the row itself, never from its summary.
+    let old_type = (!is_depth_summary(&flip.from)).then(|| flip.from_label());
+    let (new_value, new_type) = match &planned.restore {
+        Some(raw) => (raw.clone(), restored_type_label(raw, flip.to)),
+        None => (
+            serde_json::Value::String(flip.to.clone()).to_string(),
+            flip.to,
+        ),
+    };
+    FlipWrite {
+        profile_id,
+        profile_label: label.to_owned(),
+        index: flip.index,
+        url: flip.url,
+        old_type,
+        new_value,
+        new_type,
+    }
+}
+
+/// The audit `new_type` of a restored value: its label, or for a type too deep to keep whole,
+/// its exact JSON text rather than the summary the log shows.
+fn restored_type_label(raw: &str, shown: String) -> String {
+    match crate::resolver::bounded_type(raw) {
+        Ok(value) if is_depth_summary(&value) => raw.to_owned(),
+        _ => shown,
+    }
+}
