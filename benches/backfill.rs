@@ -9,6 +9,9 @@
 //! separated by ';', e.g. "perf record -e cpu-clock -a -g -o /tmp/a.data --": one extra dry-run at
 //! N under each, reported apart from the figures).
 
+// Ratios, rates and MiB of counts far below 2^52, for a printed report: the rounding is the point.
+#![allow(clippy::cast_precision_loss)]
+
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::fs;
@@ -185,7 +188,7 @@ fn launch(request: &Value) -> Result<Value> {
     let child = command
         .spawn()
         .with_context(|| format!("could not start {program:?}"))?;
-    let pid = child.id() as libc::pid_t;
+    let pid = libc::pid_t::try_from(child.id()).context("child pid does not fit pid_t")?;
     let mut status = 0;
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     loop {
@@ -208,10 +211,10 @@ fn launch(request: &Value) -> Result<Value> {
     Ok(serde_json::json!({
         "code": code,
         "status": status,
-        "wall_ns": wall.as_nanos() as u64,
+        "wall_ns": nanos(wall),
         "max_rss_kib": usage.ru_maxrss,
-        "user_ns": timeval(usage.ru_utime).as_nanos() as u64,
-        "system_ns": timeval(usage.ru_stime).as_nanos() as u64,
+        "user_ns": nanos(timeval(usage.ru_utime)),
+        "system_ns": nanos(timeval(usage.ru_stime)),
     }))
 }
 
@@ -354,7 +357,13 @@ struct ToolRun {
 }
 
 fn timeval(tv: libc::timeval) -> Duration {
-    Duration::from_secs(tv.tv_sec as u64) + Duration::from_micros(tv.tv_usec as u64)
+    // The kernel never reports negative CPU time.
+    Duration::from_secs(u64::try_from(tv.tv_sec).unwrap_or(0))
+        + Duration::from_micros(u64::try_from(tv.tv_usec).unwrap_or(0))
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Runs the binary once through the launcher.
@@ -501,7 +510,7 @@ async fn run_floor_with(url: &str, server: &ServerCpu, session: FloorSession) ->
     for row in &rows {
         flips.insert((
             row.try_get(0)?,
-            row.try_get::<i64, _>(1)? as u64,
+            u64::try_from(row.try_get::<i64, _>(1)?)?,
             row.try_get(2)?,
             canonical_json(&row.try_get::<String, _>(3)?)?,
             row.try_get(4)?,
@@ -1483,7 +1492,7 @@ async fn bench_apply(
         "UPDATE agent_capabilities_snapshot SET inferred_type = 'buying' \
          WHERE agent_url IN (SELECT url FROM ({FLOOR_SQL}) f ORDER BY id, idx OFFSET $1)"
     ))
-    .bind(config.apply_flips as i64)
+    .bind(i64::try_from(config.apply_flips)?)
     .execute(&mut tpl)
     .await?
     .rows_affected();
@@ -1531,7 +1540,7 @@ async fn bench_apply(
         compare("apply's planned flips", &expected, &applied.flips)?;
         let written = applied.summary["written"].as_u64().unwrap_or_default();
         ensure!(
-            written as usize == flips,
+            usize::try_from(written)? == flips,
             "apply wrote {written} of {flips} flips: {}",
             applied.summary
         );
@@ -1547,7 +1556,7 @@ async fn bench_apply(
             .await?;
         check.close().await?;
         ensure!(
-            audited as usize == flips,
+            usize::try_from(audited)? == flips,
             "{audited} audit rows for {flips} flips"
         );
         let ratio = secs(applied.wall) / secs(dry.wall);

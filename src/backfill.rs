@@ -75,7 +75,12 @@ pub async fn execute(
     let (writable, held): (Vec<_>, Vec<_>) = kept
         .into_iter()
         .map(|planned| {
-            let hold = holds(&planned);
+            // A flip the reviewed plan marks held stays held, whatever guards this run has.
+            let reviewed_hold = reviewed
+                .as_ref()
+                .and_then(|reviewed| reviewed.held_reason(&planned))
+                .map(|reason| (reason, None));
+            let hold = holds(&planned).or(reviewed_hold);
             (planned, hold)
         })
         .partition(|(_, hold)| hold.is_none());

@@ -948,8 +948,8 @@ pub async fn census(connection: &mut PgConnection) -> Result<Census> {
     .await
     .context("could not count member_profiles")?;
     Ok(Census {
-        profiles: profiles as u64,
-        malformed: malformed as u64,
+        profiles: u64::try_from(profiles).context("the server counted fewer than no profiles")?,
+        malformed: u64::try_from(malformed).context("the server counted fewer than no profiles")?,
     })
 }
 
@@ -965,7 +965,7 @@ pub struct FlipCandidates {
 /// The resolve rule of `resolver::resolve_type`, written in SQL and applied to every agent in one
 /// statement, so the snapshots are joined once (a hash join) instead of looked up page by page.
 /// It only narrows the profiles the tool reads: each candidate is then read again and decided by
-/// the Rust resolver. tests/prefilter.rs runs every conformance vector through this statement and
+/// the Rust resolver. tests/it/prefilter.rs runs every conformance vector through this statement and
 /// checks that it names exactly the profiles with flips.
 ///
 /// The filter is one equality on `verdict` on purpose: the planner estimates it as selective and

@@ -184,7 +184,8 @@ impl EphemeralPostgres {
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("could not share the server log")?)
             .stderr(log);
-        let parent = std::process::id() as libc::pid_t;
+        let parent = libc::pid_t::try_from(std::process::id())
+            .context("this process id does not fit a pid_t")?;
         unsafe {
             postgres.pre_exec(move || {
                 // Runs after the uid switch, which would otherwise clear the death signal.
@@ -207,7 +208,10 @@ impl EphemeralPostgres {
             .name("postgres-keeper".into())
             .spawn(move || match postgres.spawn() {
                 Ok(mut child) => {
-                    let _ = started_tx.send(Ok(child.id() as libc::pid_t));
+                    let pid = libc::pid_t::try_from(child.id()).map_err(|_| {
+                        std::io::Error::other("the server's pid does not fit a pid_t")
+                    });
+                    let _ = started_tx.send(pid);
                     let _ = child.wait();
                     let _ = exited_tx.send(());
                 }

@@ -192,6 +192,14 @@ impl PlanFile {
         Ok(plan)
     }
 
+    /// The guard that held `planned` when this plan was made, if one did.
+    pub fn held_reason(&self, planned: &PlannedFlip) -> Option<HoldReason> {
+        self.flips
+            .iter()
+            .find(|flip| flip.matches(planned))
+            .and_then(|flip| flip.held)
+    }
+
     /// Refuses a plan made on another database, or one older than `max_age`.
     pub fn check_applies_to(
         &self,

@@ -83,7 +83,7 @@ async fn rehearse_on(
     pool.close().await;
     let (dry, apply, rerun) = (&summaries[0], &summaries[1], &summaries[2]);
     ensure!(
-        dry.flips == apply.written && apply.written as i64 == audit_rows && rerun.flips == 0,
+        dry.flips == apply.written && i64::try_from(apply.written).ok() == Some(audit_rows) && rerun.flips == 0,
         "rehearsal failed: dry-run planned {}, apply wrote {}, audit has {audit_rows} rows, re-run found {}",
         dry.flips,
         apply.written,

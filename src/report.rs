@@ -268,7 +268,15 @@ fn outcome(summary: &Summary) -> String {
         }
         (true, _) => "refused by --max-flips or --allow-transition, nothing written".to_owned(),
         (false, Some(signal)) => format!("interrupted by {signal}; rerun to pick up the rest"),
-        (false, None) => "completed".to_owned(),
+        (false, None) => match summary
+            .skipped_by_reason
+            .get(&SkipReason::NotWrittenTimeout)
+        {
+            Some(&timed_out) if timed_out > 0 => {
+                format!("{timed_out} flips not written (timeouts); rerun to finish")
+            }
+            _ => "completed".to_owned(),
+        },
     }
 }
 

@@ -73,6 +73,12 @@ impl Rng {
         self.next_u64() % bound
     }
 
+    /// Uniform in `0..bound`, as an index.
+    pub fn index_below(&mut self, bound: usize) -> usize {
+        let bound = u64::try_from(bound).expect("an index bound fits in u64");
+        usize::try_from(self.below(bound)).expect("below an index bound is an index")
+    }
+
     pub fn uuid(&mut self) -> Uuid {
         Uuid::from_u64_pair(self.next_u64(), self.next_u64())
     }
@@ -119,7 +125,7 @@ pub fn bulk_chunks(
         let mut profiles = Vec::with_capacity(end - made);
         let mut snapshots = Vec::new();
         for n in made..end {
-            let agent_count = 1 + rng.below(5) as usize;
+            let agent_count = 1 + rng.index_below(5);
             let mut agents = Vec::with_capacity(agent_count);
             for k in 0..agent_count {
                 let url = format!("https://agents-{n}-{k}.example.com/mcp");
@@ -129,7 +135,7 @@ pub fn bulk_chunks(
                 let stored = if unclassified || stale {
                     "buying"
                 } else {
-                    TYPES[rng.below(TYPES.len() as u64) as usize]
+                    TYPES[rng.index_below(TYPES.len())]
                 };
                 if probed {
                     let inferred = if unclassified {
@@ -140,7 +146,8 @@ pub fn bulk_chunks(
                         Some(stored)
                     };
                     let mut snapshot = NewSnapshot::new(&url, inferred);
-                    snapshot.age_hours = rng.below(24 * 30) as i32;
+                    snapshot.age_hours =
+                        i32::try_from(rng.below(24 * 30)).expect("under 720 hours");
                     snapshots.push(snapshot);
                 }
                 agents.push(json!({

@@ -1,6 +1,9 @@
 //! Shared test support: one throwaway PostgreSQL per test binary (or the server named by
 //! DATABASE_URL), and a fresh database with `migrations/` applied for every test.
-#![allow(dead_code)]
+
+mod tool;
+
+pub use tool::{Finished, Scratch, Tool, ToolRun, BIN, HANG};
 
 use std::sync::{Mutex, OnceLock};
 
@@ -17,19 +20,96 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
-struct Server {
-    /// URL template with `{db}` where the database name goes.
+/// A PostgreSQL server the tests may create databases on, by URL template.
+#[derive(Clone)]
+pub struct Server {
+    /// URL with `{db}` where the database name goes.
     url_template: String,
-    template_db: String,
 }
 
+/// pid, backend type, application name and query of a session in `pg_stat_activity`.
+type Session = (i32, Option<String>, Option<String>, Option<String>);
+
 impl Server {
-    fn url(&self, database: &str) -> String {
+    /// The server a throwaway cluster runs, as its superuser over loopback.
+    pub fn of(postgres: &EphemeralPostgres) -> Server {
+        Server {
+            url_template: postgres.url("{db}"),
+        }
+    }
+
+    pub fn url(&self, database: &str) -> String {
         self.url_template.replace("{db}", database)
+    }
+
+    pub async fn admin(&self, statement: &str) {
+        let mut admin = PgConnection::connect(&self.url("postgres")).await.unwrap();
+        sqlx::query(statement).execute(&mut admin).await.unwrap();
+        admin.close().await.unwrap();
+    }
+
+    /// `CREATE DATABASE name TEMPLATE template`. Only the tests' own connections ever open a
+    /// template, and they are closed and dropped before it is copied; but sqlx 0.8's
+    /// `Pool::close` can leave a connection that was being returned at that moment open for as
+    /// long as a pool handle lives. Should such a session still be there after the server's 5 s
+    /// wait, it is named on stderr, terminated, and the copy tried again.
+    pub async fn copy(&self, template: &str, name: &str) {
+        let mut admin = PgConnection::connect(&self.url("postgres")).await.unwrap();
+        for attempt in 1.. {
+            let created = sqlx::query(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
+                .execute(&mut admin)
+                .await;
+            match created {
+                Ok(_) => break,
+                Err(error) if attempt < 3 => {
+                    let sessions: Vec<Session> = sqlx::query_as(
+                        "SELECT pid, backend_type, application_name, query \
+                         FROM pg_stat_activity WHERE datname = $1",
+                    )
+                    .bind(template)
+                    .fetch_all(&mut admin)
+                    .await
+                    .unwrap();
+                    eprintln!(
+                        "[tests] copy of {template} failed ({error}); terminating the sessions \
+                         left on it: {sessions:?}"
+                    );
+                    sqlx::query(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                         WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    )
+                    .bind(template)
+                    .execute(&mut admin)
+                    .await
+                    .unwrap();
+                }
+                Err(error) => panic!("could not copy {template}: {error}"),
+            }
+        }
+        admin.close().await.unwrap();
+    }
+
+    pub async fn drop_database(&self, name: &str) {
+        self.admin(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await;
+    }
+
+    pub async fn pool(&self, database: &str) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&self.url(database))
+            .await
+            .unwrap()
     }
 }
 
-static SERVER: OnceLock<Server> = OnceLock::new();
+/// The server every test shares, with a database holding `migrations/` to copy from.
+struct Shared {
+    server: Server,
+    template_db: String,
+}
+
+static SHARED: OnceLock<Shared> = OnceLock::new();
 static OWNED: Mutex<Option<EphemeralPostgres>> = Mutex::new(None);
 
 extern "C" fn stop_owned_server() {
@@ -38,54 +118,74 @@ extern "C" fn stop_owned_server() {
     }
 }
 
-fn server() -> &'static Server {
-    SERVER.get_or_init(|| {
+/// One throwaway PostgreSQL for the whole test run, or the server named by `DATABASE_URL`.
+fn shared() -> &'static Shared {
+    SHARED.get_or_init(|| {
         // Runs on its own thread: the caller is already inside a tokio runtime.
         std::thread::spawn(|| {
-            let url_template = match std::env::var("DATABASE_URL") {
-                Ok(url) => replace_database(&url),
+            let server = match std::env::var("DATABASE_URL") {
+                Ok(url) => Server {
+                    url_template: replace_database(&url),
+                },
                 Err(_) => {
                     let postgres =
                         EphemeralPostgres::start().expect("start a throwaway PostgreSQL");
-                    let template = postgres.url("{db}");
+                    let server = Server::of(&postgres);
                     *OWNED.lock().unwrap() = Some(postgres);
                     // Statics are never dropped; stop the server when the test process exits.
                     unsafe { libc::atexit(stop_owned_server) };
-                    template
+                    server
                 }
             };
             let template_db = format!("atb_template_{}", &Uuid::new_v4().simple().to_string()[..8]);
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                let mut admin = PgConnection::connect(&url_template.replace("{db}", "postgres"))
+            block_on(async {
+                server
+                    .admin(&format!("CREATE DATABASE {template_db}"))
+                    .await;
+                let mut template = PgConnection::connect(&server.url(&template_db))
                     .await
-                    .expect("connect to the test server");
-                sqlx::query(&format!("CREATE DATABASE {template_db}"))
-                    .execute(&mut admin)
-                    .await
-                    .expect("create template database");
-                admin.close().await.unwrap();
-                let mut template =
-                    PgConnection::connect(&url_template.replace("{db}", &template_db))
-                        .await
-                        .unwrap();
+                    .unwrap();
                 MIGRATOR
                     .run(&mut template)
                     .await
                     .expect("apply migrations/");
                 template.close().await.unwrap();
             });
-            Server {
-                url_template,
+            Shared {
+                server,
                 template_db,
             }
         })
         .join()
         .expect("test server set-up")
     })
+}
+
+/// The server every test shares.
+pub fn shared_server() -> &'static Server {
+    &shared().server
+}
+
+/// Drops `database` from a `Drop` impl, which runs inside a test's runtime and cannot block on
+/// it: a thread with a runtime of its own does the work.
+pub fn drop_database_now(server: &Server, database: &str) {
+    let (server, database) = (server.clone(), database.to_owned());
+    let dropped =
+        std::thread::spawn(move || block_on(async move { server.drop_database(&database).await }))
+            .join();
+    if dropped.is_err() {
+        eprintln!("[tests] could not drop a test database");
+    }
+}
+
+/// Runs `future` to the end on a runtime of its own: for set-up and clean-up outside any test's
+/// runtime.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
 }
 
 fn replace_database(url: &str) -> String {
@@ -101,35 +201,28 @@ fn replace_database(url: &str) -> String {
     format!("{base}/{{db}}{query}")
 }
 
-/// A database of its own for one test, with `migrations/` applied.
+/// A database of its own for one test, with `migrations/` applied, dropped when the test is done
+/// so a run against a shared `DATABASE_URL` server leaves nothing behind.
 pub struct TestDb {
     pub name: String,
     pub url: String,
     pub pool: PgPool,
+    server: Server,
 }
 
 impl TestDb {
     pub async fn new() -> TestDb {
-        let server = server();
+        let shared = shared();
         let name = format!("t_{}", Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(&server.url("postgres"))
-            .await
-            .unwrap();
-        sqlx::query(&format!(
-            "CREATE DATABASE {name} TEMPLATE {}",
-            server.template_db
-        ))
-        .execute(&mut admin)
-        .await
-        .expect("create the test database");
-        admin.close().await.unwrap();
-        let url = server.url(&name);
-        let pool = PgPoolOptions::new()
-            .max_connections(8)
-            .connect(&url)
-            .await
-            .unwrap();
-        TestDb { name, url, pool }
+        shared.server.copy(&shared.template_db, &name).await;
+        let url = shared.server.url(&name);
+        let pool = shared.server.pool(&name).await;
+        TestDb {
+            name,
+            url,
+            pool,
+            server: shared.server.clone(),
+        }
     }
 
     /// The named stale, buying and junk profiles among `ordinary` consistent ones.
@@ -201,16 +294,29 @@ impl TestDb {
     }
 
     pub async fn audit_rows(&self) -> Vec<AuditRow> {
-        sqlx::query_as::<_, AuditRow>(
-            "SELECT agent_url, member_id, old_type, new_type, source, run_id, notes \
-             FROM type_reclassification_log ORDER BY id",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .unwrap()
+        audit_rows(&self.pool).await
     }
 }
 
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // `WITH (FORCE)` also ends this pool's sessions and any the tool left behind.
+        drop_database_now(&self.server, &self.name);
+    }
+}
+
+/// Every row of `type_reclassification_log`, in the order written.
+pub async fn audit_rows(pool: &PgPool) -> Vec<AuditRow> {
+    sqlx::query_as::<_, AuditRow>(
+        "SELECT agent_url, member_id, old_type, new_type, source, run_id, notes \
+         FROM type_reclassification_log ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// One audit row, as every test reads it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct AuditRow {
     pub agent_url: String,
@@ -220,6 +326,18 @@ pub struct AuditRow {
     pub source: String,
     pub run_id: Option<String>,
     pub notes: Option<serde_json::Value>,
+}
+
+impl AuditRow {
+    /// The element the row changed, as its notes record it.
+    pub fn index(&self) -> Option<i64> {
+        self.notes.as_ref()?.get("index")?.as_i64()
+    }
+
+    /// The stored type before the change, exactly as its notes keep it.
+    pub fn from(&self) -> Option<&serde_json::Value> {
+        self.notes.as_ref()?.get("from")
+    }
 }
 
 /// Backfill arguments exactly as the command line would produce them.

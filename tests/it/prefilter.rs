@@ -3,7 +3,7 @@
 //! never leave out a profile with a flip; it should also name no profile without one, and count
 //! malformed columns and untouchable elements exactly as the resolver does.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

@@ -1,46 +1,25 @@
 //! Test support for production deployment shapes: a PgBouncer in front of the test server, the
 //! built binary run against a URL, and roles granted exactly what the runbook lists.
-#![allow(dead_code)]
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use agent_type_backfill::ephemeral::server_owner;
 use uuid::Uuid;
 
-/// What one run of the binary left behind.
-pub struct Done {
-    pub code: i32,
-    pub stdout: String,
-    pub stderr: String,
-    pub elapsed: Duration,
-}
+use crate::common::{Finished, Tool};
 
-/// Runs the built binary against `url` with a clean environment plus `env`, killed after two
-/// minutes so a run that waits on a lock fails the test instead of hanging it.
-pub fn tool(url: &str, args: &[&str], env: &[(&str, &str)]) -> Done {
-    let mut command = assert_cmd::Command::cargo_bin("agent-type-backfill").unwrap();
-    command
-        .args(args)
-        .env("DATABASE_URL", url)
-        .env_remove("PGPASSWORD")
-        .env_remove("PGPASSFILE")
-        .env_remove("RUST_LOG")
-        .timeout(Duration::from_secs(120));
+/// Runs the built binary against `url` with a clean environment plus `env` (no password file
+/// from the developer's own environment either).
+pub fn tool(url: &str, args: &[&str], env: &[(&str, &str)]) -> Finished {
+    let mut tool = Tool::new(args).database(url).env("PGPASSFILE", "");
     for (key, value) in env {
-        command.env(key, value);
+        tool = tool.env(key, value);
     }
-    let started = Instant::now();
-    let output = command.output().unwrap();
-    Done {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        elapsed: started.elapsed(),
-    }
+    tool.run()
 }
 
 /// The host and port of a `postgres://user@host:port/db` URL.
@@ -198,10 +177,6 @@ impl PgBouncer {
             std::thread::sleep(Duration::from_millis(50));
         }
         PgBouncer { child, dir, port }
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 }
 

@@ -2,15 +2,12 @@
 //! permissions, PGPASSFILE), against a role the server really asks a password of; and a Unix
 //! socket target shown as its socket directory.
 
-mod common;
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::common::events;
+use crate::support::{registry_on, tool};
 use agent_type_backfill::ephemeral::EphemeralPostgres;
-use common::events;
-use support::{registry_on, tool};
 
 /// A password with both characters a password file must escape.
 const PASSWORD: &str = r"se:cr\et";
@@ -68,7 +65,7 @@ async fn the_password_file_is_read_as_libpq_reads_it() {
     );
     write_private(&file, &good, 0o600);
     let done = tool(&url, &["--dry-run"], &[("PGPASSFILE", file_arg)]);
-    assert_eq!(done.code, 0, "escaped password: {}", done.stderr);
+    assert_eq!(done.code(), 0, "escaped password: {}", done.stderr);
 
     // Wildcards match any host, port and database; the first matching line wins.
     write_private(
@@ -77,14 +74,14 @@ async fn the_password_file_is_read_as_libpq_reads_it() {
         0o600,
     );
     let done = tool(&url, &["--dry-run"], &[("PGPASSFILE", file_arg)]);
-    assert_eq!(done.code, 0, "wildcard line: {}", done.stderr);
+    assert_eq!(done.code(), 0, "wildcard line: {}", done.stderr);
     write_private(
         &file,
         &format!("*:*:*:atb_pw:wrong\n127.0.0.1:{port}:registry:atb_pw:{ESCAPED}\n"),
         0o600,
     );
     let done = tool(&url, &["--dry-run"], &[("PGPASSFILE", file_arg)]);
-    assert_eq!(done.code, 1, "the first match wins: {}", done.stderr);
+    assert_eq!(done.code(), 1, "the first match wins: {}", done.stderr);
     assert!(
         done.stderr.contains("password authentication failed")
             && done
@@ -98,7 +95,7 @@ async fn the_password_file_is_read_as_libpq_reads_it() {
     // A file others may read is ignored, with libpq's warning.
     write_private(&file, &good, 0o644);
     let done = tool(&url, &["--dry-run"], &[("PGPASSFILE", file_arg)]);
-    assert_eq!(done.code, 1, "{}", done.stderr);
+    assert_eq!(done.code(), 1, "{}", done.stderr);
     assert!(
         done.stderr.contains("has group or world access"),
         "{}",
@@ -116,20 +113,20 @@ async fn the_password_file_is_read_as_libpq_reads_it() {
     write_private(&home.join(".pgpass"), &good, 0o600);
     let home_arg = home.to_str().unwrap();
     let done = tool(&url, &["--dry-run"], &[("HOME", home_arg)]);
-    assert_eq!(done.code, 0, "~/.pgpass: {}", done.stderr);
+    assert_eq!(done.code(), 0, "~/.pgpass: {}", done.stderr);
     let done = tool(
         &url,
         &["--dry-run"],
         &[("HOME", home_arg), ("PGPASSWORD", "wrong")],
     );
-    assert_eq!(done.code, 1, "PGPASSWORD first: {}", done.stderr);
+    assert_eq!(done.code(), 1, "PGPASSWORD first: {}", done.stderr);
     // libpq reads PGPASSFILE alone when it is set, never ~/.pgpass as well.
     let done = tool(
         &url,
         &["--dry-run"],
         &[("HOME", home_arg), ("PGPASSFILE", "/nonexistent/pgpass")],
     );
-    assert_eq!(done.code, 1, "no fallback to ~/.pgpass: {}", done.stderr);
+    assert_eq!(done.code(), 1, "no fallback to ~/.pgpass: {}", done.stderr);
 
     // Over the socket, a line names the socket directory as its host.
     let socket = server.root().to_str().unwrap().to_owned();
@@ -143,7 +140,7 @@ async fn the_password_file_is_read_as_libpq_reads_it() {
     );
     let socket_url = format!("postgres:///registry?host={socket}&port={port}&user=atb_pw");
     let done = tool(&socket_url, &["--dry-run"], &[("PGPASSFILE", file_arg)]);
-    assert_eq!(done.code, 0, "socket line: {}", done.stderr);
+    assert_eq!(done.code(), 0, "socket line: {}", done.stderr);
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -158,7 +155,7 @@ async fn a_socket_target_is_shown_as_its_socket_directory() {
     let plan = dir.join("plan.json");
 
     let text = tool(&url, &["--dry-run"], &[]);
-    assert_eq!(text.code, 0, "{}", text.stderr);
+    assert_eq!(text.code(), 0, "{}", text.stderr);
     assert!(
         text.stdout.contains(&format!(
             "target:      host={socket} port={port} database=registry user=postgres"
@@ -177,7 +174,7 @@ async fn a_socket_target_is_shown_as_its_socket_directory() {
         ],
         &[],
     );
-    assert_eq!(json.code, 0, "{}", json.stderr);
+    assert_eq!(json.code(), 0, "{}", json.stderr);
     assert_eq!(
         events(json.stdout.as_bytes())[0]["target"]["host"],
         socket.as_str()
@@ -187,7 +184,7 @@ async fn a_socket_target_is_shown_as_its_socket_directory() {
     assert_eq!(written["target"]["host"], socket.as_str());
     // The plan applies over the same socket.
     let apply = tool(&url, &["--apply", "--plan", plan.to_str().unwrap()], &[]);
-    assert_eq!(apply.code, 0, "{}", apply.stderr);
+    assert_eq!(apply.code(), 0, "{}", apply.stderr);
 
     let missing = dir.join("no-server-here");
     let missing_url = format!(
@@ -195,7 +192,7 @@ async fn a_socket_target_is_shown_as_its_socket_directory() {
         missing.display()
     );
     let done = tool(&missing_url, &["--dry-run"], &[]);
-    assert_eq!(done.code, 1, "{}", done.stderr);
+    assert_eq!(done.code(), 1, "{}", done.stderr);
     assert!(
         done.stderr.contains(&format!(
             "could not connect to '{}/.s.PGSQL.{port}/registry'",

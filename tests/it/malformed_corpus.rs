@@ -1,7 +1,7 @@
 //! Every malformed shape the `agents` column can hold, mixed into an ordinary registry, through a
 //! real `--apply`. The rule decides what may change; everything else must come back byte for byte.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 

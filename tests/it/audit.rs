@@ -1,6 +1,6 @@
 //! `revert` and `history` against a real PostgreSQL.
 
-mod common;
+use crate::common;
 
 use agent_type_backfill::error::exit_code;
 use agent_type_backfill::events::Summary;

@@ -2,13 +2,10 @@
 //! primary, and a role whose transactions are read-only by default. Writes stop at preflight;
 //! a plan made on the standby applies on its primary.
 
-mod common;
-mod support;
-
+use crate::common::{events, TestDb};
+use crate::support::{as_user, registry_on, role_name, tool};
 use agent_type_backfill::ephemeral::EphemeralPostgres;
-use common::{events, TestDb};
 use serde_json::Value;
-use support::{as_user, registry_on, role_name, tool};
 
 #[tokio::test]
 async fn a_standby_refuses_writes_at_preflight_and_its_plan_applies_on_the_primary() {
@@ -23,7 +20,7 @@ async fn a_standby_refuses_writes_at_preflight_and_its_plan_applies_on_the_prima
         vec!["revert", "atb-20260101T000000Z-00000000", "--apply"],
     ] {
         let done = tool(&on_standby, &apply, &[]);
-        assert_eq!(done.code, 4, "{apply:?}: {}", done.stderr);
+        assert_eq!(done.code(), 4, "{apply:?}: {}", done.stderr);
         assert!(
             done.stderr.contains("this server is a read-only standby")
                 && done.stderr.contains("apply on the primary"),
@@ -48,7 +45,7 @@ async fn a_standby_refuses_writes_at_preflight_and_its_plan_applies_on_the_prima
         &["--dry-run", "--format", "json", "--plan-out", plan_arg],
         &[],
     );
-    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    assert_eq!(dry.code(), 0, "{}", dry.stderr);
     let plan: Value = serde_json::from_str(&std::fs::read_to_string(&plan_path).unwrap()).unwrap();
     assert_eq!(plan["target"]["standby"], true);
     assert_eq!(plan["target"]["port"], standby.port());
@@ -74,7 +71,7 @@ async fn a_standby_refuses_writes_at_preflight_and_its_plan_applies_on_the_prima
         ],
         &[],
     );
-    assert_eq!(apply.code, 0, "{}", apply.stderr);
+    assert_eq!(apply.code(), 0, "{}", apply.stderr);
     let summary = events(apply.stdout.as_bytes())
         .into_iter()
         .find(|event| event["event"] == "summary")
@@ -84,7 +81,7 @@ async fn a_standby_refuses_writes_at_preflight_and_its_plan_applies_on_the_prima
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(audited, planned as i64);
+    assert_eq!(audited, i64::try_from(planned).unwrap());
 
     // Another cluster with a database of the same name is not the standby's primary.
     let stranger = EphemeralPostgres::start().unwrap();
@@ -94,7 +91,7 @@ async fn a_standby_refuses_writes_at_preflight_and_its_plan_applies_on_the_prima
         &["--apply", "--plan", plan_arg],
         &[],
     );
-    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert_eq!(refused.code(), 2, "{}", refused.stderr);
     assert!(refused.stderr.contains("(a standby)"), "{}", refused.stderr);
     std::fs::remove_dir_all(scratch).unwrap();
     pool.close().await;
@@ -117,7 +114,7 @@ async fn a_role_whose_transactions_are_read_only_stops_at_preflight() {
     let before = db.dump().await;
     let url = as_user(&db.url, &role);
     let done = tool(&url, &["--apply", "--max-flips", "100"], &[]);
-    assert_eq!(done.code, 4, "{}", done.stderr);
+    assert_eq!(done.code(), 4, "{}", done.stderr);
     assert!(
         done.stderr.contains("this session is read-only")
             && done.stderr.contains("default_transaction_read_only"),
@@ -134,5 +131,5 @@ async fn a_role_whose_transactions_are_read_only_stops_at_preflight() {
 
     // Reading is what such a role is for.
     let dry = tool(&url, &["--dry-run"], &[]);
-    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    assert_eq!(dry.code(), 0, "{}", dry.stderr);
 }

@@ -1,6 +1,6 @@
 //! Reviewed plans: `--dry-run --plan-out` and `--apply --plan`, against a real PostgreSQL.
 
-mod common;
+use crate::common;
 
 use agent_type_backfill::error::exit_code;
 use agent_type_backfill::events::Summary;
@@ -181,4 +181,46 @@ async fn plans_for_another_database_or_too_old_are_refused_with_nothing_written(
         "the threshold holds for what would be written"
     );
     assert!(made_on.audit_rows().await.is_empty());
+}
+
+/// A flip a guard held in the reviewed dry-run stays held when that plan is applied, even by an
+/// apply that forgot the guard's flag; the plan file names the rule and the held reason.
+#[tokio::test]
+async fn a_flip_held_in_the_reviewed_plan_stays_held_in_its_apply() {
+    let db = TestDb::seeded(5).await;
+    let path = PlanPath::for_db(&db);
+    let (dry, log) = run(
+        &db,
+        &[
+            "--dry-run",
+            "--max-probe-age",
+            "24h",
+            "--plan-out",
+            path.to_str(),
+        ],
+    )
+    .await;
+    assert_eq!(exit_code(&dry.unwrap_err()), 3);
+    assert_eq!(log.iter().filter(|e| e["event"] == "held").count(), 2);
+    let plan = PlanFile::read(&path.0).unwrap();
+    assert!(
+        plan.flips.iter().all(|f| f.held.is_some()),
+        "{:?}",
+        plan.flips
+    );
+    let text = std::fs::read_to_string(&path.0).unwrap();
+    assert!(text.contains("\"held\": \"stale_probe\""), "{text}");
+    assert!(
+        text.contains("\"commit\": \"4439b1871329488ce24b213e88d855849fb41187\""),
+        "{text}"
+    );
+    assert!(text.contains("\"crawler_disagreements\": {"), "{text}");
+
+    let before = db.dump().await;
+    let (applied, log) = run(&db, &["--apply", "--plan", path.to_str()]).await;
+    assert_eq!(exit_code(&applied.unwrap_err()), 3);
+    let held: Vec<&Value> = log.iter().filter(|e| e["event"] == "held").collect();
+    assert_eq!(held.len(), 2, "{log:#?}");
+    assert!(held.iter().all(|e| e["reason"] == "stale_probe"));
+    assert_eq!(db.dump().await, before);
 }

@@ -12,10 +12,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
+use crate::common::{Finished, Tool};
 use agent_type_backfill::ephemeral::{server_owner, EphemeralPostgres};
 use agent_type_backfill::rehearse::MIGRATOR;
 use agent_type_backfill::seed;
-use assert_cmd::Command;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -184,29 +184,9 @@ fn url(userinfo: &str, host: &str, mode: &str, root: Option<&Path>) -> String {
     url
 }
 
-struct Finished {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
 /// A dry run of the built binary against `url`, with a clean environment.
 fn dry_run(url: &str) -> Finished {
-    let output = Command::cargo_bin("agent-type-backfill")
-        .unwrap()
-        .arg("--dry-run")
-        .env("DATABASE_URL", url)
-        .env_remove("PGPASSWORD")
-        .env_remove("PGSSLMODE")
-        .env_remove("PGSSLROOTCERT")
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    let done = Finished {
-        code: output.status.code().expect("exited, not signalled"),
-        stdout: String::from_utf8(output.stdout).unwrap(),
-        stderr: String::from_utf8(output.stderr).unwrap(),
-    };
+    let done = Tool::new(&["--dry-run"]).database(url).run();
     for stream in [&done.stdout, &done.stderr] {
         assert!(!stream.contains(PASSWORD), "password leaked:\n{stream}");
         assert!(
@@ -219,7 +199,7 @@ fn dry_run(url: &str) -> Finished {
 
 /// The run completed and its log holds the seeded flips.
 fn assert_completed(done: &Finished) {
-    assert_eq!(done.code, 0, "{}", done.stderr);
+    assert_eq!(done.code(), 0, "{}", done.stderr);
     for line in [
         "\n  bidcliq  https://bidcliq.example/mcp  buying -> sales",
         "\n  swivel  https://ads.swivel.example/a2a  buying -> sales",
@@ -236,7 +216,7 @@ fn assert_completed(done: &Finished) {
 
 /// The run stopped at the connection, said so once, and `reason` says why.
 fn assert_refused(done: &Finished, host: &str, reason: &str) {
-    assert_eq!(done.code, 1, "{}", done.stderr);
+    assert_eq!(done.code(), 1, "{}", done.stderr);
     let target = format!("could not connect to '{host}:{}/{DATABASE}'", tls().port);
     assert!(done.stderr.contains(&target), "{}", done.stderr);
     assert!(done.stderr.contains(reason), "{}", done.stderr);

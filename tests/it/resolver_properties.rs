@@ -380,7 +380,7 @@ proptest! {
 }
 
 proptest! {
-    // Draws with replacement reach about half the vectors per run; tests/conformance.rs runs them
+    // Draws with replacement reach about half the vectors per run; tests/it/conformance.rs runs them
     // all. This pins the helpers the properties lean on (lean_flips, flips_json) to the vectors.
     #![proptest_config(ProptestConfig { cases: 512, ..config() })]
 

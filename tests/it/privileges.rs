@@ -2,11 +2,8 @@
 //! role missing any one of them stops at preflight (exit 4) naming the privilege and its GRANT,
 //! with nothing read or written.
 
-mod common;
-mod support;
-
-use common::{events, TestDb};
-use support::{as_user, role_name, tool};
+use crate::common::{events, TestDb};
+use crate::support::{as_user, role_name, tool};
 
 /// Each GRANT of RUNBOOK.md, by what it gives, with the role written `backfill` as there.
 const SELECT_PROFILES: &str = "GRANT SELECT ON member_profiles TO backfill;";
@@ -102,7 +99,7 @@ async fn roles_with_exactly_the_runbook_grants_run_every_command() {
     let reverter = as_user(&db.url, &role_with(&db, REVERT_APPLY).await);
 
     let dry = tool(&reader, &["--dry-run", "--format", "json"], &[]);
-    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    assert_eq!(dry.code(), 0, "{}", dry.stderr);
     let flips = events(dry.stdout.as_bytes())
         .iter()
         .filter(|event| event["event"] == "flip")
@@ -120,7 +117,7 @@ async fn roles_with_exactly_the_runbook_grants_run_every_command() {
         ],
         &[],
     );
-    assert_eq!(apply.code, 0, "{}", apply.stderr);
+    assert_eq!(apply.code(), 0, "{}", apply.stderr);
     let summary = events(apply.stdout.as_bytes()).pop().unwrap();
     assert_eq!(summary["written"], flips);
     let run_id = summary["run_id"].as_str().unwrap().to_owned();
@@ -128,7 +125,7 @@ async fn roles_with_exactly_the_runbook_grants_run_every_command() {
 
     for history in [vec!["history"], vec!["history", run_id.as_str()]] {
         let done = tool(&auditor, &history, &[]);
-        assert_eq!(done.code, 0, "{history:?}: {}", done.stderr);
+        assert_eq!(done.code(), 0, "{history:?}: {}", done.stderr);
         assert!(done.stdout.contains(&run_id), "{}", done.stdout);
     }
     // A plan carries the cluster's identity only where the user may read pg_control_system()
@@ -151,7 +148,7 @@ async fn roles_with_exactly_the_runbook_grants_run_every_command() {
     .unwrap();
     for (url, readable) in [(&reader, false), (&as_user(&db.url, &identified), true)] {
         let done = tool(url, &["--dry-run", "--plan-out", plan_arg], &[]);
-        assert_eq!(done.code, 0, "{}", done.stderr);
+        assert_eq!(done.code(), 0, "{}", done.stderr);
         let plan: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&plan_path).unwrap()).unwrap();
         assert_eq!(
@@ -163,7 +160,7 @@ async fn roles_with_exactly_the_runbook_grants_run_every_command() {
     std::fs::remove_dir_all(scratch).unwrap();
 
     let revert_dry = tool(&auditor, &["revert", &run_id, "--dry-run"], &[]);
-    assert_eq!(revert_dry.code, 0, "{}", revert_dry.stderr);
+    assert_eq!(revert_dry.code(), 0, "{}", revert_dry.stderr);
     let revert = tool(
         &reverter,
         &[
@@ -175,7 +172,7 @@ async fn roles_with_exactly_the_runbook_grants_run_every_command() {
         ],
         &[],
     );
-    assert_eq!(revert.code, 0, "{}", revert.stderr);
+    assert_eq!(revert.code(), 0, "{}", revert.stderr);
     assert_eq!(db.audit_rows().await.len(), 2 * flips);
 }
 
@@ -188,7 +185,7 @@ async fn a_role_missing_any_one_grant_stops_at_preflight_naming_it_and_its_fix()
         &["--apply", "--format", "json", "--max-flips", "100"],
         &[],
     );
-    assert_eq!(apply.code, 0, "{}", apply.stderr);
+    assert_eq!(apply.code(), 0, "{}", apply.stderr);
     let run_id = events(apply.stdout.as_bytes()).pop().unwrap()["run_id"]
         .as_str()
         .unwrap()
@@ -210,7 +207,8 @@ async fn a_role_missing_any_one_grant_stops_at_preflight_naming_it_and_its_fix()
             let role = role_with(&db, &granted).await;
             let done = tool(&as_user(&db.url, &role), &command, &[]);
             assert_eq!(
-                done.code, 4,
+                done.code(),
+                4,
                 "{command:?} without {missing}: {}",
                 done.stderr
             );
@@ -253,7 +251,7 @@ async fn an_identity_id_column_needs_usage_on_its_sequence() {
         &["--apply", "--max-flips", "100"],
         &[],
     );
-    assert_eq!(refused.code, 4, "{}", refused.stderr);
+    assert_eq!(refused.code(), 4, "{}", refused.stderr);
     assert!(
         refused
             .stderr
@@ -271,6 +269,6 @@ async fn an_identity_id_column_needs_usage_on_its_sequence() {
         &["--apply", "--max-flips", "100"],
         &[],
     );
-    assert_eq!(applied.code, 0, "{}", applied.stderr);
+    assert_eq!(applied.code(), 0, "{}", applied.stderr);
     assert!(!db.audit_rows().await.is_empty());
 }

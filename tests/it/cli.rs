@@ -1,51 +1,8 @@
 //! End-to-end runs of the built binary: stdout, stderr, exit code and table contents.
 
-mod common;
+use crate::common;
 
-use assert_cmd::Command;
-use common::{events, TestDb};
-
-/// One invocation of the binary with a clean environment, in the style of just's test builder.
-struct Run {
-    command: Command,
-}
-
-struct Finished {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn new(args: &[&str]) -> Run {
-        let mut command = Command::cargo_bin("agent-type-backfill").unwrap();
-        command
-            .args(args)
-            .env_remove("DATABASE_URL")
-            .env_remove("PGPASSWORD")
-            .env_remove("RUST_LOG");
-        Run { command }
-    }
-
-    fn database(mut self, url: &str) -> Run {
-        self.command.env("DATABASE_URL", url);
-        self
-    }
-
-    fn env(mut self, key: &str, value: &str) -> Run {
-        self.command.env(key, value);
-        self
-    }
-
-    fn run(mut self) -> Finished {
-        let output = self.command.output().unwrap();
-        Finished {
-            code: output.status.code().expect("exited, not signalled"),
-            stdout: String::from_utf8(output.stdout).unwrap(),
-            stderr: String::from_utf8(output.stderr).unwrap(),
-        }
-    }
-}
+use common::{events, TestDb, Tool};
 
 /// The test URL with a password that trust authentication ignores but the tool must never echo.
 fn with_password(url: &str, password: &str) -> String {
@@ -54,21 +11,21 @@ fn with_password(url: &str, password: &str) -> String {
 
 #[test]
 fn missing_database_url_is_a_usage_error_naming_it() {
-    let done = Run::new(&["--dry-run"]).run();
-    assert_eq!(done.code, 2);
+    let done = Tool::new(&["--dry-run"]).run();
+    assert_eq!(done.code(), 2);
     assert!(done.stderr.contains("DATABASE_URL"), "{}", done.stderr);
     assert!(done.stdout.is_empty());
 }
 
 #[test]
 fn mode_is_required_and_exclusive() {
-    let neither = Run::new(&[]).database("postgres://localhost/x").run();
-    assert_eq!(neither.code, 2);
+    let neither = Tool::new(&[]).database("postgres://localhost/x").run();
+    assert_eq!(neither.code(), 2);
     assert!(neither.stderr.contains("--dry-run"), "{}", neither.stderr);
-    let both = Run::new(&["--dry-run", "--apply"])
+    let both = Tool::new(&["--dry-run", "--apply"])
         .database("postgres://localhost/x")
         .run();
-    assert_eq!(both.code, 2);
+    assert_eq!(both.code(), 2);
     assert!(
         both.stderr.contains("cannot be used with"),
         "{}",
@@ -79,8 +36,8 @@ fn mode_is_required_and_exclusive() {
 #[test]
 fn unparseable_url_is_a_usage_error_that_does_not_echo_it() {
     let url = "postgres://backfill:Sup3rSecret@db.internal:notaport/registry";
-    let done = Run::new(&["--dry-run"]).database(url).run();
-    assert_eq!(done.code, 2, "{}", done.stderr);
+    let done = Tool::new(&["--dry-run"]).database(url).run();
+    assert_eq!(done.code(), 2, "{}", done.stderr);
     assert!(done.stderr.contains("DATABASE_URL"), "{}", done.stderr);
     assert!(!done.stderr.contains("Sup3rSecret"), "{}", done.stderr);
 }
@@ -88,8 +45,8 @@ fn unparseable_url_is_a_usage_error_that_does_not_echo_it() {
 #[test]
 fn unreachable_server_exits_1_without_the_password() {
     let url = "postgres://backfill:Sup3rSecret@127.0.0.1:1/registry?connect_timeout=2";
-    let done = Run::new(&["--dry-run"]).database(url).run();
-    assert_eq!(done.code, 1, "{}", done.stderr);
+    let done = Tool::new(&["--dry-run"]).database(url).run();
+    assert_eq!(done.code(), 1, "{}", done.stderr);
     assert!(
         done.stderr
             .contains("could not connect to '127.0.0.1:1/registry'"),
@@ -110,11 +67,11 @@ async fn dry_run_text_log_has_header_flips_and_summary_and_no_password() {
     let db = TestDb::seeded(30).await;
     let before = db.dump().await;
     let url = with_password(&db.url, "Sup3rSecret");
-    let done = Run::new(&["--dry-run"])
+    let done = Tool::new(&["--dry-run"])
         .database(&url)
         .env("PGPASSWORD", "Sup3rSecret")
         .run();
-    assert_eq!(done.code, 0, "{}", done.stderr);
+    assert_eq!(done.code(), 0, "{}", done.stderr);
     let stdout = &done.stdout;
     assert!(stdout.starts_with(&format!(
         "agent-type-backfill {}\n",
@@ -157,10 +114,10 @@ async fn json_apply_then_threshold_abort_then_idempotent_rerun() {
     let db = TestDb::seeded(30).await;
 
     let before = db.dump().await;
-    let aborted = Run::new(&["--apply", "--max-flips", "1", "--format", "json"])
+    let aborted = Tool::new(&["--apply", "--max-flips", "1", "--format", "json"])
         .database(&db.url)
         .run();
-    assert_eq!(aborted.code, 3, "{}", aborted.stderr);
+    assert_eq!(aborted.code(), 3, "{}", aborted.stderr);
     assert!(
         aborted
             .stderr
@@ -173,10 +130,10 @@ async fn json_apply_then_threshold_abort_then_idempotent_rerun() {
     assert_eq!(log.last().unwrap()["aborted"], true);
     assert_eq!(db.dump().await, before, "a threshold abort writes nothing");
 
-    let applied = Run::new(&["--apply", "--format", "json"])
+    let applied = Tool::new(&["--apply", "--format", "json"])
         .database(&db.url)
         .run();
-    assert_eq!(applied.code, 0, "{}", applied.stderr);
+    assert_eq!(applied.code(), 0, "{}", applied.stderr);
     let log = events(applied.stdout.as_bytes());
     assert_eq!(log[0]["event"], "start");
     assert_eq!(log[0]["mode"], "apply");
@@ -211,10 +168,10 @@ async fn json_apply_then_threshold_abort_then_idempotent_rerun() {
     assert_eq!(audited, 2);
     assert_eq!(db.agents_of("bidcliq").await[0]["type"], "sales");
 
-    let rerun = Run::new(&["--dry-run", "--format", "json"])
+    let rerun = Tool::new(&["--dry-run", "--format", "json"])
         .database(&db.url)
         .run();
-    assert_eq!(rerun.code, 0);
+    assert_eq!(rerun.code(), 0);
     let summary = events(rerun.stdout.as_bytes()).pop().unwrap();
     assert_eq!(summary["flips"], 0);
     assert_eq!(summary["run_id"], serde_json::Value::Null);
@@ -227,8 +184,8 @@ async fn preflight_failure_exits_4() {
         .execute(&db.pool)
         .await
         .unwrap();
-    let done = Run::new(&["--dry-run"]).database(&db.url).run();
-    assert_eq!(done.code, 4, "{}", done.stderr);
+    let done = Tool::new(&["--dry-run"]).database(&db.url).run();
+    assert_eq!(done.code(), 4, "{}", done.stderr);
     assert!(
         done.stderr
             .contains("table 'agent_capabilities_snapshot' is missing"),
@@ -248,10 +205,10 @@ fn rehearse_runs_the_whole_procedure_and_leaves_nothing_behind() {
         std::os::unix::fs::PermissionsExt::from_mode(0o1777),
     )
     .unwrap();
-    let done = Run::new(&["rehearse", "--profiles", "50"])
+    let done = Tool::new(&["rehearse", "--profiles", "50"])
         .env("TMPDIR", scratch.to_str().unwrap())
         .run();
-    assert_eq!(done.code, 0, "{}\n{}", done.stdout, done.stderr);
+    assert_eq!(done.code(), 0, "{}\n{}", done.stdout, done.stderr);
     assert_eq!(done.stdout.matches("=== rehearsal ").count(), 3);
     assert!(done.stdout.contains(
         "rehearsal passed: the dry-run planned 2 flips, the apply wrote 2 with 2 audit rows"
@@ -259,18 +216,6 @@ fn rehearse_runs_the_whole_procedure_and_leaves_nothing_behind() {
     let leftovers: Vec<_> = std::fs::read_dir(&scratch).unwrap().collect();
     assert!(leftovers.is_empty(), "rehearse left {leftovers:?}");
     std::fs::remove_dir(&scratch).unwrap();
-}
-
-/// The binary started in the background against `url`, for tests that signal it mid-run.
-fn spawn_tool(args: &[&str], url: &str) -> std::process::Child {
-    std::process::Command::new(assert_cmd::cargo::cargo_bin("agent-type-backfill"))
-        .args(args)
-        .env("DATABASE_URL", url)
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
 }
 
 /// Sessions of the tool in `pg_stat_activity` that are running a statement.
@@ -316,19 +261,20 @@ async fn sigterm_during_apply_prints_the_summary_and_exits_143() {
         .execute(&mut holder)
         .await
         .unwrap();
-    let child = spawn_tool(&["--apply", "--lock-timeout", "30s"], &db.url);
+    let run = Tool::new(&["--apply", "--lock-timeout", "30s"])
+        .database(&db.url)
+        .spawn();
     assert!(
         tool_waits_on_a_lock(&db).await,
         "the apply never reached its write"
     );
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    run.signal(libc::SIGTERM);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
 
-    let output = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    let stderr = String::from_utf8(output.stderr).unwrap();
-    assert_eq!(output.status.code(), Some(143), "{stdout}\n{stderr}");
+    let done = run.finish().await;
+    let (stdout, stderr) = (&done.stdout, &done.stderr);
+    assert_eq!(done.status.code(), Some(143), "{stdout}\n{stderr}");
     assert!(
         stdout.contains("written:                        2"),
         "{stdout}"
@@ -349,25 +295,23 @@ async fn sigterm_during_apply_prints_the_summary_and_exits_143() {
 async fn sigint_during_the_planning_pass_cancels_it_on_the_server() {
     let db = TestDb::seeded(10).await;
     let blocker = hold_the_snapshot_table(&db).await;
-    let child = spawn_tool(
-        &[
-            "--dry-run",
-            "--lock-timeout",
-            "60s",
-            "--statement-timeout",
-            "60s",
-        ],
-        &db.url,
-    );
+    let run = Tool::new(&[
+        "--dry-run",
+        "--lock-timeout",
+        "60s",
+        "--statement-timeout",
+        "60s",
+    ])
+    .database(&db.url)
+    .spawn();
     assert!(
         tool_waits_on_a_lock(&db).await,
         "the dry-run never reached its server pass"
     );
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let output = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    let stderr = String::from_utf8(output.stderr).unwrap();
-    assert_eq!(output.status.code(), Some(130), "{stdout}\n{stderr}");
+    run.signal(libc::SIGINT);
+    let done = run.finish().await;
+    let (stdout, stderr) = (&done.stdout, &done.stderr);
+    assert_eq!(done.status.code(), Some(130), "{stdout}\n{stderr}");
     assert!(
         stdout.contains("plan interrupted by SIGINT after "),
         "{stdout}"
@@ -401,10 +345,10 @@ async fn sigint_during_the_planning_pass_cancels_it_on_the_server() {
 #[tokio::test]
 async fn expect_database_mismatch_exits_2_before_reading() {
     let db = TestDb::seeded(0).await;
-    let done = Run::new(&["--apply", "--expect-database", "registry_prod"])
+    let done = Tool::new(&["--apply", "--expect-database", "registry_prod"])
         .database(&db.url)
         .run();
-    assert_eq!(done.code, 2, "{}", done.stderr);
+    assert_eq!(done.code(), 2, "{}", done.stderr);
     assert!(
         done.stderr.contains(&format!(
             "connected to database '{}' but --expect-database is 'registry_prod'",
@@ -416,10 +360,10 @@ async fn expect_database_mismatch_exits_2_before_reading() {
     assert!(done.stdout.is_empty(), "nothing read, nothing reported");
     assert!(db.audit_rows().await.is_empty());
 
-    let matching = Run::new(&["--dry-run", "--expect-database", &db.name])
+    let matching = Tool::new(&["--dry-run", "--expect-database", &db.name])
         .database(&db.url)
         .run();
-    assert_eq!(matching.code, 0, "{}", matching.stderr);
+    assert_eq!(matching.code(), 0, "{}", matching.stderr);
 }
 
 /// Regression: the planning pass is one statement over the whole table, so on a big registry it
@@ -431,7 +375,7 @@ async fn a_planning_pass_past_the_statement_timeout_names_the_flag_to_raise() {
     let blocker = hold_the_snapshot_table(&db).await;
     let url = db.url.clone();
     let done = tokio::task::spawn_blocking(move || {
-        Run::new(&[
+        Tool::new(&[
             "--dry-run",
             "--statement-timeout",
             "500ms",
@@ -444,7 +388,7 @@ async fn a_planning_pass_past_the_statement_timeout_names_the_flag_to_raise() {
     .await
     .unwrap();
     blocker.rollback().await.unwrap();
-    assert_eq!(done.code, 1, "{}", done.stderr);
+    assert_eq!(done.code(), 1, "{}", done.stderr);
     assert!(
         done.stderr.contains(
             "error: the planning pass reads every agent in one statement and ran past \
@@ -459,16 +403,25 @@ async fn a_planning_pass_past_the_statement_timeout_names_the_flag_to_raise() {
         done.stdout
     );
     assert!(!done.stdout.contains("summary:"), "{}", done.stdout);
+    // Regression: sqlx wraps the server's message in its own and the cause was printed twice.
+    assert_eq!(
+        done.stderr
+            .matches("canceling statement due to statement timeout")
+            .count(),
+        1,
+        "{}",
+        done.stderr
+    );
 }
 
 #[tokio::test]
 async fn transitions_not_allowed_are_listed_and_nothing_is_written() {
     let db = TestDb::seeded(5).await;
     let before = db.dump().await;
-    let refused = Run::new(&["--apply", "--allow-transition", "buyer:unknown"])
+    let refused = Tool::new(&["--apply", "--allow-transition", "buyer:unknown"])
         .database(&db.url)
         .run();
-    assert_eq!(refused.code, 3, "{}", refused.stderr);
+    assert_eq!(refused.code(), 3, "{}", refused.stderr);
     assert_eq!(
         refused.stdout.matches("\n  not allowed  ").count(),
         2,
@@ -483,23 +436,23 @@ async fn transitions_not_allowed_are_listed_and_nothing_is_written() {
     assert_eq!(db.dump().await, before);
 
     // The spelling every document uses, pasted through a real shell: no `>` to redirect.
-    let allowed = Run::new(&["--apply", "--allow-transition", "buying:sales"])
+    let allowed = Tool::new(&["--apply", "--allow-transition", "buying:sales"])
         .database(&db.url)
         .run();
-    assert_eq!(allowed.code, 0, "{}", allowed.stderr);
+    assert_eq!(allowed.code(), 0, "{}", allowed.stderr);
     assert_eq!(db.audit_rows().await.len(), 2);
 }
 
 /// `--help` is part of the operator interface: a change to it must show up in review as a diff
-/// of `tests/snapshots/`. Rewrite the snapshots with `UPDATE_SNAPSHOTS=1 cargo test --test cli`.
+/// of `tests/snapshots/`. Rewrite the snapshots with `UPDATE_SNAPSHOTS=1 cargo test --test it cli::help`.
 #[test]
 fn help_output_matches_the_reviewed_snapshots() {
     for (args, file) in [
         (&["--help"][..], "help.txt"),
         (&["rehearse", "--help"][..], "help-rehearse.txt"),
     ] {
-        let done = Run::new(args).run();
-        assert_eq!(done.code, 0, "{}", done.stderr);
+        let done = Tool::new(args).run();
+        assert_eq!(done.code(), 0, "{}", done.stderr);
         let path = std::path::Path::new("tests/snapshots").join(file);
         if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
             std::fs::write(&path, &done.stdout).unwrap();
@@ -507,7 +460,7 @@ fn help_output_matches_the_reviewed_snapshots() {
         let reviewed = std::fs::read_to_string(&path).unwrap_or_default();
         assert!(
             reviewed == done.stdout,
-            "{args:?} changed; review and run UPDATE_SNAPSHOTS=1 cargo test --test cli:\n{}",
+            "{args:?} changed; review and run UPDATE_SNAPSHOTS=1 cargo test --test it cli::help:\n{}",
             done.stdout
         );
     }
@@ -515,8 +468,8 @@ fn help_output_matches_the_reviewed_snapshots() {
 
 #[test]
 fn version_names_the_commit_and_completions_and_man_page_render() {
-    let version = Run::new(&["--version"]).run();
-    assert_eq!(version.code, 0);
+    let version = Tool::new(&["--version"]).run();
+    assert_eq!(version.code(), 0);
     assert!(version.stdout.starts_with(&format!(
         "agent-type-backfill {} (git ",
         env!("CARGO_PKG_VERSION")
@@ -530,15 +483,15 @@ fn version_names_the_commit_and_completions_and_man_page_render() {
         version.stdout
     );
     for shell in ["bash", "zsh", "fish"] {
-        let done = Run::new(&["completions", shell]).run();
-        assert_eq!(done.code, 0, "{}", done.stderr);
+        let done = Tool::new(&["completions", shell]).run();
+        assert_eq!(done.code(), 0, "{}", done.stderr);
         assert!(
             done.stdout.contains("max-flips"),
             "{shell} completions lack a flag"
         );
     }
-    let man = Run::new(&["man"]).run();
-    assert_eq!(man.code, 0);
+    let man = Tool::new(&["man"]).run();
+    assert_eq!(man.code(), 0);
     assert!(man.stdout.contains(".TH agent-type-backfill 1"));
     assert!(man.stdout.contains("expect\\-database"), "{}", man.stdout);
 }
@@ -556,24 +509,20 @@ async fn sigint_while_a_batch_waits_on_a_lock_starts_no_new_attempt() {
         .execute(&mut holder)
         .await
         .unwrap();
-    let child = spawn_tool(
-        &["--apply", "--lock-timeout", "1s", "--write-attempts", "20"],
-        &db.url,
-    );
+    let run = Tool::new(&["--apply", "--lock-timeout", "1s", "--write-attempts", "20"])
+        .database(&db.url)
+        .spawn();
     assert!(
         tool_waits_on_a_lock(&db).await,
         "the apply never reached its write"
     );
     let signalled = std::time::Instant::now();
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    run.signal(libc::SIGINT);
+    let done = run.finish().await;
     let waited = signalled.elapsed();
     sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    let stderr = String::from_utf8(output.stderr).unwrap();
-    assert_eq!(output.status.code(), Some(130), "{stdout}\n{stderr}");
+    let (stdout, stderr) = (&done.stdout, &done.stderr);
+    assert_eq!(done.status.code(), Some(130), "{stdout}\n{stderr}");
     // 20 attempts at 1 s each with backoff would take well over a minute.
     assert!(
         waited < std::time::Duration::from_secs(5),
@@ -591,10 +540,10 @@ async fn plan_out_with_apply_is_a_usage_error() {
     let before = db.dump().await;
     let dir = std::env::temp_dir().join(format!("atb-plan-out-{}", std::process::id()));
     let path = dir.join("plan.json");
-    let done = Run::new(&["--apply", "--plan-out", path.to_str().unwrap()])
+    let done = Tool::new(&["--apply", "--plan-out", path.to_str().unwrap()])
         .database(&db.url)
         .run();
-    assert_eq!(done.code, 2, "{}", done.stderr);
+    assert_eq!(done.code(), 2, "{}", done.stderr);
     assert!(done.stderr.contains("--plan-out"), "{}", done.stderr);
     assert!(done.stdout.is_empty(), "{}", done.stdout);
     assert!(!path.exists());
@@ -606,13 +555,12 @@ async fn plan_out_with_apply_is_a_usage_error() {
 #[test]
 fn a_closed_stdout_ends_the_program_quietly() {
     for args in [&["man"][..], &["completions", "bash"][..]] {
-        let mut child =
-            std::process::Command::new(assert_cmd::cargo::cargo_bin("agent-type-backfill"))
-                .args(args)
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
+        let mut child = std::process::Command::new(common::BIN)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
         drop(child.stdout.take());
         let output = child.wait_with_output().unwrap();
         assert_eq!(
@@ -633,10 +581,10 @@ fn a_closed_stdout_ends_the_program_quietly() {
 #[tokio::test]
 async fn markdown_log_has_the_header_flips_and_summary_as_tables() {
     let db = TestDb::seeded(5).await;
-    let done = Run::new(&["--dry-run", "--format", "markdown"])
+    let done = Tool::new(&["--dry-run", "--format", "markdown"])
         .database(&db.url)
         .run();
-    assert_eq!(done.code, 0, "{}", done.stderr);
+    assert_eq!(done.code(), 0, "{}", done.stderr);
     let md = &done.stdout;
     assert!(md.starts_with("## agent-type-backfill run log\n"), "{md}");
     assert!(md.contains("| rule | adcp resolveAgentTypes at 4439b18 (brand, rights, measurement, governance, creative, sales, buying, signals, unknown) |"), "{md}");
@@ -648,14 +596,14 @@ async fn markdown_log_has_the_header_flips_and_summary_as_tables() {
     assert!(md.contains("| agent rows flipped | 2 |"), "{md}");
     assert!(md.contains("\n### Transitions\n\n| from | to | flips |\n| --- | --- | --- |\n| buying | sales | 2 |\n"), "{md}");
 
-    let applied = Run::new(&["--apply", "--format", "json"])
+    let applied = Tool::new(&["--apply", "--format", "json"])
         .database(&db.url)
         .run();
-    assert_eq!(applied.code, 0, "{}", applied.stderr);
-    let history = Run::new(&["history", "--format", "markdown"])
+    assert_eq!(applied.code(), 0, "{}", applied.stderr);
+    let history = Tool::new(&["history", "--format", "markdown"])
         .database(&db.url)
         .run();
-    assert_eq!(history.code, 0, "{}", history.stderr);
+    assert_eq!(history.code(), 0, "{}", history.stderr);
     assert!(
         history
             .stdout
@@ -663,7 +611,7 @@ async fn markdown_log_has_the_header_flips_and_summary_as_tables() {
         "{}",
         history.stdout
     );
-    let text = Run::new(&["history"]).database(&db.url).run();
+    let text = Tool::new(&["history"]).database(&db.url).run();
     assert!(text.stdout.ends_with("\n1 run\n"), "{}", text.stdout);
 }
 
@@ -694,8 +642,8 @@ async fn flips_are_listed_by_profile_then_index_and_counted_per_transition() {
         .map(|slug| NewSnapshot::new(&format!("https://{slug}.example/b"), Some("sales")))
         .collect();
     seed::insert(&db.pool, &profiles, &snapshots).await.unwrap();
-    let text = Run::new(&["--dry-run"]).database(&db.url).run();
-    assert_eq!(text.code, 0, "{}", text.stderr);
+    let text = Tool::new(&["--dry-run"]).database(&db.url).run();
+    assert_eq!(text.code(), 0, "{}", text.stderr);
     let lines: Vec<&str> = text
         .stdout
         .lines()
@@ -729,7 +677,7 @@ async fn flips_are_listed_by_profile_then_index_and_counted_per_transition() {
         "{}",
         text.stdout
     );
-    let json = Run::new(&["--dry-run", "--format", "json"])
+    let json = Tool::new(&["--dry-run", "--format", "json"])
         .database(&db.url)
         .run();
     let events = events(json.stdout.as_bytes());
@@ -756,4 +704,38 @@ async fn flips_are_listed_by_profile_then_index_and_counted_per_transition() {
         json!({"buyer->unknown": 3, "buying->sales": 3})
     );
     assert_eq!(summary["held"], 0);
+}
+
+/// Regression: `--plan-max-age 1s` reported "the plan is 0m old, more than 0m". Durations in the
+/// message show the difference.
+#[tokio::test]
+async fn a_plan_older_than_plan_max_age_says_both_ages_precisely() {
+    let db = TestDb::seeded(5).await;
+    let scratch = common::Scratch::new();
+    let path = scratch.0.join("plan.json");
+    let path = path.to_str().unwrap();
+    let dry = Tool::new(&["--dry-run", "--plan-out", path])
+        .database(&db.url)
+        .run();
+    assert_eq!(dry.code(), 0, "{}", dry.stderr);
+    tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+    let before = db.dump().await;
+    let stale = Tool::new(&["--apply", "--plan", path, "--plan-max-age", "1s"])
+        .database(&db.url)
+        .run();
+    assert_eq!(stale.code(), 2, "{}", stale.stderr);
+    let error = stale.error_line();
+    assert!(
+        error.contains("old, more than --plan-max-age 1.0s"),
+        "{error}"
+    );
+    assert!(!error.contains("the plan is 0m"), "{error}");
+    let age: f64 = error
+        .split("the plan is ")
+        .nth(1)
+        .and_then(|rest| rest.split("s old").next())
+        .and_then(|age| age.parse().ok())
+        .unwrap_or_else(|| panic!("no age in seconds: {error}"));
+    assert!((2.0..10.0).contains(&age), "{error}");
+    assert_eq!(db.dump().await, before);
 }

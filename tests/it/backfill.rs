@@ -1,6 +1,6 @@
 //! The backfill against a real PostgreSQL: each test in its own database with migrations/ applied.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,15 +2,12 @@
 //! pool mode, with the tool's timeouts proven in force on the server sessions the pooler hands
 //! out.
 
-mod common;
-mod support;
-
 use std::time::Duration;
 
-use common::{events, TestDb};
+use crate::common::{events, TestDb, Tool};
+use crate::support::{active_tool_sessions, host_port, tool, via, PgBouncer, PoolMode};
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
-use support::{active_tool_sessions, host_port, tool, via, PgBouncer, PoolMode};
 
 const MODES: [PoolMode; 2] = [PoolMode::Session, PoolMode::Transaction];
 
@@ -48,7 +45,7 @@ async fn every_command_works_through_pgbouncer_in_session_and_transaction_mode()
         let db = TestDb::seeded(40).await;
         let original = agents(&db).await;
         let direct = tool(&db.url, &["--dry-run", "--format", "json"], &[]);
-        assert_eq!(direct.code, 0, "{}", direct.stderr);
+        assert_eq!(direct.code(), 0, "{}", direct.stderr);
         let expected = flips_of(&direct.stdout);
         assert!(!expected.is_empty(), "the seed has flips");
 
@@ -61,7 +58,7 @@ async fn every_command_works_through_pgbouncer_in_session_and_transaction_mode()
             &["--dry-run", "--format", "json", "--plan-out", plan],
             &[],
         );
-        assert_eq!(dry.code, 0, "{mode:?}: {}", dry.stderr);
+        assert_eq!(dry.code(), 0, "{mode:?}: {}", dry.stderr);
         assert_eq!(flips_of(&dry.stdout), expected, "{mode:?}");
 
         let max = expected.len().to_string();
@@ -78,23 +75,23 @@ async fn every_command_works_through_pgbouncer_in_session_and_transaction_mode()
             ],
             &[],
         );
-        assert_eq!(apply.code, 0, "{mode:?}: {}", apply.stderr);
+        assert_eq!(apply.code(), 0, "{mode:?}: {}", apply.stderr);
         let summary = summary_of(&apply.stdout);
         assert_eq!(summary["written"], expected.len(), "{mode:?}");
         let run_id = summary["run_id"].as_str().unwrap().to_owned();
         assert_eq!(db.audit_rows().await.len(), expected.len());
 
         let again = tool(&url, &["--dry-run", "--format", "json"], &[]);
-        assert_eq!(again.code, 0, "{mode:?}: {}", again.stderr);
+        assert_eq!(again.code(), 0, "{mode:?}: {}", again.stderr);
         assert_eq!(summary_of(&again.stdout)["flips"], 0);
 
         let history = tool(&url, &["history", "--format", "json"], &[]);
-        assert_eq!(history.code, 0, "{mode:?}: {}", history.stderr);
+        assert_eq!(history.code(), 0, "{mode:?}: {}", history.stderr);
         let runs = events(history.stdout.as_bytes());
         assert_eq!(runs.len(), 1);
         assert_eq!(runs[0]["run_id"], run_id.as_str());
         let rows = tool(&url, &["history", &run_id, "--format", "json"], &[]);
-        assert_eq!(rows.code, 0, "{mode:?}: {}", rows.stderr);
+        assert_eq!(rows.code(), 0, "{mode:?}: {}", rows.stderr);
         assert_eq!(events(rows.stdout.as_bytes()).len(), expected.len());
 
         let revert_dry = tool(
@@ -102,7 +99,7 @@ async fn every_command_works_through_pgbouncer_in_session_and_transaction_mode()
             &["revert", &run_id, "--dry-run", "--format", "json"],
             &[],
         );
-        assert_eq!(revert_dry.code, 0, "{mode:?}: {}", revert_dry.stderr);
+        assert_eq!(revert_dry.code(), 0, "{mode:?}: {}", revert_dry.stderr);
         assert_eq!(flips_of(&revert_dry.stdout).len(), expected.len());
         let revert = tool(
             &url,
@@ -117,7 +114,7 @@ async fn every_command_works_through_pgbouncer_in_session_and_transaction_mode()
             ],
             &[],
         );
-        assert_eq!(revert.code, 0, "{mode:?}: {}", revert.stderr);
+        assert_eq!(revert.code(), 0, "{mode:?}: {}", revert.stderr);
         assert_eq!(summary_of(&revert.stdout)["written"], expected.len());
         assert_eq!(
             agents(&db).await,
@@ -142,22 +139,24 @@ async fn a_locked_row_is_given_up_after_lock_timeout_through_pgbouncer() {
             .execute(&mut *save)
             .await
             .unwrap();
-        let apply = tool(
-            &url,
-            &[
-                "--apply",
-                "--format",
-                "json",
-                "--max-flips",
-                "100",
-                "--lock-timeout",
-                "300ms",
-                "--write-attempts",
-                "2",
-            ],
-            &[],
-        );
-        assert_eq!(apply.code, 1, "{mode:?}: {}", apply.stderr);
+        // Spawned and finished with the runner's hang limit: a run that waited on the lock would
+        // wait for as long as this test holds it.
+        let apply = Tool::new(&[
+            "--apply",
+            "--format",
+            "json",
+            "--max-flips",
+            "100",
+            "--lock-timeout",
+            "300ms",
+            "--write-attempts",
+            "2",
+        ])
+        .database(&url)
+        .spawn()
+        .finish()
+        .await;
+        assert_eq!(apply.code(), 1, "{mode:?}: {}", apply.stderr);
         let skipped: Vec<Value> = events(apply.stdout.as_bytes())
             .into_iter()
             .filter(|event| event["event"] == "skipped")
@@ -203,19 +202,19 @@ async fn statement_timeout_cuts_the_planning_pass_through_pgbouncer() {
             .execute(&mut *migration)
             .await
             .unwrap();
-        let dry = tool(
-            &url,
-            &[
-                "--dry-run",
-                "--statement-timeout",
-                "400ms",
-                "--lock-timeout",
-                "60s",
-            ],
-            &[],
-        );
+        let dry = Tool::new(&[
+            "--dry-run",
+            "--statement-timeout",
+            "400ms",
+            "--lock-timeout",
+            "60s",
+        ])
+        .database(&url)
+        .spawn()
+        .finish()
+        .await;
         migration.rollback().await.unwrap();
-        assert_eq!(dry.code, 1, "{mode:?}: {}", dry.stderr);
+        assert_eq!(dry.code(), 1, "{mode:?}: {}", dry.stderr);
         assert!(
             dry.stderr.contains("ran past --statement-timeout '400ms'"),
             "{mode:?}: {}",
@@ -244,20 +243,15 @@ async fn sigint_while_planning_cancels_the_statement_through_pgbouncer() {
             .execute(&mut *blocker)
             .await
             .unwrap();
-        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("agent-type-backfill"))
-            .args([
-                "--dry-run",
-                "--lock-timeout",
-                "60s",
-                "--statement-timeout",
-                "60s",
-            ])
-            .env("DATABASE_URL", &url)
-            .env_remove("RUST_LOG")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let run = Tool::new(&[
+            "--dry-run",
+            "--lock-timeout",
+            "60s",
+            "--statement-timeout",
+            "60s",
+        ])
+        .database(&url)
+        .spawn();
         let mut waiting = false;
         for _ in 0..400 {
             if active_tool_sessions(&db.pool, "AND wait_event_type = 'Lock'").await > 0 {
@@ -270,18 +264,20 @@ async fn sigint_while_planning_cancels_the_statement_through_pgbouncer() {
             waiting,
             "{mode:?}: the dry-run never reached its server pass"
         );
-        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-        let output = child.wait_with_output().unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let stderr = String::from_utf8_lossy(&output.stderr);
+        run.signal(libc::SIGINT);
+        let done = run.finish().await;
         assert_eq!(
-            output.status.code(),
-            Some(130),
-            "{mode:?}: {stdout}\n{stderr}"
+            done.code(),
+            130,
+            "{mode:?}: {}\n{}",
+            done.stdout,
+            done.stderr
         );
         assert!(
-            stderr.contains("cancelled the planning statement on the server"),
-            "{mode:?}: {stderr}"
+            done.stderr
+                .contains("cancelled the planning statement on the server"),
+            "{mode:?}: {}",
+            done.stderr
         );
         let mut still_active: i64 = -1;
         for _ in 0..100 {

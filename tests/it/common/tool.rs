@@ -1,0 +1,212 @@
+//! The built binary, run as an operator runs it: one builder for every end-to-end test, in the
+//! style of just's test builder. Output goes to files, so a long run log never blocks the tool on
+//! a full pipe and a killed run still leaves what it printed.
+
+use std::fs::File;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use uuid::Uuid;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_agent-type-backfill");
+
+/// How long a run may take before a test calls it hung.
+pub const HANG: Duration = Duration::from_secs(90);
+
+/// A directory for run logs, removed when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        let dir = std::env::temp_dir().join(format!(
+            "atb-test-{}",
+            &Uuid::new_v4().simple().to_string()[..12]
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One invocation of the binary with a clean environment: no `DATABASE_URL`, password or log
+/// settings from the test's own environment.
+pub struct Tool {
+    command: Command,
+}
+
+impl Tool {
+    pub fn new(args: &[&str]) -> Tool {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .env_remove("PGPASSWORD")
+            .env_remove("PGSSLMODE")
+            .env_remove("PGSSLROOTCERT")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null());
+        Tool { command }
+    }
+
+    pub fn database(mut self, url: &str) -> Tool {
+        self.command.env("DATABASE_URL", url);
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Tool {
+        self.command.env(key, value);
+        self
+    }
+
+    /// Runs to the end.
+    pub fn run(self) -> Finished {
+        let scratch = Scratch::new();
+        let mut run = self.spawn_into(&scratch, "run");
+        let status = run.child.wait().unwrap();
+        run.finished(status)
+    }
+
+    /// Starts the run in the background, logging into a scratch directory of its own.
+    pub fn spawn(self) -> ToolRun {
+        let scratch = Scratch::new();
+        let mut run = self.spawn_into(&scratch, "run");
+        run.scratch = Some(scratch);
+        run
+    }
+
+    /// Starts the run in the background, logging into `scratch` as `tag.stdout`, `tag.stderr`.
+    pub fn spawn_into(mut self, scratch: &Scratch, tag: &str) -> ToolRun {
+        let stdout = scratch.0.join(format!("{tag}.stdout"));
+        let stderr = scratch.0.join(format!("{tag}.stderr"));
+        let child = self
+            .command
+            .stdout(File::create(&stdout).unwrap())
+            .stderr(File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        ToolRun {
+            child,
+            stdout,
+            stderr,
+            started: Instant::now(),
+            scratch: None,
+        }
+    }
+}
+
+pub struct ToolRun {
+    child: Child,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    pub started: Instant,
+    /// The run's own log directory, when it has one.
+    scratch: Option<Scratch>,
+}
+
+impl ToolRun {
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        unsafe { libc::kill(pid, signal) };
+    }
+
+    pub fn kill(&self) {
+        self.signal(libc::SIGKILL);
+    }
+
+    /// Waits for the run to end; a run past [`HANG`] is killed and fails the test.
+    pub async fn finish(mut self) -> Finished {
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if self.started.elapsed() > HANG {
+                self.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "the tool hung for {HANG:?}; stderr:\n{}",
+                    std::fs::read_to_string(&self.stderr).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        self.finished(status)
+    }
+
+    fn finished(&mut self, status: ExitStatus) -> Finished {
+        let finished = Finished {
+            status,
+            stdout: std::fs::read_to_string(&self.stdout).unwrap(),
+            stderr: std::fs::read_to_string(&self.stderr).unwrap(),
+            elapsed: self.started.elapsed(),
+        };
+        drop(self.scratch.take());
+        finished
+    }
+}
+
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Finished {
+    /// The exit code of a run that exited rather than died of a signal.
+    pub fn code(&self) -> i32 {
+        self.status
+            .code()
+            .unwrap_or_else(|| panic!("died of a signal: {}\n{}", self.describe(), self.stderr))
+    }
+
+    /// The JSON run log; a line cut short by SIGKILL is ignored.
+    pub fn events(&self) -> Vec<Value> {
+        self.stdout
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+
+    pub fn run_id(&self) -> Option<String> {
+        self.events()
+            .iter()
+            .find(|event| event["event"] == "start")
+            .and_then(|event| event["run_id"].as_str().map(str::to_owned))
+    }
+
+    pub fn describe(&self) -> String {
+        match (self.status.code(), self.status.signal()) {
+            (Some(code), _) => format!("exit {code}"),
+            (None, Some(signal)) => format!("signal {signal}"),
+            _ => format!("{:?}", self.status),
+        }
+    }
+
+    /// The one `error: ...` line a failed run prints.
+    pub fn error_line(&self) -> String {
+        let errors: Vec<&str> = self
+            .stderr
+            .lines()
+            .filter(|line| line.starts_with("error: "))
+            .collect();
+        assert_eq!(
+            errors.len(),
+            1,
+            "a failed run prints one error line:\n{}",
+            self.stderr
+        );
+        errors[0].to_owned()
+    }
+}

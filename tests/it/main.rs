@@ -1,0 +1,28 @@
+//! The integration and end-to-end tests: one crate, one build, one throwaway PostgreSQL shared by
+//! every test that does not need a server of its own (each test still gets its own database).
+//!
+//! - conformance, prefilter, resolver_properties, malformed_corpus: the rule against the 787
+//!   vectors, in Rust and in the server's SQL, and under hostile input;
+//! - backfill, plans, audit: the library's runs against a real PostgreSQL;
+//! - cli, tls: the built binary, end to end;
+//! - reliability: concurrent writers, killed processes and sessions, restarts and timeouts;
+//! - pooler, standby, privileges, libpq: production deployment shapes (PgBouncer in both pool
+//!   modes, a streaming standby, least-privilege roles, the password file and socket targets),
+//!   with their own PgBouncer, standby or server from `support`.
+
+mod audit;
+mod backfill;
+mod cli;
+mod common;
+mod conformance;
+mod libpq;
+mod malformed_corpus;
+mod plans;
+mod pooler;
+mod prefilter;
+mod privileges;
+mod reliability;
+mod resolver_properties;
+mod standby;
+mod support;
+mod tls;
