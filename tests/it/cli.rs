@@ -219,13 +219,15 @@ fn rehearse_runs_the_whole_procedure_and_leaves_nothing_behind() {
 }
 
 /// Sessions of the tool in `pg_stat_activity` that are running a statement.
-const ACTIVE_TOOL_SESSIONS: &str = "SELECT count(*) FROM pg_stat_activity \
+pub(crate) const ACTIVE_TOOL_SESSIONS: &str = "SELECT count(*) FROM pg_stat_activity \
      WHERE datname = current_database() AND application_name LIKE 'agent-type-backfill %' \
      AND state = 'active'";
 
 /// Holds `agent_capabilities_snapshot` until the transaction ends. The census reads only
 /// member_profiles, so this stops the plan at its server pass and nowhere else.
-async fn hold_the_snapshot_table(db: &TestDb) -> sqlx::Transaction<'static, sqlx::Postgres> {
+pub(crate) async fn hold_the_snapshot_table(
+    db: &TestDb,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
     let mut blocker = db.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE agent_capabilities_snapshot IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *blocker)
@@ -235,7 +237,7 @@ async fn hold_the_snapshot_table(db: &TestDb) -> sqlx::Transaction<'static, sqlx
 }
 
 /// Polls for up to 10 s until one of the tool's sessions waits on a lock.
-async fn tool_waits_on_a_lock(db: &TestDb) -> bool {
+pub(crate) async fn tool_waits_on_a_lock(db: &TestDb) -> bool {
     for _ in 0..400 {
         let waiting: i64 = sqlx::query_scalar(&format!(
             "{ACTIVE_TOOL_SESSIONS} AND wait_event_type = 'Lock'"

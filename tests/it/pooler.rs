@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
+use crate::cli::{hold_the_snapshot_table, tool_waits_on_a_lock, ACTIVE_TOOL_SESSIONS};
 use crate::common::{events, TestDb, Tool};
-use crate::support::{active_tool_sessions, host_port, tool, via, PgBouncer, PoolMode};
+use crate::support::{host_port, tool, via, PgBouncer, PoolMode};
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
 
@@ -196,12 +197,7 @@ async fn statement_timeout_cuts_the_planning_pass_through_pgbouncer() {
     for mode in MODES {
         let db = TestDb::seeded(10).await;
         let (_bouncer, url) = bouncer_for(&db, mode);
-        let mut admin = PgConnection::connect(&db.url).await.unwrap();
-        let mut migration = admin.begin().await.unwrap();
-        sqlx::query("LOCK TABLE agent_capabilities_snapshot IN ACCESS EXCLUSIVE MODE")
-            .execute(&mut *migration)
-            .await
-            .unwrap();
+        let migration = hold_the_snapshot_table(&db).await;
         let dry = Tool::new(&[
             "--dry-run",
             "--statement-timeout",
@@ -238,11 +234,7 @@ async fn sigint_while_planning_cancels_the_statement_through_pgbouncer() {
     for mode in MODES {
         let db = TestDb::seeded(10).await;
         let (_bouncer, url) = bouncer_for(&db, mode);
-        let mut blocker = db.pool.begin().await.unwrap();
-        sqlx::query("LOCK TABLE agent_capabilities_snapshot IN ACCESS EXCLUSIVE MODE")
-            .execute(&mut *blocker)
-            .await
-            .unwrap();
+        let blocker = hold_the_snapshot_table(&db).await;
         let run = Tool::new(&[
             "--dry-run",
             "--lock-timeout",
@@ -252,16 +244,8 @@ async fn sigint_while_planning_cancels_the_statement_through_pgbouncer() {
         ])
         .database(&url)
         .spawn();
-        let mut waiting = false;
-        for _ in 0..400 {
-            if active_tool_sessions(&db.pool, "AND wait_event_type = 'Lock'").await > 0 {
-                waiting = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
         assert!(
-            waiting,
+            tool_waits_on_a_lock(&db).await,
             "{mode:?}: the dry-run never reached its server pass"
         );
         run.signal(libc::SIGINT);
@@ -281,7 +265,10 @@ async fn sigint_while_planning_cancels_the_statement_through_pgbouncer() {
         );
         let mut still_active: i64 = -1;
         for _ in 0..100 {
-            still_active = active_tool_sessions(&db.pool, "").await;
+            still_active = sqlx::query_scalar(ACTIVE_TOOL_SESSIONS)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
             if still_active == 0 {
                 break;
             }

@@ -225,15 +225,3 @@ pub async fn registry_on(
         .unwrap();
     pool
 }
-
-/// Sessions of the tool in `pg_stat_activity` running a statement, found by the
-/// application_name it sets (passed on by a pooler too); `extra` narrows them.
-pub async fn active_tool_sessions(pool: &sqlx::PgPool, extra: &str) -> i64 {
-    sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-         AND application_name LIKE 'agent-type-backfill %' AND state = 'active' {extra}"
-    ))
-    .fetch_one(pool)
-    .await
-    .unwrap()
-}
