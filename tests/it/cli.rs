@@ -219,7 +219,7 @@ fn rehearse_runs_the_whole_procedure_and_leaves_nothing_behind() {
 }
 
 /// Sessions of the tool in `pg_stat_activity` that are running a statement.
-pub(crate) const ACTIVE_TOOL_SESSIONS: &str = "SELECT count(*) FROM pg_stat_activity \
+const ACTIVE_TOOL_SESSIONS: &str = "SELECT count(*) FROM pg_stat_activity \
      WHERE datname = current_database() AND application_name LIKE 'agent-type-backfill %' \
      AND state = 'active'";
 
@@ -329,6 +329,13 @@ async fn sigint_during_the_planning_pass_cancels_it_on_the_server() {
     assert!(!stderr.contains("rerun the same command"), "{stderr}");
 
     // The lock is still held: only a cancel can have ended the tool's statement.
+    let still_active = tool_sessions_left(&db).await;
+    blocker.rollback().await.unwrap();
+    assert_eq!(still_active, 0, "the planning statement outlived the tool");
+}
+
+/// The tool's sessions still running a statement once they had 5 s to end.
+pub(crate) async fn tool_sessions_left(db: &TestDb) -> i64 {
     let mut still_active: i64 = -1;
     for _ in 0..100 {
         still_active = sqlx::query_scalar(ACTIVE_TOOL_SESSIONS)
@@ -340,8 +347,7 @@ async fn sigint_during_the_planning_pass_cancels_it_on_the_server() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    blocker.rollback().await.unwrap();
-    assert_eq!(still_active, 0, "the planning statement outlived the tool");
+    still_active
 }
 
 #[tokio::test]

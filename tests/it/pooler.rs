@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::cli::{hold_the_snapshot_table, tool_waits_on_a_lock, ACTIVE_TOOL_SESSIONS};
+use crate::cli::{hold_the_snapshot_table, tool_sessions_left, tool_waits_on_a_lock};
 use crate::common::{events, TestDb, Tool};
 use crate::support::{host_port, tool, via, PgBouncer, PoolMode};
 use serde_json::Value;
@@ -263,17 +263,7 @@ async fn sigint_while_planning_cancels_the_statement_through_pgbouncer() {
             "{mode:?}: {}",
             done.stderr
         );
-        let mut still_active: i64 = -1;
-        for _ in 0..100 {
-            still_active = sqlx::query_scalar(ACTIVE_TOOL_SESSIONS)
-                .fetch_one(&db.pool)
-                .await
-                .unwrap();
-            if still_active == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let still_active = tool_sessions_left(&db).await;
         blocker.rollback().await.unwrap();
         assert_eq!(
             still_active, 0,
