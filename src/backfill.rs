@@ -5,7 +5,7 @@ use anyhow::Result;
 use tracing::info;
 
 use crate::config::{BackfillConfig, Guards};
-use crate::db;
+use crate::db::{self, Needs};
 use crate::error::Failure;
 use crate::events::{Event, Mode, Skipped, Summary};
 use crate::guard::{
@@ -30,7 +30,7 @@ pub async fn execute(
     // 1. Preflight: the reviewed plan belongs here and is fresh; the tables and privileges are
     // what this mode needs.
     let fingerprint = if config.reviewed_plan.is_some() || config.plan_out.is_some() {
-        Fingerprint::of(&run.session).await
+        Fingerprint::of(&run.session).await?
     } else {
         Fingerprint::default()
     };
@@ -42,7 +42,11 @@ pub async fn execute(
         }
         None => None,
     };
-    db::preflight(&run.session.pool, run.mode == Mode::Apply).await?;
+    let needs = match run.mode {
+        Mode::Apply => Needs::Apply,
+        Mode::DryRun => Needs::DryRun,
+    };
+    db::preflight(&run.session.pool, needs).await?;
     let evidence = evidence_access(&run.session, &config.guards).await?;
     run.header(config.run.max_flips, None)?;
 

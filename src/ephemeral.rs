@@ -112,6 +112,49 @@ impl EphemeralPostgres {
         Ok(server)
     }
 
+    /// A hot standby of `primary`: a cluster copied with `pg_basebackup -R` (streaming
+    /// replication from the primary's loopback port), started on a port of its own with the same
+    /// settings. Its data is the primary's, read-only, kept current by streaming.
+    pub fn start_standby_of(primary: &EphemeralPostgres) -> Result<Self> {
+        let root = make_private_dir(primary.run_as)?;
+        let mut standby = EphemeralPostgres {
+            bin: primary.bin.clone(),
+            run_as: primary.run_as,
+            root,
+            port: free_port()?,
+            pid: 0,
+            exited: mpsc::channel().1,
+            stopped: true,
+            settings: primary.settings.clone(),
+        };
+        let mut basebackup = Command::new(standby.bin.join("pg_basebackup"));
+        basebackup
+            .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
+            .args([
+                "-U",
+                SUPERUSER,
+                "-R",
+                "-X",
+                "stream",
+                "--checkpoint=fast",
+                "--no-sync",
+            ])
+            .arg("-D")
+            .arg(standby.root.join("data"))
+            .current_dir(&standby.root);
+        let output = as_user(&mut basebackup, standby.run_as)
+            .output()
+            .with_context(|| format!("could not run {:?}", standby.bin.join("pg_basebackup")))?;
+        if !output.status.success() {
+            bail!(
+                "pg_basebackup failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        standby.launch()?;
+        Ok(standby)
+    }
+
     /// Starts the server process on the existing cluster and waits until it accepts connections.
     fn launch(&mut self) -> Result<()> {
         let log = fs::OpenOptions::new()

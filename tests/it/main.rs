@@ -5,16 +5,24 @@
 //!   vectors, in Rust and in the server's SQL, and under hostile input;
 //! - backfill, plans, audit: the library's runs against a real PostgreSQL;
 //! - cli, tls: the built binary, end to end;
-//! - reliability: concurrent writers, killed processes and sessions, restarts and timeouts.
+//! - reliability: concurrent writers, killed processes and sessions, restarts and timeouts;
+//! - pooler, standby, privileges, libpq: production deployment shapes (PgBouncer in both pool
+//!   modes, a streaming standby, least-privilege roles, the password file and socket targets),
+//!   with their own PgBouncer, standby or server from `support`.
 
 mod audit;
 mod backfill;
 mod cli;
 mod common;
 mod conformance;
+mod libpq;
 mod malformed_corpus;
 mod plans;
+mod pooler;
 mod prefilter;
+mod privileges;
 mod reliability;
 mod resolver_properties;
+mod standby;
+mod support;
 mod tls;
