@@ -7,11 +7,11 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::backfill::check_threshold;
 use crate::config::{HistoryConfig, RevertConfig};
 use crate::db::{self, AuditEntry, Snapshots};
 use crate::error::Failure;
 use crate::events::{Event, Mode, SkipReason, Skipped, Summary};
+use crate::guard::check_threshold;
 use crate::interrupt::StopSignal;
 use crate::plan::{parse_column, Plan, PlannedFlip, PlanningBackend};
 use crate::report::Printer;
@@ -22,7 +22,7 @@ use crate::write::Recheck;
 /// `history [RUN_ID]`: the runs in `type_reclassification_log`, or one run's rows.
 pub async fn history(config: &HistoryConfig, printer: &mut dyn Printer) -> Result<()> {
     let mut run = Run::open(&config.connect, Mode::DryRun, printer, StopSignal::never()).await?;
-    db::preflight(&run.session.pool, true).await?;
+    db::preflight(&run.session.pool, db::Needs::ReadAudit).await?;
     match &config.run_id {
         None => {
             for record in db::backfill_runs(&run.session.pool).await? {
@@ -88,7 +88,11 @@ pub async fn revert(
 ) -> Result<Summary> {
     let mut run = Run::open(&config.connect, config.run.mode, printer, stop).await?;
     // Even a dry-run reads the audit table here.
-    db::preflight(&run.session.pool, true).await?;
+    let needs = match run.mode {
+        Mode::Apply => db::Needs::RevertApply,
+        Mode::DryRun => db::Needs::ReadAudit,
+    };
+    db::preflight(&run.session.pool, needs).await?;
     let entries = db::run_entries(&run.session.pool, &config.reverted_run).await?;
     if entries.is_empty() {
         return Err(no_such_run(&config.reverted_run));
@@ -120,10 +124,7 @@ pub async fn revert(
         ..Summary::default()
     };
     for planned in &flips {
-        *summary
-            .transitions
-            .entry(planned.event(run.started_at).transition())
-            .or_default() += 1;
+        summary.count_transition(&planned.event(run.started_at));
     }
     for _ in &conflicts {
         summary.count_skip(SkipReason::ChangedSinceRun);
@@ -169,7 +170,7 @@ impl Restorable {
 /// Splits the run's audit rows into restorable flips and conflicts, against current data in one
 /// read-only snapshot. Returns them with the number of profiles the run touched.
 async fn plan_revert(
-    pool: &sqlx::PgPool,
+    pool: &db::Pool,
     reverted: &str,
     entries: &[AuditEntry],
 ) -> Result<(Vec<PlannedFlip>, Vec<PlannedFlip>, u64)> {

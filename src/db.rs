@@ -37,8 +37,96 @@ impl std::fmt::Display for Target {
 }
 
 pub struct Session {
-    pub pool: PgPool,
+    pub pool: Pool,
     pub target: Target,
+}
+
+/// The tool's connections. Every transaction opened through it starts by setting the tool's
+/// session settings with `SET LOCAL` and reading them back: a transaction-pooling PgBouncer hands
+/// each transaction a different server session, and it rejects (or, told to ignore them, drops)
+/// the startup `options` a direct connection would carry them in. There is deliberately no way to
+/// borrow the bare `PgPool`: a statement sent outside such a transaction would run without the
+/// timeouts.
+#[derive(Clone)]
+pub struct Pool {
+    pool: PgPool,
+    settings: std::sync::Arc<SessionSettings>,
+}
+
+impl Pool {
+    /// A transaction in the server's default mode (read-write unless the role or server says
+    /// otherwise), with the tool's settings in force.
+    pub async fn begin(&self) -> Result<Transaction<'static, Postgres>> {
+        let mut transaction = self
+            .pool
+            .begin()
+            .await
+            .context("could not open a transaction")?;
+        apply_settings(&mut transaction, &self.settings).await?;
+        Ok(transaction)
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await
+    }
+}
+
+/// Sets the tool's settings for the rest of the transaction, then reads them back: the statement
+/// that sets them may be answered by a pooler or a server that does not keep them.
+async fn apply_settings(connection: &mut PgConnection, settings: &SessionSettings) -> Result<()> {
+    let lock_timeout = settings.lock_timeout.as_millis().to_string();
+    let statement_timeout = settings.statement_timeout.as_millis().to_string();
+    sqlx::query(
+        "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true), \
+                set_config('jit', 'off', true)",
+    )
+    .persistent(false)
+    .bind(&lock_timeout)
+    .bind(&statement_timeout)
+    .execute(&mut *connection)
+    .await
+    .context("could not set lock_timeout, statement_timeout and jit for the transaction")?;
+    let found: HashMap<String, String> = sqlx::query_as(
+        "SELECT name::text, setting FROM pg_settings \
+         WHERE name IN ('lock_timeout', 'statement_timeout', 'jit', 'application_name')",
+    )
+    .persistent(false)
+    .fetch_all(&mut *connection)
+    .await
+    .context("could not read back the transaction's settings")?
+    .into_iter()
+    .collect();
+    let setting = |name: &str| found.get(name).map_or("(none)", String::as_str);
+    let mut wrong = Vec::new();
+    for (name, wanted) in [
+        ("lock_timeout", lock_timeout.as_str()),
+        ("statement_timeout", statement_timeout.as_str()),
+        ("jit", "off"),
+    ] {
+        match found.get(name) {
+            Some(actual) if actual == wanted => {}
+            // Servers older than PostgreSQL 11 have no JIT to stop.
+            None if name == "jit" => {}
+            _ => wrong.push(format!(
+                "{name} is '{}', expected '{wanted}'",
+                setting(name)
+            )),
+        }
+    }
+    anyhow::ensure!(
+        wrong.is_empty(),
+        "the server did not keep the tool's settings ({}): is a pooler or proxy rewriting SET \
+         statements? Connect to PostgreSQL or to a PgBouncer in session or transaction mode",
+        wrong.join(", ")
+    );
+    if setting("application_name") != settings.application_name {
+        // A pooler may own application_name; the timeouts above are what bound the run.
+        tracing::debug!(
+            found = setting("application_name"),
+            "application_name was not passed through to the server session"
+        );
+    }
+    Ok(())
 }
 
 /// Session settings every connection carries so a DBA can see and bound what the tool does.
@@ -56,6 +144,15 @@ pub fn parse_url(url: &str) -> Result<PgConnectOptions> {
             "the database URL could not be parsed ({reason}): check DATABASE_URL or --database-url"
         ))
     })?;
+    // sqlx reads the password file too, but keeps its escapes and falls back from PGPASSFILE to
+    // ~/.pgpass; libpq does neither, and operators' files are written for libpq. sqlx sends an
+    // empty password when it has none, so an empty one here means "none".
+    let options = if explicit_password(url) {
+        options
+    } else {
+        let password = pgpass::password_for(&options).unwrap_or_default();
+        options.password(&password)
+    };
     // libpq treats `require` with a root certificate as `verify-ca`; sqlx would silently skip
     // the verification the operator asked for by naming the certificate.
     if matches!(options.get_ssl_mode(), PgSslMode::Require) && names_root_certificate(url) {
@@ -103,38 +200,59 @@ fn url_password(url: &str) -> Option<String> {
 pub async fn connect(url: &str, settings: &SessionSettings) -> Result<Session> {
     let options = parse_url(url)?
         .application_name(&settings.application_name)
+        // PgBouncer refuses a startup packet carrying extra_float_digits (or `options`, where the
+        // timeouts used to go); the tool decodes floats in binary, so it needs neither.
+        .extra_float_digits(None)
+        // Statements are sent unnamed (`persistent(false)` on each): a named one would outlive
+        // its transaction on a server session that a transaction pooler gives to someone else.
+        .statement_cache_capacity(0)
         // The planning pass is one long statement by design; say so at info, not as a warning.
-        .log_slow_statements(log::LevelFilter::Info, Duration::from_secs(1))
-        .options([
-            (
-                "lock_timeout",
-                settings.lock_timeout.as_millis().to_string(),
-            ),
-            (
-                "statement_timeout",
-                settings.statement_timeout.as_millis().to_string(),
-            ),
-            // The planning pass is one cheap scan that a JIT would spend seconds compiling.
-            ("jit", "off".to_owned()),
-        ]);
-    let described = format!(
-        "{}:{}/{}",
-        options.get_host(),
-        options.get_port(),
-        options.get_database().unwrap_or("")
-    );
+        .log_slow_statements(log::LevelFilter::Info, Duration::from_secs(1));
+    let address = address(&options);
+    let described = format!("{address}/{}", options.get_database().unwrap_or(""));
     // One direct connection first: a pool would retry a refused connection until its acquire
     // timeout, and the operator should hear at once that the target is wrong.
-    let mut first = PgConnection::connect_with(&options)
+    let mut first = match PgConnection::connect_with(&options).await {
+        Ok(connection) => connection,
+        Err(error) => {
+            let hint = match error.as_database_error().and_then(|error| error.code()) {
+                Some(code) if code.starts_with("28") => password_hint(url, &options),
+                _ => String::new(),
+            };
+            return Err(
+                anyhow::anyhow!(redact(&error.to_string(), url)).context(format!(
+                    "could not connect to '{described}': check DATABASE_URL, the network and the \
+                 credentials{hint}"
+                )),
+            );
+        }
+    };
+    let mut transaction = first
+        .begin()
         .await
-        .map_err(|error| anyhow::anyhow!(redact(&error.to_string(), url)))
-        .with_context(|| {
-            format!("could not connect to '{described}': check DATABASE_URL, the network and the credentials")
-        })?;
+        .map_err(|error| {
+            let statement_pooling = error.to_string().contains("statement pooling mode");
+            let error = anyhow::Error::new(error);
+            if statement_pooling {
+                error.context(
+                    "a pooler in statement mode cannot keep a transaction on one server session: \
+                     point DATABASE_URL at a PgBouncer pool in session or transaction mode",
+                )
+            } else {
+                error
+            }
+        })
+        .context("could not open the first transaction")?;
+    apply_settings(&mut transaction, settings).await?;
     let row = sqlx::query("SELECT current_database()::text, current_user::text")
-        .fetch_one(&mut first)
+        .persistent(false)
+        .fetch_one(&mut *transaction)
         .await
         .context("could not ask the server who we are")?;
+    transaction
+        .rollback()
+        .await
+        .context("could not close the first transaction")?;
     first
         .close()
         .await
@@ -144,12 +262,261 @@ pub async fn connect(url: &str, settings: &SessionSettings) -> Result<Session> {
         .acquire_timeout(Duration::from_secs(30))
         .connect_lazy_with(options.clone());
     let target = Target {
-        host: options.get_host().to_owned(),
+        host: address.host,
         port: options.get_port(),
         database: row.get(0),
         user: row.get(1),
     };
-    Ok(Session { pool, target })
+    Ok(Session {
+        pool: Pool {
+            pool,
+            settings: std::sync::Arc::new(SessionSettings {
+                application_name: settings.application_name.clone(),
+                lock_timeout: settings.lock_timeout,
+                statement_timeout: settings.statement_timeout,
+            }),
+        },
+        target,
+    })
+}
+
+/// Where a connection goes: a host name or address, or the directory of a Unix socket (shown as
+/// libpq shows it, not as the `localhost` sqlx keeps beside it).
+struct Address {
+    host: String,
+    port: u16,
+    socket: bool,
+}
+
+fn address(options: &PgConnectOptions) -> Address {
+    match options.get_socket() {
+        Some(directory) => Address {
+            host: directory.display().to_string(),
+            port: options.get_port(),
+            socket: true,
+        },
+        None => Address {
+            host: options.get_host().to_owned(),
+            port: options.get_port(),
+            socket: options.get_host().starts_with('/'),
+        },
+    }
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.socket {
+            write!(
+                f,
+                "{}/.s.PGSQL.{}",
+                self.host.trim_end_matches('/'),
+                self.port
+            )
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Says where the password came from when the server refused the login: the URL, PGPASSWORD, or
+/// which line the password file would need.
+fn password_hint(url: &str, options: &PgConnectOptions) -> String {
+    if explicit_password(url) {
+        return " (the password came from the URL or PGPASSWORD)".to_owned();
+    }
+    let Some(path) = pgpass::file() else {
+        return " (no password in the URL or PGPASSWORD, and no password file)".to_owned();
+    };
+    let line = format!(
+        "host '{}' port {} database '{}' user '{}'",
+        pgpass::host_key(options),
+        options.get_port(),
+        pgpass::database_key(options),
+        options.get_username()
+    );
+    if pgpass::password_for(options).is_some() {
+        format!(
+            " (the password came from the line of '{}' for {line})",
+            path.display()
+        )
+    } else {
+        format!(
+            " (no password in the URL or PGPASSWORD, and no line of '{}' for {line})",
+            path.display()
+        )
+    }
+}
+
+/// Whether the operator gave a password (URL or PGPASSWORD); only then is the password file
+/// left unread, as libpq does. An empty one counts as none.
+fn explicit_password(url: &str) -> bool {
+    let in_query = url
+        .split_once('?')
+        .map(|(_, query)| query.split('&'))
+        .into_iter()
+        .flatten()
+        .any(|pair| {
+            pair.strip_prefix("password=")
+                .is_some_and(|value| !value.is_empty())
+        });
+    in_query
+        || url_password(url).is_some_and(|password| !password.is_empty())
+        || std::env::var("PGPASSWORD").is_ok_and(|password| !password.is_empty())
+}
+
+/// The password file, read as libpq reads it (`passwordFromFile` in libpq's fe-connect.c): the
+/// first line whose host, port, database and user fields each equal the connection's or are `*`
+/// wins; `\` escapes the next character in every field, the password included; a file with any
+/// group or world permission is ignored with a warning.
+mod pgpass {
+    use std::path::PathBuf;
+
+    use sqlx::postgres::PgConnectOptions;
+
+    /// libpq's compiled-in socket directory on Debian; a connection through it matches
+    /// `localhost` lines.
+    const DEFAULT_SOCKET_DIRECTORY: &str = "/var/run/postgresql";
+
+    /// `PGPASSFILE`, or `~/.pgpass`. libpq never falls back from one to the other.
+    pub fn file() -> Option<PathBuf> {
+        match std::env::var_os("PGPASSFILE") {
+            Some(path) if !path.is_empty() => Some(PathBuf::from(path)),
+            _ => home().map(|home| home.join(".pgpass")),
+        }
+    }
+
+    fn home() -> Option<PathBuf> {
+        if let Some(home) = std::env::var_os("HOME").filter(|home| !home.is_empty()) {
+            return Some(PathBuf::from(home));
+        }
+        // No HOME: the account's home directory, as libpq falls back to.
+        let entry = unsafe { libc::getpwuid(libc::geteuid()) };
+        if entry.is_null() {
+            return None;
+        }
+        let directory = unsafe { std::ffi::CStr::from_ptr((*entry).pw_dir) };
+        Some(PathBuf::from(directory.to_string_lossy().into_owned()))
+    }
+
+    /// The host a line must name: a socket in the default directory (or no host) is `localhost`.
+    pub fn host_key(options: &PgConnectOptions) -> String {
+        let host = super::address(options).host;
+        if host.is_empty() || host.trim_end_matches('/') == DEFAULT_SOCKET_DIRECTORY {
+            "localhost".to_owned()
+        } else {
+            host
+        }
+    }
+
+    /// The database a line must name: without one in the URL, the server uses the user's name.
+    pub fn database_key(options: &PgConnectOptions) -> String {
+        options
+            .get_database()
+            .unwrap_or(options.get_username())
+            .to_owned()
+    }
+
+    pub fn password_for(options: &PgConnectOptions) -> Option<String> {
+        let path = file()?;
+        let text = read_private(&path)?;
+        find(
+            &text,
+            &host_key(options),
+            &options.get_port().to_string(),
+            &database_key(options),
+            options.get_username(),
+        )
+    }
+
+    fn read_private(path: &std::path::Path) -> Option<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let metadata = std::fs::metadata(path).ok()?;
+        if !metadata.is_file() {
+            tracing::warn!("password file '{}' is not a plain file", path.display());
+            return None;
+        }
+        if metadata.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(
+                "password file '{}' has group or world access; permissions should be u=rw \
+                 (0600) or less: ignoring it",
+                path.display()
+            );
+            return None;
+        }
+        match std::fs::read(path) {
+            Ok(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
+            Err(error) => {
+                tracing::warn!("could not read password file '{}': {error}", path.display());
+                None
+            }
+        }
+    }
+
+    pub(super) fn find(
+        text: &str,
+        host: &str,
+        port: &str,
+        database: &str,
+        user: &str,
+    ) -> Option<String> {
+        text.lines()
+            .map(|line| line.strip_suffix('\r').unwrap_or(line))
+            .filter(|line| !line.is_empty() && !line.starts_with('#'))
+            .find_map(|line| {
+                let rest = field_matches(line, host)?;
+                let rest = field_matches(rest, port)?;
+                let rest = field_matches(rest, database)?;
+                let rest = field_matches(rest, user)?;
+                Some(unescape_password(rest))
+            })
+    }
+
+    /// libpq's `pwdfMatchesString`: the field up to the next unescaped `:` equals `token` once
+    /// unescaped, or is exactly `*`. Returns what follows the `:`.
+    fn field_matches<'a>(line: &'a str, token: &str) -> Option<&'a str> {
+        if let Some(rest) = line.strip_prefix("*:") {
+            return Some(rest);
+        }
+        let mut wanted = token.chars();
+        let mut chars = line.char_indices();
+        while let Some((_, c)) = chars.next() {
+            let (c, escaped) = if c == '\\' {
+                match chars.next() {
+                    Some((_, next)) => (next, true),
+                    None => return None,
+                }
+            } else {
+                (c, false)
+            };
+            if c == ':' && !escaped {
+                return match wanted.next() {
+                    None => Some(&line[line.len() - chars.as_str().len()..]),
+                    Some(_) => None,
+                };
+            }
+            if wanted.next() != Some(c) {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// The password runs to the first unescaped `:` or the end of the line.
+    fn unescape_password(field: &str) -> String {
+        let mut password = String::new();
+        let mut chars = field.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                ':' => break,
+                '\\' => match chars.next() {
+                    Some(next) => password.push(next),
+                    None => password.push('\\'),
+                },
+                other => password.push(other),
+            }
+        }
+        password
+    }
 }
 
 /// A column the tool reads or writes, with the type it relies on (`None`: any type).
@@ -187,14 +554,131 @@ const AUDIT_COLUMNS: &[ColumnSpec] = &[
     ("run_id", Some("text")),
     ("changed_at", None),
     ("notes", Some("jsonb")),
+    ("id", None),
 ];
 
-/// Checks tables, columns and privileges before anything is read or written. `for_apply` adds the
-/// audit table and the write privileges.
-pub async fn preflight(pool: &PgPool, for_apply: bool) -> Result<()> {
+/// What a command uses, and so what its preflight checks: each needs exactly the privileges of
+/// the statements it sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// `--dry-run`: reads profiles and snapshots.
+    DryRun,
+    /// `history`, `revert --dry-run`: also reads the audit table.
+    ReadAudit,
+    /// `--apply`: reads profiles and snapshots, updates `agents`, inserts audit rows.
+    Apply,
+    /// `revert --apply`: reads the audit table too.
+    RevertApply,
+}
+
+impl Needs {
+    fn reads_audit(self) -> bool {
+        matches!(self, Needs::ReadAudit | Needs::RevertApply)
+    }
+
+    fn writes(self) -> bool {
+        matches!(self, Needs::Apply | Needs::RevertApply)
+    }
+}
+
+/// The columns each statement of the tool reads, writes or inserts, by table.
+const READ_PROFILES: &[&str] = &["id", "slug", "agents"];
+const READ_SNAPSHOTS: &[&str] = &[
+    "agent_url",
+    "inferred_type",
+    "last_discovered",
+    "discovery_error",
+    "oauth_required",
+];
+const READ_AUDIT: &[&str] = &[
+    "id",
+    "changed_at",
+    "member_id",
+    "agent_url",
+    "old_type",
+    "new_type",
+    "source",
+    "run_id",
+    "notes",
+];
+const INSERT_AUDIT: &[&str] = &[
+    "agent_url",
+    "member_id",
+    "old_type",
+    "new_type",
+    "source",
+    "run_id",
+    "notes",
+];
+
+/// One privilege the command needs, and the GRANT an administrator runs to give it.
+struct Grant {
+    privilege: &'static str,
+    table: &'static str,
+    columns: &'static [&'static str],
+    /// Whether the GRANT names the columns (`UPDATE (agents)`) or the whole table.
+    column_level: bool,
+}
+
+impl Grant {
+    fn statement(&self, role: &str) -> String {
+        if self.column_level {
+            format!(
+                "GRANT {} ({}) ON {} TO {role}",
+                self.privilege,
+                self.columns.join(", "),
+                self.table
+            )
+        } else {
+            format!("GRANT {} ON {} TO {role}", self.privilege, self.table)
+        }
+    }
+}
+
+fn grants(needs: Needs) -> Vec<Grant> {
+    let grant = |privilege, table, columns, column_level| Grant {
+        privilege,
+        table,
+        columns,
+        column_level,
+    };
+    let mut grants = vec![
+        grant("SELECT", "member_profiles", READ_PROFILES, false),
+        grant(
+            "SELECT",
+            "agent_capabilities_snapshot",
+            READ_SNAPSHOTS,
+            false,
+        ),
+    ];
+    if needs.reads_audit() {
+        grants.push(grant(
+            "SELECT",
+            "type_reclassification_log",
+            READ_AUDIT,
+            false,
+        ));
+    }
+    if needs.writes() {
+        // `SELECT ... FOR UPDATE` needs UPDATE on any one column; the write sets `agents` only.
+        grants.push(grant("UPDATE", "member_profiles", &["agents"], true));
+        grants.push(grant(
+            "INSERT",
+            "type_reclassification_log",
+            INSERT_AUDIT,
+            false,
+        ));
+    }
+    grants
+}
+
+/// Checks tables, columns, privileges and, for a command that writes, that the server accepts
+/// writes, before anything is read or written. Every problem names its cause and its fix.
+pub async fn preflight(pool: &Pool, needs: Needs) -> Result<()> {
+    let mut transaction = pool.begin().await?;
     let mut problems = Vec::new();
     let mut tables: Vec<TableSpec> = REQUIRED_COLUMNS.to_vec();
-    if for_apply {
+    if needs.reads_audit() || needs.writes() {
         tables.push(("type_reclassification_log", AUDIT_COLUMNS));
     }
     for (table, columns) in tables {
@@ -203,8 +687,9 @@ pub async fn preflight(pool: &PgPool, for_apply: bool) -> Result<()> {
              FROM pg_attribute a \
              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
         )
+        .persistent(false)
         .bind(table)
-        .fetch_all(pool)
+        .fetch_all(&mut *transaction)
         .await
         .with_context(|| format!("could not inspect table '{table}'"))?;
         if rows.is_empty() {
@@ -227,67 +712,103 @@ pub async fn preflight(pool: &PgPool, for_apply: bool) -> Result<()> {
             }
         }
     }
-    if problems.is_empty() {
-        let wanted = if for_apply {
-            vec![
-                ("member_profiles", "SELECT"),
-                ("member_profiles", "UPDATE"),
-                ("agent_capabilities_snapshot", "SELECT"),
-                ("type_reclassification_log", "INSERT"),
-            ]
-        } else {
-            vec![
-                ("member_profiles", "SELECT"),
-                ("agent_capabilities_snapshot", "SELECT"),
-            ]
-        };
-        for (table, privilege) in wanted {
-            let granted: bool = sqlx::query_scalar("SELECT has_table_privilege($1, $2)")
-                .bind(table)
-                .bind(privilege)
-                .fetch_one(pool)
-                .await
-                .with_context(|| format!("could not check {privilege} on '{table}'"))?;
-            if !granted {
-                problems.push(format!("this user lacks {privilege} on '{table}'"));
-            }
-        }
-        if for_apply {
-            for sequence in sequences_without_usage(pool, "type_reclassification_log").await? {
-                problems.push(format!("this user lacks USAGE on sequence '{sequence}'"));
-            }
+    if !problems.is_empty() {
+        return Err(Failure::Preflight(format!(
+            "preflight failed, nothing was read or written: {}; point DATABASE_URL at the \
+             registry database",
+            problems.join("; ")
+        ))
+        .into());
+    }
+
+    if needs.writes() {
+        let (standby, read_only): (bool, bool) = sqlx::query_as(
+            "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'",
+        )
+        .persistent(false)
+        .fetch_one(&mut *transaction)
+        .await
+        .context("could not ask whether the server accepts writes")?;
+        if standby {
+            problems.push(
+                "this server is a read-only standby (pg_is_in_recovery() is true): apply on the \
+                 primary; a plan made here with --dry-run --plan-out applies there with --plan"
+                    .to_owned(),
+            );
+        } else if read_only {
+            problems.push(
+                "this session is read-only (default_transaction_read_only is on for this user, \
+                 this database or the server): connect as a user that may write, or run ALTER \
+                 ROLE ... SET default_transaction_read_only = off"
+                    .to_owned(),
+            );
         }
     }
+
+    let role: String = sqlx::query_scalar("SELECT quote_ident(current_user)")
+        .persistent(false)
+        .fetch_one(&mut *transaction)
+        .await
+        .context("could not ask the server for the current user")?;
+    for grant in grants(needs) {
+        let tables = vec![grant.table; grant.columns.len()];
+        let missing: Vec<String> = sqlx::query_scalar(
+            "SELECT c.column_name FROM unnest($1::text[], $2::text[]) AS c(table_name, column_name) \
+             WHERE NOT has_column_privilege(c.table_name, c.column_name, $3)",
+        )
+        .persistent(false)
+        .bind(&tables)
+        .bind(grant.columns)
+        .bind(grant.privilege)
+        .fetch_all(&mut *transaction)
+        .await
+        .with_context(|| format!("could not check {} on '{}'", grant.privilege, grant.table))?;
+        if !missing.is_empty() {
+            problems.push(format!(
+                "user {role} lacks {} on '{}' ({} {}): run {}",
+                grant.privilege,
+                grant.table,
+                if missing.len() == 1 {
+                    "column"
+                } else {
+                    "columns"
+                },
+                missing.join(", "),
+                grant.statement(&role)
+            ));
+        }
+    }
+    if needs.writes() {
+        // A serial or identity `id` draws from a sequence on every insert.
+        let sequence: Option<(String, bool)> = sqlx::query_as(
+            "SELECT s, has_sequence_privilege(s, 'USAGE') OR has_sequence_privilege(s, 'UPDATE') \
+             FROM pg_get_serial_sequence('type_reclassification_log', 'id') AS s \
+             WHERE s IS NOT NULL",
+        )
+        .persistent(false)
+        .fetch_optional(&mut *transaction)
+        .await
+        .context("could not check the sequence of type_reclassification_log.id")?;
+        if let Some((sequence, false)) = sequence {
+            problems.push(format!(
+                "user {role} lacks USAGE on sequence '{sequence}' (type_reclassification_log.id \
+                 draws from it): run GRANT USAGE ON SEQUENCE {sequence} TO {role}"
+            ));
+        }
+    }
+    transaction
+        .rollback()
+        .await
+        .context("could not close the preflight transaction")?;
     if problems.is_empty() {
         Ok(())
     } else {
         Err(Failure::Preflight(format!(
-            "preflight failed, nothing was read or written: {}; point DATABASE_URL at the registry database",
+            "preflight failed, nothing was read or written: {}",
             problems.join("; ")
         ))
         .into())
     }
-}
-
-/// Sequences behind the column defaults of `table` (a `serial` id) this user may not draw from:
-/// INSERT on the table alone is not enough for them, and the first audit insert would fail
-/// after the batch's update. Identity columns need no such grant and are not listed.
-async fn sequences_without_usage(pool: &PgPool, table: &str) -> Result<Vec<String>> {
-    // The CASE keeps the privilege test off the rows that are no sequence: the planner may
-    // evaluate it before the join has filtered them out.
-    sqlx::query_scalar(
-        "SELECT DISTINCT d.refobjid::regclass::text \
-         FROM pg_attrdef ad \
-         JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid \
-              AND d.refclassid = 'pg_class'::regclass \
-         JOIN pg_class c ON c.oid = d.refobjid \
-         WHERE ad.adrelid = to_regclass($1) \
-           AND CASE WHEN c.relkind = 'S' THEN NOT has_sequence_privilege(c.oid, 'USAGE') END",
-    )
-    .bind(table)
-    .fetch_all(pool)
-    .await
-    .with_context(|| format!("could not check the sequences behind '{table}'"))
 }
 
 fn compatible(actual: &str, wanted: &str) -> bool {
@@ -295,12 +816,25 @@ fn compatible(actual: &str, wanted: &str) -> bool {
     wanted == "text" && (actual.starts_with("character varying") || actual == "character")
 }
 
-/// The cluster's identity, when this user may read `pg_control_system()`.
-pub async fn system_identifier(pool: &PgPool) -> Option<String> {
+/// The cluster's identity, when this user may read `pg_control_system()`. A standby shares it
+/// with its primary.
+pub async fn system_identifier(pool: &Pool) -> Option<String> {
+    let mut transaction = pool.begin().await.ok()?;
     sqlx::query_scalar("SELECT system_identifier::text FROM pg_control_system()")
-        .fetch_one(pool)
+        .persistent(false)
+        .fetch_one(&mut *transaction)
         .await
         .ok()
+}
+
+/// Whether the server is a standby replaying its primary's changes.
+pub async fn in_recovery(pool: &Pool) -> Result<bool> {
+    let mut transaction = pool.begin().await?;
+    sqlx::query_scalar("SELECT pg_is_in_recovery()")
+        .persistent(false)
+        .fetch_one(&mut *transaction)
+        .await
+        .context("could not ask whether the server is a standby")
 }
 
 /// One profile as the planner reads it.
@@ -356,15 +890,19 @@ impl SnapshotLookup for Snapshots {
 
 /// A read-only, repeatable-read transaction: the whole plan sees one snapshot of the registry
 /// and the server refuses any write inside it.
-pub async fn begin_read_only(pool: &PgPool) -> Result<Transaction<'static, Postgres>> {
+pub async fn begin_read_only(pool: &Pool) -> Result<Transaction<'static, Postgres>> {
     let mut transaction = pool
+        .pool
         .begin()
         .await
         .context("could not open the planning transaction")?;
+    // Must come before any other statement of the transaction, the settings' included.
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .persistent(false)
         .execute(&mut *transaction)
         .await
         .context("could not make the planning transaction read only")?;
+    apply_settings(&mut transaction, &pool.settings).await?;
     Ok(transaction)
 }
 
@@ -372,17 +910,22 @@ pub async fn begin_read_only(pool: &PgPool) -> Result<Transaction<'static, Postg
 /// another connection.
 pub async fn backend_pid(connection: &mut PgConnection) -> Result<i32> {
     sqlx::query_scalar("SELECT pg_backend_pid()")
+        .persistent(false)
         .fetch_one(connection)
         .await
         .context("could not ask the server for the planning session's process id")
 }
 
 /// Cancels whatever statement backend `pid` is running. A backend blocked on a lock, or busy in a
-/// scan that returns few rows, does not notice that its client has gone away.
-pub async fn cancel_backend(pool: &PgPool, pid: i32) -> Result<bool> {
+/// scan that returns few rows, does not notice that its client has gone away. Through a pooler
+/// this runs on another server session of the same server, which may signal a backend of the
+/// same user.
+pub async fn cancel_backend(pool: &Pool, pid: i32) -> Result<bool> {
+    let mut transaction = pool.begin().await?;
     sqlx::query_scalar("SELECT pg_cancel_backend($1)")
+        .persistent(false)
         .bind(pid)
-        .fetch_one(pool)
+        .fetch_one(&mut *transaction)
         .await
         .with_context(|| format!("could not cancel the statement of server process {pid}"))
 }
@@ -400,6 +943,7 @@ pub async fn census(connection: &mut PgConnection) -> Result<Census> {
         "SELECT count(*), count(*) FILTER (WHERE jsonb_typeof(agents) IS DISTINCT FROM 'array') \
          FROM member_profiles",
     )
+    .persistent(false)
     .fetch_one(connection)
     .await
     .context("could not count member_profiles")?;
@@ -472,6 +1016,7 @@ WHERE verdict IN ('untouchable', 'may flip')
 pub async fn flip_candidates(connection: &mut PgConnection) -> Result<FlipCandidates> {
     use futures_util::TryStreamExt;
     let mut rows = sqlx::query_as::<_, (Uuid, bool)>(FLIP_CANDIDATES)
+        .persistent(false)
         .bind(&VALID_AGENT_TYPES[..])
         .bind(SELF_DECLARED_TYPE)
         .bind(UNKNOWN_TYPE)
@@ -517,6 +1062,7 @@ pub async fn snapshots_for(
                 coalesce(oauth_required, false) \
          FROM agent_capabilities_snapshot WHERE agent_url = ANY($1)",
     )
+    .persistent(false)
     .bind(urls)
     .fetch_all(connection)
     .await
@@ -544,6 +1090,7 @@ pub async fn lock_profiles(connection: &mut PgConnection, ids: &[Uuid]) -> Resul
         "SELECT id, slug::text, agents::text FROM member_profiles WHERE id = ANY($1) \
          ORDER BY id FOR UPDATE",
     )
+    .persistent(false)
     .bind(ids)
     .fetch_all(connection)
     .await
@@ -559,6 +1106,7 @@ pub async fn profiles_by_id(
     let rows = sqlx::query(
         "SELECT id, slug::text, agents::text FROM member_profiles WHERE id = ANY($1) ORDER BY id",
     )
+    .persistent(false)
     .bind(ids)
     .fetch_all(connection)
     .await
@@ -578,7 +1126,8 @@ pub struct RunRecord {
     pub reverts: Option<String>,
 }
 
-pub async fn backfill_runs(pool: &PgPool) -> Result<Vec<RunRecord>> {
+pub async fn backfill_runs(pool: &Pool) -> Result<Vec<RunRecord>> {
+    let mut transaction = pool.begin().await?;
     sqlx::query_as::<_, RunRecord>(
         "SELECT run_id, min(changed_at) AS first_change, max(changed_at) AS last_change, \
                 count(*) AS flips, count(DISTINCT member_id) AS profiles, \
@@ -587,7 +1136,8 @@ pub async fn backfill_runs(pool: &PgPool) -> Result<Vec<RunRecord>> {
          WHERE source = 'backfill_script' AND run_id IS NOT NULL \
          GROUP BY run_id ORDER BY min(changed_at) DESC, run_id DESC",
     )
-    .fetch_all(pool)
+    .persistent(false)
+    .fetch_all(&mut *transaction)
     .await
     .context("could not read type_reclassification_log")
 }
@@ -630,15 +1180,17 @@ impl AuditEntry {
     }
 }
 
-pub async fn run_entries(pool: &PgPool, run_id: &str) -> Result<Vec<AuditEntry>> {
+pub async fn run_entries(pool: &Pool, run_id: &str) -> Result<Vec<AuditEntry>> {
+    let mut transaction = pool.begin().await?;
     let mut entries = sqlx::query_as::<_, AuditEntry>(
         "SELECT id, run_id, changed_at, member_id, agent_url, old_type, new_type, \
                 notes - 'from' AS notes, (notes -> 'from')::text AS from_json \
          FROM type_reclassification_log \
          WHERE source = 'backfill_script' AND run_id = $1 ORDER BY id",
     )
+    .persistent(false)
     .bind(run_id)
-    .fetch_all(pool)
+    .fetch_all(&mut *transaction)
     .await
     .with_context(|| format!("could not read the audit rows of run '{run_id}'"))?;
     // `from` travels as text: a stored type nested deeper than a JSON decoder allows must still
@@ -720,12 +1272,14 @@ fn optional_rfc3339<S: serde::Serializer>(
 }
 
 /// Whether this user may read `type_reclassification_log`: `None` when it may, else why not.
-pub async fn audit_log_unreadable(pool: &PgPool) -> Result<Option<String>> {
+pub async fn audit_log_unreadable(pool: &Pool) -> Result<Option<String>> {
+    let mut transaction = pool.begin().await?;
     let readable: Option<bool> = sqlx::query_scalar(
         "SELECT CASE WHEN to_regclass('type_reclassification_log') IS NULL THEN NULL \
                 ELSE has_table_privilege('type_reclassification_log', 'SELECT') END",
     )
-    .fetch_one(pool)
+    .persistent(false)
+    .fetch_one(&mut *transaction)
     .await
     .context("could not check SELECT on 'type_reclassification_log'")?;
     Ok(match readable {
@@ -745,6 +1299,7 @@ pub async fn crawler_disagreements(
          WHERE source = 'crawler_promote' AND agent_url = ANY($1) \
          ORDER BY agent_url, changed_at, id",
     )
+    .persistent(false)
     .bind(urls)
     .fetch_all(connection)
     .await
@@ -769,6 +1324,7 @@ pub async fn unrecognised_inferred_types(
          WHERE inferred_type <> '' AND NOT inferred_type = ANY($1::text[]) \
          GROUP BY inferred_type ORDER BY inferred_type",
     )
+    .persistent(false)
     .bind(&VALID_AGENT_TYPES[..])
     .fetch_all(connection)
     .await
@@ -846,6 +1402,7 @@ pub async fn write_flips(
          JOIN member_profiles p ON p.id = a.member \
          ORDER BY a.position",
     )
+    .persistent(false)
     .bind(&urls)
     .bind(&members)
     .bind(&indexes)
@@ -883,6 +1440,7 @@ pub async fn write_flips(
              FROM unnest($1::uuid[], $2::text[], $3::text[]) AS f(id, idx, new_value) \
              WHERE p.id = f.id",
         )
+        .persistent(false)
         .bind(&ids)
         .bind(&paths)
         .bind(&values)
@@ -921,6 +1479,52 @@ fn sqlstates(error: &anyhow::Error) -> impl Iterator<Item = String> + '_ {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Lines as libpq's `passwordFromFile` reads them: escapes in every field, `*` only as a
+    /// whole field, comments, CRLF, the first match, and the password ending at an unescaped `:`.
+    #[test]
+    fn password_file_lines_match_and_unescape_as_in_libpq() {
+        let find = |text: &str| pgpass::find(text, "db", "5432", "registry", "backfill");
+        assert_eq!(
+            find("db:5432:registry:backfill:se\\:cr\\\\et\n").as_deref(),
+            Some("se:cr\\et")
+        );
+        assert_eq!(find("*:*:*:*:any").as_deref(), Some("any"));
+        assert_eq!(
+            find("# db:5432:registry:backfill:no\n*:5432:*:backfill:yes\r\n").as_deref(),
+            Some("yes")
+        );
+        assert_eq!(
+            find("*:*:*:backfill:first\ndb:5432:registry:backfill:second").as_deref(),
+            Some("first")
+        );
+        assert_eq!(
+            find("d*:5432:registry:backfill:x"),
+            None,
+            "no partial wildcards"
+        );
+        assert_eq!(find("db:5432:registry:backfil:x"), None);
+        assert_eq!(find("db:5432:registry:backfill2:x"), None);
+        assert_eq!(find("db:5432:registry:backfill"), None, "no password field");
+        assert_eq!(find("db:5432:registry:backfill:a:b").as_deref(), Some("a"));
+        assert_eq!(find("db:5432:registry:backfill:*").as_deref(), Some("*"));
+        assert_eq!(
+            find("db:5432:registry:backfill:trailing\\").as_deref(),
+            Some("trailing\\")
+        );
+        assert_eq!(
+            pgpass::find(
+                "\\/run\\:pg:5432:registry:backfill:s",
+                "/run:pg",
+                "5432",
+                "registry",
+                "backfill"
+            )
+            .as_deref(),
+            Some("s"),
+            "an escaped socket directory"
+        );
+    }
 
     #[test]
     fn redact_removes_the_url_and_its_password_wherever_they_appear() {

@@ -7,6 +7,7 @@
 
 use std::ffi::CString;
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -110,6 +111,101 @@ impl EphemeralPostgres {
         };
         server.launch()?;
         Ok(server)
+    }
+
+    /// A hot standby of `primary`: a cluster copied with `pg_basebackup -R` (streaming
+    /// replication from the primary's loopback port), started on a port of its own with the same
+    /// settings. Its data is the primary's, read-only, kept current by streaming. Server-only
+    /// builds (the npm packages) have no `pg_basebackup`, and another version's refuses a newer
+    /// server: there the primary is stopped cleanly for a moment and its data directory copied,
+    /// which a standby may start from just as well.
+    pub fn start_standby_of(primary: &mut EphemeralPostgres) -> Result<Self> {
+        let root = make_private_dir(primary.run_as)?;
+        let mut standby = EphemeralPostgres {
+            bin: primary.bin.clone(),
+            run_as: primary.run_as,
+            root,
+            port: free_port()?,
+            pid: 0,
+            exited: mpsc::channel().1,
+            stopped: true,
+            settings: primary.settings.clone(),
+        };
+        let basebackup = standby.bin.join("pg_basebackup");
+        if basebackup.is_file() {
+            standby.base_backup_of(primary, &basebackup)?;
+        } else {
+            standby.cold_copy_of(primary)?;
+        }
+        standby.launch()?;
+        Ok(standby)
+    }
+
+    fn base_backup_of(&self, primary: &EphemeralPostgres, basebackup: &Path) -> Result<()> {
+        let mut command = Command::new(basebackup);
+        command
+            .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
+            .args([
+                "-U",
+                SUPERUSER,
+                "-R",
+                "-X",
+                "stream",
+                "--checkpoint=fast",
+                "--no-sync",
+            ])
+            .arg("-D")
+            .arg(self.root.join("data"))
+            .current_dir(&self.root);
+        let output = as_user(&mut command, self.run_as)
+            .output()
+            .with_context(|| format!("could not run {basebackup:?}"))?;
+        if !output.status.success() {
+            bail!(
+                "pg_basebackup failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// What `pg_basebackup -R` leaves, made from a clean shutdown of `primary`: a copy of its
+    /// data directory, `standby.signal`, and `primary_conninfo` pointing at it.
+    fn cold_copy_of(&self, primary: &mut EphemeralPostgres) -> Result<()> {
+        primary.signal_and_wait()?;
+        let mut copy = Command::new("cp");
+        copy.arg("-a")
+            .arg(primary.root.join("data"))
+            .arg(self.root.join("data"));
+        let copied = as_user(&mut copy, self.run_as)
+            .output()
+            .context("could not run cp to copy the primary's data directory");
+        // The primary comes back whatever happened to the copy.
+        primary.launch()?;
+        let copied = copied?;
+        if !copied.status.success() {
+            bail!(
+                "could not copy the primary's data directory: {}",
+                String::from_utf8_lossy(&copied.stderr).trim()
+            );
+        }
+        let data = self.root.join("data");
+        fs::write(data.join("standby.signal"), "").context("could not write standby.signal")?;
+        let mut auto_conf = fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.auto.conf"))
+            .context("could not open the standby's postgresql.auto.conf")?;
+        writeln!(
+            auto_conf,
+            "primary_conninfo = 'host=127.0.0.1 port={} user={SUPERUSER}'",
+            primary.port
+        )
+        .context("could not point the standby at its primary")?;
+        if let Some(RunAs { uid, gid }) = self.run_as {
+            std::os::unix::fs::chown(data.join("standby.signal"), Some(uid), Some(gid))
+                .context("could not hand standby.signal to the postgres user")?;
+        }
+        Ok(())
     }
 
     /// Starts the server process on the existing cluster and waits until it accepts connections.

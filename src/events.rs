@@ -159,6 +159,15 @@ pub enum HoldReason {
 }
 
 impl HoldReason {
+    /// As JSON names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldReason::UnrecognisedInferredType => "unrecognised_inferred_type",
+            HoldReason::StaleProbe => "stale_probe",
+            HoldReason::Uncorroborated => "uncorroborated",
+        }
+    }
+
     pub fn describe(self) -> &'static str {
         match self {
             HoldReason::UnrecognisedInferredType => {
@@ -269,6 +278,10 @@ pub struct Summary {
 }
 
 impl Summary {
+    pub fn count_transition(&mut self, flip: &FlipEvent) {
+        *self.transitions.entry(flip.transition()).or_default() += 1;
+    }
+
     pub fn count_skip(&mut self, reason: SkipReason) {
         *self.skipped_by_reason.entry(reason).or_default() += 1;
         if reason == SkipReason::Unplanned {

@@ -12,6 +12,7 @@ pub mod db;
 pub mod ephemeral;
 pub mod error;
 pub mod events;
+mod guard;
 pub mod interrupt;
 pub mod plan;
 pub mod plan_file;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 use tracing::{info, warn};
 use uuid::Uuid;
 
@@ -128,7 +128,7 @@ impl PlanningBackend {
         self.0.store(pid, Ordering::SeqCst);
     }
 
-    pub async fn cancel(&self, pool: &PgPool) {
+    pub async fn cancel(&self, pool: &db::Pool) {
         let pid = self.0.load(Ordering::SeqCst);
         if pid == 0 {
             return;
@@ -162,7 +162,7 @@ pub enum EvidenceAccess {
 /// Reads the registry once inside one read-only snapshot. The server checks every agent against
 /// the snapshots in a single pass and names the profiles that may hold a flip; only those are read
 /// back and decided by the Rust resolver. Only flips are kept.
-pub async fn plan(pool: &PgPool, options: &PlanOptions<'_>) -> Result<Plan> {
+pub async fn plan(pool: &db::Pool, options: &PlanOptions<'_>) -> Result<Plan> {
     let mut transaction = db::begin_read_only(pool).await?;
     options
         .backend

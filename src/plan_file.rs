@@ -21,24 +21,43 @@ use crate::VERSION;
 pub const FORMAT: &str = "agent-type-backfill plan v1";
 
 /// Which database a plan was made on. `system_identifier` is the cluster's identity from
-/// `pg_control_system()`, when the user may read it.
+/// `pg_control_system()`, when the user may read it; a streaming standby shares it with its
+/// primary.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fingerprint {
     pub system_identifier: Option<String>,
     pub host: String,
     pub port: u16,
     pub database: String,
+    /// Made on a hot standby: the plan applies on its primary, reached at another host and port.
+    /// Plans written before this field existed were made on the server they name.
+    #[serde(default)]
+    pub standby: bool,
 }
 
 impl Fingerprint {
-    /// Only asked for when a plan file is involved: for a user without the privilege, the query
-    /// leaves a "permission denied" line in the server log.
-    pub async fn of(session: &db::Session) -> Fingerprint {
-        Fingerprint {
+    /// The fingerprint of the database `session` is connected to. Only asked for when a plan
+    /// file is involved: for a user without the privilege, the query leaves a "permission
+    /// denied" line in the server log.
+    pub async fn of(session: &db::Session) -> Result<Fingerprint> {
+        Ok(Fingerprint {
             system_identifier: db::system_identifier(&session.pool).await,
             host: session.target.host.clone(),
             port: session.target.port,
             database: session.target.database.clone(),
+            standby: db::in_recovery(&session.pool).await?,
+        })
+    }
+
+    /// Whether a plan made at `self` may be applied at `here`: the same server and database, or,
+    /// for a plan made on a standby, the same cluster (system identifier) and database name
+    /// wherever it is reached.
+    fn admits(&self, here: &Fingerprint) -> bool {
+        let same_database = self.database == here.database;
+        match (&self.system_identifier, &here.system_identifier) {
+            (Some(planned), Some(current)) if planned != current => false,
+            (Some(_), Some(_)) if self.standby => same_database,
+            _ => same_database && self.host == here.host && self.port == here.port,
         }
     }
 }
@@ -112,7 +131,7 @@ impl PlanFile {
     /// The plan as the reviewer reads it; `holds` says which flips a guard holds back.
     pub fn new<H>(
         plan: &Plan,
-        holds: &impl Fn(&PlannedFlip) -> Option<(HoldReason, H)>,
+        holds: &dyn Fn(&PlannedFlip) -> Option<(HoldReason, H)>,
         target: Fingerprint,
         run_id: &str,
         created_at: DateTime<Utc>,
@@ -188,18 +207,17 @@ impl PlanFile {
         now: DateTime<Utc>,
         max_age: Duration,
     ) -> Result<()> {
-        let same_cluster = match (&self.target.system_identifier, &here.system_identifier) {
-            (Some(planned), Some(current)) => planned == current,
-            _ => true,
-        };
-        if !same_cluster
-            || self.target.host != here.host
-            || self.target.port != here.port
-            || self.target.database != here.database
-        {
+        if !self.target.admits(here) {
+            let standby_hint = if self.target.standby {
+                " (a plan made on a standby applies on its primary only when both \
+                 system_identifiers are readable: GRANT EXECUTE ON FUNCTION pg_control_system() \
+                 to the user on the primary)"
+            } else {
+                ""
+            };
             return Err(Failure::Usage(format!(
                 "the plan was made on {} but this is {}: nothing was written; make a new plan \
-                 with --dry-run --plan-out against this database",
+                 with --dry-run --plan-out against this database{standby_hint}",
                 describe(&self.target),
                 describe(here)
             ))
@@ -273,14 +291,15 @@ pub fn hold_to_review(
 
 fn describe(target: &Fingerprint) -> String {
     format!(
-        "host={} port={} database={} system_identifier={}",
+        "host={} port={} database={} system_identifier={}{}",
         target.host,
         target.port,
         target.database,
         target
             .system_identifier
             .as_deref()
-            .unwrap_or("(unreadable)")
+            .unwrap_or("(unreadable)"),
+        if target.standby { " (a standby)" } else { "" }
     )
 }
 
@@ -294,6 +313,7 @@ mod tests {
             host: "db".into(),
             port: 5432,
             database: database.into(),
+            standby: false,
         }
     }
 
@@ -342,5 +362,40 @@ mod tests {
                 .contains("the plan is 2.5s old, more than --plan-max-age 1.0s"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn a_standby_plan_applies_on_its_primary_by_cluster_and_database_name() {
+        let now = Utc::now();
+        let day = Duration::from_secs(24 * 3600);
+        let replica = Fingerprint {
+            host: "replica".into(),
+            port: 5433,
+            standby: true,
+            ..fingerprint(Some("7301"), "registry")
+        };
+        let plan = plan_made(now, replica.clone());
+        assert!(plan
+            .check_applies_to(&fingerprint(Some("7301"), "registry"), now, day)
+            .is_ok());
+        for other in [
+            fingerprint(Some("9999"), "registry"),
+            fingerprint(Some("7301"), "registry_copy"),
+            fingerprint(None, "registry"),
+        ] {
+            let error = plan.check_applies_to(&other, now, day).unwrap_err();
+            assert_eq!(crate::error::exit_code(&error), 2, "{other:?}");
+        }
+        // Without the flag, another host is another server even in the same cluster.
+        let primary_plan = plan_made(
+            now,
+            Fingerprint {
+                standby: false,
+                ..replica
+            },
+        );
+        assert!(primary_plan
+            .check_applies_to(&fingerprint(Some("7301"), "registry"), now, day)
+            .is_err());
     }
 }

@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use sqlx::PgPool;
 use tracing::warn;
 use uuid::Uuid;
 
@@ -76,7 +75,7 @@ pub struct WriteOutcome {
 
 /// Writes `flips` in batches of `batch_size` profiles, one short transaction each.
 pub async fn write(
-    pool: &PgPool,
+    pool: &db::Pool,
     flips: &[PlannedFlip],
     batch_size: usize,
     write_attempts: u32,
@@ -137,7 +136,7 @@ enum Attempts {
 }
 
 async fn write_with_retries(
-    pool: &PgPool,
+    pool: &db::Pool,
     batch: &[(Uuid, Vec<&PlannedFlip>)],
     write_attempts: u32,
     recheck: &dyn Recheck,
@@ -177,7 +176,7 @@ struct CheckedBatch {
 /// Locks the batch's profiles, checks each planned flip against current data, and writes only
 /// the flips that still hold exactly as planned, with their audit rows, in one transaction.
 async fn write_batch(
-    pool: &PgPool,
+    pool: &db::Pool,
     batch: &[(Uuid, Vec<&PlannedFlip>)],
     recheck: &dyn Recheck,
     run_id: &str,

@@ -162,7 +162,13 @@ async fn dry_run_writes_nothing_and_its_transaction_refuses_writes() {
     );
     assert_eq!(db.dump().await, before);
 
-    let mut transaction = db::begin_read_only(&db.pool).await.unwrap();
+    let settings = db::SessionSettings {
+        application_name: "agent-type-backfill atb-read-only".to_owned(),
+        lock_timeout: std::time::Duration::from_secs(5),
+        statement_timeout: std::time::Duration::from_secs(60),
+    };
+    let session = db::connect(&db.url, &settings).await.unwrap();
+    let mut transaction = db::begin_read_only(&session.pool).await.unwrap();
     let error = sqlx::query("UPDATE member_profiles SET agents = '[]'")
         .execute(&mut *transaction)
         .await
@@ -600,7 +606,8 @@ async fn flip_lines_show_probe_age_and_warning_signs() {
 }
 
 /// The tool's session settings go beside any options in the URL instead of replacing them:
-/// RUNBOOK.md tells a DBA to keep the planning pass off the parallel workers that way.
+/// RUNBOOK.md tells a DBA to keep the planning pass off the parallel workers that way. The tool's
+/// own are set per transaction (PgBouncer in transaction mode), so they are read in one.
 #[tokio::test]
 async fn session_settings_are_added_to_the_options_in_the_url() {
     let db = TestDb::new().await;
@@ -619,7 +626,7 @@ async fn session_settings_are_added_to_the_options_in_the_url() {
         "SELECT current_setting('max_parallel_workers_per_gather'), current_setting('jit'), \
                 current_setting('statement_timeout'), current_setting('application_name')",
     )
-    .fetch_one(&session.pool)
+    .fetch_one(&mut *session.pool.begin().await.unwrap())
     .await
     .unwrap();
     assert_eq!(

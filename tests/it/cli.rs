@@ -225,7 +225,9 @@ const ACTIVE_TOOL_SESSIONS: &str = "SELECT count(*) FROM pg_stat_activity \
 
 /// Holds `agent_capabilities_snapshot` until the transaction ends. The census reads only
 /// member_profiles, so this stops the plan at its server pass and nowhere else.
-async fn hold_the_snapshot_table(db: &TestDb) -> sqlx::Transaction<'static, sqlx::Postgres> {
+pub(crate) async fn hold_the_snapshot_table(
+    db: &TestDb,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
     let mut blocker = db.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE agent_capabilities_snapshot IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *blocker)
@@ -235,7 +237,7 @@ async fn hold_the_snapshot_table(db: &TestDb) -> sqlx::Transaction<'static, sqlx
 }
 
 /// Polls for up to 10 s until one of the tool's sessions waits on a lock.
-async fn tool_waits_on_a_lock(db: &TestDb) -> bool {
+pub(crate) async fn tool_waits_on_a_lock(db: &TestDb) -> bool {
     for _ in 0..400 {
         let waiting: i64 = sqlx::query_scalar(&format!(
             "{ACTIVE_TOOL_SESSIONS} AND wait_event_type = 'Lock'"
@@ -327,6 +329,13 @@ async fn sigint_during_the_planning_pass_cancels_it_on_the_server() {
     assert!(!stderr.contains("rerun the same command"), "{stderr}");
 
     // The lock is still held: only a cancel can have ended the tool's statement.
+    let still_active = tool_sessions_left(&db).await;
+    blocker.rollback().await.unwrap();
+    assert_eq!(still_active, 0, "the planning statement outlived the tool");
+}
+
+/// The tool's sessions still running a statement once they had 5 s to end.
+pub(crate) async fn tool_sessions_left(db: &TestDb) -> i64 {
     let mut still_active: i64 = -1;
     for _ in 0..100 {
         still_active = sqlx::query_scalar(ACTIVE_TOOL_SESSIONS)
@@ -338,8 +347,7 @@ async fn sigint_during_the_planning_pass_cancels_it_on_the_server() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    blocker.rollback().await.unwrap();
-    assert_eq!(still_active, 0, "the planning statement outlived the tool");
+    still_active
 }
 
 #[tokio::test]

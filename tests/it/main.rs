@@ -6,6 +6,9 @@
 //! - backfill, plans, audit: the library's runs against a real PostgreSQL;
 //! - cli, tls: the built binary, end to end;
 //! - reliability: concurrent writers, killed processes and sessions, restarts and timeouts;
+//! - pooler, standby, privileges, libpq: production deployment shapes (PgBouncer in both pool
+//!   modes, a streaming standby, least-privilege roles, the password file and socket targets),
+//!   with their own PgBouncer, standby or server from `support`;
 //! - server_versions: what could change between PostgreSQL versions (scripts/pg-matrix).
 
 mod audit;
@@ -13,10 +16,15 @@ mod backfill;
 mod cli;
 mod common;
 mod conformance;
+mod libpq;
 mod malformed_corpus;
 mod plans;
+mod pooler;
 mod prefilter;
+mod privileges;
 mod reliability;
 mod resolver_properties;
 mod server_versions;
+mod standby;
+mod support;
 mod tls;

@@ -1,59 +1,29 @@
 //! What the tool relies on from the server and what could change between PostgreSQL versions:
-//! the server pass in parallel workers, `pg_control_system()`, the privilege functions of the
-//! preflight and `pg_cancel_backend`, each as an ordinary (non-superuser) user where it matters.
-//! `scripts/pg-matrix` runs these, with the rest of the integration tests, on every supported
-//! version; JIT is pinned by `session_settings_are_added_to_the_options_in_the_url` in
-//! backfill.rs and the cancel of an interrupted plan end to end in cli.rs.
+//! the server pass in parallel workers and `pg_cancel_backend` from an ordinary user, plus a check
+//! that the tests ran on the server `scripts/pg-matrix` names. The script runs the whole crate on
+//! every supported version, so privileges.rs (privilege functions, `pg_control_system()`),
+//! backfill.rs and pooler.rs (`jit`) and cli.rs (cancelling an interrupted plan) are checked on
+//! each as well.
 
 use crate::common;
+use crate::support::{as_user, role_name};
 
 use std::time::Duration;
 
 use agent_type_backfill::db;
 use agent_type_backfill::ephemeral::server_bin_dir;
-use agent_type_backfill::error::exit_code;
 use agent_type_backfill::resolver::{SELF_DECLARED_TYPE, UNKNOWN_TYPE, VALID_AGENT_TYPES};
-use common::{args, execute, TestDb};
-use sqlx::postgres::PgPoolOptions;
-use sqlx::{Connection, PgConnection, PgPool};
-use uuid::Uuid;
+use common::TestDb;
+use sqlx::{Connection, PgConnection};
 
-/// A login role of its own with no privileges yet, and the test database's URL for it.
-async fn plain_role(db: &TestDb) -> (String, String) {
-    let suffix = &Uuid::new_v4().simple().to_string()[..12];
-    let role = format!("atb_plain_{suffix}");
-    let password = Uuid::new_v4().simple().to_string();
-    sqlx::query(&format!("CREATE ROLE {role} LOGIN PASSWORD '{password}'"))
+/// A login role with no privileges, and the test database's URL for it.
+async fn plain_role(db: &TestDb) -> String {
+    let role = role_name("atb_plain");
+    sqlx::query(&format!("CREATE ROLE {role} LOGIN"))
         .execute(&db.pool)
         .await
         .unwrap();
-    let (scheme, rest) = db.url.split_once("://").expect("a URL with a scheme");
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let host_and_rest = match rest[..authority_end].rfind('@') {
-        Some(at) => &rest[at + 1..],
-        None => rest,
-    };
-    let url = format!("{scheme}://{role}:{password}@{host_and_rest}");
-    (role, url)
-}
-
-async fn grant(db: &TestDb, statements: &[String]) {
-    for statement in statements {
-        sqlx::query(statement).execute(&db.pool).await.unwrap();
-    }
-}
-
-async fn pool_for(url: &str) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(2)
-        .connect(url)
-        .await
-        .unwrap()
-}
-
-async fn run(url: &str, flags: &[&str]) -> anyhow::Result<agent_type_backfill::events::Summary> {
-    let mut out = Vec::new();
-    execute(&args(flags), url, &mut out).await
+    as_user(&db.url, &role)
 }
 
 /// scripts/pg-matrix labels its results with the version the binaries report; this checks that
@@ -139,112 +109,12 @@ async fn the_server_pass_runs_in_parallel_workers_and_finds_what_a_serial_pass_f
     assert_eq!(found, expected);
 }
 
-/// The plan file's fingerprint: `pg_control_system()` is open to every user by default, and a
-/// DBA may revoke it, which must leave the identifier out instead of failing the run.
-#[tokio::test]
-async fn the_cluster_identifier_comes_from_pg_control_system_unless_it_is_revoked() {
-    let db = TestDb::new().await;
-    let (_, url) = plain_role(&db).await;
-    let as_superuser = db::system_identifier(&db.pool)
-        .await
-        .expect("readable as superuser");
-    assert!(
-        as_superuser.parse::<u64>().is_ok(),
-        "not a number: {as_superuser:?}"
-    );
-
-    let plain = pool_for(&url).await;
-    assert_eq!(
-        db::system_identifier(&plain).await.as_ref(),
-        Some(&as_superuser)
-    );
-    plain.close().await;
-
-    grant(
-        &db,
-        &["REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC".to_owned()],
-    )
-    .await;
-    let plain = pool_for(&url).await;
-    assert_eq!(db::system_identifier(&plain).await, None);
-    assert_eq!(
-        db::system_identifier(&db.pool).await.as_ref(),
-        Some(&as_superuser)
-    );
-}
-
-/// The preflight asks `has_table_privilege` for what each mode needs; an ordinary user with read
-/// access may dry-run, and may apply only once it may also update and insert audit rows.
-#[tokio::test]
-async fn the_preflight_sees_the_privileges_of_an_ordinary_user() {
-    let db = TestDb::seeded(5).await;
-    let (role, url) = plain_role(&db).await;
-    grant(&db, &[format!("GRANT SELECT ON member_profiles TO {role}")]).await;
-
-    let error = run(&url, &["--dry-run"]).await.unwrap_err();
-    assert_eq!(exit_code(&error), 4);
-    assert!(
-        format!("{error:#}").contains("this user lacks SELECT on 'agent_capabilities_snapshot'"),
-        "{error:#}"
-    );
-
-    grant(
-        &db,
-        &[format!(
-            "GRANT SELECT ON agent_capabilities_snapshot TO {role}"
-        )],
-    )
-    .await;
-    assert_eq!(run(&url, &["--dry-run"]).await.unwrap().flips, 2);
-
-    let before = db.dump().await;
-    let error = run(&url, &["--apply"]).await.unwrap_err();
-    assert_eq!(exit_code(&error), 4, "{error:#}");
-    let message = format!("{error:#}");
-    assert!(
-        message.contains("this user lacks UPDATE on 'member_profiles'")
-            && message.contains("this user lacks INSERT on 'type_reclassification_log'"),
-        "{message}"
-    );
-    assert_eq!(db.dump().await, before, "a failed preflight writes nothing");
-
-    // Regression: INSERT alone passed the preflight, and the first audit insert then failed on
-    // the `serial` id's sequence after the batch's update.
-    grant(
-        &db,
-        &[
-            format!("GRANT UPDATE ON member_profiles TO {role}"),
-            format!("GRANT INSERT ON type_reclassification_log TO {role}"),
-        ],
-    )
-    .await;
-    let error = run(&url, &["--apply"]).await.unwrap_err();
-    assert_eq!(exit_code(&error), 4);
-    assert!(
-        format!("{error:#}")
-            .contains("this user lacks USAGE on sequence 'type_reclassification_log_id_seq'"),
-        "{error:#}"
-    );
-    assert_eq!(db.dump().await, before);
-
-    grant(
-        &db,
-        &[format!(
-            "GRANT USAGE ON SEQUENCE type_reclassification_log_id_seq TO {role}"
-        )],
-    )
-    .await;
-    let summary = run(&url, &["--apply"]).await.unwrap();
-    assert_eq!((summary.flips, summary.written), (2, 2));
-    assert_eq!(db.audit_rows().await.len(), 2);
-}
-
 /// An interrupted plan cancels its own statement from a second session of the same user, which
 /// needs no superuser on any version.
 #[tokio::test]
 async fn an_ordinary_user_cancels_its_own_statement_with_pg_cancel_backend() {
     let db = TestDb::new().await;
-    let (_, url) = plain_role(&db).await;
+    let url = plain_role(&db).await;
     let mut busy = PgConnection::connect(&url).await.unwrap();
     let pid = db::backend_pid(&mut busy).await.unwrap();
     let sleeping = tokio::spawn(async move {
@@ -252,7 +122,14 @@ async fn an_ordinary_user_cancels_its_own_statement_with_pg_cancel_backend() {
         outcome.map(|_| ())
     });
 
-    let canceller = pool_for(&url).await;
+    // The canceller is the tool's own kind of session, as an interrupted run uses it.
+    let settings = db::SessionSettings {
+        application_name: "agent-type-backfill atb-cancel".to_owned(),
+        lock_timeout: Duration::from_secs(5),
+        statement_timeout: Duration::from_secs(30),
+    };
+    let canceller = db::connect(&url, &settings).await.unwrap().pool;
+    let mut watcher = PgConnection::connect(&url).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let active: bool = sqlx::query_scalar(
@@ -260,7 +137,7 @@ async fn an_ordinary_user_cancels_its_own_statement_with_pg_cancel_backend() {
              WHERE pid = $1 AND state = 'active' AND query LIKE 'SELECT pg_sleep%')",
         )
         .bind(pid)
-        .fetch_one(&canceller)
+        .fetch_one(&mut watcher)
         .await
         .unwrap();
         if active {

@@ -1,0 +1,181 @@
+//! The guards on top of the rule: flips it found that nobody may write (held), and the limits a
+//! plan must stay within (`--max-flips`, `--allow-transition`). They never change what the rule
+//! decides; they only stop a run from writing it.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+
+use crate::cli::Transition;
+use crate::config::Guards;
+use crate::error::Failure;
+use crate::events::{Event, Held, HoldReason};
+use crate::plan::PlannedFlip;
+use crate::plan_file::PlanFile;
+use crate::resolver::{is_valid_agent_type, UNKNOWN_TYPE};
+
+/// A flip the rule found and a guard holds back.
+#[derive(Debug, Clone)]
+pub struct HeldFlip {
+    pub planned: PlannedFlip,
+    pub reason: HoldReason,
+    /// The type outside the rule's vocabulary, for `unrecognised_inferred_type`.
+    pub inferred_type: Option<String>,
+}
+
+impl HeldFlip {
+    pub fn event(&self, now: DateTime<Utc>) -> Event {
+        Event::Held(Held {
+            flip: self.planned.event(now),
+            reason: self.reason,
+            inferred_type: self.inferred_type.clone(),
+        })
+    }
+}
+
+/// What decides whether a flip is held.
+pub struct Holds<'a> {
+    pub guards: &'a Guards,
+    /// Every non-empty inferred type outside the vocabulary, from the snapshot table.
+    pub unrecognised_inferred_types: &'a BTreeMap<String, u64>,
+    pub now: DateTime<Utc>,
+    /// The reviewed plan being applied: what it held stays held.
+    pub reviewed: Option<&'a PlanFile>,
+}
+
+impl Holds<'_> {
+    /// Why `planned` is held back, if it is, and the unrecognised type behind it.
+    pub fn reason(&self, planned: &PlannedFlip) -> Option<(HoldReason, Option<String>)> {
+        let inferred = planned
+            .probe
+            .as_ref()
+            .and_then(|probe| probe.inferred_type.as_deref());
+        if let Some(inferred) =
+            inferred.filter(|name| !name.is_empty() && !is_valid_agent_type(name))
+        {
+            return Some((
+                HoldReason::UnrecognisedInferredType,
+                Some(inferred.to_owned()),
+            ));
+        }
+        if let Some(stored) = planned
+            .flip
+            .from
+            .as_str()
+            .filter(|stored| self.unrecognised_inferred_types.contains_key(*stored))
+        {
+            return Some((
+                HoldReason::UnrecognisedInferredType,
+                Some(stored.to_owned()),
+            ));
+        }
+        if let (Some(max_age), Some(probe)) = (self.guards.max_probe_age, &planned.probe) {
+            let limit = chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
+            if self.now - probe.last_discovered > limit {
+                return Some((HoldReason::StaleProbe, None));
+            }
+        }
+        if let Some(minimum) = self.guards.min_corroboration {
+            let reclassification = planned
+                .flip
+                .from
+                .as_str()
+                .is_some_and(|from| from != UNKNOWN_TYPE)
+                && planned.flip.to != UNKNOWN_TYPE;
+            let agreeing = planned
+                .evidence
+                .as_ref()
+                .map_or(0, |evidence| evidence.agreeing());
+            if reclassification && agreeing < minimum {
+                return Some((HoldReason::Uncorroborated, None));
+            }
+        }
+        // A flip the reviewed plan marks held stays held, whatever guards this run has.
+        self.reviewed
+            .and_then(|reviewed| reviewed.held_reason(planned))
+            .map(|reason| (reason, None))
+    }
+
+    /// Splits `flips` into those that may be written and those a guard holds back.
+    pub fn split(&self, flips: Vec<PlannedFlip>) -> (Vec<PlannedFlip>, Vec<HeldFlip>) {
+        let mut writable = Vec::new();
+        let mut held = Vec::new();
+        for planned in flips {
+            match self.reason(&planned) {
+                None => writable.push(planned),
+                Some((reason, inferred_type)) => held.push(HeldFlip {
+                    planned,
+                    reason,
+                    inferred_type,
+                }),
+            }
+        }
+        (writable, held)
+    }
+}
+
+/// Any held flip refuses the whole plan: nothing is written.
+pub fn held_refusal(held: &[HeldFlip]) -> Option<Failure> {
+    if held.is_empty() {
+        return None;
+    }
+    let mut reasons: BTreeMap<HoldReason, Vec<String>> = BTreeMap::new();
+    for flip in held {
+        reasons
+            .entry(flip.reason)
+            .or_default()
+            .extend(flip.inferred_type.clone());
+    }
+    let reasons = reasons
+        .into_iter()
+        .map(|(reason, mut names)| {
+            names.sort();
+            names.dedup();
+            if names.is_empty() {
+                reason.as_str().to_owned()
+            } else {
+                format!("{} '{}'", reason.as_str(), names.join("', '"))
+            }
+        })
+        .collect();
+    Some(Failure::Held {
+        held: held.len(),
+        reasons,
+    })
+}
+
+/// More flips than `--max-flips`: the run writes nothing.
+pub fn check_threshold(flips: usize, max_flips: usize) -> Option<Failure> {
+    (flips > max_flips).then_some(Failure::ThresholdExceeded { flips, max_flips })
+}
+
+/// The flips whose transition `--allow-transition` does not list; none when it lists nothing.
+pub fn not_allowed(flips: &[PlannedFlip], allowed: &[Transition]) -> Vec<PlannedFlip> {
+    if allowed.is_empty() {
+        return Vec::new();
+    }
+    flips
+        .iter()
+        .filter(|planned| {
+            let from = planned.flip.from_label();
+            !allowed
+                .iter()
+                .any(|allowed| allowed.from == from && allowed.to == planned.flip.to)
+        })
+        .cloned()
+        .collect()
+}
+
+/// A plan holding a transition `--allow-transition` does not list is written not at all.
+pub fn transitions_refusal(refused: &[PlannedFlip]) -> Option<Failure> {
+    if refused.is_empty() {
+        return None;
+    }
+    let mut transitions: Vec<String> = refused
+        .iter()
+        .map(|planned| format!("{}:{}", planned.flip.from_label(), planned.flip.to))
+        .collect();
+    transitions.sort();
+    transitions.dedup();
+    Some(Failure::TransitionNotAllowed { transitions })
+}

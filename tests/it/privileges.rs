@@ -1,0 +1,274 @@
+//! Least privilege: roles granted exactly the statements RUNBOOK.md lists run every command, and a
+//! role missing any one of them stops at preflight (exit 4) naming the privilege and its GRANT,
+//! with nothing read or written.
+
+use crate::common::{events, TestDb};
+use crate::support::{as_user, role_name, tool};
+
+/// Each GRANT of RUNBOOK.md, by what it gives, with the role written `backfill` as there.
+const SELECT_PROFILES: &str = "GRANT SELECT ON member_profiles TO backfill;";
+const SELECT_SNAPSHOTS: &str = "GRANT SELECT ON agent_capabilities_snapshot TO backfill;";
+const SELECT_LOG: &str = "GRANT SELECT ON type_reclassification_log TO backfill;";
+const UPDATE_AGENTS: &str = "GRANT UPDATE (agents) ON member_profiles TO backfill;";
+const INSERT_LOG: &str = "GRANT INSERT ON type_reclassification_log TO backfill;";
+const USE_SEQUENCE: &str = "GRANT USAGE ON SEQUENCE type_reclassification_log_id_seq TO backfill;";
+
+const DRY_RUN: &[&str] = &[SELECT_PROFILES, SELECT_SNAPSHOTS];
+const READ_AUDIT: &[&str] = &[SELECT_PROFILES, SELECT_SNAPSHOTS, SELECT_LOG];
+const APPLY: &[&str] = &[
+    SELECT_PROFILES,
+    SELECT_SNAPSHOTS,
+    UPDATE_AGENTS,
+    INSERT_LOG,
+    USE_SEQUENCE,
+];
+const REVERT_APPLY: &[&str] = &[
+    SELECT_PROFILES,
+    SELECT_SNAPSHOTS,
+    SELECT_LOG,
+    UPDATE_AGENTS,
+    INSERT_LOG,
+    USE_SEQUENCE,
+];
+
+/// What preflight must name when `grant` is missing: the privilege, and the statement that fixes
+/// it (with the role's name and, for the sequence, its schema-qualified name).
+fn named_fix(grant: &str, role: &str) -> (String, String) {
+    let fix = |statement: &str| statement.trim_end_matches(';').replace("backfill", role);
+    match grant {
+        SELECT_PROFILES => ("lacks SELECT on 'member_profiles'".into(), fix(grant)),
+        SELECT_SNAPSHOTS => (
+            "lacks SELECT on 'agent_capabilities_snapshot'".into(),
+            fix(grant),
+        ),
+        SELECT_LOG => (
+            "lacks SELECT on 'type_reclassification_log'".into(),
+            fix(grant),
+        ),
+        UPDATE_AGENTS => (
+            "lacks UPDATE on 'member_profiles' (column agents)".into(),
+            fix(grant),
+        ),
+        INSERT_LOG => (
+            "lacks INSERT on 'type_reclassification_log'".into(),
+            fix(grant),
+        ),
+        USE_SEQUENCE => (
+            "lacks USAGE on sequence 'public.type_reclassification_log_id_seq'".into(),
+            fix("GRANT USAGE ON SEQUENCE public.type_reclassification_log_id_seq TO backfill"),
+        ),
+        other => panic!("unknown grant {other}"),
+    }
+}
+
+async fn role_with(db: &TestDb, grants: &[&str]) -> String {
+    let role = role_name("atb_least");
+    sqlx::query(&format!("CREATE ROLE {role} LOGIN"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    for grant in grants {
+        sqlx::query(&grant.replace("backfill", &role))
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    role
+}
+
+#[test]
+fn the_runbook_lists_exactly_these_grants() {
+    let runbook =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/RUNBOOK.md")).unwrap();
+    for grant in REVERT_APPLY {
+        assert!(runbook.contains(grant), "RUNBOOK.md lacks `{grant}`");
+    }
+    let listed = runbook
+        .lines()
+        .filter(|line| line.trim_start().starts_with("GRANT "))
+        .count();
+    assert_eq!(listed, REVERT_APPLY.len(), "RUNBOOK.md lists other GRANTs");
+}
+
+#[tokio::test]
+async fn roles_with_exactly_the_runbook_grants_run_every_command() {
+    let db = TestDb::seeded(30).await;
+    let reader = as_user(&db.url, &role_with(&db, DRY_RUN).await);
+    let auditor = as_user(&db.url, &role_with(&db, READ_AUDIT).await);
+    let writer = as_user(&db.url, &role_with(&db, APPLY).await);
+    let reverter = as_user(&db.url, &role_with(&db, REVERT_APPLY).await);
+
+    let dry = tool(&reader, &["--dry-run", "--format", "json"], &[]);
+    assert_eq!(dry.code(), 0, "{}", dry.stderr);
+    let flips = events(dry.stdout.as_bytes())
+        .iter()
+        .filter(|event| event["event"] == "flip")
+        .count();
+    assert!(flips > 0, "the seed has flips");
+
+    let apply = tool(
+        &writer,
+        &[
+            "--apply",
+            "--format",
+            "json",
+            "--max-flips",
+            &flips.to_string(),
+        ],
+        &[],
+    );
+    assert_eq!(apply.code(), 0, "{}", apply.stderr);
+    let summary = events(apply.stdout.as_bytes()).pop().unwrap();
+    assert_eq!(summary["written"], flips);
+    let run_id = summary["run_id"].as_str().unwrap().to_owned();
+    assert_eq!(db.audit_rows().await.len(), flips);
+
+    for history in [vec!["history"], vec!["history", run_id.as_str()]] {
+        let done = tool(&auditor, &history, &[]);
+        assert_eq!(done.code(), 0, "{history:?}: {}", done.stderr);
+        assert!(done.stdout.contains(&run_id), "{}", done.stdout);
+    }
+    // A plan carries the cluster's identity only where the user may read pg_control_system()
+    // (anyone, unless an administrator revoked it, as here), as RUNBOOK.md says for the
+    // replica-then-primary flow.
+    sqlx::query("REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let scratch = std::env::temp_dir().join(format!("atb-least-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let plan_path = scratch.join("plan.json");
+    let plan_arg = plan_path.to_str().unwrap();
+    let identified = role_with(&db, DRY_RUN).await;
+    sqlx::query(&format!(
+        "GRANT EXECUTE ON FUNCTION pg_control_system() TO {identified}"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    for (url, readable) in [(&reader, false), (&as_user(&db.url, &identified), true)] {
+        let done = tool(url, &["--dry-run", "--plan-out", plan_arg], &[]);
+        assert_eq!(done.code(), 0, "{}", done.stderr);
+        let plan: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&plan_path).unwrap()).unwrap();
+        assert_eq!(
+            plan["target"]["system_identifier"].is_string(),
+            readable,
+            "{plan}"
+        );
+    }
+    std::fs::remove_dir_all(scratch).unwrap();
+
+    let revert_dry = tool(&auditor, &["revert", &run_id, "--dry-run"], &[]);
+    assert_eq!(revert_dry.code(), 0, "{}", revert_dry.stderr);
+    let revert = tool(
+        &reverter,
+        &[
+            "revert",
+            &run_id,
+            "--apply",
+            "--max-flips",
+            &flips.to_string(),
+        ],
+        &[],
+    );
+    assert_eq!(revert.code(), 0, "{}", revert.stderr);
+    assert_eq!(db.audit_rows().await.len(), 2 * flips);
+}
+
+#[tokio::test]
+async fn a_role_missing_any_one_grant_stops_at_preflight_naming_it_and_its_fix() {
+    let db = TestDb::seeded(10).await;
+    // An applied run for the revert and history commands to find.
+    let apply = tool(
+        &db.url,
+        &["--apply", "--format", "json", "--max-flips", "100"],
+        &[],
+    );
+    assert_eq!(apply.code(), 0, "{}", apply.stderr);
+    let run_id = events(apply.stdout.as_bytes()).pop().unwrap()["run_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let before = db.dump().await;
+    let commands: Vec<(Vec<&str>, &[&str])> = vec![
+        (vec!["--dry-run"], DRY_RUN),
+        (vec!["history"], READ_AUDIT),
+        (vec!["revert", &run_id, "--dry-run"], READ_AUDIT),
+        (vec!["--apply", "--max-flips", "100"], APPLY),
+        (
+            vec!["revert", &run_id, "--apply", "--max-flips", "100"],
+            REVERT_APPLY,
+        ),
+    ];
+    for (command, needed) in commands {
+        for missing in needed.iter() {
+            let granted: Vec<&str> = needed.iter().copied().filter(|g| g != missing).collect();
+            let role = role_with(&db, &granted).await;
+            let done = tool(&as_user(&db.url, &role), &command, &[]);
+            assert_eq!(
+                done.code(),
+                4,
+                "{command:?} without {missing}: {}",
+                done.stderr
+            );
+            let (privilege, fix) = named_fix(missing, &role);
+            assert!(
+                done.stderr.contains(&privilege) && done.stderr.contains(&fix),
+                "{command:?} without {missing}: expected `{privilege}` and `{fix}` in {}",
+                done.stderr
+            );
+            assert!(
+                !done.stderr.contains("point DATABASE_URL"),
+                "a privilege is not a wrong database: {}",
+                done.stderr
+            );
+            assert!(done.stdout.is_empty(), "{command:?}: {}", done.stdout);
+        }
+    }
+    assert_eq!(db.dump().await, before, "nothing was written");
+}
+
+/// An identity column draws from a sequence too; preflight finds it the same way.
+#[tokio::test]
+async fn an_identity_id_column_needs_usage_on_its_sequence() {
+    let db = TestDb::seeded(10).await;
+    for statement in [
+        "ALTER TABLE type_reclassification_log ALTER id DROP DEFAULT",
+        "DROP SEQUENCE type_reclassification_log_id_seq",
+        "ALTER TABLE type_reclassification_log ALTER id ADD GENERATED ALWAYS AS IDENTITY",
+    ] {
+        sqlx::query(statement).execute(&db.pool).await.unwrap();
+    }
+    let sequence: String =
+        sqlx::query_scalar("SELECT pg_get_serial_sequence('type_reclassification_log', 'id')")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let without = role_with(&db, &APPLY[..APPLY.len() - 1]).await;
+    let refused = tool(
+        &as_user(&db.url, &without),
+        &["--apply", "--max-flips", "100"],
+        &[],
+    );
+    assert_eq!(refused.code(), 4, "{}", refused.stderr);
+    assert!(
+        refused
+            .stderr
+            .contains(&format!("GRANT USAGE ON SEQUENCE {sequence} TO {without}")),
+        "{}",
+        refused.stderr
+    );
+    let with = role_with(&db, APPLY).await;
+    sqlx::query(&format!("GRANT USAGE ON SEQUENCE {sequence} TO {with}"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let applied = tool(
+        &as_user(&db.url, &with),
+        &["--apply", "--max-flips", "100"],
+        &[],
+    );
+    assert_eq!(applied.code(), 0, "{}", applied.stderr);
+    assert!(!db.audit_rows().await.is_empty());
+}
