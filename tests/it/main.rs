@@ -8,7 +8,8 @@
 //! - reliability: concurrent writers, killed processes and sessions, restarts and timeouts;
 //! - pooler, standby, privileges, libpq: production deployment shapes (PgBouncer in both pool
 //!   modes, a streaming standby, least-privilege roles, the password file and socket targets),
-//!   with their own PgBouncer, standby or server from `support`.
+//!   with their own PgBouncer, standby or server from `support`;
+//! - server_versions: what could change between PostgreSQL versions (scripts/pg-matrix).
 
 mod audit;
 mod backfill;
@@ -23,6 +24,7 @@ mod prefilter;
 mod privileges;
 mod reliability;
 mod resolver_properties;
+mod server_versions;
 mod standby;
 mod support;
 mod tls;

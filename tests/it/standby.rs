@@ -1,5 +1,6 @@
-//! Read-only targets: a real streaming standby made with `pg_basebackup -R` from a throwaway
-//! primary, and a role whose transactions are read-only by default. Writes stop at preflight;
+//! Read-only targets: a real streaming standby of a throwaway primary, made with
+//! `pg_basebackup -R` (or, where the server build has none, from a copy of the cleanly stopped
+//! primary), and a role whose transactions are read-only by default. Writes stop at preflight;
 //! a plan made on the standby applies on its primary.
 
 use crate::common::{events, TestDb};
@@ -9,9 +10,9 @@ use serde_json::Value;
 
 #[tokio::test]
 async fn a_standby_refuses_writes_at_preflight_and_its_plan_applies_on_the_primary() {
-    let primary = EphemeralPostgres::start().unwrap();
+    let mut primary = EphemeralPostgres::start().unwrap();
     let pool = registry_on(&primary, 30).await;
-    let standby = EphemeralPostgres::start_standby_of(&primary).unwrap();
+    let standby = EphemeralPostgres::start_standby_of(&mut primary).unwrap();
     let on_standby = standby.url("registry");
     let on_primary = primary.url("registry");
 
