@@ -1,0 +1,402 @@
+//! Connecting the way libpq and poolers expect, and the transactions every statement runs in.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
+use sqlx::{ConnectOptions, Connection, PgConnection, Postgres, Row, Transaction};
+
+use super::pgpass;
+use crate::error::Failure;
+
+/// Where the tool is connected, as printed in the run log header. Never holds the password.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "host={} port={} database={} user={}",
+            self.host, self.port, self.database, self.user
+        )
+    }
+}
+
+pub struct Session {
+    pub pool: Pool,
+    pub target: Target,
+}
+
+/// The tool's connections. Every transaction opened through it starts by setting the tool's
+/// session settings with `SET LOCAL` and reading them back: a transaction-pooling PgBouncer hands
+/// each transaction a different server session, and it rejects (or, told to ignore them, drops)
+/// the startup `options` a direct connection would carry them in. There is deliberately no way to
+/// borrow the bare `PgPool`: a statement sent outside such a transaction would run without the
+/// timeouts.
+#[derive(Clone)]
+pub struct Pool {
+    pool: PgPool,
+    settings: std::sync::Arc<SessionSettings>,
+}
+
+impl Pool {
+    /// A transaction in the server's default mode (read-write unless the role or server says
+    /// otherwise), with the tool's settings in force.
+    pub async fn begin(&self) -> Result<Transaction<'static, Postgres>> {
+        let mut transaction = self
+            .pool
+            .begin()
+            .await
+            .context("could not open a transaction")?;
+        apply_settings(&mut transaction, &self.settings).await?;
+        Ok(transaction)
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await
+    }
+}
+
+/// A read-only, repeatable-read transaction: the whole plan sees one snapshot of the registry
+/// and the server refuses any write inside it.
+pub async fn begin_read_only(pool: &Pool) -> Result<Transaction<'static, Postgres>> {
+    let mut transaction = pool
+        .pool
+        .begin()
+        .await
+        .context("could not open the planning transaction")?;
+    // Must come before any other statement of the transaction, the settings' included.
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .persistent(false)
+        .execute(&mut *transaction)
+        .await
+        .context("could not make the planning transaction read only")?;
+    apply_settings(&mut transaction, &pool.settings).await?;
+    Ok(transaction)
+}
+
+/// Sets the tool's settings for the rest of the transaction, then reads them back: the statement
+/// that sets them may be answered by a pooler or a server that does not keep them.
+async fn apply_settings(connection: &mut PgConnection, settings: &SessionSettings) -> Result<()> {
+    let lock_timeout = settings.lock_timeout.as_millis().to_string();
+    let statement_timeout = settings.statement_timeout.as_millis().to_string();
+    sqlx::query(
+        "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true), \
+                set_config('jit', 'off', true)",
+    )
+    .persistent(false)
+    .bind(&lock_timeout)
+    .bind(&statement_timeout)
+    .execute(&mut *connection)
+    .await
+    .context("could not set lock_timeout, statement_timeout and jit for the transaction")?;
+    let found: HashMap<String, String> = sqlx::query_as(
+        "SELECT name::text, setting FROM pg_settings \
+         WHERE name IN ('lock_timeout', 'statement_timeout', 'jit', 'application_name')",
+    )
+    .persistent(false)
+    .fetch_all(&mut *connection)
+    .await
+    .context("could not read back the transaction's settings")?
+    .into_iter()
+    .collect();
+    let setting = |name: &str| found.get(name).map_or("(none)", String::as_str);
+    let mut wrong = Vec::new();
+    for (name, wanted) in [
+        ("lock_timeout", lock_timeout.as_str()),
+        ("statement_timeout", statement_timeout.as_str()),
+        ("jit", "off"),
+    ] {
+        match found.get(name) {
+            Some(actual) if actual == wanted => {}
+            // Servers older than PostgreSQL 11 have no JIT to stop.
+            None if name == "jit" => {}
+            _ => wrong.push(format!(
+                "{name} is '{}', expected '{wanted}'",
+                setting(name)
+            )),
+        }
+    }
+    anyhow::ensure!(
+        wrong.is_empty(),
+        "the server did not keep the tool's settings ({}): is a pooler or proxy rewriting SET \
+         statements? Connect to PostgreSQL or to a PgBouncer in session or transaction mode",
+        wrong.join(", ")
+    );
+    if setting("application_name") != settings.application_name {
+        // A pooler may own application_name; the timeouts above are what bound the run.
+        tracing::debug!(
+            found = setting("application_name"),
+            "application_name was not passed through to the server session"
+        );
+    }
+    Ok(())
+}
+
+/// Session settings every connection carries so a DBA can see and bound what the tool does.
+pub struct SessionSettings {
+    pub application_name: String,
+    pub lock_timeout: Duration,
+    pub statement_timeout: Duration,
+}
+
+/// Parses the URL without ever echoing it: sqlx errors can quote their input.
+pub fn parse_url(url: &str) -> Result<PgConnectOptions> {
+    let options = PgConnectOptions::from_str(url).map_err(|error| {
+        let reason = redact(&error.to_string(), url);
+        Failure::Usage(format!(
+            "the database URL could not be parsed ({reason}): check DATABASE_URL or --database-url"
+        ))
+    })?;
+    // sqlx reads the password file too, but keeps its escapes and falls back from PGPASSFILE to
+    // ~/.pgpass; libpq does neither, and operators' files are written for libpq. sqlx sends an
+    // empty password when it has none, so an empty one here means "none".
+    let options = if explicit_password(url) {
+        options
+    } else {
+        let password = pgpass::password_for(&options).unwrap_or_default();
+        options.password(&password)
+    };
+    // libpq treats `require` with a root certificate as `verify-ca`; sqlx would silently skip
+    // the verification the operator asked for by naming the certificate.
+    if matches!(options.get_ssl_mode(), PgSslMode::Require) && names_root_certificate(url) {
+        return Ok(options.ssl_mode(PgSslMode::VerifyCa));
+    }
+    Ok(options)
+}
+
+fn names_root_certificate(url: &str) -> bool {
+    let in_url = url
+        .split_once('?')
+        .map(|(_, query)| query.split('&'))
+        .into_iter()
+        .flatten()
+        .any(|pair| pair.starts_with("sslrootcert=") || pair.starts_with("ssl-root-cert="));
+    in_url || std::env::var_os("PGSSLROOTCERT").is_some_and(|path| !path.is_empty())
+}
+
+/// Removes the URL's password (and the URL itself) from a message that may quote them.
+pub fn redact(message: &str, url: &str) -> String {
+    let mut clean = message.to_owned();
+    if !url.is_empty() {
+        clean = clean.replace(url, "<database url>");
+    }
+    if let Some(password) = url_password(url) {
+        if !password.is_empty() {
+            clean = clean.replace(&password, "***");
+        }
+    }
+    if let Ok(password) = std::env::var("PGPASSWORD") {
+        if !password.is_empty() {
+            clean = clean.replace(&password, "***");
+        }
+    }
+    clean
+}
+
+fn url_password(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?']).next()?;
+    let userinfo = authority.rsplit_once('@')?.0;
+    Some(userinfo.split_once(':')?.1.to_owned())
+}
+
+pub async fn connect(url: &str, settings: &SessionSettings) -> Result<Session> {
+    let options = parse_url(url)?
+        .application_name(&settings.application_name)
+        // PgBouncer refuses a startup packet carrying extra_float_digits (or `options`, where the
+        // timeouts used to go); the tool decodes floats in binary, so it needs neither.
+        .extra_float_digits(None)
+        // Statements are sent unnamed (`persistent(false)` on each): a named one would outlive
+        // its transaction on a server session that a transaction pooler gives to someone else.
+        .statement_cache_capacity(0)
+        // The planning pass is one long statement by design; say so at info, not as a warning.
+        .log_slow_statements(log::LevelFilter::Info, Duration::from_secs(1));
+    let address = address(&options);
+    let described = format!("{address}/{}", options.get_database().unwrap_or(""));
+    // One direct connection first: a pool would retry a refused connection until its acquire
+    // timeout, and the operator should hear at once that the target is wrong.
+    let mut first = match PgConnection::connect_with(&options).await {
+        Ok(connection) => connection,
+        Err(error) => {
+            let hint = match error.as_database_error().and_then(|error| error.code()) {
+                Some(code) if code.starts_with("28") => password_hint(url, &options),
+                _ => String::new(),
+            };
+            return Err(
+                anyhow::anyhow!(redact(&error.to_string(), url)).context(format!(
+                    "could not connect to '{described}': check DATABASE_URL, the network and the \
+                 credentials{hint}"
+                )),
+            );
+        }
+    };
+    let mut transaction = first
+        .begin()
+        .await
+        .map_err(|error| {
+            let statement_pooling = error.to_string().contains("statement pooling mode");
+            let error = anyhow::Error::new(error);
+            if statement_pooling {
+                error.context(
+                    "a pooler in statement mode cannot keep a transaction on one server session: \
+                     point DATABASE_URL at a PgBouncer pool in session or transaction mode",
+                )
+            } else {
+                error
+            }
+        })
+        .context("could not open the first transaction")?;
+    apply_settings(&mut transaction, settings).await?;
+    let row = sqlx::query("SELECT current_database()::text, current_user::text")
+        .persistent(false)
+        .fetch_one(&mut *transaction)
+        .await
+        .context("could not ask the server who we are")?;
+    transaction
+        .rollback()
+        .await
+        .context("could not close the first transaction")?;
+    first
+        .close()
+        .await
+        .context("could not close the first connection")?;
+    let pool = PgPoolOptions::new()
+        .max_connections(3)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_lazy_with(options.clone());
+    let target = Target {
+        host: address.host,
+        port: options.get_port(),
+        database: row.get(0),
+        user: row.get(1),
+    };
+    Ok(Session {
+        pool: Pool {
+            pool,
+            settings: std::sync::Arc::new(SessionSettings {
+                application_name: settings.application_name.clone(),
+                lock_timeout: settings.lock_timeout,
+                statement_timeout: settings.statement_timeout,
+            }),
+        },
+        target,
+    })
+}
+
+/// Where a connection goes: a host name or address, or the directory of a Unix socket (shown as
+/// libpq shows it, not as the `localhost` sqlx keeps beside it).
+pub(super) struct Address {
+    pub(super) host: String,
+    pub(super) port: u16,
+    pub(super) socket: bool,
+}
+
+pub(super) fn address(options: &PgConnectOptions) -> Address {
+    match options.get_socket() {
+        Some(directory) => Address {
+            host: directory.display().to_string(),
+            port: options.get_port(),
+            socket: true,
+        },
+        None => Address {
+            host: options.get_host().to_owned(),
+            port: options.get_port(),
+            socket: options.get_host().starts_with('/'),
+        },
+    }
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.socket {
+            write!(
+                f,
+                "{}/.s.PGSQL.{}",
+                self.host.trim_end_matches('/'),
+                self.port
+            )
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Says where the password came from when the server refused the login: the URL, PGPASSWORD, or
+/// which line the password file would need.
+fn password_hint(url: &str, options: &PgConnectOptions) -> String {
+    if explicit_password(url) {
+        return " (the password came from the URL or PGPASSWORD)".to_owned();
+    }
+    let Some(path) = pgpass::file() else {
+        return " (no password in the URL or PGPASSWORD, and no password file)".to_owned();
+    };
+    let line = format!(
+        "host '{}' port {} database '{}' user '{}'",
+        pgpass::host_key(options),
+        options.get_port(),
+        pgpass::database_key(options),
+        options.get_username()
+    );
+    if pgpass::password_for(options).is_some() {
+        format!(
+            " (the password came from the line of '{}' for {line})",
+            path.display()
+        )
+    } else {
+        format!(
+            " (no password in the URL or PGPASSWORD, and no line of '{}' for {line})",
+            path.display()
+        )
+    }
+}
+
+/// Whether the operator gave a password (URL or PGPASSWORD); only then is the password file
+/// left unread, as libpq does. An empty one counts as none.
+fn explicit_password(url: &str) -> bool {
+    let in_query = url
+        .split_once('?')
+        .map(|(_, query)| query.split('&'))
+        .into_iter()
+        .flatten()
+        .any(|pair| {
+            pair.strip_prefix("password=")
+                .is_some_and(|value| !value.is_empty())
+        });
+    in_query
+        || url_password(url).is_some_and(|password| !password.is_empty())
+        || std::env::var("PGPASSWORD").is_ok_and(|password| !password.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_removes_the_url_and_its_password_wherever_they_appear() {
+        let url = "postgres://backfill:Sup3r%2FSecret@db:5432/registry";
+        let message = format!("failed on {url}; password Sup3r%2FSecret was rejected");
+        let clean = redact(&message, url);
+        assert!(!clean.contains("Sup3r"), "{clean}");
+        assert!(clean.contains("<database url>"));
+        assert_eq!(redact("nothing to hide", ""), "nothing to hide");
+        assert_eq!(url_password("postgres://u@db/x"), None);
+        assert!(names_root_certificate(
+            "postgres://db/x?sslmode=require&sslrootcert=/ca.pem"
+        ));
+        assert!(!names_root_certificate("postgres://db/x?sslmode=require"));
+        assert_eq!(
+            url_password("postgres://u:p@ss@db/x").as_deref(),
+            Some("p@ss")
+        );
+    }
+}

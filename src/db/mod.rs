@@ -1,0 +1,33 @@
+//! Every statement the tool sends lives here, one file per concern. Bind parameters only;
+//! arrays instead of one round trip per row; every statement inside a transaction that carries
+//! the tool's settings (see [`Pool`]).
+
+mod audit_log;
+mod connect;
+mod pgpass;
+mod preflight;
+mod registry;
+
+pub use audit_log::*;
+pub use connect::*;
+pub use preflight::*;
+pub use registry::*;
+
+/// Whether an error is a lock or statement timeout, a deadlock or a serialization failure: the
+/// batch rolled back whole and may simply be tried again.
+pub fn is_retryable(error: &anyhow::Error) -> bool {
+    sqlstates(error).any(|code| matches!(code.as_str(), "55P03" | "57014" | "40001" | "40P01"))
+}
+
+/// Whether the server cancelled a statement for running past `statement_timeout` (57014 is also
+/// what a cancel request gives, and the tool never sends one).
+pub fn is_statement_timeout(error: &anyhow::Error) -> bool {
+    sqlstates(error).any(|code| code == "57014")
+}
+
+fn sqlstates(error: &anyhow::Error) -> impl Iterator<Item = String> + '_ {
+    error.chain().filter_map(|cause| {
+        let error = cause.downcast_ref::<sqlx::Error>()?.as_database_error()?;
+        Some(error.code()?.into_owned())
+    })
+}
