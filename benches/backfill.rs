@@ -20,10 +20,10 @@ use std::process::{Command, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use agent_type_backfill::ephemeral::EphemeralPostgres;
-use agent_type_backfill::rehearse::MIGRATOR;
 use agent_type_backfill::resolver::{diff_flips, resolve_agents};
-use agent_type_backfill::seed::{seed_bulk, BulkSpec};
+use agent_type_backfill::support::ephemeral::EphemeralPostgres;
+use agent_type_backfill::support::seed::{seed_bulk, BulkSpec};
+use agent_type_backfill::support::MIGRATOR;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -645,7 +645,7 @@ const TOOL_DEFAULT_BATCH: u32 = 1000;
 /// with the tool's session settings, each timed, plus the plans of the server pass and the floor.
 async fn anatomy(url: &str, batch: u32, cpu: &ServerCpu) -> Result<Vec<String>> {
     use agent_type_backfill::resolver::{SELF_DECLARED_TYPE, UNKNOWN_TYPE, VALID_AGENT_TYPES};
-    use agent_type_backfill::{db, plan};
+    use agent_type_backfill::{db, parse_column};
     let options = sqlx::postgres::PgConnectOptions::from_str(url)?.options([("jit", "off")]);
     let mut connection = PgConnection::connect_with(&options).await?;
     let before = cpu.reaped()?;
@@ -664,10 +664,7 @@ async fn anatomy(url: &str, batch: u32, cpu: &ServerCpu) -> Result<Vec<String>> 
     let mut pages = 0;
     for ids in candidates.profile_ids.chunks(batch as usize) {
         let rows = db::profiles_by_id(&mut transaction, ids).await?;
-        let columns = rows
-            .iter()
-            .map(plan::parse_column)
-            .collect::<Result<Vec<_>>>()?;
+        let columns = rows.iter().map(parse_column).collect::<Result<Vec<_>>>()?;
         db::snapshots_for(&mut transaction, &columns).await?;
         pages += 1;
     }

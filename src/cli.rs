@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// `0.1.0 (git 0123456789ab)`: the package version and the commit it was built from.
-pub const LONG_VERSION: &str = concat!(
+pub(crate) const LONG_VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (git ",
     env!("AGENT_TYPE_BACKFILL_COMMIT"),
@@ -14,7 +14,7 @@ pub const LONG_VERSION: &str = concat!(
 );
 
 /// What `--version` prints: the build, and the server rule it ports with that rule's vocabulary.
-pub const VERSION_WITH_RULE: &str = concat!(
+pub(crate) const VERSION_WITH_RULE: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (git ",
     env!("AGENT_TYPE_BACKFILL_COMMIT"),
@@ -238,7 +238,7 @@ impl std::fmt::Display for Transition {
 
 /// `FROM:TO`, which no shell mangles; `FROM->TO` too, for those who quote it. A bare `>` in a
 /// shell redirects, so the colon is the spelling every message and document uses.
-pub fn parse_transition(text: &str) -> Result<Transition, String> {
+pub(crate) fn parse_transition(text: &str) -> Result<Transition, String> {
     let split = text.split_once("->").or_else(|| text.split_once(':'));
     match split {
         Some((from, to)) if !from.trim().is_empty() && !to.trim().is_empty() => Ok(Transition {
@@ -269,7 +269,7 @@ impl ModeArgs {
 }
 
 /// Accepts `250ms`, `5s`, `2min`, `1h`, `7d`; a bare number is seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let trimmed = text.trim();
     let split = trimmed
         .find(|c: char| !c.is_ascii_digit())

@@ -85,7 +85,7 @@ impl fmt::Display for Failure {
     }
 }
 
-pub fn signal_name(signal: i32) -> &'static str {
+pub(crate) fn signal_name(signal: i32) -> &'static str {
     match signal {
         2 => "SIGINT",
         15 => "SIGTERM",

@@ -67,7 +67,7 @@ pub struct Rule {
 }
 
 impl Rule {
-    pub fn ported() -> Rule {
+    pub(crate) fn ported() -> Rule {
         Rule {
             source: format!("{RULE_REPOSITORY} {RULE_FILE} {RULE_FUNCTION}"),
             commit: RULE_COMMIT,
@@ -124,11 +124,6 @@ pub struct FlipEvent {
 }
 
 impl FlipEvent {
-    /// The order every format lists flips in: by profile, then element, so two logs diff cleanly.
-    pub fn sort_key(&self) -> (&str, Uuid, usize) {
-        (&self.profile, self.profile_id, self.index)
-    }
-
     /// `from -> to` as the summary counts transitions (JSON key `from->to`).
     pub fn transition(&self) -> String {
         format!("{}->{}", crate::resolver::type_label(&self.from), self.to)
@@ -233,7 +228,7 @@ impl SkipReason {
     }
 
     /// How the summary counts it.
-    pub fn summary_label(self) -> &'static str {
+    pub(crate) fn summary_label(self) -> &'static str {
         match self {
             SkipReason::ChangedSincePlan => "skipped (changed since plan)",
             SkipReason::ProfileGone => "skipped (profile deleted)",
@@ -278,11 +273,11 @@ pub struct Summary {
 }
 
 impl Summary {
-    pub fn count_transition(&mut self, flip: &FlipEvent) {
+    pub(crate) fn count_transition(&mut self, flip: &FlipEvent) {
         *self.transitions.entry(flip.transition()).or_default() += 1;
     }
 
-    pub fn count_skip(&mut self, reason: SkipReason) {
+    pub(crate) fn count_skip(&mut self, reason: SkipReason) {
         *self.skipped_by_reason.entry(reason).or_default() += 1;
         if reason == SkipReason::Unplanned {
             self.unplanned += 1;
@@ -292,7 +287,7 @@ impl Summary {
     }
 }
 
-pub fn rfc3339(at: &DateTime<Utc>) -> String {
+pub(crate) fn rfc3339(at: &DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 

@@ -157,7 +157,7 @@ pub fn not_allowed(flips: &[PlannedFlip], allowed: &[Transition]) -> Vec<Planned
     flips
         .iter()
         .filter(|planned| {
-            let from = planned.flip.from_label();
+            let from = planned.flip.stored_label();
             !allowed
                 .iter()
                 .any(|allowed| allowed.from == from && allowed.to == planned.flip.to)
@@ -173,7 +173,7 @@ pub fn transitions_refusal(refused: &[PlannedFlip]) -> Option<Failure> {
     }
     let mut transitions: Vec<String> = refused
         .iter()
-        .map(|planned| format!("{}:{}", planned.flip.from_label(), planned.flip.to))
+        .map(|planned| format!("{}:{}", planned.flip.stored_label(), planned.flip.to))
         .collect();
     transitions.sort();
     transitions.dedup();

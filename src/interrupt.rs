@@ -26,7 +26,7 @@ impl StopSignal {
 
     /// Listens for SIGINT and SIGTERM. The first asks the run to stop after the batch in flight;
     /// a second one exits at once (the server rolls back whatever transaction is open).
-    pub fn from_os() -> Result<StopSignal> {
+    pub(crate) fn from_os() -> Result<StopSignal> {
         let mut interrupt =
             signal(SignalKind::interrupt()).context("could not listen for SIGINT")?;
         let mut terminate =
@@ -56,7 +56,7 @@ impl StopSignal {
     }
 
     /// The signal received so far, if any.
-    pub fn raised(&self) -> Option<i32> {
+    pub(crate) fn raised(&self) -> Option<i32> {
         *self.0.borrow()
     }
 

@@ -9,20 +9,21 @@ pub mod backfill;
 pub mod cli;
 pub mod config;
 pub mod db;
-pub mod ephemeral;
 pub mod error;
 pub mod events;
 mod guard;
 pub mod interrupt;
-pub mod plan;
+mod plan;
 pub mod plan_file;
 mod progress;
-pub mod rehearse;
+mod rehearse;
 pub mod report;
 pub mod resolver;
 mod run;
-pub mod seed;
+pub mod support;
 mod write;
+
+pub use plan::parse_column;
 
 use std::io::Write;
 

@@ -18,7 +18,7 @@ use crate::plan::{Plan, PlannedFlip};
 use crate::resolver::Flip;
 use crate::VERSION;
 
-pub const FORMAT: &str = "agent-type-backfill plan v1";
+pub(crate) const FORMAT: &str = "agent-type-backfill plan v1";
 
 /// Which database a plan was made on. `system_identifier` is the cluster's identity from
 /// `pg_control_system()`, when the user may read it; a streaming standby shares it with its
@@ -39,7 +39,7 @@ impl Fingerprint {
     /// The fingerprint of the database `session` is connected to. Only asked for when a plan
     /// file is involved: for a user without the privilege, the query leaves a "permission
     /// denied" line in the server log.
-    pub async fn of(session: &db::Session) -> Result<Fingerprint> {
+    pub(crate) async fn of(session: &db::Session) -> Result<Fingerprint> {
         Ok(Fingerprint {
             system_identifier: db::system_identifier(&session.pool).await,
             host: session.target.host.clone(),
@@ -118,7 +118,7 @@ impl PlanFlip {
     }
 
     /// Whether a freshly planned flip is exactly this reviewed one.
-    pub fn matches(&self, planned: &PlannedFlip) -> bool {
+    pub(crate) fn matches(&self, planned: &PlannedFlip) -> bool {
         self.profile_id == planned.profile_id
             && self.index == planned.flip.index
             && self.url == planned.flip.url
@@ -129,7 +129,7 @@ impl PlanFlip {
 
 impl PlanFile {
     /// The plan as the reviewer reads it; `holds` says which flips a guard holds back.
-    pub fn new<H>(
+    pub(crate) fn new<H>(
         plan: &Plan,
         holds: &dyn Fn(&PlannedFlip) -> Option<(HoldReason, H)>,
         target: Fingerprint,
@@ -193,7 +193,7 @@ impl PlanFile {
     }
 
     /// The guard that held `planned` when this plan was made, if one did.
-    pub fn held_reason(&self, planned: &PlannedFlip) -> Option<HoldReason> {
+    pub(crate) fn held_reason(&self, planned: &PlannedFlip) -> Option<HoldReason> {
         self.flips
             .iter()
             .find(|flip| flip.matches(planned))
@@ -201,7 +201,7 @@ impl PlanFile {
     }
 
     /// Refuses a plan made on another database, or one older than `max_age`.
-    pub fn check_applies_to(
+    pub(crate) fn check_applies_to(
         &self,
         here: &Fingerprint,
         now: DateTime<Utc>,
@@ -240,7 +240,7 @@ impl PlanFile {
 
 /// Keeps only the fresh flips that the reviewed plan holds exactly; returns the others: reviewed
 /// flips that no longer hold, and new flips nobody reviewed. Neither kind is written.
-pub fn hold_to_review(
+pub(crate) fn hold_to_review(
     fresh: Vec<PlannedFlip>,
     reviewed: &PlanFile,
 ) -> (Vec<PlannedFlip>, Vec<(PlannedFlip, SkipReason)>) {

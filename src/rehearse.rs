@@ -9,13 +9,11 @@ use sqlx::postgres::PgPoolOptions;
 use crate::backfill;
 use crate::cli::RehearseArgs;
 use crate::config::BackfillConfig;
-use crate::ephemeral::EphemeralPostgres;
 use crate::events::Mode;
 use crate::interrupt::StopSignal;
 use crate::report;
-use crate::seed;
-
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+use crate::support::ephemeral::EphemeralPostgres;
+use crate::support::seed;
 
 pub async fn rehearse(args: &RehearseArgs, out: &mut (dyn Write + Send)) -> Result<()> {
     let server = tokio::task::spawn_blocking(EphemeralPostgres::start)
@@ -50,7 +48,7 @@ async fn rehearse_on(
         .connect(&url)
         .await
         .context("could not connect to the rehearsal database")?;
-    MIGRATOR
+    crate::support::MIGRATOR
         .run(&pool)
         .await
         .context("could not apply migrations/ to the rehearsal database")?;

@@ -43,23 +43,6 @@ impl Printer for Recorder {
     }
 }
 
-/// Sends every event to two printers: the log on stdout and a recorder.
-pub struct Tee<'a> {
-    pub first: &'a mut dyn Printer,
-    pub second: &'a mut dyn Printer,
-}
-
-impl Printer for Tee<'_> {
-    fn print(&mut self, event: &Event) -> Result<()> {
-        self.first.print(event)?;
-        self.second.print(event)
-    }
-    fn finish(&mut self) -> Result<()> {
-        self.first.finish()?;
-        self.second.finish()
-    }
-}
-
 fn write_line(out: &mut (dyn Write + Send), text: &str) -> Result<()> {
     writeln!(out, "{text}")
         .and_then(|()| out.flush())
@@ -67,7 +50,7 @@ fn write_line(out: &mut (dyn Write + Send), text: &str) -> Result<()> {
 }
 
 /// One JSON object per line, keys in sorted order.
-pub struct JsonPrinter<'w> {
+pub(crate) struct JsonPrinter<'w> {
     out: &'w mut (dyn Write + Send),
 }
 
@@ -83,7 +66,7 @@ impl Printer for JsonPrinter<'_> {
 /// Stored values go into the text log escaped where they could forge or garble it: a newline in
 /// a URL would start a fake flip line, an ESC sequence would reach the operator's terminal, and a
 /// bidirectional override would reorder what is shown. JSON output is escaped by its encoder.
-pub fn printable(text: &str) -> Cow<'_, str> {
+pub(crate) fn printable(text: &str) -> Cow<'_, str> {
     let risky = |c: char| {
         c.is_control()
             || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
@@ -104,7 +87,7 @@ pub fn printable(text: &str) -> Cow<'_, str> {
 }
 
 /// A compact age: minutes under an hour, hours under two days, then days.
-pub fn age(elapsed: chrono::Duration) -> String {
+pub(crate) fn age(elapsed: chrono::Duration) -> String {
     let minutes = elapsed.num_minutes().max(0);
     if minutes < 60 {
         format!("{minutes}m")
@@ -117,7 +100,7 @@ pub fn age(elapsed: chrono::Duration) -> String {
 
 /// A duration at a precision that shows the difference between two close ones: `1.5s`, `59s`,
 /// `12m30s`, `25h0m`.
-pub fn precise_age(elapsed: chrono::Duration) -> String {
+pub(crate) fn precise_age(elapsed: chrono::Duration) -> String {
     let millis = elapsed.num_milliseconds().max(0);
     let seconds = millis / 1000;
     if seconds < 10 {
@@ -315,7 +298,7 @@ fn plural(count: usize, one: &str, many: &str) -> String {
 }
 
 /// The text log: a header, one line per flip, then a summary.
-pub struct TextPrinter<'w> {
+pub(crate) struct TextPrinter<'w> {
     out: &'w mut (dyn Write + Send),
     /// A run log rather than a `history` listing.
     started: bool,
@@ -453,7 +436,7 @@ impl Printer for TextPrinter<'_> {
 }
 
 /// GitHub-flavoured Markdown: tables a reviewer can paste into a ticket.
-pub struct MarkdownPrinter<'w> {
+pub(crate) struct MarkdownPrinter<'w> {
     out: &'w mut (dyn Write + Send),
     reverting: bool,
     /// The table being written, so a new kind of event opens its own.

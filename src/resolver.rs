@@ -13,11 +13,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Where the ported rule comes from, as run logs, plan files and `--version` name it.
-pub const RULE_REPOSITORY: &str = "adcontextprotocol/adcp";
-pub const RULE_FILE: &str = "server/src/routes/member-profiles.ts";
-pub const RULE_FUNCTION: &str = "resolveAgentTypes";
+pub(crate) const RULE_REPOSITORY: &str = "adcontextprotocol/adcp";
+pub(crate) const RULE_FILE: &str = "server/src/routes/member-profiles.ts";
+pub(crate) const RULE_FUNCTION: &str = "resolveAgentTypes";
 /// The adcp commit the port and its conformance vectors were taken from.
-pub const RULE_COMMIT: &str = "4439b1871329488ce24b213e88d855849fb41187";
+pub(crate) const RULE_COMMIT: &str = "4439b1871329488ce24b213e88d855849fb41187";
 
 /// `VALID_AGENT_TYPES` from the server's `types.ts`, `unknown` included.
 pub const VALID_AGENT_TYPES: [&str; 9] = [
@@ -112,7 +112,7 @@ pub struct Flip {
 
 impl Flip {
     /// The stored type as an operator reads it: a string bare, anything else as JSON.
-    pub fn from_label(&self) -> String {
+    pub(crate) fn stored_label(&self) -> String {
         type_label(&self.from)
     }
 }
@@ -396,7 +396,7 @@ impl<'de> Deserialize<'de> for AgentSlot {
 }
 
 /// Whether `value` is the summary [`bounded_type`] stands in for a type nested too deep to keep.
-pub fn is_depth_summary(value: &Value) -> bool {
+pub(crate) fn is_depth_summary(value: &Value) -> bool {
     value
         .get("nested_json_summary")
         .and_then(|summary| summary.get("depth"))
@@ -410,7 +410,7 @@ pub fn is_depth_summary(value: &Value) -> bool {
 /// the summary is just as much "not a string" to the rule, so decisions are unchanged.
 pub const MAX_TYPE_DEPTH: usize = 64;
 
-pub fn bounded_type(text: &str) -> serde_json::Result<Value> {
+pub(crate) fn bounded_type(text: &str) -> serde_json::Result<Value> {
     let depth = nesting_depth(text);
     if depth <= MAX_TYPE_DEPTH {
         return serde_json::from_str(text);
@@ -583,7 +583,7 @@ mod tests {
         ]);
         let flips = lean_flips(&agents, &lookup);
         assert_eq!(flips.len(), 1);
-        assert_eq!(flips[0].from_label(), "buyer");
+        assert_eq!(flips[0].stored_label(), "buyer");
     }
 
     #[test]

@@ -254,7 +254,7 @@ async fn write_batch(
 
 fn flip_write(profile_id: Uuid, label: &str, flip: Flip, planned: &PlannedFlip) -> FlipWrite {
     // A type too deep to keep whole is recorded from the row itself, never from its summary.
-    let old_type = (!is_depth_summary(&flip.from)).then(|| flip.from_label());
+    let old_type = (!is_depth_summary(&flip.from)).then(|| flip.stored_label());
     let (new_value, new_type) = match &planned.restore {
         Some(raw) => (raw.clone(), restored_type_label(raw, flip.to)),
         None => (

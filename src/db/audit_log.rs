@@ -23,7 +23,7 @@ pub struct RunRecord {
     pub reverts: Option<String>,
 }
 
-pub async fn backfill_runs(pool: &Pool) -> Result<Vec<RunRecord>> {
+pub(crate) async fn backfill_runs(pool: &Pool) -> Result<Vec<RunRecord>> {
     let mut transaction = pool.begin().await?;
     sqlx::query_as::<_, RunRecord>(
         "SELECT run_id, min(changed_at) AS first_change, max(changed_at) AS last_change, \
@@ -77,7 +77,7 @@ impl AuditEntry {
     }
 }
 
-pub async fn run_entries(pool: &Pool, run_id: &str) -> Result<Vec<AuditEntry>> {
+pub(crate) async fn run_entries(pool: &Pool, run_id: &str) -> Result<Vec<AuditEntry>> {
     let mut transaction = pool.begin().await?;
     let mut entries = sqlx::query_as::<_, AuditEntry>(
         "SELECT id, run_id, changed_at, member_id, agent_url, old_type, new_type, \
@@ -107,7 +107,7 @@ pub async fn run_entries(pool: &Pool, run_id: &str) -> Result<Vec<AuditEntry>> {
 
 /// The crawler's logged disagreements about one url: what it probed, and when.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CrawlerRow {
+pub(crate) struct CrawlerRow {
     pub new_type: String,
     pub changed_at: DateTime<Utc>,
 }
@@ -139,7 +139,7 @@ impl CrawlerEvidence {
     }
 
     /// `rows` in the order they were logged.
-    pub fn for_flip(rows: &[CrawlerRow], to: &str) -> CrawlerEvidence {
+    pub(crate) fn for_flip(rows: &[CrawlerRow], to: &str) -> CrawlerEvidence {
         let agreeing: Vec<&CrawlerRow> = rows.iter().filter(|row| row.new_type == to).collect();
         CrawlerEvidence {
             count: Some(u64::try_from(agreeing.len()).unwrap_or(u64::MAX)),
@@ -169,7 +169,7 @@ fn optional_rfc3339<S: serde::Serializer>(
 }
 
 /// Whether this user may read `type_reclassification_log`: `None` when it may, else why not.
-pub async fn audit_log_unreadable(pool: &Pool) -> Result<Option<String>> {
+pub(crate) async fn audit_log_unreadable(pool: &Pool) -> Result<Option<String>> {
     let mut transaction = pool.begin().await?;
     let readable: Option<bool> = sqlx::query_scalar(
         "SELECT CASE WHEN to_regclass('type_reclassification_log') IS NULL THEN NULL \
@@ -187,7 +187,7 @@ pub async fn audit_log_unreadable(pool: &Pool) -> Result<Option<String>> {
 }
 
 /// The crawler's `crawler_promote` rows for `urls`, per url in the order they were logged.
-pub async fn crawler_disagreements(
+pub(crate) async fn crawler_disagreements(
     connection: &mut PgConnection,
     urls: &[&str],
 ) -> Result<HashMap<String, Vec<CrawlerRow>>> {
@@ -213,7 +213,7 @@ pub async fn crawler_disagreements(
 
 /// One confirmed flip to write, with what its audit row records.
 #[derive(Debug, Clone)]
-pub struct FlipWrite {
+pub(crate) struct FlipWrite {
     pub profile_id: Uuid,
     pub profile_label: String,
     pub index: usize,
@@ -234,7 +234,7 @@ pub struct FlipWrite {
 /// key of each flipped element changes (`jsonb_set`), so every other key, element and number is
 /// kept exactly as stored. A profile with several flips gets one `jsonb_set` per round, because a
 /// single `UPDATE ... FROM` applies at most one source row per target row.
-pub async fn write_flips(
+pub(crate) async fn write_flips(
     connection: &mut PgConnection,
     flips: &[FlipWrite],
     run_id: &str,

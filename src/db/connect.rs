@@ -150,7 +150,7 @@ pub struct SessionSettings {
 }
 
 /// Parses the URL without ever echoing it: sqlx errors can quote their input.
-pub fn parse_url(url: &str) -> Result<PgConnectOptions> {
+pub(crate) fn parse_url(url: &str) -> Result<PgConnectOptions> {
     let options = PgConnectOptions::from_str(url).map_err(|error| {
         let reason = redact(&error.to_string(), url);
         Failure::Usage(format!(

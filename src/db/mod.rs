@@ -15,13 +15,13 @@ pub use registry::*;
 
 /// Whether an error is a lock or statement timeout, a deadlock or a serialization failure: the
 /// batch rolled back whole and may simply be tried again.
-pub fn is_retryable(error: &anyhow::Error) -> bool {
+pub(crate) fn is_retryable(error: &anyhow::Error) -> bool {
     sqlstates(error).any(|code| matches!(code.as_str(), "55P03" | "57014" | "40001" | "40P01"))
 }
 
 /// Whether the server cancelled a statement for running past `statement_timeout` (57014 is also
 /// what a cancel request gives, and the tool never sends one).
-pub fn is_statement_timeout(error: &anyhow::Error) -> bool {
+pub(crate) fn is_statement_timeout(error: &anyhow::Error) -> bool {
     sqlstates(error).any(|code| code == "57014")
 }
 

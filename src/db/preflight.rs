@@ -318,7 +318,7 @@ pub async fn system_identifier(pool: &Pool) -> Option<String> {
 }
 
 /// Whether the server is a standby replaying its primary's changes.
-pub async fn in_recovery(pool: &Pool) -> Result<bool> {
+pub(crate) async fn in_recovery(pool: &Pool) -> Result<bool> {
     let mut transaction = pool.begin().await?;
     sqlx::query_scalar("SELECT pg_is_in_recovery()")
         .persistent(false)

@@ -244,7 +244,10 @@ pub async fn snapshots_for(
 }
 
 /// Locks the given profiles for the rest of the transaction and returns their current rows.
-pub async fn lock_profiles(connection: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<ProfileRow>> {
+pub(crate) async fn lock_profiles(
+    connection: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<Vec<ProfileRow>> {
     let rows = sqlx::query(
         "SELECT id, slug::text, agents::text FROM member_profiles WHERE id = ANY($1) \
          ORDER BY id FOR UPDATE",
@@ -275,7 +278,7 @@ pub async fn profiles_by_id(
 
 /// Non-empty `inferred_type` values the rule does not know, with how many snapshots carry each:
 /// a sign that the server, and its crawler, are newer than this port.
-pub async fn unrecognised_inferred_types(
+pub(crate) async fn unrecognised_inferred_types(
     connection: &mut PgConnection,
 ) -> Result<std::collections::BTreeMap<String, u64>> {
     let rows: Vec<(String, i64)> = sqlx::query_as(

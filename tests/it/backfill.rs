@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use agent_type_backfill::db;
 use agent_type_backfill::error::{exit_code, Failure};
-use agent_type_backfill::seed::{
+use agent_type_backfill::support::seed::{
     self, NewProfile, NewSnapshot, BIDCLIQ_URL, NORTHWIND_URL, SWIVEL_URL,
 };
 use common::{args, events, execute, TestDb};

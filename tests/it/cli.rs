@@ -628,7 +628,7 @@ async fn markdown_log_has_the_header_flips_and_summary_as_tables() {
 /// transition.
 #[tokio::test]
 async fn flips_are_listed_by_profile_then_index_and_counted_per_transition() {
-    use agent_type_backfill::seed::{self, NewProfile, NewSnapshot};
+    use agent_type_backfill::support::seed::{self, NewProfile, NewSnapshot};
     use serde_json::json;
     let db = TestDb::new().await;
     // Ids in the opposite order of the slugs, so id order is not log order.

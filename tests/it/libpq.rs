@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::common::events;
 use crate::support::{registry_on, tool};
-use agent_type_backfill::ephemeral::EphemeralPostgres;
+use agent_type_backfill::support::ephemeral::EphemeralPostgres;
 
 /// A password with both characters a password file must escape.
 const PASSWORD: &str = r"se:cr\et";

@@ -5,7 +5,7 @@ use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 
-use agent_type_backfill::seed::{self, NewProfile, NewSnapshot, BIDCLIQ_URL, SWIVEL_URL};
+use agent_type_backfill::support::seed::{self, NewProfile, NewSnapshot, BIDCLIQ_URL, SWIVEL_URL};
 use common::{args, execute, TestDb};
 use serde_json::{json, Value};
 use uuid::Uuid;

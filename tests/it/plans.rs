@@ -5,7 +5,7 @@ use crate::common;
 use agent_type_backfill::error::exit_code;
 use agent_type_backfill::events::Summary;
 use agent_type_backfill::plan_file::PlanFile;
-use agent_type_backfill::seed::{self, NewProfile, BIDCLIQ_URL, SWIVEL_URL};
+use agent_type_backfill::support::seed::{self, NewProfile, BIDCLIQ_URL, SWIVEL_URL};
 use common::{args, events, execute, TestDb};
 use serde_json::{json, Value};
 

@@ -11,8 +11,8 @@ use crate::support::{as_user, role_name};
 use std::time::Duration;
 
 use agent_type_backfill::db;
-use agent_type_backfill::ephemeral::server_bin_dir;
 use agent_type_backfill::resolver::{SELF_DECLARED_TYPE, UNKNOWN_TYPE, VALID_AGENT_TYPES};
+use agent_type_backfill::support::ephemeral::server_bin_dir;
 use common::TestDb;
 use sqlx::{Connection, PgConnection};
 

@@ -5,7 +5,7 @@
 
 use crate::common::{events, TestDb};
 use crate::support::{as_user, registry_on, role_name, tool};
-use agent_type_backfill::ephemeral::EphemeralPostgres;
+use agent_type_backfill::support::ephemeral::EphemeralPostgres;
 use serde_json::Value;
 
 #[tokio::test]

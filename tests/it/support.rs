@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agent_type_backfill::ephemeral::server_owner;
+use agent_type_backfill::support::ephemeral::server_owner;
 use uuid::Uuid;
 
 use crate::common::{Finished, Tool};
@@ -199,7 +199,7 @@ fn free_port() -> u16 {
 /// A `registry` database on `server` with `migrations/` applied and `profiles` ordinary profiles
 /// seeded beside the named ones.
 pub async fn registry_on(
-    server: &agent_type_backfill::ephemeral::EphemeralPostgres,
+    server: &agent_type_backfill::support::ephemeral::EphemeralPostgres,
     profiles: usize,
 ) -> sqlx::PgPool {
     use sqlx::Connection;
@@ -216,11 +216,11 @@ pub async fn registry_on(
         .connect(&server.url("registry"))
         .await
         .unwrap();
-    agent_type_backfill::rehearse::MIGRATOR
+    agent_type_backfill::support::MIGRATOR
         .run(&pool)
         .await
         .unwrap();
-    agent_type_backfill::seed::seed_rehearsal(&pool, profiles)
+    agent_type_backfill::support::seed::seed_rehearsal(&pool, profiles)
         .await
         .unwrap();
     pool

@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use crate::common::{Finished, Tool};
-use agent_type_backfill::ephemeral::{server_owner, EphemeralPostgres};
-use agent_type_backfill::rehearse::MIGRATOR;
-use agent_type_backfill::seed;
+use agent_type_backfill::support::ephemeral::{server_owner, EphemeralPostgres};
+use agent_type_backfill::support::seed;
+use agent_type_backfill::support::MIGRATOR;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,

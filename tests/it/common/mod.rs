@@ -9,12 +9,12 @@ use std::sync::{Mutex, OnceLock};
 
 use agent_type_backfill::cli::{BackfillArgs, Cli, Command};
 use agent_type_backfill::config::{BackfillConfig, HistoryConfig, RevertConfig};
-use agent_type_backfill::ephemeral::EphemeralPostgres;
 use agent_type_backfill::events::Summary;
 use agent_type_backfill::interrupt::StopSignal;
-use agent_type_backfill::rehearse::MIGRATOR;
 use agent_type_backfill::report;
-use agent_type_backfill::seed;
+use agent_type_backfill::support::ephemeral::EphemeralPostgres;
+use agent_type_backfill::support::seed;
+use agent_type_backfill::support::MIGRATOR;
 use clap::Parser;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};

@@ -17,11 +17,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent_type_backfill::ephemeral::EphemeralPostgres;
 use agent_type_backfill::events::Summary;
-use agent_type_backfill::rehearse::MIGRATOR;
 use agent_type_backfill::resolver::{resolve_agents, type_label};
-use agent_type_backfill::seed::{self, BulkSpec, Rng};
+use agent_type_backfill::support::ephemeral::EphemeralPostgres;
+use agent_type_backfill::support::seed::{self, BulkSpec, Rng};
+use agent_type_backfill::support::MIGRATOR;
 use common::{args, events, execute, AuditRow, Finished, Scratch, Server, Tool, ToolRun, HANG};
 use serde_json::Value;
 use sqlx::{Connection, PgConnection, PgPool};

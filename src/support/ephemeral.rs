@@ -24,7 +24,7 @@ pub fn server_owner() -> Result<Option<(u32, u32)>> {
 }
 
 /// The superuser the throwaway cluster is created with.
-pub const SUPERUSER: &str = "postgres";
+pub(crate) const SUPERUSER: &str = "postgres";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 

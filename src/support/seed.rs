@@ -111,7 +111,7 @@ impl BulkSpec {
 }
 
 /// Generates the ordinary profiles of `spec`, `chunk` profiles at a time.
-pub fn bulk_chunks(
+pub(crate) fn bulk_chunks(
     spec: BulkSpec,
     chunk: usize,
 ) -> impl Iterator<Item = (Vec<NewProfile>, Vec<NewSnapshot>)> {
