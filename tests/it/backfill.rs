@@ -4,8 +4,10 @@ use crate::common;
 
 use std::time::Duration;
 
+use agent_type_backfill::config::BackfillConfig;
 use agent_type_backfill::db;
 use agent_type_backfill::error::{exit_code, Failure};
+use agent_type_backfill::events::{Event, Held, HoldReason, Mode};
 use agent_type_backfill::support::seed::{
     self, NewProfile, NewSnapshot, BIDCLIQ_URL, NORTHWIND_URL, SWIVEL_URL,
 };
@@ -691,32 +693,76 @@ async fn a_type_the_rule_does_not_know_holds_the_flip_and_writes_nothing() {
     .await
     .unwrap();
     let before = db.dump().await;
-    for mode in ["--dry-run", "--apply"] {
-        let (result, log) = run(&db, &[mode, "--format", "json"]).await;
+    for mode in [Mode::DryRun, Mode::Apply] {
+        // The events as the run emitted them, typed, before any printer rendered them.
+        let (result, events) = common::record(&BackfillConfig::new(mode, db.url.clone())).await;
         let error = result.unwrap_err();
         assert_eq!(exit_code(&error), 3, "{error:#}");
         assert!(error.to_string().contains("retail_media"), "{error:#}");
-        let events = events(log.as_bytes());
-        let held = event_for(&events, "held", "retailer");
-        assert_eq!(held["reason"], "unrecognised_inferred_type");
-        assert_eq!(held["inferred_type"], "retail_media");
+        let held: Vec<&Held> = events
+            .iter()
+            .filter_map(|event| match event {
+                Event::Held(held) => Some(held),
+                _ => None,
+            })
+            .collect();
+        let described: Vec<(&str, &str, &str, HoldReason, Option<&str>)> = held
+            .iter()
+            .map(|held| {
+                (
+                    held.flip.profile.as_str(),
+                    held.flip.from.as_str().unwrap(),
+                    held.flip.to.as_str(),
+                    held.reason,
+                    held.inferred_type.as_deref(),
+                )
+            })
+            .collect();
         assert_eq!(
-            (held["from"].as_str(), held["to"].as_str()),
-            (Some("sales"), Some("unknown"))
+            described,
+            [
+                (
+                    "declared-newer",
+                    "retail_media",
+                    "unknown",
+                    HoldReason::UnrecognisedInferredType,
+                    Some("retail_media")
+                ),
+                (
+                    "retailer",
+                    "sales",
+                    "unknown",
+                    HoldReason::UnrecognisedInferredType,
+                    Some("retail_media")
+                ),
+            ]
         );
-        let stored = event_for(&events, "held", "declared-newer");
-        assert_eq!(stored["inferred_type"], "retail_media");
-        let summary = events.last().unwrap();
-        assert_eq!(summary["held"], 2);
+        let Some(Event::Summary(summary)) = events.last() else {
+            panic!("the last event is the summary: {events:?}");
+        };
+        assert_eq!(summary.held, 2);
         assert_eq!(
-            summary["unrecognised_inferred_types"],
-            json!({"ctv": 1, "retail_media": 1})
+            summary.unrecognised_inferred_types,
+            [("ctv".to_owned(), 1), ("retail_media".to_owned(), 1)].into()
         );
-        assert_eq!(summary["written"], 0);
+        assert_eq!(summary.written, 0);
         // The expected flips are listed as flips, and not written either.
-        assert_eq!(flip_events(&log).len(), 2);
-        assert_eq!(db.dump().await, before, "{mode} wrote");
+        assert_eq!(
+            events
+                .iter()
+                .filter(|event| matches!(event, Event::Flip(_)))
+                .count(),
+            2
+        );
+        assert_eq!(db.dump().await, before, "{mode:?} wrote");
     }
+    let (result, log) = run(&db, &["--dry-run", "--format", "json"]).await;
+    assert_eq!(exit_code(&result.unwrap_err()), 3);
+    let held = event_for(&events(log.as_bytes()), "held", "retailer").clone();
+    assert_eq!(
+        (held["reason"].as_str(), held["inferred_type"].as_str()),
+        (Some("unrecognised_inferred_type"), Some("retail_media"))
+    );
     let (_, text) = run(&db, &["--dry-run"]).await;
     assert!(
         text.contains("  held  retailer  https://retail.example/mcp  sales -> unknown  (probed 30h ago)  [type unknown to this tool's rule; the server may be newer: stop: 'retail_media']"),

@@ -373,6 +373,19 @@ pub async fn execute_with(
     agent_type_backfill::backfill::execute(&config, printer.as_mut(), stop).await
 }
 
+/// Runs the backfill `config` describes and keeps its log as typed events, in memory.
+pub async fn record(
+    config: &BackfillConfig,
+) -> (
+    anyhow::Result<Summary>,
+    Vec<agent_type_backfill::events::Event>,
+) {
+    let mut recorder = report::Recorder::default();
+    let result =
+        agent_type_backfill::backfill::execute(config, &mut recorder, StopSignal::never()).await;
+    (result, recorder.events)
+}
+
 /// `revert` with these flags (after `revert`) against `url`; its log into `out`.
 pub async fn revert(flags: &[&str], url: &str, out: &mut Vec<u8>) -> anyhow::Result<Summary> {
     let mut argv = vec!["agent-type-backfill", "revert", "--database-url", url];
