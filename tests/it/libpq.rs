@@ -5,8 +5,8 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::common::deployment::{registry_on, tool};
 use crate::common::events;
-use crate::support::{registry_on, tool};
 use agent_type_backfill::support::ephemeral::EphemeralPostgres;
 
 /// A password with both characters a password file must escape.

@@ -8,7 +8,7 @@
 //! - reliability: concurrent writers, killed processes and sessions, restarts and timeouts;
 //! - pooler, standby, privileges, libpq: production deployment shapes (PgBouncer in both pool
 //!   modes, a streaming standby, least-privilege roles, the password file and socket targets),
-//!   with their own PgBouncer, standby or server from `support`;
+//!   with their own PgBouncer, standby or server from `common::deployment`;
 //! - server_versions: what could change between PostgreSQL versions (scripts/pg-matrix).
 
 mod audit;
@@ -26,5 +26,4 @@ mod reliability;
 mod resolver_properties;
 mod server_versions;
 mod standby;
-mod support;
 mod tls;

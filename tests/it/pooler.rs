@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use crate::cli::{hold_the_snapshot_table, tool_sessions_left, tool_waits_on_a_lock};
+use crate::common::deployment::{host_port, tool, via, PgBouncer, PoolMode};
 use crate::common::{events, TestDb, Tool};
-use crate::support::{host_port, tool, via, PgBouncer, PoolMode};
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
 

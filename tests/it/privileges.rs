@@ -2,8 +2,8 @@
 //! role missing any one of them stops at preflight (exit 4) naming the privilege and its GRANT,
 //! with nothing read or written.
 
+use crate::common::deployment::{as_user, role_name, tool};
 use crate::common::{events, TestDb};
-use crate::support::{as_user, role_name, tool};
 
 /// Each GRANT of RUNBOOK.md, by what it gives, with the role written `backfill` as there.
 const SELECT_PROFILES: &str = "GRANT SELECT ON member_profiles TO backfill;";

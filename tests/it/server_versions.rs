@@ -6,7 +6,7 @@
 //! each as well.
 
 use crate::common;
-use crate::support::{as_user, role_name};
+use crate::common::deployment::{as_user, role_name};
 
 use std::time::Duration;
 

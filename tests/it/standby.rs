@@ -3,8 +3,8 @@
 //! primary), and a role whose transactions are read-only by default. Writes stop at preflight;
 //! a plan made on the standby applies on its primary.
 
+use crate::common::deployment::{as_user, registry_on, role_name, tool};
 use crate::common::{events, TestDb};
-use crate::support::{as_user, registry_on, role_name, tool};
 use agent_type_backfill::support::ephemeral::EphemeralPostgres;
 use serde_json::Value;
 

@@ -1,6 +1,7 @@
 //! Shared test support: one throwaway PostgreSQL per test binary (or the server named by
 //! DATABASE_URL), and a fresh database with `migrations/` applied for every test.
 
+pub mod deployment;
 mod tool;
 
 pub use tool::{Finished, Scratch, Tool, ToolRun, BIN, HANG};

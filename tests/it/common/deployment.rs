@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use agent_type_backfill::support::ephemeral::server_owner;
 use uuid::Uuid;
 
-use crate::common::{Finished, Tool};
+use super::{Finished, Tool};
 
 /// Runs the built binary against `url` with a clean environment plus `env` (no password file
 /// from the developer's own environment either).
