@@ -6,7 +6,6 @@ use agent_type_backfill::audit;
 use agent_type_backfill::backfill::execute;
 use agent_type_backfill::cli::{Cli, Command};
 use agent_type_backfill::error::exit_code;
-use agent_type_backfill::interrupt::StopSignal;
 use agent_type_backfill::report::Summary;
 use agent_type_backfill::seed::{self, NewProfile, NewSnapshot, BIDCLIQ_URL, SWIVEL_URL};
 use clap::Parser;
@@ -22,15 +21,7 @@ async fn apply(db: &TestDb) -> String {
 }
 
 async fn revert(db: &TestDb, flags: &[&str]) -> (anyhow::Result<Summary>, Vec<Value>) {
-    let mut argv = vec!["agent-type-backfill", "revert"];
-    argv.extend_from_slice(flags);
-    argv.extend_from_slice(&["--format", "json"]);
-    let Some(Command::Revert(revert_args)) = Cli::try_parse_from(argv).unwrap().command else {
-        unreachable!("parsed a revert command line")
-    };
-    let mut out = Vec::new();
-    let result = audit::revert(&revert_args, &db.url, &mut out, StopSignal::never()).await;
-    (result, events(&out))
+    common::revert(&db.url, flags).await
 }
 
 async fn history(db: &TestDb, flags: &[&str]) -> (anyhow::Result<()>, Vec<Value>) {

@@ -69,9 +69,10 @@ async fn the_password_never_appears_in_any_output_of_any_command() {
         url.contains(SECRET_IN_URL),
         "the test URL carries the secret"
     );
-    let scratch = std::env::temp_dir().join(format!("atb-secrets-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).unwrap();
-    let plan = scratch.join("plan.json");
+    let scratch =
+        RemovedOnDrop(std::env::temp_dir().join(format!("atb-secrets-{}", std::process::id())));
+    std::fs::create_dir_all(&scratch.0).unwrap();
+    let plan = scratch.0.join("plan.json");
     let plan = plan.to_str().unwrap();
 
     for format in ["text", "json"] {
@@ -150,7 +151,15 @@ async fn the_password_never_appears_in_any_output_of_any_command() {
         "apply, revert and re-apply each wrote 2 rows"
     );
     assert_no_secret("the audit table", &db.dump().await);
-    std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+/// The plan file's directory, removed however the test ends.
+struct RemovedOnDrop(std::path::PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 #[test]

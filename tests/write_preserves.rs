@@ -5,12 +5,8 @@
 
 mod common;
 
-use agent_type_backfill::audit;
 use agent_type_backfill::backfill::execute;
-use agent_type_backfill::cli::{Cli, Command};
-use agent_type_backfill::interrupt::StopSignal;
 use agent_type_backfill::seed::{self, NewProfile, NewSnapshot};
-use clap::Parser;
 use common::{args, events, TestDb};
 use serde_json::json;
 use uuid::Uuid;
@@ -144,13 +140,8 @@ async fn flipped_profile_keeps_null_and_missing_types_unknown_keys_and_numbers_b
 
     // The revert restores the original bytes, too.
     let run_id = db.audit_rows().await[0].run_id.clone().unwrap();
-    let argv = ["agent-type-backfill", "revert", run_id.as_str(), "--apply"];
-    let Some(Command::Revert(revert_args)) = Cli::try_parse_from(argv).unwrap().command else {
-        unreachable!("parsed a revert command line")
-    };
-    let reverted = audit::revert(&revert_args, &db.url, &mut Vec::new(), StopSignal::never())
-        .await
-        .unwrap();
+    let (reverted, _) = common::revert(&db.url, &[&run_id, "--apply"]).await;
+    let reverted = reverted.unwrap();
     assert_eq!(reverted.written, 1);
     assert_eq!(
         agents_text(&db, id).await,

@@ -234,3 +234,25 @@ pub fn events(output: &[u8]) -> Vec<serde_json::Value> {
         .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
         .collect()
 }
+
+/// `revert` with these arguments (`--format json` added) against `url`: its result and events.
+pub async fn revert(
+    url: &str,
+    flags: &[&str],
+) -> (
+    anyhow::Result<agent_type_backfill::report::Summary>,
+    Vec<serde_json::Value>,
+) {
+    let mut argv = vec!["agent-type-backfill", "revert"];
+    argv.extend_from_slice(flags);
+    argv.extend_from_slice(&["--format", "json"]);
+    let Some(agent_type_backfill::cli::Command::Revert(revert_args)) =
+        Cli::try_parse_from(argv).unwrap().command
+    else {
+        unreachable!("parsed a revert command line")
+    };
+    let mut out = Vec::new();
+    let never = agent_type_backfill::interrupt::StopSignal::never();
+    let result = agent_type_backfill::audit::revert(&revert_args, url, &mut out, never).await;
+    (result, events(&out))
+}
