@@ -238,27 +238,98 @@ async fn preflight_failure_exits_4() {
     assert!(done.stdout.is_empty());
 }
 
+/// A temporary directory the tool is pointed at through `TMPDIR`; removed when the test ends,
+/// whether it passes or fails, so a failing assertion leaves no `atb-rehearse-*` behind.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let path = std::env::temp_dir().join(format!("atb-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap();
+        // The throwaway cluster belongs to the postgres user when this runs as root.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o1777))
+            .unwrap();
+        Scratch(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+
+    /// What the tool left in the directory, apart from `keep`.
+    fn leftovers(&self, keep: &str) -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(&self.0)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .filter(|name| name != keep)
+            .collect()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
 fn rehearse_runs_the_whole_procedure_and_leaves_nothing_behind() {
-    let scratch = std::env::temp_dir().join(format!("atb-rehearse-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).unwrap();
-    // The throwaway cluster belongs to the postgres user when this runs as root.
-    std::fs::set_permissions(
-        &scratch,
-        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
-    )
-    .unwrap();
+    let scratch = Scratch::new("rehearse");
     let done = Run::new(&["rehearse", "--profiles", "50"])
-        .env("TMPDIR", scratch.to_str().unwrap())
+        .env("TMPDIR", scratch.path())
         .run();
     assert_eq!(done.code, 0, "{}\n{}", done.stdout, done.stderr);
     assert_eq!(done.stdout.matches("=== rehearsal ").count(), 3);
     assert!(done.stdout.contains(
         "rehearsal passed: the dry-run planned 2 flips, the apply wrote 2 with 2 audit rows"
     ));
-    let leftovers: Vec<_> = std::fs::read_dir(&scratch).unwrap().collect();
+    let leftovers = scratch.leftovers("");
     assert!(leftovers.is_empty(), "rehearse left {leftovers:?}");
-    std::fs::remove_dir(&scratch).unwrap();
+}
+
+/// A rehearsal that fails after its server started (here every transaction is read only, so
+/// creating the registry fails) still stops the server and removes its directory.
+#[test]
+fn failed_rehearsal_leaves_nothing_behind() {
+    let scratch = Scratch::new("rehearse-fails");
+    let real = agent_type_backfill::ephemeral::server_bin_dir().unwrap();
+    let bin = scratch.0.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    for tool in ["initdb", "pg_isready"] {
+        std::os::unix::fs::symlink(real.join(tool), bin.join(tool)).unwrap();
+    }
+    let postgres = bin.join("postgres");
+    std::fs::write(
+        &postgres,
+        format!(
+            "#!/bin/sh\nexec {:?} \"$@\" -c default_transaction_read_only=on\n",
+            real.join("postgres")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &postgres,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    let done = Run::new(&["rehearse", "--profiles", "5"])
+        .env("TMPDIR", scratch.path())
+        .env("PG_BIN", bin.to_str().unwrap())
+        .run();
+    assert_eq!(done.code, 1, "{}\n{}", done.stdout, done.stderr);
+    assert!(
+        done.stderr
+            .contains("error: could not create the rehearsal database"),
+        "{}",
+        done.stderr
+    );
+    let leftovers = scratch.leftovers("bin");
+    assert!(
+        leftovers.is_empty(),
+        "a failed rehearsal left {leftovers:?}"
+    );
 }
 
 /// The binary started in the background against `url`, for tests that signal it mid-run.
