@@ -221,3 +221,55 @@ fn self_declared_buying_agents_are_kept_by_the_resolver_and_never_read_by_the_pr
     assert_eq!(audit.len(), 1);
     assert_eq!(audit[0].agent_url, STALE_URL);
 }
+
+/// `--allow-transition` must match both ends of a flip: allowing only its source or only its
+/// target refuses the run (exit 3, nothing written), and allowing it writes.
+#[tokio::test]
+async fn allow_transition_needs_both_ends_of_every_flip() {
+    let db = TestDb::seeded(10).await;
+    let before = db.dump().await;
+    for allowed in ["buying->signals", "buyer->sales"] {
+        let (refused, log) = backfill(&db.url, &["--apply", "--allow-transition", allowed]).await;
+        let error = refused.unwrap_err();
+        assert_eq!(exit_code(&error), 3, "{allowed}: {error:#}");
+        assert_eq!(
+            error.downcast_ref::<Failure>(),
+            Some(&Failure::TransitionNotAllowed {
+                transitions: vec!["buying->sales".to_owned()]
+            }),
+            "{allowed}"
+        );
+        let listed = log.iter().filter(|e| e["event"] == "not_allowed").count();
+        assert_eq!(listed, 2, "{allowed}: every refused flip is listed");
+        assert_eq!(db.dump().await, before, "{allowed} wrote something");
+    }
+    let (allowed, _) = backfill(&db.url, &["--apply", "--allow-transition", "buying->sales"]).await;
+    assert_eq!(allowed.unwrap().written, 2);
+}
+
+/// An apply held to a reviewed plan counts the profiles it will write, not the profiles of the
+/// fresh plan: a departed flip's profile is not "with type changes".
+#[tokio::test]
+async fn apply_with_a_plan_counts_only_the_profiles_it_keeps() {
+    let db = TestDb::seeded(10).await;
+    let scratch = std::env::temp_dir().join(format!("atb-guards-plan-{}.json", Uuid::new_v4()));
+    let plan = scratch.to_str().unwrap();
+    let (dry, _) = backfill(&db.url, &["--dry-run", "--plan-out", plan]).await;
+    assert_eq!(dry.unwrap().profiles_changed, 2);
+    // swivel's agent changes after review: its reviewed flip no longer holds, and the new one
+    // (creative -> sales) was never reviewed.
+    db.member_sets_type("swivel", 1, "creative").await;
+    let (applied, _) = backfill(&db.url, &["--apply", "--plan", plan]).await;
+    std::fs::remove_file(&scratch).unwrap();
+    let summary = applied.unwrap();
+    assert_eq!(
+        (
+            summary.flips,
+            summary.profiles_changed,
+            summary.written,
+            summary.skipped,
+            summary.unplanned
+        ),
+        (1, 1, 1, 1, 1)
+    );
+}
