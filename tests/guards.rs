@@ -10,6 +10,7 @@ use agent_type_backfill::report::Summary;
 use agent_type_backfill::seed::{self, NewProfile, NewSnapshot};
 use common::{args, events, revert, TestDb};
 use serde_json::{json, Value};
+use sqlx::Connection;
 use uuid::Uuid;
 
 async fn backfill(url: &str, flags: &[&str]) -> (anyhow::Result<Summary>, Vec<Value>) {
@@ -272,4 +273,95 @@ async fn apply_with_a_plan_counts_only_the_profiles_it_keeps() {
         ),
         (1, 1, 1, 1, 1)
     );
+}
+
+/// The binary against `url` with `flags`, info logging on stderr: (exit code, stdout, stderr).
+fn run_binary(url: &str, flags: &[&str]) -> (i32, String, String) {
+    let output = assert_cmd::Command::cargo_bin("agent-type-backfill")
+        .unwrap()
+        .args(flags)
+        .env("DATABASE_URL", url)
+        .env_remove("PGPASSWORD")
+        .env("RUST_LOG", "agent_type_backfill=info")
+        // A run that retries for ever fails the test instead of hanging it.
+        .timeout(std::time::Duration::from_secs(30))
+        .output()
+        .unwrap();
+    (
+        output.status.code().expect("exited, not signalled"),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+/// Only lock and statement timeouts, deadlocks and serialization failures are retried: any other
+/// error in a batch ends the run at once with that error, instead of being retried or reported
+/// as a timeout.
+#[test]
+fn an_error_that_is_not_a_timeout_ends_the_run_without_retrying() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (db, before) = runtime.block_on(async {
+        let db = TestDb::seeded(10).await;
+        for statement in [
+            "CREATE FUNCTION refuse_write() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'registry frozen for maintenance'; END $$",
+            "CREATE TRIGGER refuse_write BEFORE UPDATE ON member_profiles \
+             FOR EACH ROW EXECUTE FUNCTION refuse_write()",
+        ] {
+            sqlx::query(statement).execute(&db.pool).await.unwrap();
+        }
+        let before = db.dump().await;
+        (db, before)
+    });
+    let (code, stdout, stderr) = run_binary(
+        &db.url,
+        &["--apply", "--write-attempts", "4", "--format", "json"],
+    );
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("error: could not update member_profiles")
+            && stderr.contains("registry frozen for maintenance"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("retrying"), "{stderr}");
+    assert!(!stdout.contains("not_written_timeout"), "{stdout}");
+    assert_eq!(runtime.block_on(db.dump()), before);
+}
+
+/// `--write-attempts N` tries a batch that keeps hitting the lock timeout exactly N times.
+#[test]
+fn write_attempts_is_the_number_of_tries_not_retries() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = runtime.block_on(TestDb::seeded(10));
+    let holder = runtime.block_on(async {
+        let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+        sqlx::query("SELECT 1 FROM member_profiles WHERE slug = 'bidcliq' FOR UPDATE")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        holder
+    });
+    let (code, stdout, stderr) = run_binary(
+        &db.url,
+        &[
+            "--apply",
+            "--lock-timeout",
+            "100ms",
+            "--write-attempts",
+            "3",
+            "--format",
+            "json",
+        ],
+    );
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    let summary = events(stdout.as_bytes()).pop().unwrap();
+    assert_eq!(
+        (&summary["written"], &summary["skipped"]),
+        (&json!(0), &json!(2)),
+        "both flips share the batch that timed out"
+    );
+    assert_eq!(stderr.matches("; retrying").count(), 2, "{stderr}");
+    assert_eq!(stderr.matches("giving up on it").count(), 1, "{stderr}");
+    runtime.block_on(holder.close()).unwrap();
 }
