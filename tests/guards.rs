@@ -8,7 +8,7 @@ use agent_type_backfill::backfill::execute;
 use agent_type_backfill::error::{exit_code, Failure};
 use agent_type_backfill::report::Summary;
 use agent_type_backfill::seed::{self, NewProfile, NewSnapshot};
-use common::{args, events, revert, TestDb};
+use common::{args, events, revert, RemovedOnDrop, TestDb};
 use serde_json::{json, Value};
 use sqlx::Connection;
 use uuid::Uuid;
@@ -253,15 +253,16 @@ async fn allow_transition_needs_both_ends_of_every_flip() {
 #[tokio::test]
 async fn apply_with_a_plan_counts_only_the_profiles_it_keeps() {
     let db = TestDb::seeded(10).await;
-    let scratch = std::env::temp_dir().join(format!("atb-guards-plan-{}.json", Uuid::new_v4()));
-    let plan = scratch.to_str().unwrap();
+    let scratch = RemovedOnDrop(
+        std::env::temp_dir().join(format!("atb-guards-plan-{}.json", Uuid::new_v4())),
+    );
+    let plan = scratch.0.to_str().unwrap();
     let (dry, _) = backfill(&db.url, &["--dry-run", "--plan-out", plan]).await;
     assert_eq!(dry.unwrap().profiles_changed, 2);
     // swivel's agent changes after review: its reviewed flip no longer holds, and the new one
     // (creative -> sales) was never reviewed.
     db.member_sets_type("swivel", 1, "creative").await;
     let (applied, _) = backfill(&db.url, &["--apply", "--plan", plan]).await;
-    std::fs::remove_file(&scratch).unwrap();
     let summary = applied.unwrap();
     assert_eq!(
         (

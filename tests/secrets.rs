@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{events, TestDb};
+use common::{events, RemovedOnDrop, TestDb};
 
 /// Percent-encoded in the URL; the tool decodes it before sending it, so both spellings are
 /// searched for. Trust authentication ignores it, which is why every command still connects.
@@ -151,15 +151,6 @@ async fn the_password_never_appears_in_any_output_of_any_command() {
         "apply, revert and re-apply each wrote 2 rows"
     );
     assert_no_secret("the audit table", &db.dump().await);
-}
-
-/// The plan file's directory, removed however the test ends.
-struct RemovedOnDrop(std::path::PathBuf);
-
-impl Drop for RemovedOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 #[test]

@@ -256,3 +256,14 @@ pub async fn revert(
     let result = agent_type_backfill::audit::revert(&revert_args, url, &mut out, never).await;
     (result, events(&out))
 }
+
+/// A scratch file or directory, removed however the test ends.
+pub struct RemovedOnDrop(pub std::path::PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        if std::fs::remove_file(&self.0).is_err() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
