@@ -398,4 +398,32 @@ mod tests {
             .check_applies_to(&fingerprint(Some("7301"), "registry"), now, day)
             .is_err());
     }
+
+    /// Without a system identifier, host, port and database each decide alone; a plan exactly
+    /// `--plan-max-age` old still applies. Both were survivors of the mutation run.
+    #[test]
+    fn each_part_of_the_target_decides_and_the_age_limit_is_inclusive() {
+        let now = Utc::now();
+        let day = Duration::from_secs(24 * 3600);
+        let plan = plan_made(now, fingerprint(None, "registry"));
+        let other_host = Fingerprint {
+            host: "db-replica".into(),
+            ..fingerprint(None, "registry")
+        };
+        let other_port = Fingerprint {
+            port: 5433,
+            ..fingerprint(None, "registry")
+        };
+        for other in [other_host, other_port] {
+            let error = plan.check_applies_to(&other, now, day).unwrap_err();
+            assert_eq!(crate::error::exit_code(&error), 2, "{other:?}");
+        }
+        let at_limit = plan_made(
+            now - chrono::Duration::hours(24),
+            fingerprint(None, "registry"),
+        );
+        assert!(at_limit
+            .check_applies_to(&fingerprint(None, "registry"), now, day)
+            .is_ok());
+    }
 }

@@ -645,6 +645,16 @@ mod tests {
         assert_eq!(nesting_depth("[[],[[]]]"), 3);
     }
 
+    /// Brackets after a string count again: an escaped quote does not end the string, an
+    /// escaped backslash does not escape the closing quote. Each case fails when one arm of the
+    /// string state machine is dropped (survivors of the mutation run).
+    #[test]
+    fn nesting_depth_counts_again_after_strings_with_escapes() {
+        assert_eq!(nesting_depth(r#"[{"a":"x\"]]","b":[[1]]}]"#), 4);
+        assert_eq!(nesting_depth(r#"["\\",[[2]]]"#), 3);
+        assert_eq!(nesting_depth(r#"["",[[]]]"#), 3);
+    }
+
     #[test]
     fn numbers_beyond_f64_range_do_not_fail_the_parse() {
         let text = r#"[{"url":"u","type":"buyer","big":1e400,"n":123456789012345678901234567890}]"#;

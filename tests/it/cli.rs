@@ -197,25 +197,58 @@ async fn preflight_failure_exits_4() {
 
 #[test]
 fn rehearse_runs_the_whole_procedure_and_leaves_nothing_behind() {
-    let scratch = std::env::temp_dir().join(format!("atb-rehearse-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).unwrap();
-    // The throwaway cluster belongs to the postgres user when this runs as root.
-    std::fs::set_permissions(
-        &scratch,
-        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
-    )
-    .unwrap();
+    // Removed however the test ends: a failing assertion used to leave it behind.
+    let scratch = common::Scratch::for_a_server();
     let done = Tool::new(&["rehearse", "--profiles", "50"])
-        .env("TMPDIR", scratch.to_str().unwrap())
+        .env("TMPDIR", scratch.path())
         .run();
     assert_eq!(done.code(), 0, "{}\n{}", done.stdout, done.stderr);
     assert_eq!(done.stdout.matches("=== rehearsal ").count(), 3);
     assert!(done.stdout.contains(
         "rehearsal passed: the dry-run planned 2 flips, the apply wrote 2 with 2 audit rows"
     ));
-    let leftovers: Vec<_> = std::fs::read_dir(&scratch).unwrap().collect();
+    let leftovers = scratch.leftovers("");
     assert!(leftovers.is_empty(), "rehearse left {leftovers:?}");
-    std::fs::remove_dir(&scratch).unwrap();
+}
+
+/// A rehearsal that fails after its server started (here every transaction is read only, so
+/// creating the registry fails) still stops the server and removes its directory.
+#[test]
+fn failed_rehearsal_leaves_nothing_behind() {
+    use std::os::unix::fs::PermissionsExt;
+    let scratch = common::Scratch::for_a_server();
+    let real = agent_type_backfill::support::ephemeral::server_bin_dir().unwrap();
+    let bin = scratch.0.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::os::unix::fs::symlink(real.join("initdb"), bin.join("initdb")).unwrap();
+    let postgres = bin.join("postgres");
+    std::fs::write(
+        &postgres,
+        format!(
+            "#!/bin/sh\nexec {:?} \"$@\" -c default_transaction_read_only=on\n",
+            real.join("postgres")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&postgres, PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&bin, PermissionsExt::from_mode(0o755)).unwrap();
+
+    let done = Tool::new(&["rehearse", "--profiles", "5"])
+        .env("TMPDIR", scratch.path())
+        .env("PG_BIN", bin.to_str().unwrap())
+        .run();
+    assert_eq!(done.code(), 1, "{}\n{}", done.stdout, done.stderr);
+    assert!(
+        done.stderr
+            .contains("error: could not create the rehearsal database"),
+        "{}",
+        done.stderr
+    );
+    let leftovers = scratch.leftovers("bin");
+    assert!(
+        leftovers.is_empty(),
+        "a failed rehearsal left {leftovers:?}"
+    );
 }
 
 /// Sessions of the tool in `pg_stat_activity` that are running a statement.

@@ -399,6 +399,29 @@ pub async fn revert(flags: &[&str], url: &str, out: &mut Vec<u8>) -> anyhow::Res
     agent_type_backfill::audit::revert(&config, printer.as_mut(), StopSignal::never()).await
 }
 
+/// `revert` with these flags (`--format json` added) against `url`: its result and its events.
+pub async fn revert_json(
+    url: &str,
+    flags: &[&str],
+) -> (anyhow::Result<Summary>, Vec<serde_json::Value>) {
+    let mut flags = flags.to_vec();
+    flags.extend_from_slice(&["--format", "json"]);
+    let mut out = Vec::new();
+    let result = revert(&flags, url, &mut out).await;
+    (result, events(&out))
+}
+
+/// A scratch file or directory, removed however the test ends.
+pub struct RemovedOnDrop(pub std::path::PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        if std::fs::remove_file(&self.0).is_err() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
 /// `history` with these flags (after `history`) against `url`; its log into `out`.
 pub async fn history(flags: &[&str], url: &str, out: &mut Vec<u8>) -> anyhow::Result<()> {
     let mut argv = vec!["agent-type-backfill", "history", "--database-url", url];

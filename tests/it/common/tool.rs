@@ -28,6 +28,31 @@ impl Scratch {
         std::fs::create_dir_all(&dir).unwrap();
         Scratch(dir)
     }
+
+    /// A scratch directory the tool may use as `TMPDIR` for a throwaway server, which belongs to
+    /// the `postgres` user when the tests run as root.
+    pub fn for_a_server() -> Scratch {
+        let scratch = Scratch::new();
+        std::fs::set_permissions(
+            &scratch.0,
+            std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+        )
+        .unwrap();
+        scratch
+    }
+
+    pub fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+
+    /// What is in the directory, apart from `keep`.
+    pub fn leftovers(&self, keep: &str) -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(&self.0)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .filter(|name| name != keep)
+            .collect()
+    }
 }
 
 impl Drop for Scratch {
@@ -72,6 +97,27 @@ impl Tool {
         let mut run = self.spawn_into(&scratch, "run");
         let status = run.child.wait().unwrap();
         run.finished(status)
+    }
+
+    /// Runs to the end, or kills the run and fails the test once it has taken `limit`: for runs
+    /// a defect could keep retrying for ever.
+    pub fn run_within(self, limit: Duration) -> Finished {
+        let scratch = Scratch::new();
+        let mut run = self.spawn_into(&scratch, "run");
+        loop {
+            if let Some(status) = run.child.try_wait().unwrap() {
+                return run.finished(status);
+            }
+            if run.started.elapsed() > limit {
+                run.kill();
+                let _ = run.child.wait();
+                panic!(
+                    "the tool ran past {limit:?}; stderr:\n{}",
+                    std::fs::read_to_string(&run.stderr).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Starts the run in the background, logging into a scratch directory of its own.

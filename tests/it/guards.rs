@@ -1,0 +1,353 @@
+//! What stops a run from writing what it should not: the `--max-flips` boundary for the backfill
+//! and for `revert`, a dry-run that cannot write even without its READ ONLY transaction, and the
+//! `buying` carve-out end to end. Each test is named for the mutant of issue 13 it kills.
+
+use crate::common;
+
+use agent_type_backfill::error::{exit_code, Failure};
+use agent_type_backfill::events::Summary;
+use agent_type_backfill::support::seed::{self, NewProfile, NewSnapshot};
+use common::{args, events, execute, revert_json as revert, RemovedOnDrop, TestDb, Tool};
+use serde_json::{json, Value};
+use sqlx::Connection;
+use uuid::Uuid;
+
+async fn backfill(url: &str, flags: &[&str]) -> (anyhow::Result<Summary>, Vec<Value>) {
+    let mut out = Vec::new();
+    let mut all = flags.to_vec();
+    all.extend(["--format", "json"]);
+    let result = execute(&args(&all), url, &mut out).await;
+    (result, events(&out))
+}
+
+fn assert_threshold_abort(result: anyhow::Result<Summary>, flips: usize, max_flips: usize) {
+    let error = result.unwrap_err();
+    assert_eq!(exit_code(&error), 3, "{error:#}");
+    assert_eq!(
+        error.downcast_ref::<Failure>(),
+        Some(&Failure::ThresholdExceeded { flips, max_flips })
+    );
+}
+
+/// Off-by-one in the threshold (`>=` for `>`): the seeded registry plans exactly 2 flips.
+#[tokio::test]
+async fn apply_at_exactly_max_flips_writes_and_one_over_writes_nothing() {
+    let db = TestDb::seeded(20).await;
+    let before = db.dump().await;
+    let (over, log) = backfill(&db.url, &["--apply", "--max-flips", "1"]).await;
+    assert_threshold_abort(over, 2, 1);
+    assert_eq!(log.last().unwrap()["aborted"], true);
+    assert_eq!(db.dump().await, before, "an aborted apply writes nothing");
+
+    let (at_limit, log) = backfill(&db.url, &["--apply", "--max-flips", "2"]).await;
+    let summary = at_limit.unwrap();
+    assert_eq!((summary.flips, summary.written), (2, 2));
+    assert_eq!(log.last().unwrap()["aborted"], false);
+    assert_eq!(db.audit_rows().await.len(), 2);
+    assert_eq!(db.agents_of("bidcliq").await[0]["type"], "sales");
+}
+
+#[tokio::test]
+async fn revert_at_exactly_max_flips_writes_and_one_over_writes_nothing() {
+    let db = TestDb::seeded(20).await;
+    let (applied, log) = backfill(&db.url, &["--apply"]).await;
+    assert_eq!(applied.unwrap().written, 2);
+    let run_id = log.last().unwrap()["run_id"].as_str().unwrap().to_owned();
+    let before = db.dump().await;
+
+    let (over, log) = revert(&db.url, &[&run_id, "--apply", "--max-flips", "1"]).await;
+    assert_threshold_abort(over, 2, 1);
+    assert_eq!(log.last().unwrap()["run_id"], Value::Null);
+    assert_eq!(db.dump().await, before, "an aborted revert writes nothing");
+
+    let (at_limit, _) = revert(&db.url, &[&run_id, "--apply", "--max-flips", "2"]).await;
+    assert_eq!(at_limit.unwrap().written, 2);
+    assert_eq!(db.audit_rows().await.len(), 4);
+    assert_eq!(db.agents_of("bidcliq").await[0]["type"], "buying");
+    assert_eq!(db.agents_of("swivel").await[1]["type"], "buying");
+}
+
+/// Every row version of the tables a run could write: an UPDATE, even of identical values,
+/// gives its row a new `xmin` and `ctid`; an INSERT or DELETE changes the set.
+async fn row_versions(db: &TestDb) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT t || ' ' || ctid::text || ' ' || xmin::text FROM ( \
+             SELECT 'member_profiles' AS t, ctid, xmin FROM member_profiles \
+             UNION ALL SELECT 'agent_capabilities_snapshot', ctid, xmin FROM agent_capabilities_snapshot \
+             UNION ALL SELECT 'type_reclassification_log', ctid, xmin FROM type_reclassification_log \
+         ) v ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// Independent of the planning transaction's READ ONLY: the dry-run runs as a role that may only
+/// read, so any statement that writes fails the run; and under the owner, no row gets a new
+/// version. A dry-run that wrote (through the write path, or with the same values) fails here
+/// even if the READ ONLY setting were gone.
+#[tokio::test]
+async fn dry_run_as_a_select_only_role_succeeds_and_leaves_every_row_version_alone() {
+    let db = TestDb::seeded(30).await;
+    let reader = format!("reader_{}", &Uuid::new_v4().simple().to_string()[..12]);
+    for statement in [
+        format!("CREATE ROLE {reader} LOGIN"),
+        format!("GRANT SELECT ON member_profiles, agent_capabilities_snapshot TO {reader}"),
+    ] {
+        sqlx::query(&statement).execute(&db.pool).await.unwrap();
+    }
+    let can_write: bool = sqlx::query_scalar(
+        "SELECT has_table_privilege($1, 'member_profiles', 'UPDATE') \
+             OR has_table_privilege($1, 'type_reclassification_log', 'INSERT')",
+    )
+    .bind(&reader)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(!can_write, "the reader must not be able to write");
+    let reader_url = db.url.replacen("postgres@", &format!("{reader}@"), 1);
+    assert_ne!(reader_url, db.url, "the test URL names the postgres user");
+
+    let before = row_versions(&db).await;
+    let (as_reader, log) = backfill(&reader_url, &["--dry-run"]).await;
+    let summary = as_reader.unwrap();
+    assert_eq!((summary.flips, summary.written), (2, 0));
+    assert_eq!(log[0]["target"]["user"], reader.as_str());
+
+    let (as_owner, _) = backfill(&db.url, &["--dry-run"]).await;
+    assert_eq!(as_owner.unwrap().flips, 2);
+    assert_eq!(row_versions(&db).await, before, "a dry-run wrote a row");
+
+    // The same user with the apply: preflight refuses before anything is read.
+    let (apply, _) = backfill(&reader_url, &["--apply"]).await;
+    assert_eq!(exit_code(&apply.unwrap_err()), 4);
+    assert_eq!(row_versions(&db).await, before);
+}
+
+const KEPT_URL: &str = "https://dsp.self-declared.example/mcp";
+const ALONE_URL: &str = "https://dsp.alone.example/mcp";
+const STALE_URL: &str = "https://ssp.stale.example/mcp";
+
+/// The `buying` carve-out lives twice: in the resolver (`SELF_DECLARED_TYPE`) and in the SQL
+/// prefilter (`db::FLIP_CANDIDATES`). The profile "mixed-buyer" is read because of its stale
+/// element, so the resolver's carve-out decides its self-declared agent; "alone-buyer" has only a
+/// self-declared agent, so the prefilter's carve-out decides whether it is read at all, which the
+/// run logs as its candidate count. Removing either carve-out fails this test.
+#[test]
+fn self_declared_buying_agents_are_kept_by_the_resolver_and_never_read_by_the_prefilter() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = runtime.block_on(async {
+        let db = TestDb::new().await;
+        let profiles = [
+            NewProfile {
+                id: Uuid::from_u128(0xb1),
+                slug: "mixed-buyer".into(),
+                display_name: "Mixed buyer".into(),
+                agents: Some(json!([
+                    {"url": KEPT_URL, "type": "buying", "name": "own DSP"},
+                    {"url": STALE_URL, "type": "buying", "name": "really a sales agent"}
+                ])),
+            },
+            NewProfile {
+                id: Uuid::from_u128(0xb2),
+                slug: "alone-buyer".into(),
+                display_name: "Alone buyer".into(),
+                agents: Some(json!([{"url": ALONE_URL, "type": "buying"}])),
+            },
+        ];
+        let snapshots = [
+            NewSnapshot::new(KEPT_URL, None),
+            NewSnapshot::new(ALONE_URL, None),
+            NewSnapshot::new(STALE_URL, Some("sales")),
+        ];
+        seed::insert(&db.pool, &profiles, &snapshots).await.unwrap();
+        db
+    });
+    let alone_before = runtime.block_on(db.agents_of("alone-buyer"));
+
+    let done = Tool::new(&["--apply", "--format", "json"])
+        .database(&db.url)
+        .env("RUST_LOG", "agent_type_backfill=info")
+        .run();
+    let (stdout, stderr) = (done.stdout, done.stderr);
+    assert_eq!(done.status.code(), Some(0), "{stdout}\n{stderr}");
+    let flips: Vec<(Value, Value, Value, Value)> = events(stdout.as_bytes())
+        .into_iter()
+        .filter(|event| event["event"] == "flip")
+        .map(|f| {
+            (
+                f["profile"].clone(),
+                f["index"].clone(),
+                f["from"].clone(),
+                f["to"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        flips,
+        [(
+            json!("mixed-buyer"),
+            json!(1),
+            json!("buying"),
+            json!("sales")
+        )],
+        "only the stale element flips; the self-declared buying agent is kept"
+    );
+    assert!(
+        stderr.contains("server pass complete profiles=2 candidates=1"),
+        "the prefilter reads only the profile with a flip:\n{stderr}"
+    );
+
+    let (mixed, alone, audit) = runtime.block_on(async {
+        (
+            db.agents_of("mixed-buyer").await,
+            db.agents_of("alone-buyer").await,
+            db.audit_rows().await,
+        )
+    });
+    assert_eq!(
+        mixed,
+        json!([
+            {"url": KEPT_URL, "type": "buying", "name": "own DSP"},
+            {"url": STALE_URL, "type": "sales", "name": "really a sales agent"}
+        ])
+    );
+    assert_eq!(alone, alone_before);
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].agent_url, STALE_URL);
+}
+
+/// `--allow-transition` must match both ends of a flip: allowing only its source or only its
+/// target refuses the run (exit 3, nothing written), and allowing it writes.
+#[tokio::test]
+async fn allow_transition_needs_both_ends_of_every_flip() {
+    let db = TestDb::seeded(10).await;
+    let before = db.dump().await;
+    for allowed in ["buying->signals", "buyer->sales"] {
+        let (refused, log) = backfill(&db.url, &["--apply", "--allow-transition", allowed]).await;
+        let error = refused.unwrap_err();
+        assert_eq!(exit_code(&error), 3, "{allowed}: {error:#}");
+        assert_eq!(
+            error.downcast_ref::<Failure>(),
+            Some(&Failure::TransitionNotAllowed {
+                transitions: vec!["buying->sales".to_owned()]
+            }),
+            "{allowed}"
+        );
+        let listed = log.iter().filter(|e| e["event"] == "not_allowed").count();
+        assert_eq!(listed, 2, "{allowed}: every refused flip is listed");
+        assert_eq!(db.dump().await, before, "{allowed} wrote something");
+    }
+    let (allowed, _) = backfill(&db.url, &["--apply", "--allow-transition", "buying->sales"]).await;
+    assert_eq!(allowed.unwrap().written, 2);
+}
+
+/// An apply held to a reviewed plan counts the profiles it will write, not the profiles of the
+/// fresh plan: a departed flip's profile is not "with type changes".
+#[tokio::test]
+async fn apply_with_a_plan_counts_only_the_profiles_it_keeps() {
+    let db = TestDb::seeded(10).await;
+    let scratch = RemovedOnDrop(
+        std::env::temp_dir().join(format!("atb-guards-plan-{}.json", Uuid::new_v4())),
+    );
+    let plan = scratch.0.to_str().unwrap();
+    let (dry, _) = backfill(&db.url, &["--dry-run", "--plan-out", plan]).await;
+    assert_eq!(dry.unwrap().profiles_changed, 2);
+    // swivel's agent changes after review: its reviewed flip no longer holds, and the new one
+    // (creative -> sales) was never reviewed.
+    db.member_sets_type("swivel", 1, "creative").await;
+    let (applied, _) = backfill(&db.url, &["--apply", "--plan", plan]).await;
+    let summary = applied.unwrap();
+    assert_eq!(
+        (
+            summary.flips,
+            summary.profiles_changed,
+            summary.written,
+            summary.skipped,
+            summary.unplanned
+        ),
+        (1, 1, 1, 1, 1)
+    );
+}
+
+/// The binary against `url` with `flags`, info logging on stderr: (exit code, stdout, stderr).
+fn run_binary(url: &str, flags: &[&str]) -> (i32, String, String) {
+    let done = Tool::new(flags)
+        .database(url)
+        .env("RUST_LOG", "agent_type_backfill=info")
+        // A run that retries for ever fails the test instead of hanging it.
+        .run_within(std::time::Duration::from_secs(30));
+    (done.code(), done.stdout, done.stderr)
+}
+
+/// Only lock and statement timeouts, deadlocks and serialization failures are retried: any other
+/// error in a batch ends the run at once with that error, instead of being retried or reported
+/// as a timeout.
+#[test]
+fn an_error_that_is_not_a_timeout_ends_the_run_without_retrying() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (db, before) = runtime.block_on(async {
+        let db = TestDb::seeded(10).await;
+        for statement in [
+            "CREATE FUNCTION refuse_write() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'registry frozen for maintenance'; END $$",
+            "CREATE TRIGGER refuse_write BEFORE UPDATE ON member_profiles \
+             FOR EACH ROW EXECUTE FUNCTION refuse_write()",
+        ] {
+            sqlx::query(statement).execute(&db.pool).await.unwrap();
+        }
+        let before = db.dump().await;
+        (db, before)
+    });
+    let (code, stdout, stderr) = run_binary(
+        &db.url,
+        &["--apply", "--write-attempts", "4", "--format", "json"],
+    );
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("error: could not update member_profiles")
+            && stderr.contains("registry frozen for maintenance"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("retrying"), "{stderr}");
+    assert!(!stdout.contains("not_written_timeout"), "{stdout}");
+    assert_eq!(runtime.block_on(db.dump()), before);
+}
+
+/// `--write-attempts N` tries a batch that keeps hitting the lock timeout exactly N times.
+#[test]
+fn write_attempts_is_the_number_of_tries_not_retries() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = runtime.block_on(TestDb::seeded(10));
+    let holder = runtime.block_on(async {
+        let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+        sqlx::query("SELECT 1 FROM member_profiles WHERE slug = 'bidcliq' FOR UPDATE")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        holder
+    });
+    let (code, stdout, stderr) = run_binary(
+        &db.url,
+        &[
+            "--apply",
+            "--lock-timeout",
+            "100ms",
+            "--write-attempts",
+            "3",
+            "--format",
+            "json",
+        ],
+    );
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    let summary = events(stdout.as_bytes()).pop().unwrap();
+    assert_eq!(
+        (&summary["written"], &summary["skipped"]),
+        (&json!(0), &json!(2)),
+        "both flips share the batch that timed out"
+    );
+    assert_eq!(stderr.matches("; retrying").count(), 2, "{stderr}");
+    assert_eq!(stderr.matches("giving up on it").count(), 1, "{stderr}");
+    runtime.block_on(holder.close()).unwrap();
+}
