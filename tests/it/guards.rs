@@ -230,7 +230,8 @@ async fn allow_transition_needs_both_ends_of_every_flip() {
         assert_eq!(
             error.downcast_ref::<Failure>(),
             Some(&Failure::TransitionNotAllowed {
-                transitions: vec!["buying->sales".to_owned()]
+                // Messages spell a transition FROM:TO, which no shell mangles.
+                transitions: vec!["buying:sales".to_owned()]
             }),
             "{allowed}"
         );
