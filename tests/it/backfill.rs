@@ -13,7 +13,7 @@ use agent_type_backfill::support::seed::{
 };
 use common::{args, events, execute, TestDb};
 use serde_json::{json, Value};
-use sqlx::{Connection, PgConnection};
+use sqlx::Connection;
 
 async fn run(
     db: &TestDb,
@@ -333,21 +333,10 @@ async fn wait_for_blocked_writer(db: &TestDb) -> String {
     panic!("the backfill never blocked on the held row lock");
 }
 
-async fn lock_profile(db: &TestDb, slug: &str) -> PgConnection {
-    let mut holder = PgConnection::connect(&db.url).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
-    sqlx::query("SELECT 1 FROM member_profiles WHERE slug = $1 FOR UPDATE")
-        .bind(slug)
-        .execute(&mut holder)
-        .await
-        .unwrap();
-    holder
-}
-
 #[tokio::test]
 async fn profile_edited_between_plan_and_write_is_re_resolved_not_overwritten() {
     let db = TestDb::seeded(20).await;
-    let mut holder = lock_profile(&db, "bidcliq").await;
+    let mut holder = db.lock_profiles(&["bidcliq"]).await;
     let url = db.url.clone();
     let apply = tokio::spawn(async move {
         let mut out = Vec::new();
@@ -419,7 +408,7 @@ async fn profile_edited_between_plan_and_write_is_re_resolved_not_overwritten() 
 #[tokio::test]
 async fn concurrent_edit_that_keeps_the_flip_is_written_without_losing_the_edit() {
     let db = TestDb::seeded(20).await;
-    let mut holder = lock_profile(&db, "bidcliq").await;
+    let mut holder = db.lock_profiles(&["bidcliq"]).await;
     let url = db.url.clone();
     let apply = tokio::spawn(async move {
         let mut out = Vec::new();
@@ -444,7 +433,7 @@ async fn concurrent_edit_that_keeps_the_flip_is_written_without_losing_the_edit(
 #[tokio::test]
 async fn lock_timeout_is_retried_then_reported_never_half_applied() {
     let db = TestDb::seeded(20).await;
-    let holder = lock_profile(&db, "bidcliq").await;
+    let holder = db.lock_profiles(&["bidcliq"]).await;
     let before = db.dump().await;
     let (result, out) = run(
         &db,
@@ -478,7 +467,7 @@ async fn lock_timeout_is_retried_then_reported_never_half_applied() {
     holder.close().await.unwrap();
 
     // Released within the retry budget: the same command now finishes the job.
-    let holder = lock_profile(&db, "bidcliq").await;
+    let holder = db.lock_profiles(&["bidcliq"]).await;
     let release = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(300)).await;
         holder.close().await.unwrap();
@@ -520,7 +509,7 @@ async fn stop_request_lets_the_batch_in_flight_commit_then_reports_and_exits_143
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    let holder = lock_profile(&db, &first).await;
+    let holder = db.lock_profiles(&[&first]).await;
     let (stop, raise) = agent_type_backfill::interrupt::StopSignal::manual();
     let url = db.url.clone();
     let apply = tokio::spawn(async move {

@@ -288,14 +288,8 @@ pub(crate) async fn tool_waits_on_a_lock(db: &TestDb) -> bool {
 
 #[tokio::test]
 async fn sigterm_during_apply_prints_the_summary_and_exits_143() {
-    use sqlx::Connection;
     let db = TestDb::seeded(10).await;
-    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
-    sqlx::query("SELECT 1 FROM member_profiles WHERE slug IN ('bidcliq', 'swivel') FOR UPDATE")
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    let mut holder = db.lock_profiles(&["bidcliq", "swivel"]).await;
     let run = Tool::new(&["--apply", "--lock-timeout", "30s"])
         .database(&db.url)
         .spawn();
@@ -541,15 +535,9 @@ fn version_names_the_commit_and_completions_and_man_page_render() {
 /// After the signal no new attempt starts; the one in flight ends at `--lock-timeout`.
 #[tokio::test]
 async fn sigint_while_a_batch_waits_on_a_lock_starts_no_new_attempt() {
-    use sqlx::Connection;
     let db = TestDb::seeded(10).await;
     let before = db.dump().await;
-    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
-    sqlx::query("SELECT 1 FROM member_profiles WHERE slug = 'bidcliq' FOR UPDATE")
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    let mut holder = db.lock_profiles(&["bidcliq"]).await;
     let run = Tool::new(&["--apply", "--lock-timeout", "1s", "--write-attempts", "20"])
         .database(&db.url)
         .spawn();

@@ -320,15 +320,7 @@ fn an_error_that_is_not_a_timeout_ends_the_run_without_retrying() {
 fn write_attempts_is_the_number_of_tries_not_retries() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let db = runtime.block_on(TestDb::seeded(10));
-    let holder = runtime.block_on(async {
-        let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
-        sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
-        sqlx::query("SELECT 1 FROM member_profiles WHERE slug = 'bidcliq' FOR UPDATE")
-            .execute(&mut holder)
-            .await
-            .unwrap();
-        holder
-    });
+    let holder = runtime.block_on(db.lock_profiles(&["bidcliq"]));
     let (code, stdout, stderr) = run_binary(
         &db.url,
         &[

@@ -268,6 +268,19 @@ impl TestDb {
         dump
     }
 
+    /// A connection holding `FOR UPDATE` on the profiles with these slugs, in an open
+    /// transaction, until it commits, rolls back or is closed: a member's save in progress.
+    pub async fn lock_profiles(&self, slugs: &[&str]) -> PgConnection {
+        let mut holder = PgConnection::connect(&self.url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+        sqlx::query("SELECT 1 FROM member_profiles WHERE slug = ANY($1) FOR UPDATE")
+            .bind(slugs)
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        holder
+    }
+
     /// A member's own edit between runs: sets the `type` of one element of one profile.
     pub async fn member_sets_type(&self, slug: &str, index: usize, agent_type: &str) {
         sqlx::query(
