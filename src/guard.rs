@@ -179,3 +179,93 @@ pub fn transitions_refusal(refused: &[PlannedFlip]) -> Option<Failure> {
     transitions.dedup();
     Some(Failure::TransitionNotAllowed { transitions })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::{CrawlerEvidence, SnapshotRow};
+    use crate::resolver::Flip;
+    use serde_json::json;
+
+    fn flip(from: serde_json::Value, to: &str, probed: DateTime<Utc>) -> PlannedFlip {
+        let mut planned = PlannedFlip::found(
+            uuid::Uuid::nil(),
+            "acme",
+            Flip {
+                index: 0,
+                url: "https://acme.example/mcp".into(),
+                from,
+                to: to.into(),
+            },
+            Some(SnapshotRow {
+                inferred_type: Some(to.into()),
+                last_discovered: probed,
+                discovery_error: false,
+                oauth_required: false,
+            }),
+        );
+        planned.evidence = Some(CrawlerEvidence::for_flip(&[], to));
+        planned
+    }
+
+    fn holds<'a>(
+        guards: &'a Guards,
+        now: DateTime<Utc>,
+        none: &'a BTreeMap<String, u64>,
+    ) -> Holds<'a> {
+        Holds {
+            guards,
+            unrecognised_inferred_types: none,
+            now,
+            reviewed: None,
+        }
+    }
+
+    /// A probe exactly `--max-probe-age` old is still fresh; a millisecond older is stale.
+    #[test]
+    fn max_probe_age_holds_only_a_probe_older_than_the_limit() {
+        let now = Utc::now();
+        let guards = Guards {
+            max_probe_age: Some(std::time::Duration::from_secs(24 * 3600)),
+            ..Guards::default()
+        };
+        let none = BTreeMap::new();
+        let holds = holds(&guards, now, &none);
+        let day = chrono::Duration::hours(24);
+        assert_eq!(
+            holds.reason(&flip(json!("buying"), "sales", now - day)),
+            None
+        );
+        let older = now - day - chrono::Duration::milliseconds(1);
+        assert_eq!(
+            holds.reason(&flip(json!("buying"), "sales", older)),
+            Some((HoldReason::StaleProbe, None))
+        );
+    }
+
+    /// `--min-corroboration` holds a reclassification (known type to known type) only: the
+    /// crawler never logs a flip to or from `unknown`, so those are never held for lack of rows.
+    #[test]
+    fn min_corroboration_holds_reclassifications_only() {
+        let now = Utc::now();
+        let guards = Guards {
+            min_corroboration: Some(1),
+            ..Guards::default()
+        };
+        let none = BTreeMap::new();
+        let holds = holds(&guards, now, &none);
+        assert_eq!(
+            holds.reason(&flip(json!("buying"), "sales", now)),
+            Some((HoldReason::Uncorroborated, None))
+        );
+        for (from, to) in [(json!("unknown"), "sales"), (json!("buyer"), "unknown")] {
+            assert_eq!(
+                holds.reason(&flip(from.clone(), to, now)),
+                None,
+                "{from} -> {to}"
+            );
+        }
+        // A missing or null stored type reads as "unknown", and a non-string one is no type.
+        assert_eq!(holds.reason(&flip(json!(3), "sales", now)), None);
+    }
+}
