@@ -342,5 +342,11 @@ fn write_attempts_is_the_number_of_tries_not_retries() {
     );
     assert_eq!(stderr.matches("; retrying").count(), 2, "{stderr}");
     assert_eq!(stderr.matches("giving up on it").count(), 1, "{stderr}");
+    // The error says what the summary says: nothing was written.
+    assert!(
+        stderr.contains("2 planned flips were not written because their batches kept hitting")
+            && stderr.contains("; nothing was written: rerun the same command to finish"),
+        "{stderr}"
+    );
     runtime.block_on(holder.close()).unwrap();
 }
