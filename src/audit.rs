@@ -103,12 +103,12 @@ pub async fn revert(
     let planning = plan_revert(&pool, &config.reverted_run, &entries);
     let (flips, conflicts, profiles) = run.plan(planning, &PlanningBackend::default()).await?;
     run.print_flips(
-        flips.clone(),
+        &flips,
         |planned| planned,
         |planned, now| Event::Flip(planned.event(now)),
     )?;
     run.print_flips(
-        conflicts.clone(),
+        &conflicts,
         |planned| planned,
         |planned, now| {
             Event::Skipped(Skipped {

@@ -59,7 +59,7 @@ pub async fn execute(
         evidence,
     };
     let pool = run.session.pool.clone();
-    let plan = run.plan(plan::plan(&pool, &options), &backend).await?;
+    let mut plan = run.plan(plan::plan(&pool, &options), &backend).await?;
     let holds = Holds {
         guards: &config.guards,
         unrecognised_inferred_types: &plan.unrecognised_inferred_types,
@@ -77,27 +77,29 @@ pub async fn execute(
         .write(path)?;
         info!(path = %path.display(), flips = plan.flips.len(), "plan written");
     }
+    let planned_flips = plan.flips.len();
+    let found = std::mem::take(&mut plan.flips);
     let (kept, departures) = match &reviewed {
-        Some(reviewed) => hold_to_review(plan.flips.clone(), reviewed),
-        None => (plan.flips.clone(), Vec::new()),
+        Some(reviewed) => hold_to_review(found, reviewed),
+        None => (found, Vec::new()),
     };
 
     // 3. Hold what a guard distrusts, then check the limits on the rest.
     let (writable, held) = holds.split(kept);
     run.print_flips(
-        writable.clone(),
+        &writable,
         |planned| planned,
         |planned, now| Event::Flip(planned.event(now)),
     )?;
     if let Some(path) = &config.plan_out {
         run.print(Event::PlanWritten {
             path: path.display().to_string(),
-            flips: plan.flips.len(),
+            flips: planned_flips,
         })?;
     }
-    run.print_flips(held.clone(), |held| &held.planned, HeldFlip::event)?;
+    run.print_flips(&held, |held| &held.planned, HeldFlip::event)?;
     run.print_flips(
-        departures.clone(),
+        &departures,
         |(planned, _)| planned,
         |(planned, reason), now| {
             Event::Skipped(Skipped {
@@ -130,7 +132,7 @@ pub async fn execute(
         None => {
             let refused = not_allowed(&writable, &config.guards.allow_transitions);
             run.print_flips(
-                refused.clone(),
+                &refused,
                 |planned| planned,
                 |planned, now| Event::NotAllowed(planned.event(now)),
             )?;

@@ -110,15 +110,16 @@ impl<'p> Run<'p> {
         self.print(Event::Start(start))
     }
 
-    /// Prints `flips` in log order, each as `event` makes it.
+    /// Prints `flips` in log order, each as `event` makes it, without copying them.
     pub fn print_flips<T>(
         &mut self,
-        mut flips: Vec<T>,
+        flips: &[T],
         key: impl Fn(&T) -> &PlannedFlip,
         event: impl Fn(&T, DateTime<Utc>) -> Event,
     ) -> Result<()> {
-        flips.sort_by(|a, b| key(a).log_order().cmp(&key(b).log_order()));
-        for flip in &flips {
+        let mut ordered: Vec<&T> = flips.iter().collect();
+        ordered.sort_by(|a, b| key(a).log_order().cmp(&key(b).log_order()));
+        for flip in ordered {
             let event = event(flip, self.started_at);
             self.print(event)?;
         }
