@@ -93,9 +93,12 @@ impl PlannedFlip {
     }
 }
 
-/// Sorts flips into the order the log lists them, so two logs of the same data diff cleanly.
-pub fn sort_for_log(flips: &mut [PlannedFlip]) {
-    flips.sort_by(|a, b| a.log_order().cmp(&b.log_order()));
+/// `items` in the order every log and plan file lists flips, so two logs of the same data diff
+/// cleanly; by reference, since a plan can hold thousands of flips.
+pub fn in_log_order<T>(items: &[T], flip: impl Fn(&T) -> &PlannedFlip) -> Vec<&T> {
+    let mut ordered: Vec<&T> = items.iter().collect();
+    ordered.sort_by(|a, b| flip(a).log_order().cmp(&flip(b).log_order()));
+    ordered
 }
 
 #[derive(Debug, Default)]

@@ -136,8 +136,6 @@ impl PlanFile {
         run_id: &str,
         created_at: DateTime<Utc>,
     ) -> PlanFile {
-        let mut flips = plan.flips.clone();
-        crate::plan::sort_for_log(&mut flips);
         PlanFile {
             format: FORMAT.to_owned(),
             tool_version: VERSION.to_owned(),
@@ -151,8 +149,8 @@ impl PlanFile {
                 flips: plan.flips.len() as u64,
                 malformed: plan.malformed,
             },
-            flips: flips
-                .iter()
+            flips: crate::plan::in_log_order(&plan.flips, |planned| planned)
+                .into_iter()
                 .map(|planned| PlanFlip::of(planned, holds(planned).map(|(reason, _)| reason)))
                 .collect(),
         }

@@ -14,7 +14,7 @@ use crate::db;
 use crate::error::{signal_name, Failure};
 use crate::events::{Event, Mode, Rule, Skipped, Start, Summary};
 use crate::interrupt::StopSignal;
-use crate::plan::{PlannedFlip, PlanningBackend};
+use crate::plan::{in_log_order, PlannedFlip, PlanningBackend};
 use crate::report::Printer;
 use crate::write::{write, Recheck};
 use crate::VERSION;
@@ -117,9 +117,7 @@ impl<'p> Run<'p> {
         key: impl Fn(&T) -> &PlannedFlip,
         event: impl Fn(&T, DateTime<Utc>) -> Event,
     ) -> Result<()> {
-        let mut ordered: Vec<&T> = flips.iter().collect();
-        ordered.sort_by(|a, b| key(a).log_order().cmp(&key(b).log_order()));
-        for flip in ordered {
+        for flip in in_log_order(flips, key) {
             let event = event(flip, self.started_at);
             self.print(event)?;
         }
