@@ -124,7 +124,7 @@ pub async fn revert(
         ..Summary::default()
     };
     for planned in &flips {
-        summary.count_transition(&planned.event(run.started_at));
+        summary.count_transition(&planned.flip);
     }
     for _ in &conflicts {
         summary.count_skip(SkipReason::ChangedSinceRun);

@@ -121,7 +121,7 @@ pub async fn execute(
         ..Summary::default()
     };
     for planned in found {
-        summary.count_transition(&planned.event(run.started_at));
+        summary.count_transition(&planned.flip);
     }
     for (_, reason) in &departures {
         summary.count_skip(*reason);

@@ -123,13 +123,6 @@ pub struct FlipEvent {
     pub probe_note: String,
 }
 
-impl FlipEvent {
-    /// `from -> to` as the summary counts transitions (JSON key `from->to`).
-    pub fn transition(&self) -> String {
-        format!("{}->{}", crate::resolver::type_label(&self.from), self.to)
-    }
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct Held {
     #[serde(flatten)]
@@ -273,8 +266,10 @@ pub struct Summary {
 }
 
 impl Summary {
-    pub(crate) fn count_transition(&mut self, flip: &FlipEvent) {
-        *self.transitions.entry(flip.transition()).or_default() += 1;
+    /// Counts `flip` under `from->to` (the JSON key; the text log prints `from -> to`).
+    pub(crate) fn count_transition(&mut self, flip: &crate::resolver::Flip) {
+        let transition = format!("{}->{}", flip.stored_label(), flip.to);
+        *self.transitions.entry(transition).or_default() += 1;
     }
 
     pub(crate) fn count_skip(&mut self, reason: SkipReason) {
