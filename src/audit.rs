@@ -149,8 +149,12 @@ pub async fn revert(
 enum Restorable {
     /// The row names the profile and the element.
     At { profile_id: Uuid, index: usize },
-    /// The row lacks a profile id or an element index: nothing can be restored from it.
-    Unlocatable,
+    /// The row lacks a profile id or an element index: nothing can be restored from it. It
+    /// keeps what the row does name, for the log.
+    Unlocatable {
+        profile_id: Option<Uuid>,
+        index: Option<usize>,
+    },
 }
 
 impl Restorable {
@@ -162,7 +166,7 @@ impl Restorable {
         let index = entry.index().and_then(|index| usize::try_from(index).ok());
         match (profile_id, index) {
             (Some(profile_id), Some(index)) => Restorable::At { profile_id, index },
-            _ => Restorable::Unlocatable,
+            (profile_id, index) => Restorable::Unlocatable { profile_id, index },
         }
     }
 }
@@ -178,7 +182,7 @@ async fn plan_revert(
         .iter()
         .filter_map(|entry| match Restorable::of(entry) {
             Restorable::At { profile_id, .. } => Some(profile_id),
-            Restorable::Unlocatable => None,
+            Restorable::Unlocatable { .. } => None,
         })
         .collect();
     let ids: Vec<Uuid> = ids.into_iter().collect();
@@ -215,17 +219,9 @@ async fn plan_revert(
             Restorable::At { profile_id, index } => (profile_id, index),
             // Only ever listed as a conflict: the log shows what the row holds, and the maximum
             // index for an element it does not name.
-            Restorable::Unlocatable => (
-                entry
-                    .member_id
-                    .as_deref()
-                    .and_then(|id| id.parse().ok())
-                    .unwrap_or_default(),
-                entry
-                    .index()
-                    .and_then(|index| usize::try_from(index).ok())
-                    .unwrap_or(usize::MAX),
-            ),
+            Restorable::Unlocatable { profile_id, index } => {
+                (profile_id.unwrap_or_default(), index.unwrap_or(usize::MAX))
+            }
         };
         let mut planned = PlannedFlip::found(
             profile_id,
