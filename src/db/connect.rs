@@ -143,6 +143,7 @@ async fn apply_settings(connection: &mut PgConnection, settings: &SessionSetting
 }
 
 /// Session settings every connection carries so a DBA can see and bound what the tool does.
+#[derive(Clone)]
 pub struct SessionSettings {
     pub application_name: String,
     pub lock_timeout: Duration,
@@ -283,11 +284,7 @@ pub async fn connect(url: &str, settings: &SessionSettings) -> Result<Session> {
     Ok(Session {
         pool: Pool {
             pool,
-            settings: std::sync::Arc::new(SessionSettings {
-                application_name: settings.application_name.clone(),
-                lock_timeout: settings.lock_timeout,
-                statement_timeout: settings.statement_timeout,
-            }),
+            settings: std::sync::Arc::new(settings.clone()),
         },
         target,
     })
