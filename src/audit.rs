@@ -9,38 +9,40 @@ use uuid::Uuid;
 
 use crate::config::{HistoryConfig, RevertConfig};
 use crate::db::{self, AuditEntry, Snapshots};
+use crate::domain::Mode;
 use crate::error::Failure;
-use crate::events::{Event, Mode, SkipReason, Skipped, Summary};
+use crate::events::{Event, SkipReason, Summary};
 use crate::guard::check_threshold;
 use crate::interrupt::StopSignal;
-use crate::plan::{parse_column, Plan, PlannedFlip, PlanningBackend};
+use crate::plan::{parse_column, PlannedFlip, PlanningBackend};
 use crate::report::Printer;
 use crate::resolver::{bounded_type, type_label, AgentsColumn, Flip};
-use crate::run::{Ending, Run};
+use crate::run::{open_session, skipped_event, Census, Dispositions, Run};
 use crate::write::Recheck;
 
 /// `history [RUN_ID]`: the runs in `type_reclassification_log`, or one run's rows.
+/// It only reads: no run id, no write run, no summary.
 pub async fn history(config: &HistoryConfig, printer: &mut dyn Printer) -> Result<()> {
-    let mut run = Run::open(&config.connect, Mode::DryRun, printer, StopSignal::never()).await?;
-    db::preflight(&run.session.pool, db::Needs::ReadAudit).await?;
+    let session = open_session(&config.connect, "agent-type-backfill history").await?;
+    db::preflight(&session.pool, db::Needs::ReadAudit).await?;
     match &config.run_id {
         None => {
-            for record in db::backfill_runs(&run.session.pool).await? {
-                run.print(Event::Run(record))?;
+            for record in db::backfill_runs(&session.pool).await? {
+                printer.print(&Event::Run(record))?;
             }
         }
         Some(wanted) => {
-            let entries = db::run_entries(&run.session.pool, wanted).await?;
+            let entries = db::run_entries(&session.pool, wanted).await?;
             if entries.is_empty() {
                 return Err(no_such_run(wanted));
             }
             for entry in entries {
-                run.print(Event::Row(entry))?;
+                printer.print(&Event::Row(entry))?;
             }
         }
     }
-    run.session.pool.close().await;
-    run.print_finish()
+    session.pool.close().await;
+    printer.finish()
 }
 
 fn no_such_run(run_id: &str) -> anyhow::Error {
@@ -97,52 +99,49 @@ pub async fn revert(
     if entries.is_empty() {
         return Err(no_such_run(&config.reverted_run));
     }
-    run.header(config.run.max_flips, Some(&config.reverted_run))?;
+    run.header(config.run.max_flips, Some(&config.reverted_run), None)?;
+    let steps = plan_and_write(&mut run, config, &entries).await;
+    run.conclude(steps).await
+}
 
+/// The revert's plan (what still carries the reverted run's types, and the conflicts), its
+/// threshold, and its write.
+async fn plan_and_write(
+    run: &mut Run<'_>,
+    config: &RevertConfig,
+    entries: &[AuditEntry],
+) -> Result<()> {
     let pool = run.session.pool.clone();
-    let planning = plan_revert(&pool, &config.reverted_run, &entries);
+    let planning = plan_revert(&pool, &config.reverted_run, entries);
     let (flips, conflicts, profiles) = run.plan(planning, &PlanningBackend::default()).await?;
     run.print_flips(
         &flips,
         |planned| planned,
         |planned, now| Event::Flip(planned.event(now)),
     )?;
-    run.print_flips(
-        &conflicts,
-        |planned| planned,
-        |planned, now| {
-            Event::Skipped(Skipped {
-                flip: planned.event(now),
-                reason: SkipReason::ChangedSinceRun,
-            })
-        },
-    )?;
-    let mut summary = Summary {
+    let conflicts: Vec<(PlannedFlip, SkipReason)> = conflicts
+        .into_iter()
+        .map(|planned| (planned, SkipReason::ChangedSinceRun))
+        .collect();
+    run.print_flips(&conflicts, |(planned, _)| planned, skipped_event)?;
+    run.census = Census {
+        complete: true,
         profiles_scanned: profiles,
-        profiles_changed: Plan::count_profiles(flips.iter()),
-        flips: u64::try_from(flips.len()).unwrap_or(u64::MAX),
-        ..Summary::default()
+        ..Census::default()
     };
-    for planned in &flips {
-        summary.count_transition(&planned.flip);
-    }
-    for _ in &conflicts {
-        summary.count_skip(SkipReason::ChangedSinceRun);
-    }
-
-    let refusal = check_threshold(flips.len(), config.run.max_flips);
+    run.refusals = check_threshold(flips.len(), config.run.max_flips)
+        .into_iter()
+        .collect();
+    run.dispositions = Dispositions {
+        to_write: flips,
+        departed: conflicts,
+        ..Dispositions::default()
+    };
     let recheck = StillCarriesFrom {
         reverts: config.reverted_run.clone(),
     };
-    run.write_and_report(Ending {
-        flips: &flips,
-        refusal,
-        summary,
-        batch_size: config.run.batch_size,
-        write_attempts: config.run.write_attempts,
-        recheck: &recheck,
-    })
-    .await
+    run.write(config.run.batch_size, config.run.write_attempts, &recheck)
+        .await
 }
 
 /// Where an audit row says its change was made.

@@ -6,20 +6,22 @@ use tracing::info;
 
 use crate::config::{BackfillConfig, Guards};
 use crate::db::{self, Needs};
+use crate::domain::{count, Mode};
 use crate::error::Failure;
-use crate::events::{Event, Mode, Skipped, Summary};
+use crate::events::{Event, Summary};
 use crate::guard::{
     check_threshold, held_refusal, not_allowed, transitions_refusal, HeldFlip, Holds,
 };
 use crate::interrupt::StopSignal;
-use crate::plan::{self, EvidenceAccess, Plan, PlanOptions, PlanningBackend};
+use crate::plan::{self, EvidenceAccess, PlanOptions, PlanningBackend};
 use crate::plan_file::{hold_to_review, Fingerprint, PlanFile};
 use crate::report::Printer;
-use crate::run::{Ending, Run};
+use crate::run::{skipped_event, Census, Dispositions, Run};
 use crate::write::ResolveAgain;
 
 /// Runs the backfill `config` describes, printing its log to `printer`, stopping between
-/// batches when `stop` fires.
+/// batches when `stop` fires. Once the header is printed, every ending (completed, refused,
+/// interrupted, failed) is reported by [`Run::conclude`].
 pub async fn execute(
     config: &BackfillConfig,
     printer: &mut dyn Printer,
@@ -48,8 +50,25 @@ pub async fn execute(
     };
     db::preflight(&run.session.pool, needs).await?;
     let evidence = evidence_access(&run.session, &config.guards).await?;
-    run.header(config.run.max_flips, None)?;
+    let unavailable = match &evidence {
+        EvidenceAccess::Unavailable(why) => Some(why.clone()),
+        EvidenceAccess::Readable => None,
+    };
+    run.header(config.run.max_flips, None, unavailable.as_deref())?;
 
+    let steps =
+        plan_check_and_write(&mut run, config, reviewed.as_ref(), fingerprint, evidence).await;
+    run.conclude(steps).await
+}
+
+/// Steps 2 to 4: plan, hold and check, write. What they found is left in `run` for the report.
+async fn plan_check_and_write(
+    run: &mut Run<'_>,
+    config: &BackfillConfig,
+    reviewed: Option<&PlanFile>,
+    fingerprint: Fingerprint,
+    evidence: EvidenceAccess,
+) -> Result<()> {
     // 2. Plan.
     let backend = PlanningBackend::default();
     let options = PlanOptions {
@@ -60,11 +79,18 @@ pub async fn execute(
     };
     let pool = run.session.pool.clone();
     let mut plan = run.plan(plan::plan(&pool, &options), &backend).await?;
+    run.census = Census {
+        complete: true,
+        profiles_scanned: plan.profiles_scanned,
+        malformed: plan.malformed,
+        junk_elements: plan.junk_elements,
+        unrecognised_inferred_types: plan.unrecognised_inferred_types.clone(),
+    };
     let holds = Holds {
         guards: &config.guards,
         unrecognised_inferred_types: &plan.unrecognised_inferred_types,
         now: run.started_at,
-        reviewed: reviewed.as_ref(),
+        reviewed,
     };
     if let Some(path) = &config.plan_out {
         PlanFile::new(
@@ -79,17 +105,27 @@ pub async fn execute(
     }
     let planned_flips = plan.flips.len();
     let found = std::mem::take(&mut plan.flips);
-    let (kept, departures) = match &reviewed {
+    let (kept, departures) = match reviewed {
         Some(reviewed) => hold_to_review(found, reviewed),
         None => (found, Vec::new()),
     };
 
-    // 3. Hold what a guard distrusts, then check the limits on the rest.
+    // 3. Hold what a guard distrusts, then check the limits on the rest. The log lists the flips
+    // to write, then those held, then those the review left, then those not allowed; the plan
+    // file's line follows every list.
     let (writable, held) = holds.split(kept);
     run.print_flips(
         &writable,
         |planned| planned,
         |planned, now| Event::Flip(planned.event(now)),
+    )?;
+    run.print_flips(&held, |held| &held.planned, HeldFlip::event)?;
+    run.print_flips(&departures, |(planned, _)| planned, skipped_event)?;
+    let refused = not_allowed(&writable, &config.guards.allow_transitions);
+    run.print_flips(
+        &refused,
+        |planned| planned,
+        |planned, now| Event::NotAllowed(planned.event(now)),
     )?;
     if let Some(path) = &config.plan_out {
         run.print(Event::PlanWritten {
@@ -97,64 +133,29 @@ pub async fn execute(
             flips: planned_flips,
         })?;
     }
-    run.print_flips(&held, |held| &held.planned, HeldFlip::event)?;
-    run.print_flips(
-        &departures,
-        |(planned, _)| planned,
-        |(planned, reason), now| {
-            Event::Skipped(Skipped {
-                flip: planned.event(now),
-                reason: *reason,
-            })
-        },
-    )?;
-
-    let found = writable.iter().chain(held.iter().map(|held| &held.planned));
-    let mut summary = Summary {
-        profiles_scanned: plan.profiles_scanned,
-        profiles_changed: Plan::count_profiles(found.clone()),
-        flips: count(writable.len() + held.len()),
-        held: count(held.len()),
-        malformed: plan.malformed,
-        junk_elements: plan.junk_elements,
-        unrecognised_inferred_types: plan.unrecognised_inferred_types.clone(),
-        ..Summary::default()
-    };
-    for planned in found {
-        summary.count_transition(&planned.flip);
-    }
-    for (_, reason) in &departures {
-        summary.count_skip(*reason);
-    }
-
-    let refusal = match held_refusal(&held) {
-        Some(refusal) => Some(refusal),
-        None => {
-            let refused = not_allowed(&writable, &config.guards.allow_transitions);
-            run.print_flips(
-                &refused,
-                |planned| planned,
-                |planned, now| Event::NotAllowed(planned.event(now)),
-            )?;
-            transitions_refusal(&refused)
-                .or_else(|| check_threshold(writable.len(), config.run.max_flips))
-        }
+    run.refusals = [
+        held_refusal(&held),
+        transitions_refusal(&refused),
+        check_threshold(writable.len(), config.run.max_flips),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    run.dispositions = Dispositions {
+        to_write: writable,
+        held,
+        not_allowed: count(refused.len()),
+        departed: departures,
+        ..Dispositions::default()
     };
 
-    // 4. Write, and 5. report.
-    run.write_and_report(Ending {
-        flips: &writable,
-        refusal,
-        summary,
-        batch_size: config.run.batch_size,
-        write_attempts: config.run.write_attempts,
-        recheck: &ResolveAgain,
-    })
+    // 4. Write (an apply nothing refused); the report is the run's conclusion.
+    run.write(
+        config.run.batch_size,
+        config.run.write_attempts,
+        &ResolveAgain,
+    )
     .await
-}
-
-fn count(len: usize) -> u64 {
-    u64::try_from(len).unwrap_or(u64::MAX)
 }
 
 /// Whether the crawler's log may be read. `--min-corroboration` cannot work without it.

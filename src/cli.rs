@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
+
+use crate::resolver::{is_valid_agent_type, VALID_AGENT_TYPES};
 
 /// `0.1.0 (git 0123456789ab)`: the package version and the commit it was built from.
 pub(crate) const LONG_VERSION: &str = concat!(
@@ -32,19 +34,7 @@ pub(crate) const VERSION_WITH_RULE: &str = concat!(
     long_about = "Loads every member_profiles row, runs the registry server's resolveAgentTypes \
 rule over its agents array against agent_capabilities_snapshot, and prints (--dry-run) or writes \
 (--apply) the disagreements, each audited in type_reclassification_log under one run id.",
-    after_help = "Exit codes: 0 done, 1 unexpected error, 2 usage or configuration, \
-3 threshold or transition abort (nothing written), 4 preflight failure (nothing written), \
-130/143 interrupted by SIGINT/SIGTERM (every batch committed whole).\n\n\
-Examples (RUNBOOK.md):\n  \
-# 1. staging dry-run, log kept\n  \
-DATABASE_URL=postgres://backfill@staging-db/registry agent-type-backfill --dry-run \\\n      \
---expect-database registry | tee staging-dry-run.log\n  \
-# 3. staging apply, held to what the dry-run showed\n  \
-agent-type-backfill --apply --max-flips 2 --allow-transition buying:sales | tee staging-apply.log\n  \
-# 4. spot-check: a re-run finds nothing\n  \
-agent-type-backfill --dry-run --max-flips 0\n  \
-# rehearse the whole procedure on a throwaway local database\n  \
-agent-type-backfill rehearse",
+    after_help = format!("{}\n{EXAMPLES}", crate::outcome::exit_code_help()),
     subcommand_negates_reqs = true,
     args_conflicts_with_subcommands = true
 )]
@@ -55,6 +45,18 @@ pub struct Cli {
     #[command(flatten)]
     pub backfill: BackfillArgs,
 }
+
+/// The examples `--help` ends with, each a RUNBOOK step.
+const EXAMPLES: &str = "Examples (RUNBOOK.md):\n  \
+# 1. staging dry-run, log kept\n  \
+DATABASE_URL=postgres://backfill@staging-db/registry agent-type-backfill --dry-run \\\n      \
+--expect-database registry | tee staging-dry-run.log\n  \
+# 3. staging apply, held to what the dry-run showed\n  \
+agent-type-backfill --apply --max-flips 2 --allow-transition buying:sales | tee staging-apply.log\n  \
+# 4. spot-check: a re-run finds nothing\n  \
+agent-type-backfill --dry-run --max-flips 0\n  \
+# rehearse the whole procedure on a throwaway local database\n  \
+agent-type-backfill rehearse";
 
 impl Cli {
     /// The URL this command connects to, whichever command it is: the one string a panic message
@@ -145,29 +147,29 @@ pub struct BackfillArgs {
     #[arg(long, value_name = "FILE", conflicts_with = "apply")]
     pub plan_out: Option<PathBuf>,
 
-    /// Write only the flips of this reviewed plan that still hold exactly; list planned flips
-    /// that no longer hold and new ones that were not planned, writing neither
-    #[arg(long, value_name = "FILE")]
+    /// With --apply: write only the flips of this reviewed plan that still hold exactly; list
+    /// planned flips that no longer hold and new ones that were not planned, writing neither
+    #[arg(long, value_name = "FILE", conflicts_with = "dry_run")]
     pub plan: Option<PathBuf>,
 
     /// Refuse a --plan older than this (e.g. 30min, 24h)
-    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_age, allow_hyphen_values = true)]
     pub plan_max_age: Duration,
 
     /// Only write flips of this transition, e.g. buying:sales (repeatable; 'buying->sales' quoted
     /// also works). Any other transition in the plan is reported and the run exits 3 with nothing
     /// written
-    #[arg(long, value_name = "FROM:TO", value_parser = parse_transition)]
+    #[arg(long, value_name = "FROM:TO", value_parser = parse_transition, allow_hyphen_values = true)]
     pub allow_transition: Vec<Transition>,
 
     /// Hold (never write, exit 3) a flip decided by a snapshot probed longer ago than this
     /// (e.g. 7d, 48h); off by default
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_age, allow_hyphen_values = true)]
     pub max_probe_age: Option<Duration>,
 
     /// Hold (never write, exit 3) a flip from one known type to another that fewer than N of the
     /// crawler's own logged disagreements agree with; off by default
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = parse_count::<u64>, allow_hyphen_values = true)]
     pub min_corroboration: Option<u64>,
 }
 
@@ -175,7 +177,7 @@ pub struct BackfillArgs {
 #[derive(Debug, Clone, Args)]
 pub struct RunOpts {
     /// Abort without writing when the plan has more agent flips than this
-    #[arg(long, value_name = "N", default_value_t = 25)]
+    #[arg(long, value_name = "N", default_value_t = 25, value_parser = parse_count::<usize>, allow_hyphen_values = true)]
     pub max_flips: usize,
 
     /// Report format on stdout: a text run log, one JSON object per line, or Markdown for a ticket
@@ -183,11 +185,11 @@ pub struct RunOpts {
     pub format: Format,
 
     /// Profiles written per transaction, and candidate profiles read back per statement
-    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000), allow_hyphen_values = true)]
     pub batch_size: u32,
 
     /// Attempts at a batch that hits a lock or statement timeout before it is reported as not written
-    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100))]
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100), allow_hyphen_values = true)]
     pub write_attempts: u32,
 }
 
@@ -214,81 +216,102 @@ pub struct ConnectOpts {
     pub expect_database: Option<String>,
 
     /// How long one statement waits for a row lock before the batch is retried (e.g. 500ms, 5s)
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_server_timeout, allow_hyphen_values = true)]
     pub lock_timeout: Duration,
 
     /// Longest any single statement may run (e.g. 30s, 2min); the plan's pass over every agent is
     /// one statement
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_server_timeout, allow_hyphen_values = true)]
     pub statement_timeout: Duration,
 }
 
-/// One allowed type change, as `--allow-transition FROM:TO` names it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Transition {
-    pub from: String,
-    pub to: String,
-}
-
-impl std::fmt::Display for Transition {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.from, self.to)
-    }
-}
+pub use crate::domain::{Format, Transition};
 
 /// `FROM:TO`, which no shell mangles; `FROM->TO` too, for those who quote it. A bare `>` in a
 /// shell redirects, so the colon is the spelling every message and document uses.
 pub(crate) fn parse_transition(text: &str) -> Result<Transition, String> {
     let split = text.split_once("->").or_else(|| text.split_once(':'));
     match split {
-        Some((from, to)) if !from.trim().is_empty() && !to.trim().is_empty() => Ok(Transition {
-            from: from.trim().to_owned(),
-            to: to.trim().to_owned(),
-        }),
+        // The rule only ever writes a type of its vocabulary, so a `TO` outside it is a typo
+        // that would refuse the real transition later. `FROM` is any stored type: legacy ones
+        // such as `buyer` are what the backfill repairs.
+        Some((_, to)) if !to.trim().is_empty() && !is_valid_agent_type(to.trim()) => Err(format!(
+            "'{text}' names '{}', which the rule never writes: TO must be one of {}",
+            to.trim(),
+            VALID_AGENT_TYPES.join(", ")
+        )),
+        Some((from, to)) if !from.trim().is_empty() && !to.trim().is_empty() => {
+            Ok(Transition::new(from.trim(), to.trim()))
+        }
         _ => Err(format!(
             "'{text}' is not a transition: write it as FROM:TO, e.g. buying:sales"
         )),
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    Text,
-    Json,
-    Markdown,
-}
-
 impl ModeArgs {
-    pub fn mode(&self) -> crate::events::Mode {
+    pub fn mode(&self) -> crate::domain::Mode {
         if self.apply {
-            crate::events::Mode::Apply
+            crate::domain::Mode::Apply
         } else {
-            crate::events::Mode::DryRun
+            crate::domain::Mode::DryRun
         }
     }
 }
 
-/// Accepts `250ms`, `5s`, `2min`, `1h`, `7d`; a bare number is seconds.
+/// The longest timeout PostgreSQL takes: its timeouts are `int` milliseconds.
+pub const MAX_SERVER_TIMEOUT: Duration = Duration::from_millis(2_147_483_647);
+
+/// The longest age a guard takes: ten years, far past any probe or plan an operator reviews.
+pub const MAX_AGE: Duration = Duration::from_secs(3650 * 86_400);
+
+/// `--lock-timeout`, `--statement-timeout`: a duration PostgreSQL can hold.
+pub(crate) fn parse_server_timeout(text: &str) -> Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if duration > MAX_SERVER_TIMEOUT {
+        return Err(format!(
+            "'{text}' is longer than PostgreSQL allows for a timeout (2147483647ms, about 24d)"
+        ));
+    }
+    Ok(duration)
+}
+
+/// `--plan-max-age`, `--max-probe-age`: a duration of at most ten years.
+pub(crate) fn parse_age(text: &str) -> Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if duration > MAX_AGE {
+        return Err(format!("'{text}' is longer than the 3650d this takes"));
+    }
+    Ok(duration)
+}
+
+/// Accepts `250ms`, `5s`, `2min`, `1h`, `7d`. A bare number is refused: PostgreSQL reads one as
+/// milliseconds and people as seconds.
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    let usage = "use a whole number with a unit: ms, s, min, h or d (e.g. 500ms, 5s, 2min)";
     let trimmed = text.trim();
+    if trimmed.starts_with('-') {
+        return Err(format!("'{text}' is negative: {usage}"));
+    }
     let split = trimmed
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(trimmed.len());
     let (digits, unit) = trimmed.split_at(split);
-    let amount: u64 = digits.parse().map_err(|_| {
-        format!("'{text}' is not a duration: use a whole number with ms, s, min, h or d")
-    })?;
+    let amount: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration: {usage}"))?;
     let per_unit: u64 = match unit.trim() {
         "ms" => 1,
-        "" | "s" => 1_000,
+        "s" => 1_000,
         "min" | "m" => 60_000,
         "h" => 3_600_000,
         "d" => 86_400_000,
-        _ => {
+        "" => {
             return Err(format!(
-                "'{text}' has an unknown unit: use ms, s, min, h or d"
+                "'{text}' has no unit (PostgreSQL would read it as milliseconds): {usage}"
             ))
         }
+        _ => return Err(format!("'{text}' has an unknown unit: {usage}")),
     };
     let millis = amount
         .checked_mul(per_unit)
@@ -299,6 +322,14 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(millis))
 }
 
+/// A count of 0 or more, saying so when given anything else (`-1` included, which clap would
+/// otherwise take for an unknown flag).
+pub(crate) fn parse_count<T: std::str::FromStr>(text: &str) -> Result<T, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| format!("'{text}' is not a count: use a whole number, 0 or more"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,7 +338,12 @@ mod tests {
     fn durations_parse_in_the_units_operators_type() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("7").unwrap_err().contains("no unit"));
+        assert!(parse_duration("-1s").unwrap_err().contains("negative"));
+        assert!(parse_server_timeout("99999999999h").is_err());
+        assert_eq!(parse_server_timeout("2147483647ms"), Ok(MAX_SERVER_TIMEOUT));
+        assert!(parse_server_timeout("2147483648ms").is_err());
+        assert!(parse_age("3651d").is_err());
         assert_eq!(parse_duration("2min"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("fast").is_err());
@@ -333,6 +369,13 @@ mod tests {
         assert!(parse_transition(":sales").is_err());
         let message = parse_transition("buying>sales").unwrap_err();
         assert!(message.contains("buying:sales"), "{message}");
+        // A legacy stored type may be FROM; TO must be a type the rule writes.
+        assert!(parse_transition("buyer:unknown").is_ok());
+        let message = parse_transition("buying:sale").unwrap_err();
+        assert!(
+            message.contains("'sale'") && message.contains("sales, buying"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -4,9 +4,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::cli::{BackfillArgs, ConnectOpts, Format, HistoryArgs, RevertArgs, RunOpts, Transition};
+use crate::cli::{BackfillArgs, ConnectOpts, HistoryArgs, RevertArgs, RunOpts};
+use crate::domain::Mode;
+use crate::domain::{Format, Transition};
 use crate::error::Failure;
-use crate::events::Mode;
 
 /// Where to connect and how each statement is bounded.
 #[derive(Debug, Clone)]

@@ -2,42 +2,28 @@
 
 use std::fmt;
 
+use crate::outcome::Ending;
+
 /// A failure the operator must act on differently from a crash; `code()` is its exit status.
+/// Failures before a run's log header are `Usage` and `Preflight`; every ending after it is an
+/// [`Ending`], whose outcome alone decides the code.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
-    /// Bad flags or configuration: nothing was read or written.
+    /// Bad flags or configuration (a URL, host, password or database that does not connect):
+    /// nothing was read or written.
     Usage(String),
-    /// The plan has more flips than `--max-flips`: nothing was written.
-    ThresholdExceeded { flips: usize, max_flips: usize },
-    /// The plan holds transitions that `--allow-transition` does not list: nothing was written.
-    TransitionNotAllowed { transitions: Vec<String> },
-    /// A guard holds flips the rule found (a type the rule does not know, a stale or
-    /// uncorroborated probe): nothing was written.
-    Held { held: usize, reasons: Vec<String> },
     /// The target is missing a table, a column or a privilege: nothing was written.
     Preflight(String),
-    /// SIGINT or SIGTERM before the plan was complete: nothing was written.
-    InterruptedPlanning { signal: i32 },
-    /// SIGINT or SIGTERM: the run stopped between batches; what was written is committed.
-    Interrupted {
-        signal: i32,
-        written: u64,
-        planned: u64,
-        run_id: String,
-    },
+    /// A run that printed its header ended otherwise than completed.
+    Ended(Box<Ending>),
 }
 
 impl Failure {
     pub fn code(&self) -> i32 {
         match self {
             Failure::Usage(_) => 2,
-            Failure::ThresholdExceeded { .. }
-            | Failure::TransitionNotAllowed { .. }
-            | Failure::Held { .. } => 3,
             Failure::Preflight(_) => 4,
-            Failure::Interrupted { signal, .. } | Failure::InterruptedPlanning { signal } => {
-                128 + signal
-            }
+            Failure::Ended(ending) => ending.code(),
         }
     }
 }
@@ -46,50 +32,8 @@ impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Failure::Usage(message) | Failure::Preflight(message) => f.write_str(message),
-            Failure::ThresholdExceeded { flips, max_flips } => write!(
-                f,
-                "the plan has {flips} flips, more than --max-flips {max_flips}: nothing was written; \
-                 read the flips above, and rerun with a higher --max-flips only if every one is expected"
-            ),
-            Failure::Held { held, reasons } => write!(
-                f,
-                "{held} flips are held ({}): nothing was written; a type this tool's rule does \
-                 not know means the registry server is newer than the tool: stop and update the \
-                 tool; a stale or uncorroborated probe needs a fresh crawl or a closer review",
-                reasons.join("; ")
-            ),
-            Failure::InterruptedPlanning { signal } => write!(
-                f,
-                "interrupted by {} while planning: nothing was written",
-                signal_name(*signal)
-            ),
-            Failure::TransitionNotAllowed { transitions } => write!(
-                f,
-                "the plan holds transitions that --allow-transition does not list ({}): nothing \
-                 was written; review them, and allow them only if staging showed them too",
-                transitions.join(", ")
-            ),
-            Failure::Interrupted {
-                signal,
-                written,
-                planned,
-                run_id,
-            } => write!(
-                f,
-                "interrupted by {} after writing {written} of {planned} planned flips under run id \
-                 '{run_id}'; every batch committed whole or not at all: rerun the same command to \
-                 pick up the rest",
-                signal_name(*signal)
-            ),
+            Failure::Ended(ending) => ending.fmt(f),
         }
-    }
-}
-
-pub(crate) fn signal_name(signal: i32) -> &'static str {
-    match signal {
-        2 => "SIGINT",
-        15 => "SIGTERM",
-        _ => "a signal",
     }
 }
 
@@ -99,6 +43,10 @@ impl std::error::Error for Failure {}
 /// its source (`error returned from database: X`, then `X`); a cause that the line already ends
 /// with is dropped, so the operator reads each cause once.
 pub fn render(error: &anyhow::Error) -> String {
+    // A run's ending already says its cause and what was written.
+    if let Some(ending @ Failure::Ended(_)) = error.downcast_ref::<Failure>() {
+        return ending.to_string();
+    }
     let mut line = String::new();
     for cause in error.chain() {
         let text = cause.to_string();
@@ -125,10 +73,17 @@ pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
 
 /// The exit status for an error returned by [`crate::run`].
 pub fn exit_code(error: &anyhow::Error) -> i32 {
-    error
-        .chain()
-        .find_map(|cause| cause.downcast_ref::<Failure>())
-        .map_or(1, Failure::code)
+    failure(error).map_or(1, Failure::code)
+}
+
+/// The typed failure in `error`, whether it is the error itself, a cause, or a context added to
+/// another error (a connection failure keeps the driver's error as its cause).
+pub fn failure(error: &anyhow::Error) -> Option<&Failure> {
+    error.downcast_ref::<Failure>().or_else(|| {
+        error
+            .chain()
+            .find_map(|cause| cause.downcast_ref::<Failure>())
+    })
 }
 
 #[cfg(test)]
@@ -189,10 +144,16 @@ mod tests {
             .unwrap_err();
         assert_eq!(exit_code(&error), 4);
         assert_eq!(exit_code(&anyhow::anyhow!("boom")), 1);
-        let threshold = Failure::ThresholdExceeded {
-            flips: 3,
-            max_flips: 2,
-        };
-        assert_eq!(threshold.code(), 3);
+        let refused = Failure::Ended(Box::new(Ending {
+            outcome: crate::outcome::Outcome::Refused(vec![]),
+            mode: crate::domain::Mode::Apply,
+            to_write: 3,
+            written: 0,
+            run_id: "atb-x".into(),
+        }));
+        assert_eq!(refused.code(), 3);
+        let connect = anyhow::anyhow!("connection refused")
+            .context(Failure::Usage("could not connect".into()));
+        assert_eq!(exit_code(&connect), 2);
     }
 }

@@ -9,6 +9,9 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::db::{AuditEntry, CrawlerEvidence, RunRecord, Target};
+pub use crate::domain::Mode;
+use crate::domain::Transition;
+use crate::outcome::OutcomeReport;
 use crate::resolver::{RULE_COMMIT, RULE_FILE, RULE_FUNCTION, RULE_REPOSITORY, VALID_AGENT_TYPES};
 
 /// One line of the run log.
@@ -54,6 +57,9 @@ pub struct Start {
     pub max_flips: usize,
     /// For `revert`: the run being undone.
     pub reverts: Option<String>,
+    /// Why the crawler's log cannot be read (each flip's `crawler_disagreements` says it too).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crawler_log_unavailable: Option<String>,
     pub rule: Rule,
 }
 
@@ -82,22 +88,6 @@ impl Rule {
             &self.commit[..7.min(self.commit.len())],
             self.types.join(", ")
         )
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    DryRun,
-    Apply,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::DryRun => "dry-run",
-            Mode::Apply => "apply",
-        }
     }
 }
 
@@ -235,12 +225,19 @@ impl SkipReason {
 /// The last event of a run.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
+    /// The plan finished; when it did not (interrupted, failed), its counts are zero and say
+    /// nothing.
+    pub plan_complete: bool,
     pub profiles_scanned: u64,
     pub profiles_changed: u64,
-    /// Flips the rule found: what the threshold is checked against. Held flips are among them.
+    /// Flips the rule found, held ones among them.
     pub flips: u64,
+    /// Flips no guard holds: what an apply writes and `--max-flips` is checked against.
+    pub to_write: u64,
     /// Flips a guard holds back (`held` events): never written.
     pub held: u64,
+    /// Of `to_write`, flips of transitions `--allow-transition` does not list: the run is refused.
+    pub not_allowed: u64,
     /// Profiles whose `agents` is not an array (NULL included): never written.
     pub malformed: u64,
     /// Array elements the rule cannot touch (not objects, or no string `url`).
@@ -251,8 +248,8 @@ pub struct Summary {
     pub unplanned: u64,
     /// Every reason a flip was not written, with its count.
     pub skipped_by_reason: BTreeMap<SkipReason, u64>,
-    /// Flips per `from->to`.
-    pub transitions: BTreeMap<String, u64>,
+    /// Flips per transition (JSON keys `from->to`).
+    pub transitions: BTreeMap<Transition, u64>,
     /// Non-empty `inferred_type` values in `agent_capabilities_snapshot` outside the rule's
     /// vocabulary, with how many snapshots carry each, whether or not a flip involves them.
     pub unrecognised_inferred_types: BTreeMap<String, u64>,
@@ -263,12 +260,17 @@ pub struct Summary {
     pub mode: Option<Mode>,
     /// The audit run id, when something was written.
     pub run_id: Option<String>,
+    /// How the run ended: the exit code and the outcome line come from the same value.
+    pub outcome: Option<OutcomeReport>,
+    /// Why the crawler's log could not be read, as the header said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crawler_log_unavailable: Option<String>,
 }
 
 impl Summary {
-    /// Counts `flip` under `from->to` (the JSON key; the text log prints `from -> to`).
+    /// Counts `flip` under its transition.
     pub(crate) fn count_transition(&mut self, flip: &crate::resolver::Flip) {
-        let transition = format!("{}->{}", flip.stored_label(), flip.to);
+        let transition = Transition::new(flip.stored_label(), flip.to.clone());
         *self.transitions.entry(transition).or_default() += 1;
     }
 

@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 
-use crate::cli::Transition;
 use crate::config::Guards;
-use crate::error::Failure;
+use crate::domain::{count, Transition};
 use crate::events::{Event, Held, HoldReason};
+use crate::outcome::Refusal;
 use crate::plan::PlannedFlip;
 use crate::plan_file::PlanFile;
 use crate::resolver::{is_valid_agent_type, UNKNOWN_TYPE};
@@ -115,7 +115,7 @@ impl Holds<'_> {
 }
 
 /// Any held flip refuses the whole plan: nothing is written.
-pub fn held_refusal(held: &[HeldFlip]) -> Option<Failure> {
+pub fn held_refusal(held: &[HeldFlip]) -> Option<Refusal> {
     if held.is_empty() {
         return None;
     }
@@ -138,15 +138,18 @@ pub fn held_refusal(held: &[HeldFlip]) -> Option<Failure> {
             }
         })
         .collect();
-    Some(Failure::Held {
-        held: held.len(),
+    Some(Refusal::Held {
+        held: count(held.len()),
         reasons,
     })
 }
 
 /// More flips than `--max-flips`: the run writes nothing.
-pub fn check_threshold(flips: usize, max_flips: usize) -> Option<Failure> {
-    (flips > max_flips).then_some(Failure::ThresholdExceeded { flips, max_flips })
+pub fn check_threshold(flips: usize, max_flips: usize) -> Option<Refusal> {
+    (flips > max_flips).then(|| Refusal::TooManyFlips {
+        flips: count(flips),
+        max_flips: count(max_flips),
+    })
 }
 
 /// The flips whose transition `--allow-transition` does not list; none when it lists nothing.
@@ -167,17 +170,20 @@ pub fn not_allowed(flips: &[PlannedFlip], allowed: &[Transition]) -> Vec<Planned
 }
 
 /// A plan holding a transition `--allow-transition` does not list is written not at all.
-pub fn transitions_refusal(refused: &[PlannedFlip]) -> Option<Failure> {
+pub fn transitions_refusal(refused: &[PlannedFlip]) -> Option<Refusal> {
     if refused.is_empty() {
         return None;
     }
-    let mut transitions: Vec<String> = refused
+    let mut transitions: Vec<Transition> = refused
         .iter()
-        .map(|planned| format!("{}:{}", planned.flip.stored_label(), planned.flip.to))
+        .map(|planned| Transition::new(planned.flip.stored_label(), planned.flip.to.clone()))
         .collect();
     transitions.sort();
     transitions.dedup();
-    Some(Failure::TransitionNotAllowed { transitions })
+    Some(Refusal::NotAllowed {
+        flips: count(refused.len()),
+        transitions,
+    })
 }
 
 #[cfg(test)]

@@ -9,10 +9,12 @@ pub mod backfill;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod domain;
 pub mod error;
 pub mod events;
 mod guard;
 pub mod interrupt;
+pub mod outcome;
 mod plan;
 pub mod plan_file;
 mod progress;
@@ -54,13 +56,16 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .write_all(&script)
                 .context("could not write the completions to stdout")
         }
-        Some(Command::Man) => clap_mangen::Man::new(Cli::command())
+        // roff's `.TH` line takes the version as one field: the rule line `--version` adds
+        // would break it and render above NAME.
+        Some(Command::Man) => clap_mangen::Man::new(Cli::command().version(VERSION))
             .render(&mut stdout)
             .context("could not write the man page to stdout"),
         Some(Command::Revert(args)) => {
             let config = RevertConfig::from_cli(&args)?;
             let stop = interrupt::StopSignal::from_os()?;
-            let mut printer = report::printer(config.run.format, &mut stdout);
+            let mut out = RunStdout::new(config.run.mode, &stop);
+            let mut printer = report::printer(config.run.format, &mut out);
             audit::revert(&config, printer.as_mut(), stop).await?;
             Ok(())
         }
@@ -72,9 +77,75 @@ pub async fn run(cli: Cli) -> Result<()> {
         None => {
             let config = BackfillConfig::from_cli(&cli.backfill)?;
             let stop = interrupt::StopSignal::from_os()?;
-            let mut printer = report::printer(config.run.format, &mut stdout);
+            let mut out = RunStdout::new(config.run.mode, &stop);
+            let mut printer = report::printer(config.run.format, &mut out);
             backfill::execute(&config, printer.as_mut(), stop).await?;
             Ok(())
         }
+    }
+}
+
+/// stdout for a run. A reader that goes away (`| head`, a pager quit early) does not fail the
+/// run: the rest of the log is dropped, a dry-run still ends with its plan's verdict, and an apply
+/// stops as on SIGINT (no new write batch starts), because a tool that writes must not carry on
+/// unwatched, nor stop without saying what it wrote (that is said on stderr).
+struct RunStdout {
+    out: std::io::Stdout,
+    closed: bool,
+    mode: domain::Mode,
+    stop: interrupt::StopSignal,
+}
+
+impl RunStdout {
+    fn new(mode: domain::Mode, stop: &interrupt::StopSignal) -> RunStdout {
+        RunStdout {
+            out: std::io::stdout(),
+            closed: false,
+            mode,
+            stop: stop.clone(),
+        }
+    }
+
+    fn closed(&mut self) {
+        self.closed = true;
+        match self.mode {
+            domain::Mode::Apply => {
+                tracing::warn!(
+                    "stdout was closed: stopping as on SIGINT, no new write batch starts"
+                );
+                self.stop.raise(interrupt::SIGPIPE);
+            }
+            domain::Mode::DryRun => tracing::warn!(
+                "stdout was closed: the rest of the run log is dropped; the exit code still                  gives the plan's verdict"
+            ),
+        }
+    }
+
+    fn guard<T>(&mut self, result: std::io::Result<T>, closed: T) -> std::io::Result<T> {
+        match result {
+            Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.closed();
+                Ok(closed)
+            }
+            other => other,
+        }
+    }
+}
+
+impl Write for RunStdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.closed {
+            return Ok(buf.len());
+        }
+        let written = self.out.write(buf);
+        self.guard(written, buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        let flushed = self.out.flush();
+        self.guard(flushed, ())
     }
 }

@@ -112,14 +112,6 @@ pub struct Plan {
     pub unrecognised_inferred_types: BTreeMap<String, u64>,
 }
 
-impl Plan {
-    /// Profiles with at least one of `flips`.
-    pub fn count_profiles<'f>(flips: impl Iterator<Item = &'f PlannedFlip>) -> u64 {
-        let profiles: BTreeSet<Uuid> = flips.map(|planned| planned.profile_id).collect();
-        u64::try_from(profiles.len()).unwrap_or(u64::MAX)
-    }
-}
-
 /// The server process running the plan. An interrupted run cancels its statement there: the
 /// server pass can run for minutes on a big registry, and without a cancel it would go on after
 /// the tool has exited, until it finished or hit `--statement-timeout`.

@@ -7,9 +7,10 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 
-use crate::cli::Format;
 use crate::db::{AuditEntry, RunRecord};
-use crate::events::{rfc3339, Event, FlipEvent, Mode, SkipReason, Start, Summary};
+use crate::domain::Format;
+use crate::domain::Mode;
+use crate::events::{rfc3339, Event, FlipEvent, SkipReason, Start, Summary};
 use crate::resolver::type_label;
 
 /// Where a run sends its events.
@@ -121,8 +122,9 @@ fn duration_text(duration_ms: u64) -> String {
 /// What a flip's note says after the probe: the crawler's own record of the disagreement.
 fn evidence_note(flip: &FlipEvent) -> Option<String> {
     let evidence = flip.crawler_disagreements.as_ref()?;
-    if let Some(why) = &evidence.unavailable {
-        return Some(format!("crawler log unavailable: {why}"));
+    // Said once, in the header and the summary: every flip would repeat it.
+    if evidence.unavailable.is_some() {
+        return None;
     }
     let mut parts = Vec::new();
     if let (count @ 1.., Some(first)) = (evidence.count.unwrap_or(0), evidence.first_at) {
@@ -167,6 +169,40 @@ fn held_reason_text(reason: crate::events::HoldReason, inferred: Option<&str>) -
 /// The summary as label/value rows, shared by the text and Markdown printers.
 fn summary_rows(summary: &Summary, reverting: bool) -> Vec<(String, String)> {
     let mode = summary.mode.unwrap_or(Mode::DryRun);
+    let mut rows: Vec<(String, String)> = Vec::new();
+    if summary.plan_complete {
+        rows = plan_rows(summary, reverting);
+    }
+    rows.push(("mode".into(), mode.as_str().to_owned()));
+    if mode == Mode::Apply && summary.plan_complete {
+        rows.extend(write_rows(summary, reverting));
+    } else if mode == Mode::Apply {
+        rows.push(("written".into(), summary.written.to_string()));
+    } else if reverting && summary.plan_complete {
+        let conflicts = summary
+            .skipped_by_reason
+            .get(&SkipReason::ChangedSinceRun)
+            .copied()
+            .unwrap_or(0);
+        rows.push((
+            SkipReason::ChangedSinceRun.summary_label().into(),
+            conflicts.to_string(),
+        ));
+    }
+    if let Some(why) = &summary.crawler_log_unavailable {
+        rows.push(("crawler log".into(), format!("unavailable: {why}")));
+    }
+    let outcome = summary
+        .outcome
+        .as_ref()
+        .map_or("(unknown)", |outcome| outcome.message.as_str());
+    rows.push(("outcome".into(), outcome.to_owned()));
+    rows.push(("duration".into(), duration_text(summary.duration_ms)));
+    rows
+}
+
+/// What the plan found.
+fn plan_rows(summary: &Summary, reverting: bool) -> Vec<(String, String)> {
     let mut rows: Vec<(String, String)> = vec![
         (
             "profiles scanned".into(),
@@ -176,8 +212,13 @@ fn summary_rows(summary: &Summary, reverting: bool) -> Vec<(String, String)> {
             "profiles with type changes".into(),
             summary.profiles_changed.to_string(),
         ),
-        ("agent rows flipped".into(), summary.flips.to_string()),
+        ("flips found".into(), summary.flips.to_string()),
+        ("flips to write".into(), summary.to_write.to_string()),
         ("held (never written)".into(), summary.held.to_string()),
+        (
+            "not allowed (never written)".into(),
+            summary.not_allowed.to_string(),
+        ),
         (
             "malformed rows skipped".into(),
             summary.malformed.to_string(),
@@ -200,8 +241,13 @@ fn summary_rows(summary: &Summary, reverting: bool) -> Vec<(String, String)> {
         };
         rows.push(("unrecognised inferred types".into(), unrecognised));
     }
-    rows.push(("mode".into(), mode.as_str().to_owned()));
-    if mode == Mode::Apply {
+    rows
+}
+
+/// What an apply wrote and left.
+fn write_rows(summary: &Summary, reverting: bool) -> Vec<(String, String)> {
+    let mut rows: Vec<(String, String)> = Vec::new();
+    {
         rows.push(("written".into(), summary.written.to_string()));
         let reasons: &[SkipReason] = if reverting {
             &[
@@ -228,39 +274,8 @@ fn summary_rows(summary: &Summary, reverting: bool) -> Vec<(String, String)> {
                 .clone()
                 .unwrap_or_else(|| "(none: nothing written)".to_owned()),
         ));
-    } else if reverting {
-        let conflicts = summary
-            .skipped_by_reason
-            .get(&SkipReason::ChangedSinceRun)
-            .copied()
-            .unwrap_or(0);
-        rows.push((
-            SkipReason::ChangedSinceRun.summary_label().into(),
-            conflicts.to_string(),
-        ));
     }
-    rows.push(("outcome".into(), outcome(summary)));
-    rows.push(("duration".into(), duration_text(summary.duration_ms)));
     rows
-}
-
-fn outcome(summary: &Summary) -> String {
-    match (summary.aborted, summary.interrupted_by) {
-        (true, _) if summary.held > 0 => {
-            format!("{} flips held, nothing written", summary.held)
-        }
-        (true, _) => "refused by --max-flips or --allow-transition, nothing written".to_owned(),
-        (false, Some(signal)) => format!("interrupted by {signal}; rerun to pick up the rest"),
-        (false, None) => match summary
-            .skipped_by_reason
-            .get(&SkipReason::NotWrittenTimeout)
-        {
-            Some(&timed_out) if timed_out > 0 => {
-                format!("{timed_out} flips not written (timeouts); rerun to finish")
-            }
-            _ => "completed".to_owned(),
-        },
-    }
 }
 
 fn rule_text(start: &Start) -> String {
@@ -354,6 +369,9 @@ impl Printer for TextPrinter<'_> {
                 if let Some(reverted) = &start.reverts {
                     self.field("reverts", reverted)?;
                 }
+                if let Some(why) = &start.crawler_log_unavailable {
+                    self.field("crawler log", &format!("unavailable: {}", printable(why)))?;
+                }
                 self.line("flips:")
             }
             Event::Flip(flip) => self.line(&format!("  {}", flip_text(flip))),
@@ -380,7 +398,7 @@ impl Printer for TextPrinter<'_> {
                 duration_text(*duration_ms)
             )),
             Event::Summary(summary) => {
-                if summary.flips == 0 {
+                if summary.flips == 0 && summary.plan_complete {
                     self.line("  (none)")?;
                 }
                 self.line("summary:")?;
@@ -390,8 +408,11 @@ impl Printer for TextPrinter<'_> {
                 if !summary.transitions.is_empty() {
                     self.line("transitions:")?;
                     for (transition, count) in &summary.transitions {
-                        let (from, to) = transition.split_once("->").unwrap_or((transition, ""));
-                        self.line(&format!("  {} -> {to}  {count}", printable(from)))?;
+                        self.line(&format!(
+                            "  {} -> {}  {count}",
+                            printable(&transition.from),
+                            transition.to
+                        ))?;
                     }
                 }
                 Ok(())
@@ -533,6 +554,9 @@ impl Printer for MarkdownPrinter<'_> {
                 if let Some(reverted) = &start.reverts {
                     fields.push(("reverts", reverted.clone()));
                 }
+                if let Some(why) = &start.crawler_log_unavailable {
+                    fields.push(("crawler log", format!("unavailable: {why}")));
+                }
                 for (name, value) in fields {
                     self.row(&[name.to_owned(), cell(&value)])?;
                 }
@@ -572,7 +596,7 @@ impl Printer for MarkdownPrinter<'_> {
                 duration_text(*duration_ms)
             )),
             Event::Summary(summary) => {
-                if !self.flips_listed && summary.flips == 0 {
+                if !self.flips_listed && summary.flips == 0 && summary.plan_complete {
                     self.paragraph("No flips.")?;
                 }
                 self.table("Summary", &["", ""])?;
@@ -582,8 +606,11 @@ impl Printer for MarkdownPrinter<'_> {
                 if !summary.transitions.is_empty() {
                     self.table("Transitions", &["from", "to", "flips"])?;
                     for (transition, count) in &summary.transitions {
-                        let (from, to) = transition.split_once("->").unwrap_or((transition, ""));
-                        self.row(&[cell(from), cell(to), count.to_string()])?;
+                        self.row(&[
+                            cell(&transition.from),
+                            cell(&transition.to),
+                            count.to_string(),
+                        ])?;
                     }
                 }
                 Ok(())

@@ -1,8 +1,11 @@
-//! One run of any command that may write: its id, clock, session and log, and the steps every
-//! such run ends with. The backfill and `revert` differ only in how they plan.
+//! One run of any command that may write: its id, clock, session and log, the fate of every flip
+//! it found, and the one place its ending is decided. The backfill and `revert` differ only in
+//! how they plan and how a locked row is rechecked.
 
+use std::collections::BTreeSet;
 use std::future::Future;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use chrono::{DateTime, Utc};
@@ -11,18 +14,116 @@ use uuid::Uuid;
 
 use crate::config::ConnectConfig;
 use crate::db;
-use crate::error::{signal_name, Failure};
-use crate::events::{Event, Mode, Rule, Skipped, Start, Summary};
+use crate::domain::{count, Mode};
+use crate::error::{exit_code, render, Failure};
+use crate::events::{Event, Rule, SkipReason, Skipped, Start, Summary};
+use crate::guard::HeldFlip;
 use crate::interrupt::StopSignal;
+use crate::outcome::{Ending, Outcome, Phase, Refusal, Stop};
 use crate::plan::{in_log_order, PlannedFlip, PlanningBackend};
 use crate::report::Printer;
-use crate::write::{write, Recheck};
+use crate::write::{write, Ledger, Recheck, WriteOutcome};
 use crate::VERSION;
 
 /// A run id that sorts by time and is easy to grep for in `type_reclassification_log`.
 pub fn new_run_id(now: DateTime<Utc>) -> String {
     let random = Uuid::new_v4().simple().to_string();
     format!("atb-{}-{}", now.format("%Y%m%dT%H%M%SZ"), &random[..8])
+}
+
+/// A signal (or a closed stdout) stopped the plan: the run ends interrupted, nothing written.
+#[derive(Debug)]
+struct PlanStopped(Stop);
+
+impl std::fmt::Display for PlanStopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "interrupted by {} while planning", self.0.name())
+    }
+}
+
+impl std::error::Error for PlanStopped {}
+
+/// What the plan says of the registry as a whole, beside its flips.
+#[derive(Debug, Clone, Default)]
+pub struct Census {
+    /// The plan finished: the counts below mean something.
+    pub complete: bool,
+    pub profiles_scanned: u64,
+    pub malformed: u64,
+    pub junk_elements: u64,
+    pub unrecognised_inferred_types: std::collections::BTreeMap<String, u64>,
+}
+
+/// The fate of every flip a run found, each flip in exactly one place. The log, the exit code and
+/// the summary are all read from here; [`Dispositions::summary`] is the one place a run's
+/// numbers are counted.
+#[derive(Debug, Default)]
+pub struct Dispositions {
+    /// Flips nothing holds back: written by an apply that nothing refused.
+    pub to_write: Vec<PlannedFlip>,
+    /// Flips a guard holds back: never written.
+    pub held: Vec<HeldFlip>,
+    /// How many of `to_write` `--allow-transition` does not list (the run is refused).
+    pub not_allowed: u64,
+    /// Found or planned, and left before the write, with why (a reviewed plan's departures, a
+    /// revert's conflicts): listed with the plan.
+    pub departed: Vec<(PlannedFlip, SkipReason)>,
+    /// Planned and not written by the write itself, with why (the locked recheck, timeouts):
+    /// listed after the write.
+    pub not_written: Vec<(PlannedFlip, SkipReason)>,
+    /// Flips written, as the batches that committed counted them.
+    pub written: u64,
+}
+
+impl Dispositions {
+    /// Every count of the run's summary, from the fates above.
+    fn summary(&self, census: &Census, ending: &Ending) -> Summary {
+        let found: Vec<&PlannedFlip> = self
+            .to_write
+            .iter()
+            .chain(self.held.iter().map(|held| &held.planned))
+            .collect();
+        let profiles: BTreeSet<Uuid> = found.iter().map(|planned| planned.profile_id).collect();
+        let mut summary = Summary {
+            plan_complete: census.complete,
+            profiles_scanned: census.profiles_scanned,
+            profiles_changed: count(profiles.len()),
+            flips: count(found.len()),
+            to_write: count(self.to_write.len()),
+            held: count(self.held.len()),
+            not_allowed: self.not_allowed,
+            malformed: census.malformed,
+            junk_elements: census.junk_elements,
+            unrecognised_inferred_types: census.unrecognised_inferred_types.clone(),
+            written: self.written,
+            aborted: matches!(ending.outcome, Outcome::Refused(_)),
+            interrupted_by: match ending.outcome {
+                Outcome::Interrupted { stop, .. } => Some(stop.name()),
+                _ => None,
+            },
+            mode: Some(ending.mode),
+            run_id: (ending.mode == Mode::Apply && self.written > 0).then(|| ending.run_id.clone()),
+            outcome: Some(ending.report()),
+            ..Summary::default()
+        };
+        for planned in found {
+            summary.count_transition(&planned.flip);
+        }
+        for (_, reason) in self.departed.iter().chain(&self.not_written) {
+            summary.count_skip(*reason);
+        }
+        summary
+    }
+
+    /// Flips whose batches kept timing out.
+    fn timed_out(&self) -> u64 {
+        count(
+            self.not_written
+                .iter()
+                .filter(|(_, reason)| *reason == SkipReason::NotWrittenTimeout)
+                .count(),
+        )
+    }
 }
 
 pub struct Run<'p> {
@@ -33,21 +134,24 @@ pub struct Run<'p> {
     pub session: db::Session,
     printer: &'p mut dyn Printer,
     pub stop: StopSignal,
+    pub census: Census,
+    pub dispositions: Dispositions,
+    /// The limits and guards that refused the plan; the run writes nothing when any did.
+    pub refusals: Vec<Refusal>,
+    /// Why the crawler's log cannot be read, said once in the header and once in the summary.
+    crawler_log_unavailable: Option<String>,
+    /// What the write path has committed so far, read even when the write is abandoned.
+    ledger: Arc<Ledger>,
+    /// The write stopped early: by what, and whether the batch in flight was abandoned.
+    stopped: Option<(Stop, bool)>,
 }
 
-/// What the last step of a run is given: the flips to write, unless a guard refused them.
-pub struct Ending<'f> {
-    pub flips: &'f [PlannedFlip],
-    /// Set when a limit or guard refused the plan: nothing is written.
-    pub refusal: Option<Failure>,
-    pub summary: Summary,
-    pub batch_size: usize,
-    pub write_attempts: u32,
-    pub recheck: &'f dyn Recheck,
-}
+/// How long closing the pool may take at the end of a run: on a dead link it would wait for the
+/// connections' own timeouts, and the operator is owed the report first.
+const CLOSE_LIMIT: Duration = Duration::from_secs(2);
 
 impl<'p> Run<'p> {
-    /// The first step of every command: a run id, a connection that carries it as
+    /// The first step of every command that may write: a run id, a connection that carries it as
     /// `application_name` with the operator's timeouts, and the `--expect-database` guard.
     pub async fn open(
         connect: &ConnectConfig,
@@ -58,23 +162,8 @@ impl<'p> Run<'p> {
         let clock = Instant::now();
         let started_at = Utc::now();
         let run_id = new_run_id(started_at);
-        let settings = db::SessionSettings {
-            application_name: format!("agent-type-backfill {run_id}"),
-            lock_timeout: connect.lock_timeout,
-            statement_timeout: connect.statement_timeout,
-        };
-        let session = db::connect(&connect.url, &settings).await?;
+        let session = open_session(connect, &format!("agent-type-backfill {run_id}")).await?;
         info!(target = %session.target, %run_id, "connected");
-        if let Some(expected) = &connect.expect_database {
-            if *expected != session.target.database {
-                return Err(Failure::Usage(format!(
-                    "connected to database '{}' but --expect-database is '{expected}': nothing \
-                     was read; check DATABASE_URL",
-                    session.target.database
-                ))
-                .into());
-            }
-        }
         Ok(Run {
             mode,
             run_id,
@@ -83,6 +172,12 @@ impl<'p> Run<'p> {
             session,
             printer,
             stop,
+            census: Census::default(),
+            dispositions: Dispositions::default(),
+            refusals: Vec::new(),
+            crawler_log_unavailable: None,
+            ledger: Arc::new(Ledger::default()),
+            stopped: None,
         })
     }
 
@@ -90,12 +185,14 @@ impl<'p> Run<'p> {
         self.printer.print(&event)
     }
 
-    pub fn print_finish(&mut self) -> Result<()> {
-        self.printer.finish()
-    }
-
-    /// The log header.
-    pub fn header(&mut self, max_flips: usize, reverts: Option<&str>) -> Result<()> {
+    /// The log header. `crawler_log` says why the crawler's evidence cannot be read, once for the
+    /// whole run.
+    pub fn header(
+        &mut self,
+        max_flips: usize,
+        reverts: Option<&str>,
+        crawler_log: Option<&str>,
+    ) -> Result<()> {
         let start = Start {
             tool: "agent-type-backfill",
             version: VERSION,
@@ -105,8 +202,10 @@ impl<'p> Run<'p> {
             run_id: self.run_id.clone(),
             max_flips,
             reverts: reverts.map(str::to_owned),
+            crawler_log_unavailable: crawler_log.map(str::to_owned),
             rule: Rule::ported(),
         };
+        self.crawler_log_unavailable = crawler_log.map(str::to_owned);
         self.print(Event::Start(start))
     }
 
@@ -119,30 +218,32 @@ impl<'p> Run<'p> {
     ) -> Result<()> {
         for flip in in_log_order(flips, key) {
             let event = event(flip, self.started_at);
-            self.print(event)?;
+            self.printer.print(&event)?;
         }
         Ok(())
     }
 
-    /// Plans, unless a signal comes first: then the planning statement is cancelled on the
-    /// server, the log says the plan was interrupted, and the run ends with nothing written.
+    /// Plans, unless a signal (or a closed stdout) comes first: then the planning statement is
+    /// cancelled on the server, the log says the plan was interrupted, and the run ends with
+    /// nothing written.
     pub async fn plan<T>(
         &mut self,
         planning: impl Future<Output = Result<T>>,
         backend: &PlanningBackend,
     ) -> Result<T> {
+        self.stop.enter(Phase::Plan);
         let mut stop = self.stop.clone();
         tokio::select! {
             planned = planning => planned,
             signal = stop.wait() => {
                 backend.cancel(&self.session.pool).await;
+                let stop = Stop::from_number(signal);
                 self.print(Event::Interrupted {
-                    signal: signal_name(signal),
+                    signal: stop.name(),
                     during: "plan",
                     duration_ms: self.elapsed_ms(),
                 })?;
-                self.session.pool.close().await;
-                Err(Failure::InterruptedPlanning { signal }.into())
+                Err(PlanStopped(stop).into())
             }
         }
     }
@@ -151,78 +252,160 @@ impl<'p> Run<'p> {
         u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// The last two steps of every run: write (an apply that nothing refused), then report.
-    pub async fn write_and_report(mut self, ending: Ending<'_>) -> Result<Summary> {
-        let Ending {
-            flips,
-            refusal,
-            mut summary,
-            batch_size,
-            write_attempts,
-            recheck,
-        } = ending;
-        let outcome = if refusal.is_none() && self.mode == Mode::Apply && !flips.is_empty() {
-            write(
+    /// Writes `dispositions.to_write`: only in an apply that nothing refused. A second signal
+    /// abandons the batch in flight; what had committed is still counted.
+    pub async fn write(
+        &mut self,
+        batch_size: usize,
+        write_attempts: u32,
+        recheck: &dyn Recheck,
+    ) -> Result<()> {
+        if !self.refusals.is_empty()
+            || self.mode != Mode::Apply
+            || self.dispositions.to_write.is_empty()
+        {
+            return Ok(());
+        }
+        self.stop.enter(Phase::Write);
+        let mut twice = self.stop.clone();
+        let written = tokio::select! {
+            written = write(
                 &self.session.pool,
-                flips,
+                &self.dispositions.to_write,
                 batch_size,
                 write_attempts,
                 recheck,
                 &self.run_id,
                 &self.stop,
-            )
-            .await?
-        } else {
-            crate::write::WriteOutcome::default()
+                &self.ledger,
+            ) => Some(written),
+            () = twice.wait_twice() => None,
         };
-        let mut not_written = outcome.not_written;
-        not_written.sort_by(|a, b| a.0.log_order().cmp(&b.0.log_order()));
-        for (planned, reason) in &not_written {
-            summary.count_skip(*reason);
-            let flip = planned.event(self.started_at);
-            self.print(Event::Skipped(Skipped {
-                flip,
-                reason: *reason,
-            }))?;
-        }
-        summary.aborted = refusal.is_some();
-        summary.written = outcome.written;
-        summary.interrupted_by = outcome.interrupted_by.map(signal_name);
-        summary.duration_ms = self.elapsed_ms();
-        summary.mode = Some(self.mode);
-        summary.run_id =
-            (self.mode == Mode::Apply && summary.written > 0).then(|| self.run_id.clone());
-        self.print(Event::Summary(summary.clone()))?;
-        self.session.pool.close().await;
-
-        if let Some(refusal) = refusal {
-            return Err(refusal.into());
-        }
-        if let Some(signal) = outcome.interrupted_by {
-            return Err(Failure::Interrupted {
-                signal,
-                written: summary.written,
-                planned: summary.flips,
-                run_id: self.run_id,
+        self.dispositions.written = self.ledger.written();
+        match written {
+            Some(written) => {
+                let WriteOutcome {
+                    not_written,
+                    interrupted_by,
+                } = written?;
+                self.dispositions.not_written = not_written;
+                self.stopped = interrupted_by.map(|number| (Stop::from_number(number), false));
             }
+            None => {
+                let stop = self
+                    .stop
+                    .stop()
+                    .unwrap_or(Stop::Signal(crate::outcome::SIGINT));
+                self.stopped = Some((stop, true));
+            }
+        }
+        Ok(())
+    }
+
+    /// The last step of every run: how it ended, decided once from what happened, then the
+    /// skipped lines and the summary in every format. `steps` is what the run's steps after the
+    /// header came to.
+    pub async fn conclude(mut self, steps: Result<()>) -> Result<Summary> {
+        // A write that failed still committed what the ledger counted.
+        self.dispositions.written = self.dispositions.written.max(self.ledger.written());
+        let (outcome, error) = match steps {
+            Err(error) => match error.downcast_ref::<PlanStopped>() {
+                Some(PlanStopped(stop)) => (
+                    Outcome::Interrupted {
+                        stop: *stop,
+                        during: Phase::Plan,
+                        twice: false,
+                        at_commit: false,
+                    },
+                    None,
+                ),
+                None => (
+                    Outcome::Failed {
+                        error: render(&error),
+                        code: exit_code(&error),
+                    },
+                    Some(error),
+                ),
+            },
+            Ok(()) if !self.refusals.is_empty() => (Outcome::Refused(self.refusals.clone()), None),
+            Ok(()) => match self.stopped {
+                Some((stop, twice)) => (
+                    Outcome::Interrupted {
+                        stop,
+                        during: Phase::Write,
+                        twice,
+                        at_commit: twice && self.ledger.at_commit(),
+                    },
+                    None,
+                ),
+                None if self.dispositions.timed_out() > 0 => (
+                    Outcome::TimedOut {
+                        not_written: self.dispositions.timed_out(),
+                    },
+                    None,
+                ),
+                None => (Outcome::Completed, None),
+            },
+        };
+        let ending = Ending {
+            outcome,
+            mode: self.mode,
+            to_write: count(self.dispositions.to_write.len()),
+            written: self.dispositions.written,
+            run_id: self.run_id.clone(),
+        };
+
+        let not_written = std::mem::take(&mut self.dispositions.not_written);
+        self.print_flips(&not_written, |(planned, _)| planned, skipped_event)?;
+        self.dispositions.not_written = not_written;
+        let mut summary = self.dispositions.summary(&self.census, &ending);
+        summary.duration_ms = self.elapsed_ms();
+        summary.crawler_log_unavailable = self.crawler_log_unavailable.clone();
+        self.print(Event::Summary(summary.clone()))?;
+        if tokio::time::timeout(CLOSE_LIMIT, self.session.pool.close())
+            .await
+            .is_err()
+        {
+            info!("the pool did not close within {CLOSE_LIMIT:?}; leaving it to the server");
+        }
+
+        match ending.outcome {
+            Outcome::Completed => Ok(summary),
+            // The error stays inspectable by a library caller; the process prints the ending.
+            Outcome::Failed { .. } => Err(error
+                .unwrap_or_else(|| anyhow::anyhow!("the run failed"))
+                .context(Failure::Ended(Box::new(ending)))),
+            _ => Err(Failure::Ended(Box::new(ending)).into()),
+        }
+    }
+}
+
+/// A skipped line of the log.
+pub fn skipped_event((planned, reason): &(PlannedFlip, SkipReason), now: DateTime<Utc>) -> Event {
+    Event::Skipped(Skipped {
+        flip: planned.event(now),
+        reason: *reason,
+    })
+}
+
+/// A session for the tool: a first connection checked with the operator's timeouts, then the
+/// pool, and the `--expect-database` guard. `history` uses it too, without a run.
+pub async fn open_session(connect: &ConnectConfig, application_name: &str) -> Result<db::Session> {
+    let settings = db::SessionSettings {
+        application_name: application_name.to_owned(),
+        lock_timeout: connect.lock_timeout,
+        statement_timeout: connect.statement_timeout,
+    };
+    let session = db::connect(&connect.url, &settings).await?;
+    if let Some(expected) = &connect.expect_database {
+        if *expected != session.target.database {
+            return Err(Failure::Usage(format!(
+                "connected to database '{}' but --expect-database is '{expected}': nothing \
+                 was read; check DATABASE_URL",
+                session.target.database
+            ))
             .into());
         }
-        if outcome.timed_out > 0 {
-            let rest = if summary.written == 0 {
-                "nothing was written".to_owned()
-            } else {
-                format!(
-                    "the other {} were written under run id '{}'",
-                    summary.written, self.run_id
-                )
-            };
-            anyhow::bail!(
-                "{} planned flips were not written because their batches kept hitting lock or \
-                 statement timeouts (see the skipped lines above); {rest}: rerun the same command \
-                 to finish",
-                outcome.timed_out
-            );
-        }
-        Ok(summary)
     }
+    Ok(session)
 }

@@ -3,6 +3,7 @@
 //! audit rows, in one short transaction.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -65,15 +66,33 @@ impl Recheck for ResolveAgain {
 
 #[derive(Debug, Default)]
 pub struct WriteOutcome {
-    pub written: u64,
     /// Planned flips not written and flips found that were not planned, with why.
     pub not_written: Vec<(PlannedFlip, SkipReason)>,
-    /// Flips whose batch kept timing out.
-    pub timed_out: u64,
     pub interrupted_by: Option<i32>,
 }
 
-/// Writes `flips` in batches of `batch_size` profiles, one short transaction each.
+/// What the write has committed, kept outside the write so that a run whose write is abandoned
+/// (a second signal) or fails (a lost connection) still says exactly what was written.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    written: AtomicU64,
+    /// A batch has sent its COMMIT and not heard back: abandoned now, it may have committed.
+    at_commit: AtomicBool,
+}
+
+impl Ledger {
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::SeqCst)
+    }
+
+    pub fn at_commit(&self) -> bool {
+        self.at_commit.load(Ordering::SeqCst)
+    }
+}
+
+/// Writes `flips` in batches of `batch_size` profiles, one short transaction each, counting what
+/// commits in `ledger`.
+#[allow(clippy::too_many_arguments)]
 pub async fn write(
     pool: &db::Pool,
     flips: &[PlannedFlip],
@@ -82,6 +101,7 @@ pub async fn write(
     recheck: &dyn Recheck,
     run_id: &str,
     stop: &StopSignal,
+    ledger: &Ledger,
 ) -> Result<WriteOutcome> {
     // Batches go in profile id order, whatever order the log lists flips in.
     let mut by_profile: BTreeMap<Uuid, Vec<&PlannedFlip>> = BTreeMap::new();
@@ -100,17 +120,14 @@ pub async fn write(
             outcome.interrupted_by = Some(signal);
             break;
         }
-        match write_with_retries(pool, batch, write_attempts, recheck, run_id, stop).await? {
-            Attempts::Written(checked) => {
-                outcome.written += checked.written;
-                outcome.not_written.extend(checked.not_written);
-            }
+        match write_with_retries(pool, batch, write_attempts, recheck, run_id, stop, ledger).await?
+        {
+            Attempts::Written(not_written) => outcome.not_written.extend(not_written),
             Attempts::GaveUp => {
                 for planned in batch.iter().flat_map(|(_, flips)| flips) {
                     outcome
                         .not_written
                         .push(((*planned).clone(), SkipReason::NotWrittenTimeout));
-                    outcome.timed_out += 1;
                 }
             }
             Attempts::Stopped(signal) => {
@@ -128,7 +145,8 @@ pub async fn write(
 }
 
 enum Attempts {
-    Written(CheckedBatch),
+    /// The batch committed; these of its flips were not written, with why.
+    Written(Vec<(PlannedFlip, SkipReason)>),
     /// Every attempt hit a lock or statement timeout.
     GaveUp,
     /// A signal arrived: no new attempt was started.
@@ -142,11 +160,22 @@ async fn write_with_retries(
     recheck: &dyn Recheck,
     run_id: &str,
     stop: &StopSignal,
+    ledger: &Ledger,
 ) -> Result<Attempts> {
     let mut attempt = 1;
     loop {
-        match write_batch(pool, batch, recheck, run_id).await {
-            Ok(checked) => return Ok(Attempts::Written(checked)),
+        match write_batch(pool, batch, recheck, run_id, ledger).await {
+            Ok(not_written) => return Ok(Attempts::Written(not_written)),
+            // A stop request that came while this batch waited: it rolled back whole, and no new
+            // attempt starts.
+            Err(error) if db::is_retryable(&error) && stop.raised().is_some() => {
+                let reason = crate::error::render(&error);
+                warn!(
+                    attempt,
+                    "batch rolled back ({reason}); not retried: stopping"
+                );
+                return Ok(Attempts::Stopped(stop.raised().unwrap_or_default()));
+            }
             Err(error) if db::is_retryable(&error) && attempt < write_attempts => {
                 let pause = Duration::from_millis(200 * 2u64.pow(attempt - 1));
                 let reason = crate::error::render(&error);
@@ -168,11 +197,6 @@ async fn write_with_retries(
     }
 }
 
-struct CheckedBatch {
-    written: u64,
-    not_written: Vec<(PlannedFlip, SkipReason)>,
-}
-
 /// Locks the batch's profiles, checks each planned flip against current data, and writes only
 /// the flips that still hold exactly as planned, with their audit rows, in one transaction.
 async fn write_batch(
@@ -180,7 +204,8 @@ async fn write_batch(
     batch: &[(Uuid, Vec<&PlannedFlip>)],
     recheck: &dyn Recheck,
     run_id: &str,
-) -> Result<CheckedBatch> {
+    ledger: &Ledger,
+) -> Result<Vec<(PlannedFlip, SkipReason)>> {
     let ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
     let mut transaction = pool
         .begin()
@@ -242,14 +267,14 @@ async fn write_batch(
         )
         .await?;
     }
-    transaction
-        .commit()
-        .await
-        .context("could not commit a write batch")?;
-    Ok(CheckedBatch {
-        written: u64::try_from(to_write.len()).unwrap_or(u64::MAX),
-        not_written,
-    })
+    ledger.at_commit.store(true, Ordering::SeqCst);
+    let committed = transaction.commit().await;
+    ledger.at_commit.store(false, Ordering::SeqCst);
+    committed.context("could not commit a write batch")?;
+    ledger
+        .written
+        .fetch_add(crate::domain::count(to_write.len()), Ordering::SeqCst);
+    Ok(not_written)
 }
 
 fn flip_write(profile_id: Uuid, label: &str, flip: Flip, planned: &PlannedFlip) -> FlipWrite {

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use agent_type_backfill::config::BackfillConfig;
 use agent_type_backfill::db;
-use agent_type_backfill::error::{exit_code, Failure};
+use agent_type_backfill::error::exit_code;
 use agent_type_backfill::events::{Event, Held, HoldReason, Mode};
+use agent_type_backfill::outcome::Refusal;
 use agent_type_backfill::support::seed::{
     self, NewProfile, NewSnapshot, BIDCLIQ_URL, NORTHWIND_URL, SWIVEL_URL,
 };
@@ -193,11 +194,11 @@ async fn threshold_abort_prints_every_flip_and_writes_nothing() {
         let error = result.unwrap_err();
         assert_eq!(exit_code(&error), 3, "{error:#}");
         assert_eq!(
-            error.downcast_ref::<Failure>(),
-            Some(&Failure::ThresholdExceeded {
+            common::refusals(&error),
+            [Refusal::TooManyFlips {
                 flips: 2,
                 max_flips: 1
-            })
+            }]
         );
         assert_eq!(flip_events(&log).len(), 2, "{mode} shows what would abort");
         let summary = events(log.as_bytes()).pop().unwrap();
@@ -510,7 +511,8 @@ async fn stop_request_lets_the_batch_in_flight_commit_then_reports_and_exits_143
     .await
     .unwrap();
     let holder = db.lock_profiles(&[&first]).await;
-    let (stop, raise) = agent_type_backfill::interrupt::StopSignal::manual();
+    let stop = agent_type_backfill::interrupt::StopSignal::manual();
+    let raise = stop.clone();
     let url = db.url.clone();
     let apply = tokio::spawn(async move {
         let mut out = Vec::new();
@@ -527,16 +529,14 @@ async fn stop_request_lets_the_batch_in_flight_commit_then_reports_and_exits_143
         (result, out)
     });
     wait_for_blocked_writer(&db).await;
-    raise
-        .send(Some(agent_type_backfill::interrupt::SIGTERM))
-        .unwrap();
+    raise.raise(agent_type_backfill::interrupt::SIGTERM);
     holder.close().await.unwrap();
 
     let (result, out) = apply.await.unwrap();
     let error = result.unwrap_err();
     assert_eq!(exit_code(&error), 143);
     assert!(
-        format!("{error:#}").contains("after writing 1 of 2 planned flips"),
+        format!("{error:#}").contains("1 of 2 written under run id"),
         "{error:#}"
     );
     let summary = events(&out).pop().unwrap();

@@ -4,8 +4,10 @@
 
 use crate::common;
 
-use agent_type_backfill::error::{exit_code, Failure};
+use agent_type_backfill::domain::Transition;
+use agent_type_backfill::error::exit_code;
 use agent_type_backfill::events::Summary;
+use agent_type_backfill::outcome::Refusal;
 use agent_type_backfill::support::seed::{self, NewProfile, NewSnapshot};
 use common::{args, events, execute, revert_json as revert, RemovedOnDrop, TestDb, Tool};
 use serde_json::{json, Value};
@@ -24,8 +26,11 @@ fn assert_threshold_abort(result: anyhow::Result<Summary>, flips: usize, max_fli
     let error = result.unwrap_err();
     assert_eq!(exit_code(&error), 3, "{error:#}");
     assert_eq!(
-        error.downcast_ref::<Failure>(),
-        Some(&Failure::ThresholdExceeded { flips, max_flips })
+        common::refusals(&error),
+        [Refusal::TooManyFlips {
+            flips: u64::try_from(flips).unwrap(),
+            max_flips: u64::try_from(max_flips).unwrap()
+        }]
     );
 }
 
@@ -228,13 +233,15 @@ async fn allow_transition_needs_both_ends_of_every_flip() {
         let error = refused.unwrap_err();
         assert_eq!(exit_code(&error), 3, "{allowed}: {error:#}");
         assert_eq!(
-            error.downcast_ref::<Failure>(),
-            Some(&Failure::TransitionNotAllowed {
-                // Messages spell a transition FROM:TO, which no shell mangles.
-                transitions: vec!["buying:sales".to_owned()]
-            }),
+            common::refusals(&error),
+            [Refusal::NotAllowed {
+                flips: 2,
+                transitions: vec![Transition::new("buying", "sales")]
+            }],
             "{allowed}"
         );
+        // Messages spell a transition FROM:TO, which no shell mangles.
+        assert!(format!("{error:#}").contains("(buying:sales)"), "{error:#}");
         let listed = log.iter().filter(|e| e["event"] == "not_allowed").count();
         assert_eq!(listed, 2, "{allowed}: every refused flip is listed");
         assert_eq!(db.dump().await, before, "{allowed} wrote something");

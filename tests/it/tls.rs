@@ -203,7 +203,8 @@ fn assert_completed(done: &Finished) {
     for line in [
         "\n  bidcliq  https://bidcliq.example/mcp  buying -> sales",
         "\n  swivel  https://ads.swivel.example/a2a  buying -> sales",
-        "agent rows flipped:             2",
+        "flips found:                    2",
+        "flips to write:                 2",
         "outcome:                        completed",
     ] {
         assert!(

@@ -454,3 +454,17 @@ pub fn events(output: &[u8]) -> Vec<serde_json::Value> {
         .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
         .collect()
 }
+
+/// The limits and guards that refused a run, from the error it ended with; empty when it was not
+/// refused.
+pub fn refusals(error: &anyhow::Error) -> Vec<agent_type_backfill::outcome::Refusal> {
+    use agent_type_backfill::error::{failure, Failure};
+    use agent_type_backfill::outcome::Outcome;
+    match failure(error) {
+        Some(Failure::Ended(ending)) => match &ending.outcome {
+            Outcome::Refused(refusals) => refusals.clone(),
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    }
+}

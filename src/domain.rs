@@ -1,0 +1,70 @@
+//! The words every layer shares (what a run does, how it prints, a type change), defined here so
+//! that neither the command line, the log nor the guards depend on one another for them. This
+//! module depends on nothing else in the crate.
+
+use std::fmt;
+
+use serde::{Serialize, Serializer};
+
+/// Whether a run may write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    DryRun,
+    Apply,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::DryRun => "dry-run",
+            Mode::Apply => "apply",
+        }
+    }
+}
+
+/// How the run report is printed on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+    Markdown,
+}
+
+/// One type change, `FROM:TO`: what `--allow-transition` names and what the summary counts.
+/// `from` is the stored type as an operator reads it (a string bare, any other JSON as JSON).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Transition {
+    pub from: String,
+    pub to: String,
+}
+
+impl Transition {
+    pub fn new(from: impl Into<String>, to: impl Into<String>) -> Transition {
+        Transition {
+            from: from.into(),
+            to: to.into(),
+        }
+    }
+}
+
+/// `FROM:TO`, the spelling every message and document uses (no shell mangles a colon).
+impl fmt::Display for Transition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.from, self.to)
+    }
+}
+
+/// The JSON summary's `transitions` keys have always been `from->to`; scripts read them, so the
+/// wire spelling stays while every message says `FROM:TO`.
+impl Serialize for Transition {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&format_args!("{}->{}", self.from, self.to))
+    }
+}
+
+/// A count as the log prints it. Lengths and counts never come near `u64::MAX`; saturating keeps
+/// the one conversion in one place instead of an `unwrap_or` at every call site.
+pub fn count(len: usize) -> u64 {
+    u64::try_from(len).unwrap_or(u64::MAX)
+}
