@@ -116,7 +116,8 @@ impl RunStdout {
                 self.stop.raise(interrupt::SIGPIPE);
             }
             domain::Mode::DryRun => tracing::warn!(
-                "stdout was closed: the rest of the run log is dropped; the exit code still                  gives the plan's verdict"
+                "stdout was closed: the rest of the run log is dropped; the exit code still \
+                 gives the plan's verdict"
             ),
         }
     }

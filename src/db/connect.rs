@@ -233,11 +233,13 @@ pub async fn connect(url: &str, settings: &SessionSettings) -> Result<Session> {
                 Some(code) if code.starts_with("28") => password_hint(url, &options),
                 _ => String::new(),
             };
+            // A host, port, password, database or TLS setting that does not connect is the
+            // operator's configuration: exit 2, so a script tells a typo from a crash.
             return Err(
-                anyhow::anyhow!(redact(&error.to_string(), url)).context(format!(
+                anyhow::anyhow!(redact(&error.to_string(), url)).context(Failure::Usage(format!(
                     "could not connect to '{described}': check DATABASE_URL, the network and the \
                  credentials{hint}"
-                )),
+                ))),
             );
         }
     };

@@ -171,6 +171,22 @@ impl ToolRun {
         self.signal(libc::SIGKILL);
     }
 
+    /// Waits until the run's stderr so far contains `needle` (true), or the run ends or hangs
+    /// first (false): a condition to wait on, not a time.
+    pub async fn stderr_shows(&mut self, needle: &str) -> bool {
+        while self.started.elapsed() < HANG {
+            let seen = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+            if seen.contains(needle) {
+                return true;
+            }
+            if !self.running() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
     /// Waits for the run to end; a run past [`HANG`] is killed and fails the test.
     pub async fn finish(mut self) -> Finished {
         let status = loop {

@@ -1,0 +1,360 @@
+//! Every ending a run survives is said the same way by the exit code, the last lines of the log
+//! (text, JSON, Markdown) and stderr, and a closed stdout is never taken for success.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+use crate::cli::{hold_the_snapshot_table, tool_waits_on_a_lock};
+use crate::common::{events, TestDb, Tool, BIN};
+
+/// `count` profiles, each with one `buying` agent whose snapshot infers `sales`: one flip each.
+async fn add_buying_profiles(db: &TestDb, count: i32) {
+    for statement in [
+        "INSERT INTO organizations (workos_organization_id, name) \
+         SELECT 'org_f' || g, 'Org ' || g FROM generate_series(1, $1) g",
+        "INSERT INTO member_profiles (workos_organization_id, display_name, slug, agents) \
+         SELECT 'org_f' || g, 'F' || g, 'flip-' || lpad(g::text, 6, '0'), \
+                jsonb_build_array(jsonb_build_object('url', 'https://f' || g || '.example/mcp', \
+                    'type', 'buying', 'visibility', 'public', 'name', 'F')) \
+         FROM generate_series(1, $1) g",
+        "INSERT INTO agent_capabilities_snapshot (agent_url, protocol, inferred_type) \
+         SELECT 'https://f' || g || '.example/mcp', 'mcp', 'sales' FROM generate_series(1, $1) g",
+    ] {
+        sqlx::query(statement)
+            .bind(count)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+}
+
+/// One profile whose snapshot infers a type the rule does not know: a held flip.
+async fn add_held_flip(db: &TestDb) {
+    for statement in [
+        "INSERT INTO organizations (workos_organization_id, name) VALUES ('org_held', 'Held')",
+        "INSERT INTO member_profiles (workos_organization_id, display_name, slug, agents) \
+         VALUES ('org_held', 'Held', 'held-agent', \
+                 '[{\"url\": \"https://held.example/mcp\", \"type\": \"sales\"}]')",
+        "INSERT INTO agent_capabilities_snapshot (agent_url, protocol, inferred_type) \
+         VALUES ('https://held.example/mcp', 'mcp', 'orchestration')",
+    ] {
+        sqlx::query(statement).execute(&db.pool).await.unwrap();
+    }
+}
+
+async fn audit_count(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM type_reclassification_log")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// Runs the binary with its stdout read by a reader that takes `lines` lines and goes away, as
+/// `| head -n LINES` does. Returns the exit code and stderr.
+fn run_into_head(url: &str, args: &[&str], lines: usize) -> (i32, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut reader = BufReader::new(stdout);
+    for _ in 0..lines {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+    }
+    drop(reader);
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Regression: `--apply ... | head -n 40` exited 0 with nothing written and nothing said.
+#[tokio::test]
+async fn an_apply_whose_stdout_closes_stops_as_on_sigint_and_says_so() {
+    let db = TestDb::seeded(0).await;
+    add_buying_profiles(&db, 3000).await;
+    let before = db.dump().await;
+    let url = db.url.clone();
+    let (code, stderr) = tokio::task::spawn_blocking(move || {
+        run_into_head(
+            &url,
+            &["--apply", "--max-flips", "100000", "--batch-size", "10"],
+            40,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 141, "{stderr}");
+    // Closed while the flips were listed: no write batch started.
+    assert_eq!(db.dump().await, before, "{stderr}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.starts_with("error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("stdout was closed") && errors[0].contains("nothing was written"),
+        "{stderr}"
+    );
+}
+
+/// Regression: `--dry-run | head -1` on a plan with a held flip exited 0.
+#[tokio::test]
+async fn a_dry_runs_exit_code_is_its_verdict_whoever_reads_its_output() {
+    let db = TestDb::seeded(0).await;
+    add_buying_profiles(&db, 3000).await;
+    let url = db.url.clone();
+    let (code, stderr) = tokio::task::spawn_blocking(move || {
+        run_into_head(&url, &["--dry-run", "--max-flips", "100000"], 1)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "a completed plan read by head: {stderr}");
+
+    add_held_flip(&db).await;
+    let url = db.url.clone();
+    let (code, stderr) = tokio::task::spawn_blocking(move || {
+        run_into_head(&url, &["--dry-run", "--max-flips", "100000"], 1)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 3, "a held flip refuses the plan: {stderr}");
+    assert!(stderr.contains("1 flip held"), "{stderr}");
+}
+
+/// Regression: a dry-run past `--statement-timeout` ended its log at `flips:` (text) and at the
+/// `start` event (JSON).
+#[tokio::test]
+async fn a_timed_out_plan_still_ends_the_log_with_its_outcome_in_every_format() {
+    let db = TestDb::seeded(5).await;
+    for format in ["text", "json", "markdown"] {
+        let blocker = hold_the_snapshot_table(&db).await;
+        let url = db.url.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            Tool::new(&[
+                "--dry-run",
+                "--statement-timeout",
+                "300ms",
+                "--lock-timeout",
+                "30s",
+                "--format",
+                format,
+            ])
+            .database(&url)
+            .run()
+        })
+        .await
+        .unwrap();
+        blocker.rollback().await.unwrap();
+        assert_eq!(done.code(), 1, "{format}: {}", done.stderr);
+        let last = done.stdout.lines().rev().find(|line| !line.is_empty());
+        let last = last.unwrap_or_default();
+        match format {
+            "json" => {
+                let summary = events(done.stdout.as_bytes()).pop().unwrap();
+                assert_eq!(summary["event"], "summary", "{}", done.stdout);
+                assert_eq!(summary["outcome"]["kind"], "failed");
+                assert_eq!(summary["outcome"]["exit_code"], 1);
+                assert_eq!(summary["plan_complete"], false);
+            }
+            "markdown" => assert!(last.starts_with("| duration |"), "{}", done.stdout),
+            _ => assert!(last.starts_with("  duration:"), "{}", done.stdout),
+        }
+        assert!(
+            done.stdout.contains("statement timeout"),
+            "{format}: the outcome names the cause: {}",
+            done.stdout
+        );
+    }
+}
+
+/// Regression: a second Ctrl-C exited 130 at once, with no summary and nothing on stderr.
+#[tokio::test]
+async fn a_second_signal_abandons_the_batch_in_flight_and_still_reports() {
+    let db = TestDb::seeded(10).await;
+    let first: String = sqlx::query_scalar(
+        "SELECT slug::text FROM member_profiles WHERE slug IN ('bidcliq', 'swivel') \
+         ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    // The second batch (in id order) waits on a member's save in progress.
+    let holder = db.lock_profiles(&[&first]).await;
+    let mut run = Tool::new(&[
+        "--apply",
+        "--batch-size",
+        "1",
+        "--lock-timeout",
+        "60s",
+        "--format",
+        "json",
+    ])
+    .database(&db.url)
+    .spawn();
+    assert!(tool_waits_on_a_lock(&db).await, "the apply never waited");
+    run.signal(libc::SIGINT);
+    // Two signals sent at once may arrive as one: the second follows the first's warning.
+    assert!(run.stderr_shows("stopping after the batch in flight").await);
+    run.signal(libc::SIGINT);
+    let done = run.finish().await;
+    drop(holder);
+    assert_eq!(done.code(), 130, "{}\n{}", done.stdout, done.stderr);
+    let summary = events(done.stdout.as_bytes()).pop().unwrap();
+    assert_eq!(summary["event"], "summary", "{}", done.stdout);
+    assert_eq!(summary["outcome"]["kind"], "interrupted");
+    assert_eq!(summary["written"], 1, "{}", done.stdout);
+    let message = summary["outcome"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("twice; the batch in flight was rolled back; 1 of 2 written"),
+        "{message}"
+    );
+    assert!(
+        done.stderr.contains("the batch in flight was rolled back"),
+        "{}",
+        done.stderr
+    );
+    assert_eq!(audit_count(&db).await, 1, "what the summary says committed");
+}
+
+/// The outcome names every limit that tripped, with its numbers, and the summary keeps flips to
+/// write, held flips and flips not allowed apart.
+#[tokio::test]
+async fn a_refusal_names_each_limit_with_its_numbers() {
+    let db = TestDb::seeded(10).await;
+    add_held_flip(&db).await;
+    let done = Tool::new(&[
+        "--dry-run",
+        "--max-flips",
+        "1",
+        "--allow-transition",
+        "buying:unknown",
+        "--format",
+        "json",
+    ])
+    .database(&db.url)
+    .run();
+    assert_eq!(done.code(), 3, "{}", done.stderr);
+    let summary = events(done.stdout.as_bytes()).pop().unwrap();
+    assert_eq!(
+        summary["outcome"]["refused_by"],
+        serde_json::json!(["held", "not_allowed", "max_flips"])
+    );
+    assert_eq!(
+        (&summary["flips"], &summary["to_write"], &summary["held"]),
+        (&Value::from(3), &Value::from(2), &Value::from(1))
+    );
+    // Held flips are not checked against --allow-transition: they are never written anyway.
+    assert_eq!(summary["not_allowed"], 2);
+    let message = summary["outcome"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("2 flips to write, more than --max-flips 1")
+            && message.contains("1 flip held")
+            && message.contains("(buying:sales)"),
+        "{message}"
+    );
+    let text = Tool::new(&["--dry-run", "--max-flips", "1"])
+        .database(&db.url)
+        .run();
+    for line in [
+        "  flips found:                    3\n",
+        "  flips to write:                 2\n",
+        "  held (never written):           1\n",
+    ] {
+        assert!(text.stdout.contains(line), "{line:?}\n{}", text.stdout);
+    }
+}
+
+/// Configuration mistakes are exit 2 with one line on stderr, before anything is read.
+#[test]
+fn configuration_mistakes_exit_2_with_one_line_that_says_what_is_allowed() {
+    let url = "postgres://postgres@127.0.0.1:1/registry";
+    for (args, says) in [
+        (&["--dry-run", "--max-flips", "-1"][..], "0 or more"),
+        (&["--dry-run", "--lock-timeout", "-1s"][..], "negative"),
+        (&["--dry-run", "--lock-timeout", "5"][..], "no unit"),
+        (
+            &["--dry-run", "--lock-timeout", "99999999999h"][..],
+            "longer than PostgreSQL allows",
+        ),
+        (
+            &["--apply", "--allow-transition", "buying:sale"][..],
+            "TO must be one of brand, rights",
+        ),
+        (
+            &["--dry-run", "--plan", "plan.json"][..],
+            "cannot be used with",
+        ),
+        // Connection refused: the target is the operator's configuration.
+        (
+            &["--dry-run"][..],
+            "could not connect to '127.0.0.1:1/registry'",
+        ),
+    ] {
+        let done = Tool::new(args).database(url).run();
+        assert_eq!(done.code(), 2, "{args:?}: {}", done.stderr);
+        assert!(done.stderr.contains(says), "{args:?}: {}", done.stderr);
+        assert!(done.stdout.is_empty(), "{args:?}: {}", done.stdout);
+        let errors = done
+            .stderr
+            .lines()
+            .filter(|line| line.starts_with("error"))
+            .count();
+        assert_eq!(errors, 1, "{args:?}: {}", done.stderr);
+    }
+}
+
+/// A wrong password and a database that does not exist are configuration too.
+#[tokio::test]
+async fn a_wrong_database_or_password_is_a_configuration_error() {
+    let db = TestDb::new().await;
+    let no_such_database = db.url.replace(&db.name, "no_such_database");
+    let done = Tool::new(&["--dry-run"]).database(&no_such_database).run();
+    assert_eq!(done.code(), 2, "{}", done.stderr);
+    assert!(done.stderr.contains("no_such_database"), "{}", done.stderr);
+}
+
+/// `--help` prints the code's exit-code table, and README and RUNBOOK agree with it.
+#[test]
+fn help_readme_and_runbook_list_the_codes_exit_codes() {
+    use agent_type_backfill::outcome::EXIT_CODES;
+    let help = Tool::new(&["--help"]).run().stdout;
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let runbook = std::fs::read_to_string("RUNBOOK.md").unwrap();
+    for (code, meaning) in EXIT_CODES {
+        assert!(
+            help.contains(&format!("{code:>3}  {meaning}")),
+            "--help lacks {code}:\n{help}"
+        );
+        let row = format!("| {code} | {meaning} |");
+        assert!(readme.contains(&row), "README.md lacks the row {row:?}");
+        assert!(runbook.contains(&row), "RUNBOOK.md lacks the row {row:?}");
+    }
+}
+
+/// Regression: the man page's `.TH` line carried the two-line `--version`, and a stray `rule:`
+/// line rendered above NAME.
+#[test]
+fn the_man_page_title_is_one_line() {
+    let man = Tool::new(&["man"]).run();
+    assert_eq!(man.code(), 0, "{}", man.stderr);
+    let title = man
+        .stdout
+        .lines()
+        .find(|line| line.starts_with(".TH"))
+        .unwrap();
+    assert!(title.contains(env!("CARGO_PKG_VERSION")), "{title}");
+    let before_name = man.stdout.split(".SH NAME").next().unwrap();
+    assert!(!before_name.contains("rule:"), "{before_name}");
+}
