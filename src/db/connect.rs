@@ -152,6 +152,7 @@ pub struct SessionSettings {
 
 /// Parses the URL without ever echoing it: sqlx errors can quote their input.
 pub(crate) fn parse_url(url: &str) -> Result<PgConnectOptions> {
+    let url = &libpq_form(url)?;
     let options = PgConnectOptions::from_str(url).map_err(|error| {
         let reason = redact(&error.to_string(), url);
         Failure::Usage(format!(
@@ -173,6 +174,36 @@ pub(crate) fn parse_url(url: &str) -> Result<PgConnectOptions> {
         return Ok(options.ssl_mode(PgSslMode::VerifyCa));
     }
     Ok(options)
+}
+
+/// The URL as sqlx can read it, checked the way libpq checks it. libpq takes only the
+/// `postgres://` and `postgresql://` schemes (sqlx would take any, so a typo such as
+/// `postgress://` went unnoticed), and a URL whose host is empty but that names a user
+/// (`postgres://backfill@/registry?host=/var/run/postgresql`), which sqlx refuses as "empty
+/// host": libpq then connects to the default socket or to the `host=` of the query, and so does
+/// the tool, by naming `localhost` (sqlx's own default) in the authority.
+fn libpq_form(url: &str) -> Result<String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(Failure::Usage(
+            "the database URL must start with postgres:// or postgresql://: check DATABASE_URL \
+             or --database-url"
+                .to_owned(),
+        )
+        .into());
+    };
+    if scheme != "postgres" && scheme != "postgresql" {
+        return Err(Failure::Usage(format!(
+            "the database URL starts with '{scheme}://', but only postgres:// and postgresql:// \
+             are PostgreSQL URLs: check DATABASE_URL or --database-url"
+        ))
+        .into());
+    }
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, "")) => Ok(format!("{scheme}://{userinfo}@localhost{tail}")),
+        _ => Ok(url.to_owned()),
+    }
 }
 
 fn names_root_certificate(url: &str) -> bool {
@@ -389,6 +420,15 @@ mod tests {
         assert!(clean.contains("<database url>"));
         assert_eq!(redact("nothing to hide", ""), "nothing to hide");
         assert_eq!(url_password("postgres://u@db/x"), None);
+        assert!(parse_url("postgress://u@db/x").is_err());
+        assert!(parse_url("mysql://u@db/x").is_err());
+        let socket = parse_url("postgres://backfill@/staging?host=/var/run/postgresql").unwrap();
+        assert_eq!(socket.get_username(), "backfill");
+        assert_eq!(socket.get_database(), Some("staging"));
+        assert_eq!(
+            socket.get_socket().map(|path| path.display().to_string()),
+            Some("/var/run/postgresql".to_owned())
+        );
         assert!(names_root_certificate(
             "postgres://db/x?sslmode=require&sslrootcert=/ca.pem"
         ));

@@ -315,6 +315,20 @@ fn configuration_mistakes_exit_2_with_one_line_that_says_what_is_allowed() {
     }
 }
 
+/// Regression: a misspelt scheme was accepted.
+#[test]
+fn a_url_that_is_not_postgresql_is_refused_before_connecting() {
+    let done = Tool::new(&["--dry-run"])
+        .database("postgress://backfill@db.example/registry")
+        .run();
+    assert_eq!(done.code(), 2, "{}", done.stderr);
+    assert!(
+        done.stderr.contains("starts with 'postgress://'"),
+        "{}",
+        done.stderr
+    );
+}
+
 /// A wrong password and a database that does not exist are configuration too.
 #[tokio::test]
 async fn a_wrong_database_or_password_is_a_configuration_error() {
