@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::cli::{BackfillArgs, ConnectOpts, HistoryArgs, RevertArgs, RunOpts};
+use clap::Parser;
+
+use crate::cli::{BackfillArgs, Cli, ConnectOpts, HistoryArgs, RevertArgs, RunOpts};
 use crate::domain::Mode;
 use crate::domain::{Format, Transition};
 use crate::error::Failure;
@@ -20,15 +22,6 @@ pub struct ConnectConfig {
 }
 
 impl ConnectConfig {
-    pub fn new(url: impl Into<String>) -> ConnectConfig {
-        ConnectConfig {
-            url: url.into(),
-            expect_database: None,
-            lock_timeout: Duration::from_secs(5),
-            statement_timeout: Duration::from_secs(60),
-        }
-    }
-
     fn from_cli(connect: &ConnectOpts) -> Result<ConnectConfig, Failure> {
         let url = connect.database_url.clone().ok_or_else(|| {
             Failure::Usage("no database given: set DATABASE_URL or pass --database-url".to_owned())
@@ -54,16 +47,6 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
-    pub fn new(mode: Mode) -> RunConfig {
-        RunConfig {
-            mode,
-            format: Format::Text,
-            max_flips: 25,
-            batch_size: 1000,
-            write_attempts: 4,
-        }
-    }
-
     fn from_cli(mode: Mode, run: &RunOpts) -> RunConfig {
         RunConfig {
             mode,
@@ -99,16 +82,17 @@ pub struct BackfillConfig {
 }
 
 impl BackfillConfig {
-    /// A run with every default the command line has.
+    /// A run with every default the command line has, taken from the command line itself so
+    /// that the two cannot drift apart.
     pub fn new(mode: Mode, url: impl Into<String>) -> BackfillConfig {
-        BackfillConfig {
-            connect: ConnectConfig::new(url),
-            run: RunConfig::new(mode),
-            guards: Guards::default(),
-            plan_out: None,
-            reviewed_plan: None,
-            plan_max_age: Duration::from_secs(24 * 3600),
-        }
+        let url = url.into();
+        let flag = match mode {
+            Mode::DryRun => "--dry-run",
+            Mode::Apply => "--apply",
+        };
+        let cli = Cli::try_parse_from(["agent-type-backfill", flag, "--database-url", &url])
+            .expect("the command line's defaults parse");
+        BackfillConfig::from_cli(&cli.backfill).expect("a URL is given")
     }
 
     pub fn from_cli(args: &BackfillArgs) -> Result<BackfillConfig, Failure> {
@@ -137,11 +121,27 @@ pub struct RevertConfig {
 }
 
 impl RevertConfig {
+    /// A revert with every default the command line has, taken from the command line itself.
     pub fn new(mode: Mode, url: impl Into<String>, reverted_run: impl Into<String>) -> Self {
-        RevertConfig {
-            reverted_run: reverted_run.into(),
-            connect: ConnectConfig::new(url),
-            run: RunConfig::new(mode),
+        let (url, reverted_run) = (url.into(), reverted_run.into());
+        let flag = match mode {
+            Mode::DryRun => "--dry-run",
+            Mode::Apply => "--apply",
+        };
+        let cli = Cli::try_parse_from([
+            "agent-type-backfill",
+            "revert",
+            &reverted_run,
+            flag,
+            "--database-url",
+            &url,
+        ])
+        .expect("the command line's defaults parse");
+        match cli.command {
+            Some(crate::cli::Command::Revert(args)) => {
+                RevertConfig::from_cli(&args).expect("a URL is given")
+            }
+            _ => unreachable!("parsed as a revert"),
         }
     }
 
@@ -169,25 +169,5 @@ impl HistoryConfig {
             connect: ConnectConfig::from_cli(&args.connect)?,
             format: args.format,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::Parser;
-
-    #[test]
-    fn defaults_are_the_command_lines_defaults() {
-        let cli = crate::cli::Cli::try_parse_from([
-            "agent-type-backfill",
-            "--dry-run",
-            "--database-url",
-            "postgres://db/registry",
-        ])
-        .unwrap();
-        let parsed = BackfillConfig::from_cli(&cli.backfill).unwrap();
-        let built = BackfillConfig::new(Mode::DryRun, "postgres://db/registry");
-        assert_eq!(format!("{parsed:?}"), format!("{built:?}"));
     }
 }

@@ -43,10 +43,10 @@ fn unparseable_url_is_a_usage_error_that_does_not_echo_it() {
 }
 
 #[test]
-fn unreachable_server_exits_1_without_the_password() {
+fn unreachable_server_is_a_configuration_error_without_the_password() {
     let url = "postgres://backfill:Sup3rSecret@127.0.0.1:1/registry?connect_timeout=2";
     let done = Tool::new(&["--dry-run"]).database(url).run();
-    assert_eq!(done.code(), 1, "{}", done.stderr);
+    assert_eq!(done.code(), 2, "{}", done.stderr);
     assert!(
         done.stderr
             .contains("could not connect to '127.0.0.1:1/registry'"),

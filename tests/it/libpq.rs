@@ -81,7 +81,7 @@ async fn the_password_file_is_read_as_libpq_reads_it() {
         0o600,
     );
     let done = tool(&url, &["--dry-run"], &[("PGPASSFILE", file_arg)]);
-    assert_eq!(done.code(), 1, "the first match wins: {}", done.stderr);
+    assert_eq!(done.code(), 2, "the first match wins: {}", done.stderr);
     assert!(
         done.stderr.contains("password authentication failed")
             && done
@@ -95,7 +95,7 @@ async fn the_password_file_is_read_as_libpq_reads_it() {
     // A file others may read is ignored, with libpq's warning.
     write_private(&file, &good, 0o644);
     let done = tool(&url, &["--dry-run"], &[("PGPASSFILE", file_arg)]);
-    assert_eq!(done.code(), 1, "{}", done.stderr);
+    assert_eq!(done.code(), 2, "{}", done.stderr);
     assert!(
         done.stderr.contains("has group or world access"),
         "{}",
@@ -119,14 +119,14 @@ async fn the_password_file_is_read_as_libpq_reads_it() {
         &["--dry-run"],
         &[("HOME", home_arg), ("PGPASSWORD", "wrong")],
     );
-    assert_eq!(done.code(), 1, "PGPASSWORD first: {}", done.stderr);
+    assert_eq!(done.code(), 2, "PGPASSWORD first: {}", done.stderr);
     // libpq reads PGPASSFILE alone when it is set, never ~/.pgpass as well.
     let done = tool(
         &url,
         &["--dry-run"],
         &[("HOME", home_arg), ("PGPASSFILE", "/nonexistent/pgpass")],
     );
-    assert_eq!(done.code(), 1, "no fallback to ~/.pgpass: {}", done.stderr);
+    assert_eq!(done.code(), 2, "no fallback to ~/.pgpass: {}", done.stderr);
 
     // Over the socket, a line names the socket directory as its host.
     let socket = server.root().to_str().unwrap().to_owned();
@@ -192,7 +192,7 @@ async fn a_socket_target_is_shown_as_its_socket_directory() {
         missing.display()
     );
     let done = tool(&missing_url, &["--dry-run"], &[]);
-    assert_eq!(done.code(), 1, "{}", done.stderr);
+    assert_eq!(done.code(), 2, "{}", done.stderr);
     assert!(
         done.stderr.contains(&format!(
             "could not connect to '{}/.s.PGSQL.{port}/registry'",

@@ -159,7 +159,7 @@ fn the_password_never_appears_when_the_connection_fails() {
             &["history", "--format", "json"],
             &["revert", "atb-x", "--apply", "--format", "json"],
         ] {
-            let done = checked(argv, Some(url), 1);
+            let done = checked(argv, Some(url), 2);
             assert!(done.stderr.contains("could not connect"), "{}", done.stderr);
         }
     }

@@ -215,9 +215,10 @@ fn assert_completed(done: &Finished) {
     }
 }
 
-/// The run stopped at the connection, said so once, and `reason` says why.
+/// The run stopped at the connection, said so once, and `reason` says why. A connection the
+/// TLS settings refuse is the operator's configuration: exit 2.
 fn assert_refused(done: &Finished, host: &str, reason: &str) {
-    assert_eq!(done.code(), 1, "{}", done.stderr);
+    assert_eq!(done.code(), 2, "{}", done.stderr);
     let target = format!("could not connect to '{host}:{}/{DATABASE}'", tls().port);
     assert!(done.stderr.contains(&target), "{}", done.stderr);
     assert!(done.stderr.contains(reason), "{}", done.stderr);
