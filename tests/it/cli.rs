@@ -363,6 +363,12 @@ async fn sigint_during_the_planning_pass_cancels_it_on_the_server() {
         "{stderr}"
     );
     assert!(!stderr.contains("rerun the same command"), "{stderr}");
+    // Regression: the warning spoke of "the batch in flight" while nothing was being written.
+    assert!(
+        stderr.contains("cancelling the plan, nothing will be written"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("batch in flight"), "{stderr}");
 
     // The lock is still held: only a cancel can have ended the tool's statement.
     let still_active = tool_sessions_left(&db).await;

@@ -228,6 +228,42 @@ async fn a_second_signal_abandons_the_batch_in_flight_and_still_reports() {
     assert_eq!(audit_count(&db).await, 1, "what the summary says committed");
 }
 
+/// Regression: after SIGINT, a batch that timed out on a lock logged "retrying attempt=1" and
+/// then did not retry. It says it is not retried, and the run ends interrupted.
+#[tokio::test]
+async fn a_batch_that_times_out_after_a_signal_is_not_retried_and_says_so() {
+    let db = TestDb::seeded(10).await;
+    let holder = db.lock_profiles(&["bidcliq", "swivel"]).await;
+    let mut run = Tool::new(&[
+        "--apply",
+        "--lock-timeout",
+        "2s",
+        "--write-attempts",
+        "3",
+    ])
+    .database(&db.url)
+    .spawn();
+    assert!(tool_waits_on_a_lock(&db).await, "the apply never waited");
+    run.signal(libc::SIGINT);
+    assert!(run.stderr_shows("stopping after the batch in flight").await);
+    let done = run.finish().await;
+    drop(holder);
+    assert_eq!(done.code(), 130, "{}", done.stderr);
+    assert!(
+        done.stderr.contains("not retried: stopping"),
+        "{}",
+        done.stderr
+    );
+    assert!(!done.stderr.contains("; retrying"), "{}", done.stderr);
+    assert_eq!(audit_count(&db).await, 0);
+    assert!(
+        done.stdout
+            .contains("interrupted by SIGINT; nothing was written; rerun the same command"),
+        "{}",
+        done.stdout
+    );
+}
+
 /// The outcome names every limit that tripped, with its numbers, and the summary keeps flips to
 /// write, held flips and flips not allowed apart.
 #[tokio::test]
