@@ -262,6 +262,9 @@ impl Ending {
     /// The log's outcome line: the cause, then what was written.
     pub fn line(&self) -> String {
         match &self.outcome {
+            Outcome::Completed if self.mode == Mode::Apply => {
+                format!("completed; {}", self.written_text())
+            }
             Outcome::Completed => "completed".to_owned(),
             Outcome::Refused(refusals) => format!(
                 "refused: {}; nothing was written",

@@ -9,7 +9,7 @@ use sqlx::postgres::PgPoolOptions;
 use crate::backfill;
 use crate::cli::RehearseArgs;
 use crate::config::BackfillConfig;
-use crate::events::Mode;
+use crate::domain::Mode;
 use crate::interrupt::StopSignal;
 use crate::report;
 use crate::support::ephemeral::EphemeralPostgres;
@@ -55,16 +55,23 @@ async fn rehearse_on(
     seed::seed_rehearsal(&pool, args.profiles)
         .await
         .context("could not seed the rehearsal registry")?;
+    seed::seed_crawler_disagreements(&pool).await?;
+    // As on staging: the dry-runs and the apply run as roles with exactly the RUNBOOK's grants,
+    // so the rehearsal proves them too.
+    let (planner, writer) = ("backfill_planner", "backfill");
+    seed::create_runbook_roles(&pool, planner, writer).await?;
 
     let steps = [
-        ("1/3", "staging dry-run", Mode::DryRun),
-        ("2/3", "apply", Mode::Apply),
-        ("3/3", "re-run after apply (dry-run)", Mode::DryRun),
+        ("1/3", "staging dry-run", Mode::DryRun, planner),
+        ("2/3", "apply", Mode::Apply, writer),
+        ("3/3", "re-run after apply (dry-run)", Mode::DryRun, planner),
     ];
     let mut summaries = Vec::new();
-    for (step, title, mode) in steps {
-        writeln!(out, "=== rehearsal {step}: {title} ===").context("could not write to stdout")?;
-        let mut config = BackfillConfig::new(mode, url.clone());
+    for (step, title, mode, role) in steps {
+        writeln!(out, "=== rehearsal {step}: {title}, as role {role} ===")
+            .context("could not write to stdout")?;
+        let role_url = server.url_as(role, "registry");
+        let mut config = BackfillConfig::new(mode, role_url);
         config.run.format = args.format;
         let mut printer = report::printer(config.run.format, out);
         summaries.push(backfill::execute(&config, printer.as_mut(), StopSignal::never()).await?);

@@ -341,8 +341,13 @@ impl EphemeralPostgres {
 
     /// A URL for `database` as the trusted superuser over loopback TCP.
     pub fn url(&self, database: &str) -> String {
+        self.url_as(SUPERUSER, database)
+    }
+
+    /// The URL of `database` as `role` (the throwaway server trusts every local user).
+    pub fn url_as(&self, role: &str, database: &str) -> String {
         format!(
-            "postgres://{SUPERUSER}@127.0.0.1:{}/{database}?sslmode=disable",
+            "postgres://{role}@127.0.0.1:{}/{database}?sslmode=disable",
             self.port
         )
     }

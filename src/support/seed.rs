@@ -333,3 +333,45 @@ pub async fn seed_bulk(pool: &PgPool, spec: BulkSpec) -> Result<()> {
     }
     Ok(())
 }
+
+/// The crawler's own record of the two stale sales agents: one `crawler_promote` row a day for
+/// the last five days, as the registry's crawler logs a disagreement it does not promote. The
+/// rehearsal seeds them so that its log shows the evidence a staging run shows.
+pub async fn seed_crawler_disagreements(pool: &PgPool) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO type_reclassification_log \
+             (agent_url, old_type, new_type, source, changed_at, notes) \
+         SELECT url, 'buying', 'sales', 'crawler_promote', now() - make_interval(days => day), \
+                '{\"decision\": \"logged_only_no_promote\"}' \
+         FROM unnest($1::text[]) AS url CROSS JOIN generate_series(1, 5) AS day",
+    )
+    .bind([BIDCLIQ_URL, SWIVEL_URL])
+    .execute(pool)
+    .await
+    .context("could not seed the crawler's disagreements")?;
+    Ok(())
+}
+
+/// The two roles RUNBOOK.md grants, with exactly its grants: `planner` for the dry-runs (the
+/// `--dry-run` grants, and SELECT on the audit table so the crawler's evidence can be read, as
+/// `history` and `revert --dry-run` need), `writer` for the apply (the `--apply` grants only).
+pub async fn create_runbook_roles(pool: &PgPool, planner: &str, writer: &str) -> Result<()> {
+    for statement in [
+        format!("CREATE ROLE {planner} LOGIN"),
+        format!("GRANT SELECT ON member_profiles TO {planner}"),
+        format!("GRANT SELECT ON agent_capabilities_snapshot TO {planner}"),
+        format!("GRANT SELECT ON type_reclassification_log TO {planner}"),
+        format!("CREATE ROLE {writer} LOGIN"),
+        format!("GRANT SELECT ON member_profiles TO {writer}"),
+        format!("GRANT SELECT ON agent_capabilities_snapshot TO {writer}"),
+        format!("GRANT UPDATE (agents) ON member_profiles TO {writer}"),
+        format!("GRANT INSERT ON type_reclassification_log TO {writer}"),
+        format!("GRANT USAGE ON SEQUENCE type_reclassification_log_id_seq TO {writer}"),
+    ] {
+        sqlx::query(&statement)
+            .execute(pool)
+            .await
+            .with_context(|| format!("could not run '{statement}'"))?;
+    }
+    Ok(())
+}

@@ -208,6 +208,25 @@ fn rehearse_runs_the_whole_procedure_and_leaves_nothing_behind() {
     assert!(done.stdout.contains(
         "rehearsal passed: the dry-run planned 2 flips, the apply wrote 2 with 2 audit rows"
     ));
+    // It looks like a staging run: the RUNBOOK's least-privileged roles, and the crawler's
+    // evidence beside each flip where the role may read it.
+    assert!(
+        done.stdout.contains("user=backfill_planner") && done.stdout.contains("user=backfill\n"),
+        "{}",
+        done.stdout
+    );
+    assert!(
+        done.stdout
+            .contains("buying -> sales  (probed 30h ago; crawler disagreed 5x since "),
+        "{}",
+        done.stdout
+    );
+    assert!(
+        done.stdout
+            .contains("crawler log: unavailable: no SELECT privilege on type_reclassification_log"),
+        "{}",
+        done.stdout
+    );
     let leftovers = scratch.leftovers("");
     assert!(leftovers.is_empty(), "rehearse left {leftovers:?}");
 }

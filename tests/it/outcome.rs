@@ -234,15 +234,9 @@ async fn a_second_signal_abandons_the_batch_in_flight_and_still_reports() {
 async fn a_batch_that_times_out_after_a_signal_is_not_retried_and_says_so() {
     let db = TestDb::seeded(10).await;
     let holder = db.lock_profiles(&["bidcliq", "swivel"]).await;
-    let mut run = Tool::new(&[
-        "--apply",
-        "--lock-timeout",
-        "2s",
-        "--write-attempts",
-        "3",
-    ])
-    .database(&db.url)
-    .spawn();
+    let mut run = Tool::new(&["--apply", "--lock-timeout", "2s", "--write-attempts", "3"])
+        .database(&db.url)
+        .spawn();
     assert!(tool_waits_on_a_lock(&db).await, "the apply never waited");
     run.signal(libc::SIGINT);
     assert!(run.stderr_shows("stopping after the batch in flight").await);
