@@ -1,21 +1,22 @@
 //! One backfill run, in the order of the runbook: preflight, plan, hold what the guards hold,
 //! check the limits, write, report. The dry-run and the apply share every step up to the write.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use tracing::info;
 
 use crate::config::{BackfillConfig, Guards};
 use crate::db::{self, Needs};
 use crate::domain::{count, Mode};
 use crate::error::Failure;
-use crate::events::{Event, Summary};
+use crate::events::{Event, SkipReason, Summary};
 use crate::guard::{
     check_threshold, held_refusal, not_allowed, transitions_refusal, HeldFlip, Holds,
 };
 use crate::interrupt::StopSignal;
-use crate::plan::{self, EvidenceAccess, PlanOptions, PlanningBackend};
+use crate::plan::{self, EvidenceAccess, PlanOptions, PlannedFlip, PlanningBackend};
 use crate::plan_file::{hold_to_review, Fingerprint, PlanFile};
 use crate::report::Printer;
+use crate::resolver::{AgentsColumn, Flip};
 use crate::run::{skipped_event, Census, Dispositions, Run};
 use crate::write::ResolveAgain;
 
@@ -70,6 +71,7 @@ async fn plan_check_and_write(
     evidence: EvidenceAccess,
 ) -> Result<()> {
     // 2. Plan.
+    let evidence_readable = evidence == EvidenceAccess::Readable;
     let backend = PlanningBackend::default();
     let options = PlanOptions {
         batch_size: config.run.batch_size,
@@ -105,10 +107,11 @@ async fn plan_check_and_write(
     }
     let planned_flips = plan.flips.len();
     let found = std::mem::take(&mut plan.flips);
-    let (kept, departures) = match reviewed {
+    let (kept, mut departures) = match reviewed {
         Some(reviewed) => hold_to_review(found, reviewed),
         None => (found, Vec::new()),
     };
+    name_earlier_writes(&run.session.pool, &mut departures, evidence_readable).await?;
 
     // 3. Hold what a guard distrusts, then check the limits on the rest. The log lists the flips
     // to write, then those held, then those the review left, then those not allowed; the plan
@@ -156,6 +159,78 @@ async fn plan_check_and_write(
         &ResolveAgain,
     )
     .await
+}
+
+/// A reviewed flip that no longer holds because its element already carries the reviewed type
+/// (an earlier apply of the same plan wrote it, or a member or the server did) is said as such,
+/// instead of "changed since plan"; where the audit table may be read, the note names the
+/// backfill run that wrote it.
+async fn name_earlier_writes(
+    pool: &db::Pool,
+    departures: &mut [(PlannedFlip, SkipReason)],
+    audit_readable: bool,
+) -> Result<()> {
+    let ids: Vec<uuid::Uuid> = departures
+        .iter()
+        .filter(|(_, reason)| *reason == SkipReason::ChangedSincePlan)
+        .map(|(planned, _)| planned.profile_id)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut transaction = db::begin_read_only(pool).await?;
+    let rows = db::profiles_by_id(&mut transaction, &ids).await?;
+    transaction
+        .rollback()
+        .await
+        .context("could not close the read of the reviewed profiles")?;
+    let columns: std::collections::HashMap<uuid::Uuid, AgentsColumn> = rows
+        .iter()
+        .map(|row| Ok((row.id, plan::parse_column(row)?)))
+        .collect::<Result<_>>()?;
+    let carries_target = |planned: &PlannedFlip| {
+        let target = Flip {
+            index: planned.flip.index,
+            url: planned.flip.url.clone(),
+            from: serde_json::Value::String(planned.flip.to.clone()),
+            to: planned.flip.to.clone(),
+        };
+        columns
+            .get(&planned.profile_id)
+            .is_some_and(|column| column.carries(&target))
+    };
+    let mut done = Vec::new();
+    for (planned, reason) in departures.iter_mut() {
+        if *reason == SkipReason::ChangedSincePlan && carries_target(planned) {
+            *reason = SkipReason::AlreadyWritten;
+            planned.note = Some("already carries the reviewed type".to_owned());
+            done.push((
+                planned.profile_id,
+                planned.flip.index,
+                planned.flip.url.clone(),
+                planned.flip.to.clone(),
+            ));
+        }
+    }
+    if !audit_readable || done.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<(uuid::Uuid, usize, &str, &str)> = done
+        .iter()
+        .map(|(id, index, url, to)| (*id, *index, url.as_str(), to.as_str()))
+        .collect();
+    let written = db::written_by(pool, &keys).await?;
+    for (planned, reason) in departures.iter_mut() {
+        if *reason != SkipReason::AlreadyWritten {
+            continue;
+        }
+        if let Some(run_id) = written.get(&(planned.profile_id, planned.flip.index)) {
+            planned.note = Some(format!("written by run {run_id}"));
+        }
+    }
+    Ok(())
 }
 
 /// Whether the crawler's log may be read. `--min-corroboration` cannot work without it.

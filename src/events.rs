@@ -178,15 +178,20 @@ pub enum SkipReason {
     NotWrittenTimeout,
     /// `revert`: the element no longer carries the type the reverted run wrote.
     ChangedSinceRun,
+    /// A reviewed flip whose element already carries the reviewed type: an earlier apply of the
+    /// same plan wrote it (its note names the run where the audit table may be read), or a
+    /// member or the server did.
+    AlreadyWritten,
 }
 
 impl SkipReason {
-    pub const ALL: [SkipReason; 5] = [
+    pub const ALL: [SkipReason; 6] = [
         SkipReason::ChangedSincePlan,
         SkipReason::ProfileGone,
         SkipReason::Unplanned,
         SkipReason::NotWrittenTimeout,
         SkipReason::ChangedSinceRun,
+        SkipReason::AlreadyWritten,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -196,6 +201,7 @@ impl SkipReason {
             SkipReason::Unplanned => "unplanned",
             SkipReason::NotWrittenTimeout => "not_written_timeout",
             SkipReason::ChangedSinceRun => "changed_since_run",
+            SkipReason::AlreadyWritten => "already_written",
         }
     }
 
@@ -207,6 +213,7 @@ impl SkipReason {
             SkipReason::Unplanned => "new since plan, not written; the next run will find it",
             SkipReason::NotWrittenTimeout => "lock or statement timeout, not written; rerun",
             SkipReason::ChangedSinceRun => "changed since that run, conflict left alone",
+            SkipReason::AlreadyWritten => "already written, not written again",
         }
     }
 
@@ -218,6 +225,7 @@ impl SkipReason {
             SkipReason::Unplanned => "new since plan (not written)",
             SkipReason::NotWrittenTimeout => "skipped (timeout)",
             SkipReason::ChangedSinceRun => "conflicts (changed since run)",
+            SkipReason::AlreadyWritten => "skipped (already written)",
         }
     }
 }

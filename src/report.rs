@@ -258,6 +258,7 @@ fn write_rows(summary: &Summary, reverting: bool) -> Vec<(String, String)> {
         } else {
             &[
                 SkipReason::ChangedSincePlan,
+                SkipReason::AlreadyWritten,
                 SkipReason::ProfileGone,
                 SkipReason::NotWrittenTimeout,
                 SkipReason::Unplanned,

@@ -332,3 +332,48 @@ pub(crate) async fn write_flips(
     }
     Ok(())
 }
+
+/// For each `(profile, index, url, to)`, the backfill run that last wrote `to` there, if any: a
+/// reviewed flip that no longer holds because an earlier apply of the same plan wrote it is
+/// "already written (run X)", not "changed since plan". One statement for all of them.
+pub(crate) async fn written_by(
+    pool: &Pool,
+    flips: &[(Uuid, usize, &str, &str)],
+) -> Result<HashMap<(Uuid, usize), String>> {
+    if flips.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let members: Vec<String> = flips.iter().map(|flip| flip.0.to_string()).collect();
+    let indexes: Vec<i64> = flips
+        .iter()
+        .map(|flip| i64::try_from(flip.1).unwrap_or(i64::MAX))
+        .collect();
+    let urls: Vec<&str> = flips.iter().map(|flip| flip.2).collect();
+    let types: Vec<&str> = flips.iter().map(|flip| flip.3).collect();
+    let mut transaction = pool.begin().await?;
+    let rows: Vec<(String, i64, String)> = sqlx::query_as(
+        "SELECT DISTINCT ON (w.member, w.idx) w.member, w.idx, l.run_id \
+         FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[]) AS w(member, idx, url, to_type) \
+         JOIN type_reclassification_log l \
+           ON l.source = 'backfill_script' AND l.member_id = w.member \
+          AND l.agent_url = w.url AND l.new_type = w.to_type \
+          AND (l.notes ->> 'index')::bigint = w.idx AND l.notes ? 'tool' \
+          AND NOT l.notes ? 'reverts' \
+         ORDER BY w.member, w.idx, l.id DESC",
+    )
+    .persistent(false)
+    .bind(&members)
+    .bind(&indexes)
+    .bind(&urls)
+    .bind(&types)
+    .fetch_all(&mut *transaction)
+    .await
+    .context("could not look up which runs wrote the reviewed flips")?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(member, index, run_id)| {
+            let member = member.parse::<Uuid>().ok()?;
+            Some(((member, usize::try_from(index).ok()?), run_id))
+        })
+        .collect())
+}

@@ -402,3 +402,48 @@ fn the_man_page_title_is_one_line() {
     let before_name = man.stdout.split(".SH NAME").next().unwrap();
     assert!(!before_name.contains("rule:"), "{before_name}");
 }
+
+/// Regression: rerunning the same `--plan` after it was applied listed every flip the first
+/// apply wrote as "changed since plan, not written"; they are already written, by a run the log
+/// names.
+#[tokio::test]
+async fn a_reviewed_plan_applied_again_says_its_flips_are_already_written_and_by_which_run() {
+    let db = TestDb::seeded(10).await;
+    let scratch = crate::common::Scratch::new();
+    let plan = scratch.0.join("plan.json");
+    let plan = plan.to_str().unwrap();
+    let made = Tool::new(&["--dry-run", "--plan-out", plan])
+        .database(&db.url)
+        .run();
+    assert_eq!(made.code(), 0, "{}", made.stderr);
+    let first = Tool::new(&["--apply", "--plan", plan, "--format", "json"])
+        .database(&db.url)
+        .run();
+    assert_eq!(first.code(), 0, "{}", first.stderr);
+    let run_id = first.run_id().unwrap();
+
+    let again = Tool::new(&["--apply", "--plan", plan, "--format", "json"])
+        .database(&db.url)
+        .run();
+    assert_eq!(again.code(), 0, "{}", again.stderr);
+    let log = events(again.stdout.as_bytes());
+    let skipped: Vec<&Value> = log.iter().filter(|e| e["event"] == "skipped").collect();
+    assert_eq!(skipped.len(), 2, "{}", again.stdout);
+    for event in &skipped {
+        assert_eq!(event["reason"], "already_written", "{event}");
+    }
+    let summary = log.last().unwrap();
+    assert_eq!(summary["skipped_by_reason"]["already_written"], 2);
+    assert_eq!(summary["written"], 0);
+    let text = Tool::new(&["--apply", "--plan", plan])
+        .database(&db.url)
+        .run();
+    assert!(
+        text.stdout.contains(&format!(
+            "buying -> sales  (written by run {run_id})  [already written, not written again]"
+        )),
+        "{}",
+        text.stdout
+    );
+    assert_eq!(audit_count(&db).await, 2, "nothing was written twice");
+}
