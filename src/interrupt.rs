@@ -1,5 +1,8 @@
 //! Ctrl-C and SIGTERM: a run stops between batches, never inside one, and says what it wrote.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
 use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
@@ -7,6 +10,18 @@ use tokio::sync::watch;
 /// Signal numbers as the shell reports them (exit status 128 + number).
 pub const SIGINT: i32 = 2;
 pub const SIGTERM: i32 = 15;
+
+/// How long after the first signal the process may still run, in milliseconds; 0 until a
+/// connection sets it. Every wait of the tool is bounded on its own (see `db::Deadlines`); this
+/// is the backstop that holds whatever a future change forgets.
+static AFTER_SIGNAL_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Sets the longest the run may take to end after the first signal: the batch in flight or the
+/// cancel of the planning statement, then closing the connections, all within their deadlines.
+pub(crate) fn bound_after_signal(limit: Duration) {
+    let millis = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+    AFTER_SIGNAL_MS.store(millis, Ordering::SeqCst);
+}
 
 /// Tells a run that it has been asked to stop, and by which signal.
 #[derive(Clone)]
@@ -47,6 +62,19 @@ impl StopSignal {
                             "stopping after the batch in flight; signal again to exit at once"
                         );
                         let _ = sender.send(Some(number));
+                        let limit = AFTER_SIGNAL_MS.load(Ordering::SeqCst);
+                        if limit > 0 {
+                            tokio::spawn(async move {
+                                tokio::time::sleep(Duration::from_millis(limit)).await;
+                                tracing::error!(
+                                    signal = number,
+                                    "the run did not end within {:?} of the signal: exiting; \
+                                     the server rolls back the transaction in flight",
+                                    Duration::from_millis(limit)
+                                );
+                                std::process::exit(128 + number);
+                            });
+                        }
                     }
                     Some(_) => std::process::exit(128 + number),
                 }

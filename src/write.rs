@@ -100,7 +100,17 @@ pub async fn write(
             outcome.interrupted_by = Some(signal);
             break;
         }
-        match write_with_retries(pool, batch, write_attempts, recheck, run_id, stop).await? {
+        let attempts = write_with_retries(pool, batch, write_attempts, recheck, run_id, stop)
+            .await
+            // What the operator needs first when a batch fails, a silent server above all: what
+            // is already in the registry.
+            .with_context(|| {
+                format!(
+                    "{} flips were written and committed, with their audit rows, before this batch",
+                    outcome.written
+                )
+            })?;
+        match attempts {
             Attempts::Written(checked) => {
                 outcome.written += checked.written;
                 outcome.not_written.extend(checked.not_written);
