@@ -426,7 +426,7 @@ async fn the_tools_settings_do_not_outlive_its_transactions_through_pgbouncer() 
     let mut clients = Vec::new();
     let mut seen = Vec::new();
     for _ in 0..10 {
-        use sqlx::{ConnectOptions, Connection};
+        use sqlx::ConnectOptions;
         use std::str::FromStr;
         // PgBouncer refuses the extra_float_digits sqlx sends by default.
         let options = sqlx::postgres::PgConnectOptions::from_str(&url)
