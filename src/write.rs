@@ -106,7 +106,8 @@ pub async fn write(
             // is already in the registry.
             .with_context(|| {
                 format!(
-                    "{} flips were written and committed, with their audit rows, before this batch",
+                    "could not write a batch ({} flips were written and committed, with their \
+                     audit rows, before it)",
                     outcome.written
                 )
             })?;

@@ -305,6 +305,7 @@ mod tests {
         assert_eq!(off.connect_timeout, None, "0 waits for ever, as in libpq");
         let plain = LinkSettings::from_url("postgres://db/x").unwrap();
         assert_eq!(plain.keepalives, Some(Keepalives::default()));
+        assert_eq!(plain.connect_timeout, Some(DEFAULT_CONNECT_TIMEOUT));
         assert!(LinkSettings::from_url("postgres://db/x?connect_timeout=soon").is_err());
     }
 }

@@ -221,7 +221,7 @@ async fn a_link_frozen_inside_a_write_batch_rolls_it_back_and_a_rerun_converges(
     assert_silent_error(&run, "was not committed");
     assert!(
         run.stderr
-            .contains("flips were written and committed, with their audit rows, before this"),
+            .contains("flips were written and committed, with their audit rows, before it)"),
         "{}",
         run.stderr
     );
