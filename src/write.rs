@@ -102,14 +102,18 @@ pub async fn write(
         }
         let attempts = write_with_retries(pool, batch, write_attempts, recheck, run_id, stop)
             .await
-            // What the operator needs first when a batch fails, a silent server above all: what
-            // is already in the registry.
-            .with_context(|| {
-                format!(
-                    "could not write a batch ({} flips were written and committed, with their \
-                     audit rows, before it)",
-                    outcome.written
-                )
+            // A lost or silent link leaves the operator with one question: what is in the
+            // registry.
+            .map_err(|error| {
+                if db::is_link_lost(&error) {
+                    error.context(format!(
+                        "could not write a batch ({} flips were written and committed, with their \
+                         audit rows, before it)",
+                        outcome.written
+                    ))
+                } else {
+                    error
+                }
             })?;
         match attempts {
             Attempts::Written(checked) => {

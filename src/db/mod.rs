@@ -28,6 +28,17 @@ pub(crate) fn is_statement_timeout(error: &anyhow::Error) -> bool {
     sqlstates(error).any(|code| code == "57014")
 }
 
+/// Whether the link to the server failed under `error`: reset, closed, or silent past its
+/// deadline (not an error the server answered with).
+pub(crate) fn is_link_lost(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::Io(_) | sqlx::Error::Tls(_))
+        )
+    })
+}
+
 fn sqlstates(error: &anyhow::Error) -> impl Iterator<Item = String> + '_ {
     error.chain().filter_map(|cause| {
         let error = cause.downcast_ref::<sqlx::Error>()?.as_database_error()?;
