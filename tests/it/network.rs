@@ -142,6 +142,12 @@ async fn run_silenced(tool: Tool, proxy: &Proxy) -> Silenced {
         .faulted_at()
         .unwrap_or_else(|| panic!("the fault never fired:\n{}", done.stderr));
     let ended = started + done.elapsed;
+    eprintln!(
+        "[network] {} {:?} after the fault; {}",
+        done.describe(),
+        ended.saturating_duration_since(faulted),
+        done.error_line()
+    );
     Silenced {
         code: done.code(),
         stderr: done.stderr,
@@ -313,6 +319,11 @@ async fn a_signal_on_a_frozen_link_still_ends_the_run_by_itself() {
         let signalled = Instant::now();
         let done = run.finish().await;
         let code = done.code();
+        eprintln!(
+            "[network] SIGTERM on a link frozen at {pattern:?}: {} {:?} after the signal",
+            done.describe(),
+            signalled.elapsed()
+        );
         // Planning: the cancel (a connection through the frozen link: its acquire limit), then
         // closing the pool. Writing: the batch in flight (its reply limit), then the same close.
         let bound = (CONNECT + REPLY) * 2 + REPLY + SLACK;
