@@ -243,8 +243,9 @@ fn url_password(url: &str) -> Option<String> {
 pub async fn connect(url: &str, settings: &SessionSettings) -> Result<Session> {
     let link = network::LinkSettings::from_url(url)?;
     let deadlines = Deadlines::new(link.connect_timeout, settings.statement_timeout);
-    // After a signal: the batch in flight or the cancel (a connection and a round trip), then
-    // closing the pool, each within its deadline; twice that before the backstop exits.
+    // After a signal: the batch in flight or the cancel (a pooled connection and a round
+    // trip), then closing the pool, each within its deadline; twice that before the backstop
+    // exits.
     crate::interrupt::bound_after_signal((deadlines.acquire() + deadlines.reply) * 2);
     let options = parse_url(url)?
         .application_name(&settings.application_name)

@@ -50,11 +50,12 @@ impl Deadlines {
         }
     }
 
-    /// The pool's wait for a connection: a fresh one is bounded by `connect`, an idle one's
-    /// liveness check by `reply`.
+    /// The pool's wait for a connection: the liveness check of an idle one (a round trip that
+    /// takes milliseconds on a live link) and, when that fails, a fresh connect.
     pub fn acquire(&self) -> Duration {
         // With connect_timeout=0 the operator asked libpq's "wait for ever"; a day stands in.
-        self.connect.unwrap_or(Duration::from_secs(86_400)) + self.reply
+        self.connect
+            .map_or(Duration::from_secs(86_400), |connect| connect * 2)
     }
 
     pub(crate) fn silent(&self, waiting_for: &str, written: &str) -> anyhow::Error {
@@ -156,7 +157,7 @@ impl Transaction {
             if timed_out {
                 error.context(format!(
                     "the server stopped answering: no usable connection within {:?} \
-                     (connect_timeout plus the reply limit)",
+                     (twice connect_timeout)",
                     deadlines.acquire()
                 ))
             } else {
