@@ -2,7 +2,7 @@
 //! what it wrote. A second signal abandons the batch in flight (the server rolls it back) and the
 //! run still reports how it ended.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +21,37 @@ pub const SECOND_SIGNAL_GRACE: Duration = Duration::from_secs(5);
 struct Raised {
     first: Option<i32>,
     again: bool,
+}
+
+/// After the first signal: the process exits with 128 + `number` once the bound set by
+/// [`bound_after_signal`] has passed, whatever the run still waits on.
+fn backstop(number: i32) {
+    let limit = AFTER_SIGNAL_MS.load(Ordering::SeqCst);
+    if limit == 0 {
+        return;
+    }
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(limit)).await;
+        tracing::error!(
+            signal = number,
+            "the run did not end within {:?} of the signal: exiting; the server rolls back the \
+             transaction in flight",
+            Duration::from_millis(limit)
+        );
+        std::process::exit(128 + number);
+    });
+}
+
+/// How long after the first signal the process may still run, in milliseconds; 0 until a
+/// connection sets it. Every wait of the tool is bounded on its own (see `db::Deadlines`); this
+/// is the backstop that holds whatever a future change forgets.
+static AFTER_SIGNAL_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Sets the longest the run may take to end after the first signal: the batch in flight or the
+/// cancel of the planning statement, then closing the connections, all within their deadlines.
+pub(crate) fn bound_after_signal(limit: Duration) {
+    let millis = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+    AFTER_SIGNAL_MS.store(millis, Ordering::SeqCst);
 }
 
 /// Tells a run that it has been asked to stop, by what, and whether twice.
@@ -70,7 +101,9 @@ impl StopSignal {
                 };
                 let twice = raiser.raised().is_some();
                 raiser.raise(number);
-                if twice {
+                if !twice {
+                    backstop(number);
+                } else {
                     tracing::warn!(
                         signal = number,
                         "second signal: abandoning the batch in flight (the server rolls it back)"

@@ -4,9 +4,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
+use crate::db::Transaction;
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
-use sqlx::PgConnection;
 use tracing::{info, warn};
 use uuid::Uuid;
 
@@ -230,7 +230,7 @@ pub async fn plan(pool: &db::Pool, options: &PlanOptions<'_>) -> Result<Plan> {
 
 /// Puts the crawler's own record of each flip's disagreement beside it: one query for every url.
 pub async fn attach_evidence(
-    connection: &mut PgConnection,
+    connection: &mut Transaction,
     flips: &mut [PlannedFlip],
     access: &EvidenceAccess,
 ) -> Result<()> {

@@ -347,13 +347,19 @@ pub(crate) async fn anatomy(url: &str, batch: u32, cpu: &ServerCpu) -> Result<Ve
     use agent_type_backfill::resolver::{SELF_DECLARED_TYPE, UNKNOWN_TYPE, VALID_AGENT_TYPES};
     use agent_type_backfill::{db, parse_column};
     let options = sqlx::postgres::PgConnectOptions::from_str(url)?.options([("jit", "off")]);
-    let mut connection = PgConnection::connect_with(&options).await?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await?;
+    let connection = pool.acquire().await?;
     let before = cpu.reaped()?;
     let started = Instant::now();
-    let mut transaction = connection.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *transaction)
-        .await?;
+    let mut transaction = db::Transaction::begin_on(
+        connection,
+        db::Deadlines::new(None, Duration::from_secs(3600)),
+        Some("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
+    )
+    .await?;
     let step = Instant::now();
     let census = db::census(&mut transaction).await?;
     let census_time = step.elapsed();
@@ -403,7 +409,7 @@ pub(crate) async fn anatomy(url: &str, batch: u32, cpu: &ServerCpu) -> Result<Ve
     .bind(&VALID_AGENT_TYPES[..])
     .bind(SELF_DECLARED_TYPE)
     .bind(UNKNOWN_TYPE)
-    .fetch_all(&mut connection)
+    .fetch_all(&mut *pool.acquire().await?)
     .await?;
     lines.push(
         "EXPLAIN (ANALYZE, BUFFERS) of the server pass (jit off, as the tool runs it):".into(),
@@ -413,7 +419,7 @@ pub(crate) async fn anatomy(url: &str, batch: u32, cpu: &ServerCpu) -> Result<Ve
             .into_iter()
             .map(|line| format!("    {}", clip(&line))),
     );
-    connection.close().await?;
+    pool.close().await;
 
     let mut connection = PgConnection::connect(url).await?;
     let explain: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {FLOOR_SQL}"))

@@ -6,10 +6,9 @@ use std::collections::HashMap;
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::Pool;
+use super::{Pool, Transaction};
 
 /// One backfill run as `history` lists it.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -34,7 +33,7 @@ pub(crate) async fn backfill_runs(pool: &Pool) -> Result<Vec<RunRecord>> {
          GROUP BY run_id ORDER BY min(changed_at) DESC, run_id DESC",
     )
     .persistent(false)
-    .fetch_all(&mut *transaction)
+    .fetch_all(&mut transaction)
     .await
     .context("could not read type_reclassification_log")
 }
@@ -87,7 +86,7 @@ pub(crate) async fn run_entries(pool: &Pool, run_id: &str) -> Result<Vec<AuditEn
     )
     .persistent(false)
     .bind(run_id)
-    .fetch_all(&mut *transaction)
+    .fetch_all(&mut transaction)
     .await
     .with_context(|| format!("could not read the audit rows of run '{run_id}'"))?;
     // `from` travels as text: a stored type nested deeper than a JSON decoder allows must still
@@ -176,7 +175,7 @@ pub(crate) async fn audit_log_unreadable(pool: &Pool) -> Result<Option<String>> 
                 ELSE has_table_privilege('type_reclassification_log', 'SELECT') END",
     )
     .persistent(false)
-    .fetch_one(&mut *transaction)
+    .fetch_one(&mut transaction)
     .await
     .context("could not check SELECT on 'type_reclassification_log'")?;
     Ok(match readable {
@@ -188,7 +187,7 @@ pub(crate) async fn audit_log_unreadable(pool: &Pool) -> Result<Option<String>> 
 
 /// The crawler's `crawler_promote` rows for `urls`, per url in the order they were logged.
 pub(crate) async fn crawler_disagreements(
-    connection: &mut PgConnection,
+    connection: &mut Transaction,
     urls: &[&str],
 ) -> Result<HashMap<String, Vec<CrawlerRow>>> {
     let rows: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(
@@ -235,7 +234,7 @@ pub(crate) struct FlipWrite {
 /// kept exactly as stored. A profile with several flips gets one `jsonb_set` per round, because a
 /// single `UPDATE ... FROM` applies at most one source row per target row.
 pub(crate) async fn write_flips(
-    connection: &mut PgConnection,
+    connection: &mut Transaction,
     flips: &[FlipWrite],
     run_id: &str,
     tool_version: &str,
@@ -366,7 +365,7 @@ pub(crate) async fn written_by(
     .bind(&indexes)
     .bind(&urls)
     .bind(&types)
-    .fetch_all(&mut *transaction)
+    .fetch_all(&mut transaction)
     .await
     .context("could not look up which runs wrote the reviewed flips")?;
     Ok(rows

@@ -7,9 +7,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
-use sqlx::{ConnectOptions, Connection, PgConnection, Postgres, Row, Transaction};
+use sqlx::{ConnectOptions, Connection, PgConnection, Row};
 
-use super::pgpass;
+use super::deadline::{Deadlines, Transaction};
+use super::{network, pgpass};
 use crate::error::Failure;
 
 /// Where the tool is connected, as printed in the run log header. Never holds the password.
@@ -46,62 +47,88 @@ pub struct Session {
 pub struct Pool {
     pool: PgPool,
     settings: std::sync::Arc<SessionSettings>,
+    deadlines: Deadlines,
 }
 
 impl Pool {
     /// A transaction in the server's default mode (read-write unless the role or server says
     /// otherwise), with the tool's settings in force.
-    pub async fn begin(&self) -> Result<Transaction<'static, Postgres>> {
-        let mut transaction = self
-            .pool
-            .begin()
+    pub async fn begin(&self) -> Result<Transaction> {
+        let mut transaction = Transaction::begin(&self.pool, self.deadlines, None)
             .await
             .context("could not open a transaction")?;
         apply_settings(&mut transaction, &self.settings).await?;
         Ok(transaction)
     }
 
+    /// Closes the pool's connections; on a silent link it gives up after the connect limit
+    /// rather than waiting for a goodbye nobody will read.
     pub async fn close(&self) {
-        self.pool.close().await
+        if tokio::time::timeout(self.deadlines.acquire(), self.pool.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the server did not answer while the connections were closed");
+        }
+    }
+
+    /// The client-side limits every round trip through this pool is held to.
+    pub fn deadlines(&self) -> Deadlines {
+        self.deadlines
     }
 }
 
 /// A read-only, repeatable-read transaction: the whole plan sees one snapshot of the registry
 /// and the server refuses any write inside it.
-pub async fn begin_read_only(pool: &Pool) -> Result<Transaction<'static, Postgres>> {
-    let mut transaction = pool
-        .pool
-        .begin()
-        .await
-        .context("could not open the planning transaction")?;
-    // Must come before any other statement of the transaction, the settings' included.
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .persistent(false)
-        .execute(&mut *transaction)
-        .await
-        .context("could not make the planning transaction read only")?;
+pub async fn begin_read_only(pool: &Pool) -> Result<Transaction> {
+    // The mode is part of BEGIN itself: it must come before any other statement of the
+    // transaction, the settings' included.
+    let mut transaction = Transaction::begin(
+        &pool.pool,
+        pool.deadlines,
+        Some("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
+    )
+    .await
+    .context("could not open the planning transaction")?;
     apply_settings(&mut transaction, &pool.settings).await?;
     Ok(transaction)
 }
 
+/// How long the server keeps a transaction of the tool whose client has gone silent. Between
+/// two statements of any of its transactions the tool only resolves rows in memory
+/// (milliseconds), so a few seconds of silence means the tool or its link is gone: the server
+/// then ends the session, a write batch rolls back whole and its row locks go, and a planning
+/// snapshot stops holding back vacuum. Set in every transaction, not only the ones that lock
+/// rows, for that second reason.
+pub const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Sets the tool's settings for the rest of the transaction, then reads them back: the statement
 /// that sets them may be answered by a pooler or a server that does not keep them.
-async fn apply_settings(connection: &mut PgConnection, settings: &SessionSettings) -> Result<()> {
+async fn apply_settings(connection: &mut Transaction, settings: &SessionSettings) -> Result<()> {
     let lock_timeout = settings.lock_timeout.as_millis().to_string();
     let statement_timeout = settings.statement_timeout.as_millis().to_string();
+    let idle_timeout = IDLE_IN_TRANSACTION_TIMEOUT.as_millis().to_string();
+    // `true`: each setting lasts until the end of this transaction only (SET LOCAL), so a
+    // transaction-mode pooler hands the server session on with the server's own values.
     sqlx::query(
         "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true), \
-                set_config('jit', 'off', true)",
+                set_config('jit', 'off', true), \
+                set_config('idle_in_transaction_session_timeout', $3, true)",
     )
     .persistent(false)
     .bind(&lock_timeout)
     .bind(&statement_timeout)
+    .bind(&idle_timeout)
     .execute(&mut *connection)
     .await
-    .context("could not set lock_timeout, statement_timeout and jit for the transaction")?;
+    .context(
+        "could not set lock_timeout, statement_timeout, jit and \
+         idle_in_transaction_session_timeout for the transaction",
+    )?;
     let found: HashMap<String, String> = sqlx::query_as(
-        "SELECT name::text, setting FROM pg_settings \
-         WHERE name IN ('lock_timeout', 'statement_timeout', 'jit', 'application_name')",
+        "SELECT name::text, setting FROM pg_catalog.pg_settings \
+         WHERE name IN ('lock_timeout', 'statement_timeout', 'jit', \
+                        'idle_in_transaction_session_timeout', 'application_name')",
     )
     .persistent(false)
     .fetch_all(&mut *connection)
@@ -115,6 +142,7 @@ async fn apply_settings(connection: &mut PgConnection, settings: &SessionSetting
         ("lock_timeout", lock_timeout.as_str()),
         ("statement_timeout", statement_timeout.as_str()),
         ("jit", "off"),
+        ("idle_in_transaction_session_timeout", idle_timeout.as_str()),
     ] {
         match found.get(name) {
             Some(actual) if actual == wanted => {}
@@ -152,9 +180,9 @@ pub struct SessionSettings {
 
 /// Parses the URL without ever echoing it: sqlx errors can quote their input.
 pub(crate) fn parse_url(url: &str) -> Result<PgConnectOptions> {
-    let url = &libpq_form(url)?;
-    let options = PgConnectOptions::from_str(url).map_err(|error| {
-        let reason = redact(&error.to_string(), url);
+    let for_sqlx = network::without_link_parameters(&libpq_form(url)?);
+    let options = PgConnectOptions::from_str(&for_sqlx).map_err(|error| {
+        let reason = redact(&redact(&error.to_string(), &for_sqlx), url);
         Failure::Usage(format!(
             "the database URL could not be parsed ({reason}): check DATABASE_URL or --database-url"
         ))
@@ -243,6 +271,12 @@ fn url_password(url: &str) -> Option<String> {
 }
 
 pub async fn connect(url: &str, settings: &SessionSettings) -> Result<Session> {
+    let link = network::LinkSettings::from_url(url)?;
+    let deadlines = Deadlines::new(link.connect_timeout, settings.statement_timeout);
+    // After a signal: the batch in flight or the cancel (a pooled connection and a round
+    // trip), then closing the pool, each within its deadline; twice that before the backstop
+    // exits.
+    crate::interrupt::bound_after_signal((deadlines.acquire() + deadlines.reply) * 2);
     let options = parse_url(url)?
         .application_name(&settings.application_name)
         // PgBouncer refuses a startup packet carrying extra_float_digits (or `options`, where the
@@ -257,7 +291,24 @@ pub async fn connect(url: &str, settings: &SessionSettings) -> Result<Session> {
     let described = format!("{address}/{}", options.get_database().unwrap_or(""));
     // One direct connection first: a pool would retry a refused connection until its acquire
     // timeout, and the operator should hear at once that the target is wrong.
-    let mut first = match PgConnection::connect_with(&options).await {
+    let connecting = PgConnection::connect_with(&options);
+    let connected = match deadlines.connect {
+        Some(limit) => match tokio::time::timeout(limit, connecting).await {
+            Ok(connected) => connected,
+            Err(_) => {
+                return Err(anyhow::anyhow!(
+                    "the server stopped answering: no connection within {limit:?} \
+                     (connect_timeout); nothing was read or written"
+                )
+                .context(format!(
+                    "could not connect to '{described}': check the network, the VPN and the \
+                     pooler, or raise connect_timeout in the URL"
+                )))
+            }
+        },
+        None => connecting.await,
+    };
+    let first = match connected {
         Ok(connection) => connection,
         Err(error) => {
             let hint = match error.as_database_error().and_then(|error| error.code()) {
@@ -274,12 +325,11 @@ pub async fn connect(url: &str, settings: &SessionSettings) -> Result<Session> {
             );
         }
     };
-    let mut transaction = first
-        .begin()
+    link.apply_to_sockets(options.get_port());
+    let mut transaction = Transaction::begin_direct(first, deadlines)
         .await
         .map_err(|error| {
-            let statement_pooling = error.to_string().contains("statement pooling mode");
-            let error = anyhow::Error::new(error);
+            let statement_pooling = format!("{error:#}").contains("statement pooling mode");
             if statement_pooling {
                 error.context(
                     "a pooler in statement mode cannot keep a transaction on one server session: \
@@ -293,20 +343,26 @@ pub async fn connect(url: &str, settings: &SessionSettings) -> Result<Session> {
     apply_settings(&mut transaction, settings).await?;
     let row = sqlx::query("SELECT current_database()::text, current_user::text")
         .persistent(false)
-        .fetch_one(&mut *transaction)
+        .fetch_one(&mut transaction)
         .await
         .context("could not ask the server who we are")?;
+    // Closes the first connection too.
     transaction
         .rollback()
         .await
         .context("could not close the first transaction")?;
-    first
-        .close()
-        .await
-        .context("could not close the first connection")?;
+    let port = options.get_port();
     let pool = PgPoolOptions::new()
         .max_connections(3)
-        .acquire_timeout(Duration::from_secs(30))
+        // Bounds the connect, the liveness check of an idle connection and the wait for a free
+        // one: the pool's own waits, as the transactions bound every statement.
+        .acquire_timeout(deadlines.acquire())
+        .after_connect(move |_, _| {
+            Box::pin(async move {
+                link.apply_to_sockets(port);
+                Ok(())
+            })
+        })
         .connect_lazy_with(options.clone());
     let target = Target {
         host: address.host,
@@ -318,6 +374,7 @@ pub async fn connect(url: &str, settings: &SessionSettings) -> Result<Session> {
         pool: Pool {
             pool,
             settings: std::sync::Arc::new(settings.clone()),
+            deadlines,
         },
         target,
     })

@@ -4,12 +4,15 @@
 
 mod audit_log;
 mod connect;
+mod deadline;
+mod network;
 mod pgpass;
 mod preflight;
 mod registry;
 
 pub use audit_log::*;
 pub use connect::*;
+pub use deadline::{is_silent, Deadlines, Transaction, DEFAULT_CONNECT_TIMEOUT};
 pub use preflight::*;
 pub use registry::*;
 

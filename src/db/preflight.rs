@@ -179,7 +179,7 @@ pub async fn preflight(pool: &Pool, needs: Needs) -> Result<()> {
         )
         .persistent(false)
         .bind(table)
-        .fetch_all(&mut *transaction)
+        .fetch_all(&mut transaction)
         .await
         .with_context(|| format!("could not inspect table '{table}'"))?;
         if rows.is_empty() {
@@ -216,7 +216,7 @@ pub async fn preflight(pool: &Pool, needs: Needs) -> Result<()> {
             "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'",
         )
         .persistent(false)
-        .fetch_one(&mut *transaction)
+        .fetch_one(&mut transaction)
         .await
         .context("could not ask whether the server accepts writes")?;
         if standby {
@@ -237,7 +237,7 @@ pub async fn preflight(pool: &Pool, needs: Needs) -> Result<()> {
 
     let role: String = sqlx::query_scalar("SELECT quote_ident(current_user)")
         .persistent(false)
-        .fetch_one(&mut *transaction)
+        .fetch_one(&mut transaction)
         .await
         .context("could not ask the server for the current user")?;
     for grant in grants(needs) {
@@ -250,7 +250,7 @@ pub async fn preflight(pool: &Pool, needs: Needs) -> Result<()> {
         .bind(&tables)
         .bind(grant.columns)
         .bind(grant.privilege)
-        .fetch_all(&mut *transaction)
+        .fetch_all(&mut transaction)
         .await
         .with_context(|| format!("could not check {} on '{}'", grant.privilege, grant.table))?;
         if !missing.is_empty() {
@@ -276,7 +276,7 @@ pub async fn preflight(pool: &Pool, needs: Needs) -> Result<()> {
              WHERE s IS NOT NULL",
         )
         .persistent(false)
-        .fetch_optional(&mut *transaction)
+        .fetch_optional(&mut transaction)
         .await
         .context("could not check the sequence of type_reclassification_log.id")?;
         if let Some((sequence, false)) = sequence {
@@ -312,7 +312,7 @@ pub async fn system_identifier(pool: &Pool) -> Option<String> {
     let mut transaction = pool.begin().await.ok()?;
     sqlx::query_scalar("SELECT system_identifier::text FROM pg_control_system()")
         .persistent(false)
-        .fetch_one(&mut *transaction)
+        .fetch_one(&mut transaction)
         .await
         .ok()
 }
@@ -322,7 +322,7 @@ pub(crate) async fn in_recovery(pool: &Pool) -> Result<bool> {
     let mut transaction = pool.begin().await?;
     sqlx::query_scalar("SELECT pg_is_in_recovery()")
         .persistent(false)
-        .fetch_one(&mut *transaction)
+        .fetch_one(&mut transaction)
         .await
         .context("could not ask whether the server is a standby")
 }

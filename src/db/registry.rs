@@ -6,10 +6,10 @@ use std::collections::HashMap;
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{PgConnection, Row};
+use sqlx::Row;
 use uuid::Uuid;
 
-use super::Pool;
+use super::{Pool, Transaction};
 use crate::resolver::{
     AgentsColumn, Probe, SnapshotLookup, SELF_DECLARED_TYPE, UNKNOWN_TYPE, VALID_AGENT_TYPES,
 };
@@ -67,7 +67,7 @@ impl SnapshotLookup for Snapshots {
 
 /// The server process behind `connection`, so a statement running on it can be cancelled from
 /// another connection.
-pub async fn backend_pid(connection: &mut PgConnection) -> Result<i32> {
+pub async fn backend_pid(connection: &mut Transaction) -> Result<i32> {
     sqlx::query_scalar("SELECT pg_backend_pid()")
         .persistent(false)
         .fetch_one(connection)
@@ -84,7 +84,7 @@ pub async fn cancel_backend(pool: &Pool, pid: i32) -> Result<bool> {
     sqlx::query_scalar("SELECT pg_cancel_backend($1)")
         .persistent(false)
         .bind(pid)
-        .fetch_one(&mut *transaction)
+        .fetch_one(&mut transaction)
         .await
         .with_context(|| format!("could not cancel the statement of server process {pid}"))
 }
@@ -97,7 +97,7 @@ pub struct Census {
     pub malformed: u64,
 }
 
-pub async fn census(connection: &mut PgConnection) -> Result<Census> {
+pub async fn census(connection: &mut Transaction) -> Result<Census> {
     let (profiles, malformed): (i64, i64) = sqlx::query_as(
         "SELECT count(*), count(*) FILTER (WHERE jsonb_typeof(agents) IS DISTINCT FROM 'array') \
          FROM member_profiles",
@@ -172,7 +172,7 @@ WHERE verdict IN ('untouchable', 'may flip')
 
 /// Streams [`FLIP_CANDIDATES`]; only candidate ids are kept, so memory follows the flips, not
 /// the table.
-pub async fn flip_candidates(connection: &mut PgConnection) -> Result<FlipCandidates> {
+pub async fn flip_candidates(connection: &mut Transaction) -> Result<FlipCandidates> {
     use futures_util::TryStreamExt;
     let mut rows = sqlx::query_as::<_, (Uuid, bool)>(FLIP_CANDIDATES)
         .persistent(false)
@@ -207,7 +207,7 @@ fn profile_row(row: &sqlx::postgres::PgRow) -> ProfileRow {
 
 /// The snapshot rows the rule will ask for when resolving `columns`, in one round trip.
 pub async fn snapshots_for(
-    connection: &mut PgConnection,
+    connection: &mut Transaction,
     columns: &[AgentsColumn],
 ) -> Result<Snapshots> {
     let mut urls: Vec<&str> = columns.iter().flat_map(AgentsColumn::urls).collect();
@@ -245,7 +245,7 @@ pub async fn snapshots_for(
 
 /// Locks the given profiles for the rest of the transaction and returns their current rows.
 pub(crate) async fn lock_profiles(
-    connection: &mut PgConnection,
+    connection: &mut Transaction,
     ids: &[Uuid],
 ) -> Result<Vec<ProfileRow>> {
     let rows = sqlx::query(
@@ -261,10 +261,7 @@ pub(crate) async fn lock_profiles(
 }
 
 /// Current rows of the given profiles, without locking them (planning a revert).
-pub async fn profiles_by_id(
-    connection: &mut PgConnection,
-    ids: &[Uuid],
-) -> Result<Vec<ProfileRow>> {
+pub async fn profiles_by_id(connection: &mut Transaction, ids: &[Uuid]) -> Result<Vec<ProfileRow>> {
     let rows = sqlx::query(
         "SELECT id, slug::text, agents::text FROM member_profiles WHERE id = ANY($1) ORDER BY id",
     )
@@ -279,7 +276,7 @@ pub async fn profiles_by_id(
 /// Non-empty `inferred_type` values the rule does not know, with how many snapshots carry each:
 /// a sign that the server, and its crawler, are newer than this port.
 pub(crate) async fn unrecognised_inferred_types(
-    connection: &mut PgConnection,
+    connection: &mut Transaction,
 ) -> Result<std::collections::BTreeMap<String, u64>> {
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT inferred_type, count(*) FROM agent_capabilities_snapshot \

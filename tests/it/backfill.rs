@@ -173,7 +173,7 @@ async fn dry_run_writes_nothing_and_its_transaction_refuses_writes() {
     let session = db::connect(&db.url, &settings).await.unwrap();
     let mut transaction = db::begin_read_only(&session.pool).await.unwrap();
     let error = sqlx::query("UPDATE member_profiles SET agents = '[]'")
-        .execute(&mut *transaction)
+        .execute(&mut transaction)
         .await
         .unwrap_err();
     let code = error
@@ -617,7 +617,7 @@ async fn session_settings_are_added_to_the_options_in_the_url() {
         "SELECT current_setting('max_parallel_workers_per_gather'), current_setting('jit'), \
                 current_setting('statement_timeout'), current_setting('application_name')",
     )
-    .fetch_one(&mut *session.pool.begin().await.unwrap())
+    .fetch_one(&mut session.pool.begin().await.unwrap())
     .await
     .unwrap();
     assert_eq!(

@@ -9,6 +9,7 @@
 //! - pooler, standby, privileges, libpq: production deployment shapes (PgBouncer in both pool
 //!   modes, a streaming standby, least-privilege roles, the password file and socket targets),
 //!   with their own PgBouncer, standby or server from `common::deployment`;
+//! - network: a silent, slow or reset link at each moment of a run, through a fault proxy;
 //! - server_versions: what could change between PostgreSQL versions (scripts/pg-matrix).
 
 mod audit;
@@ -20,6 +21,7 @@ mod docs;
 mod guards;
 mod libpq;
 mod malformed_corpus;
+mod network;
 mod outcome;
 mod plans;
 mod pooler;

@@ -300,7 +300,7 @@ async fn every_transaction_through_pgbouncer_carries_the_tool_settings() {
             // from sqlx_s_1, and under transaction pooling they meet on one server session
             // ("prepared statement \"sqlx_s_1\" already exists").
             .persistent(false)
-            .fetch_one(&mut *transaction)
+            .fetch_one(&mut transaction)
             .await
             .unwrap();
             assert_eq!(

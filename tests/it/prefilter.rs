@@ -11,7 +11,6 @@ use agent_type_backfill::db;
 use agent_type_backfill::resolver::AgentsColumn;
 use common::TestDb;
 use serde_json::Value;
-use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
 const VECTORS: &str = "tests/data/conformance/resolve_agent_types.json";
@@ -33,17 +32,20 @@ struct ServerView {
     untouchable: u64,
 }
 
-async fn server_view(
-    connection: &mut PgConnection,
-    agents: &Value,
-    snapshots: &Value,
-) -> ServerView {
-    let mut transaction = connection.begin().await.unwrap();
+async fn server_view(pool: &sqlx::PgPool, agents: &Value, snapshots: &Value) -> ServerView {
+    let connection = pool.acquire().await.unwrap();
+    let mut transaction = db::Transaction::begin_on(
+        connection,
+        agent_type_backfill::db::Deadlines::new(None, std::time::Duration::from_secs(600)),
+        None,
+    )
+    .await
+    .unwrap();
     let id = Uuid::new_v4();
     sqlx::query(
         "INSERT INTO organizations (workos_organization_id, name) VALUES ('org_vector', 'v')",
     )
-    .execute(&mut *transaction)
+    .execute(&mut transaction)
     .await
     .unwrap();
     sqlx::query(
@@ -52,7 +54,7 @@ async fn server_view(
     )
     .bind(id)
     .bind(agents.to_string())
-    .execute(&mut *transaction)
+    .execute(&mut transaction)
     .await
     .unwrap();
     let rows = snapshots.as_array().expect("snapshots array");
@@ -70,7 +72,7 @@ async fn server_view(
     )
     .bind(&urls)
     .bind(&types)
-    .execute(&mut *transaction)
+    .execute(&mut transaction)
     .await
     .unwrap();
 
@@ -111,14 +113,13 @@ fn resolver_view(case: &Value) -> ServerView {
 #[tokio::test]
 async fn the_server_pass_names_exactly_the_profiles_with_flips_on_every_vector() {
     let db = TestDb::new().await;
-    let mut connection = db.pool.acquire().await.unwrap();
     let cases = cases();
     assert_eq!(cases.len(), 787, "the vector file changed size");
     let (mut missed, mut extra, mut miscounted) = (Vec::new(), Vec::new(), Vec::new());
     for case in &cases {
         let name = case["name"].as_str().unwrap();
         let has_flips = !case["flips"].as_array().unwrap().is_empty();
-        let server = server_view(&mut connection, &case["agents"], &case["snapshots"]).await;
+        let server = server_view(&db.pool, &case["agents"], &case["snapshots"]).await;
         let resolver = resolver_view(case);
         assert_eq!(
             resolver.candidate, has_flips,
@@ -149,10 +150,9 @@ async fn the_server_pass_names_exactly_the_profiles_with_flips_on_every_vector()
 #[tokio::test]
 async fn a_numeric_url_matching_a_snapshot_stays_untouchable() {
     let db = TestDb::new().await;
-    let mut connection = db.pool.acquire().await.unwrap();
     let agents = serde_json::json!([{"url": 5, "type": "buying"}]);
     let snapshots = serde_json::json!([{"agent_url": "5", "inferred_type": "sales"}]);
-    let view = server_view(&mut connection, &agents, &snapshots).await;
+    let view = server_view(&db.pool, &agents, &snapshots).await;
     assert_eq!(
         view,
         ServerView {

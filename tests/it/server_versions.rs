@@ -60,18 +60,23 @@ async fn the_throwaway_server_runs_the_binaries_of_pg_bin() {
 #[tokio::test]
 async fn the_server_pass_runs_in_parallel_workers_and_finds_what_a_serial_pass_finds() {
     let db = TestDb::seeded(3000).await;
-    let mut connection = db.pool.acquire().await.unwrap();
-
-    let mut serial = connection.begin().await.unwrap();
+    let deadlines = db::Deadlines::new(None, Duration::from_secs(600));
+    let connection = db.pool.acquire().await.unwrap();
+    let mut serial = db::Transaction::begin_on(connection, deadlines, None)
+        .await
+        .unwrap();
     sqlx::query("SET LOCAL max_parallel_workers_per_gather = 0")
-        .execute(&mut *serial)
+        .execute(&mut serial)
         .await
         .unwrap();
     let expected = db::flip_candidates(&mut serial).await.unwrap();
     serial.rollback().await.unwrap();
     assert_eq!(expected.profile_ids.len(), 2, "the seeded stale profiles");
 
-    let mut parallel = connection.begin().await.unwrap();
+    let connection = db.pool.acquire().await.unwrap();
+    let mut parallel = db::Transaction::begin_on(connection, deadlines, None)
+        .await
+        .unwrap();
     // Costs at zero make a parallel plan the cheapest even on this small table.
     for setting in [
         "max_parallel_workers_per_gather = 2",
@@ -80,7 +85,7 @@ async fn the_server_pass_runs_in_parallel_workers_and_finds_what_a_serial_pass_f
         "min_parallel_table_scan_size = 0",
     ] {
         sqlx::query(&format!("SET LOCAL {setting}"))
-            .execute(&mut *parallel)
+            .execute(&mut parallel)
             .await
             .unwrap();
     }
@@ -91,7 +96,7 @@ async fn the_server_pass_runs_in_parallel_workers_and_finds_what_a_serial_pass_f
     .bind(&VALID_AGENT_TYPES[..])
     .bind(SELF_DECLARED_TYPE)
     .bind(UNKNOWN_TYPE)
-    .fetch_all(&mut *parallel)
+    .fetch_all(&mut parallel)
     .await
     .unwrap();
     let launched: u32 = plan
@@ -116,7 +121,10 @@ async fn an_ordinary_user_cancels_its_own_statement_with_pg_cancel_backend() {
     let db = TestDb::new().await;
     let url = plain_role(&db).await;
     let mut busy = PgConnection::connect(&url).await.unwrap();
-    let pid = db::backend_pid(&mut busy).await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut busy)
+        .await
+        .unwrap();
     let sleeping = tokio::spawn(async move {
         let outcome = sqlx::query("SELECT pg_sleep(60)").execute(&mut busy).await;
         outcome.map(|_| ())

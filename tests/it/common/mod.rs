@@ -2,6 +2,7 @@
 //! DATABASE_URL), and a fresh database with `migrations/` applied for every test.
 
 pub mod deployment;
+pub mod proxy;
 mod tool;
 
 pub use tool::{Finished, Scratch, Tool, ToolRun, BIN, HANG};
