@@ -54,6 +54,7 @@ pub async fn execute(
     let backend = PlanningBackend::default();
     let options = PlanOptions {
         batch_size: config.run.batch_size,
+        chunk_size: config.chunk_size,
         statement_timeout: config.connect.statement_timeout,
         backend: &backend,
         evidence,

@@ -140,6 +140,11 @@ pub struct BackfillArgs {
     #[command(flatten)]
     pub run: RunOpts,
 
+    /// Profiles the plan reads per chunk, each chunk in its own short read-only snapshot; lower
+    /// it when a chunk runs past --statement-timeout or a standby cancels it
+    #[arg(long, value_name = "N", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub chunk_size: u32,
+
     /// With --dry-run: also write the plan (every flip, counts, the target's fingerprint) to FILE
     /// as JSON, for review and for --apply --plan
     #[arg(long, value_name = "FILE", conflicts_with = "apply")]

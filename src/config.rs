@@ -95,6 +95,8 @@ pub struct BackfillConfig {
     /// Write only the flips of this reviewed plan that still hold.
     pub reviewed_plan: Option<PathBuf>,
     pub plan_max_age: Duration,
+    /// Profiles the plan reads per chunk (one short snapshot each).
+    pub chunk_size: usize,
 }
 
 impl BackfillConfig {
@@ -107,6 +109,7 @@ impl BackfillConfig {
             plan_out: None,
             reviewed_plan: None,
             plan_max_age: Duration::from_secs(24 * 3600),
+            chunk_size: 20_000,
         }
     }
 
@@ -123,6 +126,7 @@ impl BackfillConfig {
             plan_out: args.plan_out.clone(),
             reviewed_plan: args.plan.clone(),
             plan_max_age: args.plan_max_age,
+            chunk_size: usize::try_from(args.chunk_size).unwrap_or(usize::MAX),
         })
     }
 }

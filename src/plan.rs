@@ -120,9 +120,10 @@ impl Plan {
     }
 }
 
-/// The server process running the plan. An interrupted run cancels its statement there: the
-/// server pass can run for minutes on a big registry, and without a cancel it would go on after
-/// the tool has exited, until it finished or hit `--statement-timeout`.
+/// The server process running the plan's current statement. An interrupted run cancels it there:
+/// without a cancel a statement would go on after the tool has exited, until it finished or hit
+/// `--statement-timeout`. Each chunk may run on another server process (a pooler hands every
+/// transaction its own), so each chunk records its own.
 #[derive(Debug, Default)]
 pub struct PlanningBackend(AtomicI32);
 
@@ -148,6 +149,8 @@ impl PlanningBackend {
 /// What planning reads besides the rule's own inputs.
 pub struct PlanOptions<'a> {
     pub batch_size: usize,
+    /// Profiles per chunk: each chunk is read in its own short snapshot.
+    pub chunk_size: usize,
     pub statement_timeout: Duration,
     pub backend: &'a PlanningBackend,
     /// Read the crawler's disagreement log for the flips' urls.
@@ -162,49 +165,107 @@ pub enum EvidenceAccess {
     Unavailable(String),
 }
 
-/// Reads the registry once inside one read-only snapshot. The server checks every agent against
-/// the snapshots in a single pass and names the profiles that may hold a flip; only those are read
-/// back and decided by the Rust resolver. Only flips are kept.
+/// Attempts at one chunk that the server cancelled (a recovery conflict on a standby, a statement
+/// or lock timeout, a deadlock) before the plan fails.
+pub const CHUNK_ATTEMPTS: u32 = 5;
+
+/// The wait before attempt `attempt + 1`: 100 ms, doubling (1.5 s over all the retries), so a
+/// standby's replay can move past what the chunk's snapshot held up.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(100u64 << attempt.saturating_sub(1).min(10))
+}
+
+/// Reads the registry in chunks of `chunk_size` profiles in id order, each chunk in its own
+/// read-only snapshot, so no statement's work and no snapshot's age grows with the table. In each
+/// chunk the server checks every agent against the snapshots and names the profiles that may
+/// hold a flip; only those are read back, decided by the Rust resolver and given the crawler's
+/// evidence, all inside the chunk's snapshot. Only flips are kept.
+///
+/// The counts are sums over the chunks, so they describe exactly the profiles whose flips are
+/// listed; a profile is read once, in the snapshot of the chunk its id falls in.
 pub async fn plan(pool: &db::Pool, options: &PlanOptions<'_>) -> Result<Plan> {
+    let chunk_size = options.chunk_size.max(1);
+    let mut plan = Plan {
+        unrecognised_inferred_types: unrecognised_inferred_types(pool, options).await?,
+        ..Plan::default()
+    };
+    let estimate = retried(options, "reading the size of member_profiles", || async {
+        let mut transaction = db::begin_read_only(pool).await?;
+        let estimate = db::estimated_profiles(&mut transaction).await?;
+        transaction
+            .rollback()
+            .await
+            .context("could not close the planning transaction")?;
+        Ok(estimate)
+    })
+    .await?;
+    let bar = progress::profiles(estimate, "planning");
+    let mut from = Some(Uuid::nil());
+    let mut chunks = 0u64;
+    while let Some(start) = from {
+        let chunk = retried(
+            options,
+            &format!("the chunk of profiles from id '{start}'"),
+            || plan_chunk(pool, options, start, chunk_size),
+        )
+        .await?;
+        chunks += 1;
+        plan.profiles_scanned += chunk.scan.profiles;
+        plan.malformed += chunk.scan.malformed;
+        plan.junk_elements += chunk.scan.untouchable_elements;
+        plan.profiles_changed += chunk.profiles_changed;
+        plan.flips.extend(chunk.flips);
+        if bar
+            .length()
+            .is_some_and(|length| plan.profiles_scanned > length)
+        {
+            bar.set_length(plan.profiles_scanned);
+        }
+        bar.set_position(plan.profiles_scanned);
+        // A short chunk is the end of the table; the next chunk starts just above this one's
+        // last id (uuids compare as their bytes, as big-endian u128 do).
+        from = match chunk.scan.last_id {
+            Some(last) if chunk.scan.profiles >= u64::try_from(chunk_size).unwrap_or(u64::MAX) => {
+                last.as_u128().checked_add(1).map(Uuid::from_u128)
+            }
+            _ => None,
+        };
+    }
+    bar.finish_and_clear();
+    info!(
+        profiles = plan.profiles_scanned,
+        chunks,
+        flips = plan.flips.len(),
+        "plan complete"
+    );
+    Ok(plan)
+}
+
+/// What one chunk found.
+struct ChunkPlan {
+    scan: db::ChunkScan,
+    profiles_changed: u64,
+    flips: Vec<PlannedFlip>,
+}
+
+/// One chunk, read and decided inside one read-only transaction of its own.
+async fn plan_chunk(
+    pool: &db::Pool,
+    options: &PlanOptions<'_>,
+    from: Uuid,
+    chunk_size: usize,
+) -> Result<ChunkPlan> {
     let mut transaction = db::begin_read_only(pool).await?;
     options
         .backend
         .record(db::backend_pid(&mut transaction).await?);
-    let census = db::census(&mut transaction).await?;
-    let scanning = progress::spinner(format!(
-        "planning: the server is checking the agents of {} profiles",
-        census.profiles
-    ));
-    let candidates = db::flip_candidates(&mut transaction)
-        .await
-        .map_err(|error| {
-            if db::is_statement_timeout(&error) {
-                error.context(format!(
-                    "the planning pass reads every agent in one statement and ran past \
-                     --statement-timeout '{:?}': raise it (the benchmark's 2-core server needs \
-                     about 5 s per million profiles)",
-                    options.statement_timeout
-                ))
-            } else {
-                error
-            }
-        })?;
-    scanning.finish_and_clear();
-    info!(
-        profiles = census.profiles,
-        candidates = candidates.profile_ids.len(),
-        "server pass complete"
-    );
-
-    let mut plan = Plan {
-        profiles_scanned: census.profiles,
-        malformed: census.malformed,
-        junk_elements: candidates.untouchable_elements,
-        unrecognised_inferred_types: db::unrecognised_inferred_types(&mut transaction).await?,
-        ..Plan::default()
+    let scan = db::plan_chunk(&mut transaction, from, chunk_size).await?;
+    let mut found = ChunkPlan {
+        profiles_changed: 0,
+        flips: Vec::new(),
+        scan,
     };
-    let bar = progress::bar(candidates.profile_ids.len(), "resolving candidates");
-    for ids in candidates.profile_ids.chunks(options.batch_size.max(1)) {
+    for ids in found.scan.candidates.chunks(options.batch_size.max(1)) {
         let rows = db::profiles_by_id(&mut transaction, ids).await?;
         let columns = rows.iter().map(parse_column).collect::<Result<Vec<_>>>()?;
         let snapshots = db::snapshots_for(&mut transaction, &columns).await?;
@@ -213,27 +274,113 @@ pub async fn plan(pool: &db::Pool, options: &PlanOptions<'_>) -> Result<Plan> {
             if verdict.flips.is_empty() {
                 continue;
             }
-            plan.profiles_changed += 1;
+            found.profiles_changed += 1;
             let label = row.label();
-            plan.flips.extend(verdict.flips.into_iter().map(|flip| {
+            found.flips.extend(verdict.flips.into_iter().map(|flip| {
                 let probe = snapshots.get(&flip.url).cloned();
                 PlannedFlip::found(row.id, &label, flip, probe)
             }));
         }
-        bar.inc(u64::try_from(ids.len()).unwrap_or(u64::MAX));
     }
-    bar.finish_and_clear();
-    attach_evidence(&mut transaction, &mut plan.flips, &options.evidence).await?;
+    attach_evidence(&mut transaction, &mut found.flips, &options.evidence).await?;
     transaction
         .rollback()
         .await
         .context("could not close the planning transaction")?;
-    info!(
-        profiles = plan.profiles_scanned,
-        flips = plan.flips.len(),
-        "plan complete"
-    );
-    Ok(plan)
+    Ok(found)
+}
+
+/// The unrecognised inferred types of the whole snapshot table, counted in chunks in url order,
+/// each in its own snapshot.
+async fn unrecognised_inferred_types(
+    pool: &db::Pool,
+    options: &PlanOptions<'_>,
+) -> Result<BTreeMap<String, u64>> {
+    let limit = options.chunk_size.max(1);
+    let mut counts = BTreeMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let chunk = retried(
+            options,
+            "counting the inferred types of the snapshots",
+            || async {
+                let mut transaction = db::begin_read_only(pool).await?;
+                options
+                    .backend
+                    .record(db::backend_pid(&mut transaction).await?);
+                let chunk =
+                    db::unrecognised_inferred_types(&mut transaction, after.as_deref(), limit)
+                        .await?;
+                transaction
+                    .rollback()
+                    .await
+                    .context("could not close the planning transaction")?;
+                Ok(chunk)
+            },
+        )
+        .await?;
+        for (name, count) in chunk.unrecognised {
+            *counts.entry(name).or_insert(0) += count;
+        }
+        match chunk.last_url {
+            Some(last) if chunk.snapshots >= u64::try_from(limit).unwrap_or(u64::MAX) => {
+                after = Some(last);
+            }
+            _ => return Ok(counts),
+        }
+    }
+}
+
+/// Runs `attempt` until it succeeds, or fails in a way a retry cannot mend, or the server has
+/// cancelled it [`CHUNK_ATTEMPTS`] times; then says what to change.
+async fn retried<T, F, Fut>(options: &PlanOptions<'_>, what: &str, mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let error = match attempt().await {
+            Ok(done) => return Ok(done),
+            Err(error) => error,
+        };
+        if !db::is_retryable(&error) {
+            return Err(error);
+        }
+        if attempts >= CHUNK_ATTEMPTS {
+            let advice = if db::is_statement_timeout(&error) {
+                format!(
+                    "it ran past --statement-timeout '{:?}': lower --chunk-size (now {}) or \
+                     raise --statement-timeout",
+                    options.statement_timeout, options.chunk_size
+                )
+            } else if db::is_recovery_conflict(&error) {
+                format!(
+                    "the server cancelled it for a conflict with recovery: on this standby raise \
+                     max_standby_streaming_delay or turn on hot_standby_feedback, or lower \
+                     --chunk-size (now {})",
+                    options.chunk_size
+                )
+            } else {
+                "it waited past --lock-timeout for a lock on the registry's tables: find what \
+                 holds an exclusive lock on them (pg_locks) and run again once it is gone, or \
+                 raise --lock-timeout"
+                    .to_owned()
+            };
+            return Err(error.context(format!(
+                "planning stopped, nothing was written: {what} failed {attempts} times; {advice}"
+            )));
+        }
+        let wait = backoff(attempts);
+        warn!(
+            attempt = attempts,
+            of = CHUNK_ATTEMPTS,
+            retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+            "{what} was cancelled by the server ({error:#}); retrying in a new snapshot"
+        );
+        tokio::time::sleep(wait).await;
+    }
 }
 
 /// Puts the crawler's own record of each flip's disagreement beside it: one query for every url.

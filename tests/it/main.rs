@@ -13,6 +13,7 @@
 
 mod audit;
 mod backfill;
+mod chunked;
 mod cli;
 mod common;
 mod conformance;
