@@ -55,6 +55,7 @@ pub async fn execute(
     let options = PlanOptions {
         batch_size: config.run.batch_size,
         chunk_size: config.chunk_size,
+        jobs: config.plan_jobs,
         statement_timeout: config.connect.statement_timeout,
         backend: &backend,
         evidence,

@@ -97,6 +97,8 @@ pub struct BackfillConfig {
     pub plan_max_age: Duration,
     /// Profiles the plan reads per chunk (one short snapshot each).
     pub chunk_size: usize,
+    /// Chunks the plan reads at once, on connections of their own.
+    pub plan_jobs: usize,
 }
 
 impl BackfillConfig {
@@ -110,6 +112,7 @@ impl BackfillConfig {
             reviewed_plan: None,
             plan_max_age: Duration::from_secs(24 * 3600),
             chunk_size: 20_000,
+            plan_jobs: 2,
         }
     }
 
@@ -127,6 +130,7 @@ impl BackfillConfig {
             reviewed_plan: args.plan.clone(),
             plan_max_age: args.plan_max_age,
             chunk_size: usize::try_from(args.chunk_size).unwrap_or(usize::MAX),
+            plan_jobs: usize::try_from(args.plan_jobs).unwrap_or(1),
         })
     }
 }

@@ -1,7 +1,6 @@
 //! The plan: every flip the rule finds, read inside one read-only snapshot of the registry.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -120,28 +119,32 @@ impl Plan {
     }
 }
 
-/// The server process running the plan's current statement. An interrupted run cancels it there:
-/// without a cancel a statement would go on after the tool has exited, until it finished or hit
-/// `--statement-timeout`. Each chunk may run on another server process (a pooler hands every
-/// transaction its own), so each chunk records its own.
+/// The server processes running the plan's current statements, one per job. An interrupted run
+/// cancels them there: without a cancel a statement would go on after the tool has exited, until
+/// it finished or hit `--statement-timeout`. Each chunk may run on another server process (a
+/// pooler hands every transaction its own), so each chunk records its own.
 #[derive(Debug, Default)]
-pub struct PlanningBackend(AtomicI32);
+pub struct PlanningBackend(std::sync::Mutex<BTreeMap<usize, i32>>);
 
 impl PlanningBackend {
-    fn record(&self, pid: i32) {
-        self.0.store(pid, Ordering::SeqCst);
+    fn record(&self, job: usize, pid: i32) {
+        if let Ok(mut pids) = self.0.lock() {
+            pids.insert(job, pid);
+        }
     }
 
     pub async fn cancel(&self, pool: &db::Pool) {
-        let pid = self.0.load(Ordering::SeqCst);
-        if pid == 0 {
-            return;
-        }
-        match db::cancel_backend(pool, pid).await {
-            Ok(_) => info!(pid, "cancelled the planning statement on the server"),
-            Err(error) => warn!(
-                "{error:#}; the planning statement ends by itself at --statement-timeout at the latest"
-            ),
+        let pids: Vec<i32> = match self.0.lock() {
+            Ok(pids) => pids.values().copied().collect(),
+            Err(_) => return,
+        };
+        for pid in pids {
+            match db::cancel_backend(pool, pid).await {
+                Ok(_) => info!(pid, "cancelled the planning statement on the server"),
+                Err(error) => warn!(
+                    "{error:#}; the planning statement ends by itself at --statement-timeout at the latest"
+                ),
+            }
         }
     }
 }
@@ -151,6 +154,8 @@ pub struct PlanOptions<'a> {
     pub batch_size: usize,
     /// Profiles per chunk: each chunk is read in its own short snapshot.
     pub chunk_size: usize,
+    /// Chunks read at once, each job over its own range of the key space, on its own connection.
+    pub jobs: usize,
     pub statement_timeout: Duration,
     pub backend: &'a PlanningBackend,
     /// Read the crawler's disagreement log for the flips' urls.
@@ -200,13 +205,57 @@ pub async fn plan(pool: &db::Pool, options: &PlanOptions<'_>) -> Result<Plan> {
     })
     .await?;
     let bar = progress::profiles(estimate, "planning");
-    let mut from = Some(Uuid::nil());
+    let jobs = options.jobs.clamp(1, 16);
+    let step = u128::MAX / u128::try_from(jobs).unwrap_or(1);
+    let ranges = (0..jobs).map(|job| {
+        let first = step * u128::try_from(job).unwrap_or(0);
+        let last = if job + 1 == jobs {
+            u128::MAX
+        } else {
+            first + step - 1
+        };
+        walk(pool, options, job, (first, last), chunk_size, &bar)
+    });
+    let parts = futures_util::future::try_join_all(ranges).await?;
+    bar.finish_and_clear();
+    let mut chunks = 0;
+    for (part, part_chunks) in parts {
+        chunks += part_chunks;
+        plan.profiles_scanned += part.profiles_scanned;
+        plan.malformed += part.malformed;
+        plan.junk_elements += part.junk_elements;
+        plan.profiles_changed += part.profiles_changed;
+        plan.flips.extend(part.flips);
+    }
+    info!(
+        profiles = plan.profiles_scanned,
+        chunks,
+        jobs,
+        flips = plan.flips.len(),
+        "plan complete"
+    );
+    Ok(plan)
+}
+
+/// One job: the chunks of the key range `first..=last` in key order, one after the other; what
+/// they found and how many there were.
+async fn walk(
+    pool: &db::Pool,
+    options: &PlanOptions<'_>,
+    job: usize,
+    (first, last): (u128, u128),
+    chunk_size: usize,
+    bar: &indicatif::ProgressBar,
+) -> Result<(Plan, u64)> {
+    let through = Uuid::from_u128(last);
+    let mut plan = Plan::default();
     let mut chunks = 0u64;
+    let mut from = Some(Uuid::from_u128(first));
     while let Some(start) = from {
         let chunk = retried(
             options,
             &format!("the chunk of profiles from id '{start}'"),
-            || plan_chunk(pool, options, start, chunk_size),
+            || plan_chunk(pool, options, job, (start, through), chunk_size),
         )
         .await?;
         chunks += 1;
@@ -215,30 +264,26 @@ pub async fn plan(pool: &db::Pool, options: &PlanOptions<'_>) -> Result<Plan> {
         plan.junk_elements += chunk.scan.untouchable_elements;
         plan.profiles_changed += chunk.profiles_changed;
         plan.flips.extend(chunk.flips);
-        if bar
-            .length()
-            .is_some_and(|length| plan.profiles_scanned > length)
-        {
-            bar.set_length(plan.profiles_scanned);
+        bar.inc(chunk.scan.profiles);
+        if bar.length().is_some_and(|length| bar.position() > length) {
+            bar.set_length(bar.position());
         }
-        bar.set_position(plan.profiles_scanned);
-        // A short chunk is the end of the table; the next chunk starts just above this one's
+        // A short chunk is the end of the range; the next chunk starts just above this one's
         // last id (uuids compare as their bytes, as big-endian u128 do).
         from = match chunk.scan.last_id {
-            Some(last) if chunk.scan.profiles >= u64::try_from(chunk_size).unwrap_or(u64::MAX) => {
-                last.as_u128().checked_add(1).map(Uuid::from_u128)
+            Some(last_id)
+                if chunk.scan.profiles >= u64::try_from(chunk_size).unwrap_or(u64::MAX) =>
+            {
+                last_id
+                    .as_u128()
+                    .checked_add(1)
+                    .filter(|next| *next <= last)
+                    .map(Uuid::from_u128)
             }
             _ => None,
         };
     }
-    bar.finish_and_clear();
-    info!(
-        profiles = plan.profiles_scanned,
-        chunks,
-        flips = plan.flips.len(),
-        "plan complete"
-    );
-    Ok(plan)
+    Ok((plan, chunks))
 }
 
 /// What one chunk found.
@@ -252,14 +297,15 @@ struct ChunkPlan {
 async fn plan_chunk(
     pool: &db::Pool,
     options: &PlanOptions<'_>,
-    from: Uuid,
+    job: usize,
+    (from, through): (Uuid, Uuid),
     chunk_size: usize,
 ) -> Result<ChunkPlan> {
     let mut transaction = db::begin_read_only(pool).await?;
     options
         .backend
-        .record(db::backend_pid(&mut transaction).await?);
-    let scan = db::plan_chunk(&mut transaction, from, chunk_size).await?;
+        .record(job, db::backend_pid(&mut transaction).await?);
+    let scan = db::plan_chunk(&mut transaction, from, through, chunk_size).await?;
     let mut found = ChunkPlan {
         profiles_changed: 0,
         flips: Vec::new(),
@@ -307,7 +353,7 @@ async fn unrecognised_inferred_types(
                 let mut transaction = db::begin_read_only(pool).await?;
                 options
                     .backend
-                    .record(db::backend_pid(&mut transaction).await?);
+                    .record(0, db::backend_pid(&mut transaction).await?);
                 let chunk =
                     db::unrecognised_inferred_types(&mut transaction, after.as_deref(), limit)
                         .await?;

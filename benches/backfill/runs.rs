@@ -370,7 +370,7 @@ pub(crate) async fn anatomy(
             .execute(&mut *transaction)
             .await?;
         let step = Instant::now();
-        let scan = db::plan_chunk(&mut transaction, start, chunk_size).await?;
+        let scan = db::plan_chunk(&mut transaction, start, Uuid::max(), chunk_size).await?;
         let took = step.elapsed();
         chunk_time += took;
         slowest = slowest.max(took);
@@ -424,6 +424,7 @@ pub(crate) async fn anatomy(
             .bind(UNKNOWN_TYPE)
             .bind(Uuid::nil())
             .bind(i64::try_from(chunk_size)?)
+            .bind(Uuid::max())
             .fetch_all(&mut connection)
             .await?;
     lines.push(

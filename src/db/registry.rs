@@ -120,7 +120,8 @@ pub struct ChunkScan {
 /// still counted, and nothing is materialised.
 ///
 /// $1: the valid types; $2: the type kept when the probe could not classify; $3: "unknown";
-/// $4: the lowest id of the chunk (inclusive); $5: the chunk size.
+/// $4: the lowest id of the chunk; $5: the chunk size; $6: the highest id it may hold (both
+/// inclusive: parallel jobs each walk a range of the key space).
 pub const PLAN_CHUNK: &str = r#"
 SELECT count(*),
        count(*) FILTER (WHERE jsonb_typeof(p.agents) IS DISTINCT FROM 'array'),
@@ -128,7 +129,9 @@ SELECT count(*),
        max(p.id::text)::uuid,
        coalesce(sum(v.untouchable), 0)::bigint,
        coalesce(array_agg(p.id ORDER BY p.id) FILTER (WHERE v.may_flip), '{}')
-FROM (SELECT id, agents FROM member_profiles WHERE id >= $4::uuid ORDER BY id LIMIT $5) p
+FROM (
+    SELECT id, agents FROM member_profiles WHERE id BETWEEN $4::uuid AND $6::uuid ORDER BY id LIMIT $5
+) p
 CROSS JOIN LATERAL (
     SELECT count(*) FILTER (WHERE x.verdict = 'untouchable') AS untouchable,
            coalesce(bool_or(x.verdict = 'may flip'), false) AS may_flip
@@ -173,10 +176,12 @@ CROSS JOIN LATERAL (
 ) v
 "#;
 
-/// Runs [`PLAN_CHUNK`] for the chunk of `limit` profiles starting at id `from`.
+/// Runs [`PLAN_CHUNK`] for the chunk of at most `limit` profiles with ids from `from` through
+/// `through`.
 pub async fn plan_chunk(
     connection: &mut PgConnection,
     from: Uuid,
+    through: Uuid,
     limit: usize,
 ) -> Result<ChunkScan> {
     let (profiles, malformed, last_id, untouchable, candidates): (
@@ -192,6 +197,7 @@ pub async fn plan_chunk(
         .bind(UNKNOWN_TYPE)
         .bind(from)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(through)
         .fetch_one(connection)
         .await
         .with_context(|| {

@@ -69,9 +69,10 @@ fn planned(log: &[Value]) -> Planned {
     Planned { flips, counts }
 }
 
-/// A dry-run in-process with `--chunk-size chunk`.
-async fn dry_run(url: &str, chunk: usize) -> Planned {
+/// A dry-run in-process with `--chunk-size chunk` and `--plan-jobs jobs`.
+async fn dry_run(url: &str, chunk: usize, jobs: usize) -> Planned {
     let chunk = chunk.to_string();
+    let jobs = jobs.to_string();
     let args = common::args(&[
         "--dry-run",
         "--format",
@@ -80,6 +81,8 @@ async fn dry_run(url: &str, chunk: usize) -> Planned {
         "1000000",
         "--chunk-size",
         &chunk,
+        "--plan-jobs",
+        &jobs,
     ]);
     let mut out = Vec::new();
     // Held flips end a dry-run with an error (exit 3) after the complete log.
@@ -211,8 +214,8 @@ async fn chunks_of_seven_plan_every_conformance_vector_as_the_unchunked_rule_doe
         .await
         .unwrap();
 
-        let chunked = dry_run(&db.url, 7).await;
-        let whole = dry_run(&db.url, 1_000_000).await;
+        let chunked = dry_run(&db.url, 7, 2).await;
+        let whole = dry_run(&db.url, 1_000_000, 1).await;
         assert_eq!(chunked.flips, expected, "vectors {members:?}");
         assert_eq!(chunked, whole, "vectors {members:?}");
         assert_eq!(
@@ -252,7 +255,7 @@ async fn any_chunk_size_plans_a_generated_corpus_as_the_unchunked_rule_does() {
         "the corpus has flips: {}",
         expected.len()
     );
-    let whole = dry_run(&db.url, 1_000_000).await;
+    let whole = dry_run(&db.url, 1_000_000, 1).await;
     assert_eq!(whole.flips, expected);
     let profiles: i64 = sqlx::query_scalar("SELECT count(*) FROM member_profiles")
         .fetch_one(&db.pool)
@@ -261,8 +264,13 @@ async fn any_chunk_size_plans_a_generated_corpus_as_the_unchunked_rule_does() {
     assert_eq!(whole.counts["profiles_scanned"], profiles);
     // 3 and 64 leave a short last chunk, 3011 divides nothing; the table's own size is one full
     // chunk followed by an empty one.
-    for chunk in [3, 64, 3011, usize::try_from(profiles).unwrap()] {
-        assert_eq!(dry_run(&db.url, chunk).await, whole, "--chunk-size {chunk}");
+    let all = usize::try_from(profiles).unwrap();
+    for (chunk, jobs) in [(3, 1), (3, 2), (64, 2), (3011, 1), (all, 1), (all, 2)] {
+        assert_eq!(
+            dry_run(&db.url, chunk, jobs).await,
+            whole,
+            "--chunk-size {chunk} --plan-jobs {jobs}"
+        );
     }
 }
 
@@ -278,6 +286,7 @@ async fn a_chunk_reads_both_tables_through_their_primary_keys_only() {
         .bind(agent_type_backfill::resolver::UNKNOWN_TYPE)
         .bind(Uuid::nil())
         .bind(100i64)
+        .bind(Uuid::max())
         .fetch_all(&db.pool)
         .await
         .unwrap();
@@ -363,7 +372,8 @@ async fn waiting_tool_session(db: &TestDb) -> i32 {
 
 #[tokio::test]
 async fn a_profile_edited_during_the_pass_is_seen_before_or_after_the_edit_never_twice() {
-    // `middle` is the first flip, so its chunk is where the plan stops; `late` is ahead of it.
+    // One job reads the chunks in key order. `middle` is the first flip, so its chunk is where the
+    // plan stops; `late` is ahead of it.
     let db = consistent_with_stale(&[(0.25, "middle"), (0.9, "late")]).await;
     let blocker = hold_the_log(&db).await;
     let url = db.url.clone();
@@ -374,6 +384,8 @@ async fn a_profile_edited_during_the_pass_is_seen_before_or_after_the_edit_never
             "json",
             "--chunk-size",
             "100",
+            "--plan-jobs",
+            "1",
             "--lock-timeout",
             "60s",
         ]);
@@ -414,7 +426,7 @@ async fn a_profile_edited_during_the_pass_is_seen_before_or_after_the_edit_never
 #[tokio::test]
 async fn a_chunk_the_server_cancels_mid_pass_is_read_again_and_counted_once() {
     let db = consistent_with_stale(&[(0.5, "middle"), (0.75, "later")]).await;
-    let undisturbed = dry_run(&db.url, 100).await;
+    let undisturbed = dry_run(&db.url, 100, 1).await;
     assert_eq!(undisturbed.flips.len(), 2);
 
     let blocker = hold_the_log(&db).await;
@@ -424,6 +436,8 @@ async fn a_chunk_the_server_cancels_mid_pass_is_read_again_and_counted_once() {
         "json",
         "--chunk-size",
         "100",
+        "--plan-jobs",
+        "1",
         "--lock-timeout",
         "60s",
     ])

@@ -74,7 +74,7 @@ async fn server_view(
     .await
     .unwrap();
 
-    let found = db::plan_chunk(&mut transaction, Uuid::nil(), 10)
+    let found = db::plan_chunk(&mut transaction, Uuid::nil(), Uuid::max(), 10)
         .await
         .unwrap();
     transaction.rollback().await.unwrap();
