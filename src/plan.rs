@@ -218,9 +218,10 @@ pub async fn plan(pool: &db::Pool, options: &PlanOptions<'_>) -> Result<Plan> {
     });
     let parts = futures_util::future::try_join_all(ranges).await?;
     bar.finish_and_clear();
-    let mut chunks = 0;
-    for (part, part_chunks) in parts {
+    let (mut chunks, mut candidates) = (0, 0);
+    for (part, part_chunks, part_candidates) in parts {
         chunks += part_chunks;
+        candidates += part_candidates;
         plan.profiles_scanned += part.profiles_scanned;
         plan.malformed += part.malformed;
         plan.junk_elements += part.junk_elements;
@@ -229,8 +230,10 @@ pub async fn plan(pool: &db::Pool, options: &PlanOptions<'_>) -> Result<Plan> {
     }
     info!(
         profiles = plan.profiles_scanned,
-        chunks,
-        jobs,
+        candidates, chunks, jobs, "server pass complete"
+    );
+    info!(
+        profiles = plan.profiles_scanned,
         flips = plan.flips.len(),
         "plan complete"
     );
@@ -238,7 +241,7 @@ pub async fn plan(pool: &db::Pool, options: &PlanOptions<'_>) -> Result<Plan> {
 }
 
 /// One job: the chunks of the key range `first..=last` in key order, one after the other; what
-/// they found and how many there were.
+/// they found, how many chunks there were and how many candidate profiles they named.
 async fn walk(
     pool: &db::Pool,
     options: &PlanOptions<'_>,
@@ -246,10 +249,10 @@ async fn walk(
     (first, last): (u128, u128),
     chunk_size: usize,
     bar: &indicatif::ProgressBar,
-) -> Result<(Plan, u64)> {
+) -> Result<(Plan, u64, usize)> {
     let through = Uuid::from_u128(last);
     let mut plan = Plan::default();
-    let mut chunks = 0u64;
+    let (mut chunks, mut candidates) = (0u64, 0);
     let mut from = Some(Uuid::from_u128(first));
     while let Some(start) = from {
         let chunk = retried(
@@ -259,6 +262,7 @@ async fn walk(
         )
         .await?;
         chunks += 1;
+        candidates += chunk.scan.candidates.len();
         plan.profiles_scanned += chunk.scan.profiles;
         plan.malformed += chunk.scan.malformed;
         plan.junk_elements += chunk.scan.untouchable_elements;
@@ -283,7 +287,7 @@ async fn walk(
             _ => None,
         };
     }
-    Ok((plan, chunks))
+    Ok((plan, chunks, candidates))
 }
 
 /// What one chunk found.
@@ -423,7 +427,8 @@ where
             attempt = attempts,
             of = CHUNK_ATTEMPTS,
             retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
-            "{what} was cancelled by the server ({error:#}); retrying in a new snapshot"
+            "{what} was cancelled by the server ({}); retrying in a new snapshot",
+            crate::error::render(&error)
         );
         tokio::time::sleep(wait).await;
     }
