@@ -222,3 +222,107 @@ async fn a_dry_run_on_a_standby_completes_while_the_primary_updates_and_vacuums(
     );
     pool.close().await;
 }
+
+/// A chunk the standby keeps cancelling for a conflict with recovery fails the run, after the
+/// retries, with what to change on the standby. Deterministic: the primary holds an exclusive lock
+/// on the crawler's log, which replay takes on the standby, so the chunk that found the flips
+/// waits there to read their evidence while it holds its lock on member_profiles; each time, the
+/// primary then locks member_profiles too, and replay cancels the chunk after
+/// `max_standby_streaming_delay`.
+#[tokio::test]
+async fn a_chunk_a_standby_keeps_cancelling_fails_the_run_saying_what_to_change_there() {
+    let mut primary =
+        EphemeralPostgres::start_with(&[("max_standby_streaming_delay", "100ms")]).unwrap();
+    let pool = registry_on(&primary, 30).await;
+    let standby = EphemeralPostgres::start_standby_of(&mut primary).unwrap();
+    let mut on_standby = sqlx::PgConnection::connect(&standby.url("registry"))
+        .await
+        .unwrap();
+    let mut log_lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE type_reclassification_log IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *log_lock)
+        .await
+        .unwrap();
+    // The lock's WAL record is flushed, and so sent to the standby, with the next segment switch
+    // (or commit); then wait until replay holds it there.
+    sqlx::query("SELECT pg_switch_wal()")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut replayed = false;
+    for _ in 0..400 {
+        let held: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE mode = 'AccessExclusiveLock' \
+             AND relation = 'type_reclassification_log'::regclass",
+        )
+        .fetch_one(&mut on_standby)
+        .await
+        .unwrap();
+        if held > 0 {
+            replayed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(replayed, "the standby never replayed the lock");
+
+    let mut run =
+        crate::common::Tool::new(&["--dry-run", "--plan-jobs", "1", "--lock-timeout", "60s"])
+            .database(&standby.url("registry"))
+            .env("PGPASSFILE", "")
+            .spawn();
+    let mut cancelled = 0;
+    for _ in 0..2400 {
+        if !run.running() {
+            break;
+        }
+        let waiting: Option<(i32, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+            "SELECT pid, query_start FROM pg_stat_activity \
+             WHERE application_name LIKE 'agent-type-backfill %' AND wait_event_type = 'Lock'",
+        )
+        .fetch_optional(&mut on_standby)
+        .await
+        .unwrap();
+        if let Some(seen) = waiting {
+            let mut lock = pool.begin().await.unwrap();
+            sqlx::query("LOCK TABLE member_profiles IN ACCESS EXCLUSIVE MODE")
+                .execute(&mut *lock)
+                .await
+                .unwrap();
+            lock.commit().await.unwrap();
+            // Until replay has cancelled that statement.
+            for _ in 0..400 {
+                let still: Option<(i32, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+                    "SELECT pid, query_start FROM pg_stat_activity \
+                     WHERE application_name LIKE 'agent-type-backfill %' \
+                     AND wait_event_type = 'Lock'",
+                )
+                .fetch_optional(&mut on_standby)
+                .await
+                .unwrap();
+                if still != Some(seen) {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            }
+            cancelled += 1;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let done = run.finish().await;
+    log_lock.rollback().await.unwrap();
+
+    assert_eq!(done.code(), 1, "{}", done.stderr);
+    let error = done.error_line();
+    assert!(
+        error.contains("nothing was written")
+            && error.contains("failed 5 times")
+            && error.contains("conflict with recovery")
+            && error.contains("raise max_standby_streaming_delay or turn on hot_standby_feedback")
+            && error.contains("lower --chunk-size (now 20000)"),
+        "{}",
+        done.stderr
+    );
+    assert_eq!(cancelled, 5, "{}", done.stderr);
+    pool.close().await;
+}
