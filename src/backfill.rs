@@ -75,6 +75,8 @@ async fn plan_check_and_write(
     let backend = PlanningBackend::default();
     let options = PlanOptions {
         batch_size: config.run.batch_size,
+        chunk_size: config.chunk_size,
+        jobs: config.plan_jobs,
         statement_timeout: config.connect.statement_timeout,
         backend: &backend,
         evidence,

@@ -142,6 +142,16 @@ pub struct BackfillArgs {
     #[command(flatten)]
     pub run: RunOpts,
 
+    /// Profiles the plan reads per chunk, each chunk in its own short read-only snapshot; lower
+    /// it when a chunk runs past --statement-timeout or a standby cancels it
+    #[arg(long, value_name = "N", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub chunk_size: u32,
+
+    /// Chunks the plan reads at once, each job over its own range of ids on its own connection
+    /// (the tool's pool holds three: one stays free to cancel them)
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2))]
+    pub plan_jobs: u32,
+
     /// With --dry-run: also write the plan (every flip, counts, the target's fingerprint) to FILE
     /// as JSON, for review and for --apply --plan
     #[arg(long, value_name = "FILE", conflicts_with = "apply")]

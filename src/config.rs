@@ -79,6 +79,10 @@ pub struct BackfillConfig {
     /// Write only the flips of this reviewed plan that still hold.
     pub reviewed_plan: Option<PathBuf>,
     pub plan_max_age: Duration,
+    /// Profiles the plan reads per chunk (one short snapshot each).
+    pub chunk_size: usize,
+    /// Chunks the plan reads at once, on connections of their own.
+    pub plan_jobs: usize,
 }
 
 impl BackfillConfig {
@@ -108,6 +112,8 @@ impl BackfillConfig {
             plan_out: args.plan_out.clone(),
             reviewed_plan: args.plan.clone(),
             plan_max_age: args.plan_max_age,
+            chunk_size: usize::try_from(args.chunk_size).unwrap_or(usize::MAX),
+            plan_jobs: usize::try_from(args.plan_jobs).unwrap_or(1),
         })
     }
 }

@@ -1,7 +1,6 @@
 //! The plan: every flip the rule finds, read inside one read-only snapshot of the registry.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use crate::db::Transaction;
@@ -112,27 +111,33 @@ pub struct Plan {
     pub unrecognised_inferred_types: BTreeMap<String, u64>,
 }
 
-/// The server process running the plan. An interrupted run cancels its statement there: the
-/// server pass can run for minutes on a big registry, and without a cancel it would go on after
-/// the tool has exited, until it finished or hit `--statement-timeout`.
+
+/// The server processes running the plan's current statements, one per job. An interrupted run
+/// cancels them there: without a cancel a statement would go on after the tool has exited, until
+/// it finished or hit `--statement-timeout`. Each chunk may run on another server process (a
+/// pooler hands every transaction its own), so each chunk records its own.
 #[derive(Debug, Default)]
-pub struct PlanningBackend(AtomicI32);
+pub struct PlanningBackend(std::sync::Mutex<BTreeMap<usize, i32>>);
 
 impl PlanningBackend {
-    fn record(&self, pid: i32) {
-        self.0.store(pid, Ordering::SeqCst);
+    fn record(&self, job: usize, pid: i32) {
+        if let Ok(mut pids) = self.0.lock() {
+            pids.insert(job, pid);
+        }
     }
 
     pub async fn cancel(&self, pool: &db::Pool) {
-        let pid = self.0.load(Ordering::SeqCst);
-        if pid == 0 {
-            return;
-        }
-        match db::cancel_backend(pool, pid).await {
-            Ok(_) => info!(pid, "cancelled the planning statement on the server"),
-            Err(error) => warn!(
-                "{error:#}; the planning statement ends by itself at --statement-timeout at the latest"
-            ),
+        let pids: Vec<i32> = match self.0.lock() {
+            Ok(pids) => pids.values().copied().collect(),
+            Err(_) => return,
+        };
+        for pid in pids {
+            match db::cancel_backend(pool, pid).await {
+                Ok(_) => info!(pid, "cancelled the planning statement on the server"),
+                Err(error) => warn!(
+                    "{error:#}; the planning statement ends by itself at --statement-timeout at the latest"
+                ),
+            }
         }
     }
 }
@@ -140,6 +145,10 @@ impl PlanningBackend {
 /// What planning reads besides the rule's own inputs.
 pub struct PlanOptions<'a> {
     pub batch_size: usize,
+    /// Profiles per chunk: each chunk is read in its own short snapshot.
+    pub chunk_size: usize,
+    /// Chunks read at once, each job over its own range of the key space, on its own connection.
+    pub jobs: usize,
     pub statement_timeout: Duration,
     pub backend: &'a PlanningBackend,
     /// Read the crawler's disagreement log for the flips' urls.
@@ -154,49 +163,152 @@ pub enum EvidenceAccess {
     Unavailable(String),
 }
 
-/// Reads the registry once inside one read-only snapshot. The server checks every agent against
-/// the snapshots in a single pass and names the profiles that may hold a flip; only those are read
-/// back and decided by the Rust resolver. Only flips are kept.
+/// Attempts at one chunk that the server cancelled (a recovery conflict on a standby, a statement
+/// or lock timeout, a deadlock) before the plan fails.
+pub const CHUNK_ATTEMPTS: u32 = 5;
+
+/// The wait before attempt `attempt + 1`: 100 ms, doubling (1.5 s over all the retries), so a
+/// standby's replay can move past what the chunk's snapshot held up.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(100u64 << attempt.saturating_sub(1).min(10))
+}
+
+/// Reads the registry in chunks of `chunk_size` profiles in id order, each chunk in its own
+/// read-only snapshot, so no statement's work and no snapshot's age grows with the table. In each
+/// chunk the server checks every agent against the snapshots and names the profiles that may
+/// hold a flip; only those are read back, decided by the Rust resolver and given the crawler's
+/// evidence, all inside the chunk's snapshot. Only flips are kept.
+///
+/// The counts are sums over the chunks, so they describe exactly the profiles whose flips are
+/// listed; a profile is read once, in the snapshot of the chunk its id falls in.
 pub async fn plan(pool: &db::Pool, options: &PlanOptions<'_>) -> Result<Plan> {
+    let chunk_size = options.chunk_size.max(1);
+    let mut plan = Plan {
+        unrecognised_inferred_types: unrecognised_inferred_types(pool, options).await?,
+        ..Plan::default()
+    };
+    let estimate = retried(options, "reading the size of member_profiles", || async {
+        let mut transaction = db::begin_read_only(pool).await?;
+        let estimate = db::estimated_profiles(&mut transaction).await?;
+        transaction
+            .rollback()
+            .await
+            .context("could not close the planning transaction")?;
+        Ok(estimate)
+    })
+    .await?;
+    let bar = progress::profiles(estimate, "planning");
+    let jobs = options.jobs.clamp(1, 16);
+    let step = u128::MAX / u128::try_from(jobs).unwrap_or(1);
+    let ranges = (0..jobs).map(|job| {
+        let first = step * u128::try_from(job).unwrap_or(0);
+        let last = if job + 1 == jobs {
+            u128::MAX
+        } else {
+            first + step - 1
+        };
+        walk(pool, options, job, (first, last), chunk_size, &bar)
+    });
+    let parts = futures_util::future::try_join_all(ranges).await?;
+    bar.finish_and_clear();
+    let (mut chunks, mut candidates) = (0, 0);
+    for (part, part_chunks, part_candidates) in parts {
+        chunks += part_chunks;
+        candidates += part_candidates;
+        plan.profiles_scanned += part.profiles_scanned;
+        plan.malformed += part.malformed;
+        plan.junk_elements += part.junk_elements;
+        plan.profiles_changed += part.profiles_changed;
+        plan.flips.extend(part.flips);
+    }
+    info!(
+        profiles = plan.profiles_scanned,
+        candidates, chunks, jobs, "server pass complete"
+    );
+    info!(
+        profiles = plan.profiles_scanned,
+        flips = plan.flips.len(),
+        "plan complete"
+    );
+    Ok(plan)
+}
+
+/// One job: the chunks of the key range `first..=last` in key order, one after the other; what
+/// they found, how many chunks there were and how many candidate profiles they named.
+async fn walk(
+    pool: &db::Pool,
+    options: &PlanOptions<'_>,
+    job: usize,
+    (first, last): (u128, u128),
+    chunk_size: usize,
+    bar: &indicatif::ProgressBar,
+) -> Result<(Plan, u64, usize)> {
+    let through = Uuid::from_u128(last);
+    let mut plan = Plan::default();
+    let (mut chunks, mut candidates) = (0u64, 0);
+    let mut from = Some(Uuid::from_u128(first));
+    while let Some(start) = from {
+        let chunk = retried(
+            options,
+            &format!("the chunk of profiles from id '{start}'"),
+            || plan_chunk(pool, options, job, (start, through), chunk_size),
+        )
+        .await?;
+        chunks += 1;
+        candidates += chunk.scan.candidates.len();
+        plan.profiles_scanned += chunk.scan.profiles;
+        plan.malformed += chunk.scan.malformed;
+        plan.junk_elements += chunk.scan.untouchable_elements;
+        plan.profiles_changed += chunk.profiles_changed;
+        plan.flips.extend(chunk.flips);
+        bar.inc(chunk.scan.profiles);
+        if bar.length().is_some_and(|length| bar.position() > length) {
+            bar.set_length(bar.position());
+        }
+        // A short chunk is the end of the range; the next chunk starts just above this one's
+        // last id (uuids compare as their bytes, as big-endian u128 do).
+        from = match chunk.scan.last_id {
+            Some(last_id)
+                if chunk.scan.profiles >= u64::try_from(chunk_size).unwrap_or(u64::MAX) =>
+            {
+                last_id
+                    .as_u128()
+                    .checked_add(1)
+                    .filter(|next| *next <= last)
+                    .map(Uuid::from_u128)
+            }
+            _ => None,
+        };
+    }
+    Ok((plan, chunks, candidates))
+}
+
+/// What one chunk found.
+struct ChunkPlan {
+    scan: db::ChunkScan,
+    profiles_changed: u64,
+    flips: Vec<PlannedFlip>,
+}
+
+/// One chunk, read and decided inside one read-only transaction of its own.
+async fn plan_chunk(
+    pool: &db::Pool,
+    options: &PlanOptions<'_>,
+    job: usize,
+    (from, through): (Uuid, Uuid),
+    chunk_size: usize,
+) -> Result<ChunkPlan> {
     let mut transaction = db::begin_read_only(pool).await?;
     options
         .backend
-        .record(db::backend_pid(&mut transaction).await?);
-    let census = db::census(&mut transaction).await?;
-    let scanning = progress::spinner(format!(
-        "planning: the server is checking the agents of {} profiles",
-        census.profiles
-    ));
-    let candidates = db::flip_candidates(&mut transaction)
-        .await
-        .map_err(|error| {
-            if db::is_statement_timeout(&error) {
-                error.context(format!(
-                    "the planning pass reads every agent in one statement and ran past \
-                     --statement-timeout '{:?}': raise it (the benchmark's 2-core server needs \
-                     about 5 s per million profiles)",
-                    options.statement_timeout
-                ))
-            } else {
-                error
-            }
-        })?;
-    scanning.finish_and_clear();
-    info!(
-        profiles = census.profiles,
-        candidates = candidates.profile_ids.len(),
-        "server pass complete"
-    );
-
-    let mut plan = Plan {
-        profiles_scanned: census.profiles,
-        malformed: census.malformed,
-        junk_elements: candidates.untouchable_elements,
-        unrecognised_inferred_types: db::unrecognised_inferred_types(&mut transaction).await?,
-        ..Plan::default()
+        .record(job, db::backend_pid(&mut transaction).await?);
+    let scan = db::plan_chunk(&mut transaction, from, through, chunk_size).await?;
+    let mut found = ChunkPlan {
+        profiles_changed: 0,
+        flips: Vec::new(),
+        scan,
     };
-    let bar = progress::bar(candidates.profile_ids.len(), "resolving candidates");
-    for ids in candidates.profile_ids.chunks(options.batch_size.max(1)) {
+    for ids in found.scan.candidates.chunks(options.batch_size.max(1)) {
         let rows = db::profiles_by_id(&mut transaction, ids).await?;
         let columns = rows.iter().map(parse_column).collect::<Result<Vec<_>>>()?;
         let snapshots = db::snapshots_for(&mut transaction, &columns).await?;
@@ -205,27 +317,114 @@ pub async fn plan(pool: &db::Pool, options: &PlanOptions<'_>) -> Result<Plan> {
             if verdict.flips.is_empty() {
                 continue;
             }
-            plan.profiles_changed += 1;
+            found.profiles_changed += 1;
             let label = row.label();
-            plan.flips.extend(verdict.flips.into_iter().map(|flip| {
+            found.flips.extend(verdict.flips.into_iter().map(|flip| {
                 let probe = snapshots.get(&flip.url).cloned();
                 PlannedFlip::found(row.id, &label, flip, probe)
             }));
         }
-        bar.inc(u64::try_from(ids.len()).unwrap_or(u64::MAX));
     }
-    bar.finish_and_clear();
-    attach_evidence(&mut transaction, &mut plan.flips, &options.evidence).await?;
+    attach_evidence(&mut transaction, &mut found.flips, &options.evidence).await?;
     transaction
         .rollback()
         .await
         .context("could not close the planning transaction")?;
-    info!(
-        profiles = plan.profiles_scanned,
-        flips = plan.flips.len(),
-        "plan complete"
-    );
-    Ok(plan)
+    Ok(found)
+}
+
+/// The unrecognised inferred types of the whole snapshot table, counted in chunks in url order,
+/// each in its own snapshot.
+async fn unrecognised_inferred_types(
+    pool: &db::Pool,
+    options: &PlanOptions<'_>,
+) -> Result<BTreeMap<String, u64>> {
+    let limit = options.chunk_size.max(1);
+    let mut counts = BTreeMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let chunk = retried(
+            options,
+            "counting the inferred types of the snapshots",
+            || async {
+                let mut transaction = db::begin_read_only(pool).await?;
+                options
+                    .backend
+                    .record(0, db::backend_pid(&mut transaction).await?);
+                let chunk =
+                    db::unrecognised_inferred_types(&mut transaction, after.as_deref(), limit)
+                        .await?;
+                transaction
+                    .rollback()
+                    .await
+                    .context("could not close the planning transaction")?;
+                Ok(chunk)
+            },
+        )
+        .await?;
+        for (name, count) in chunk.unrecognised {
+            *counts.entry(name).or_insert(0) += count;
+        }
+        match chunk.last_url {
+            Some(last) if chunk.snapshots >= u64::try_from(limit).unwrap_or(u64::MAX) => {
+                after = Some(last);
+            }
+            _ => return Ok(counts),
+        }
+    }
+}
+
+/// Runs `attempt` until it succeeds, or fails in a way a retry cannot mend, or the server has
+/// cancelled it [`CHUNK_ATTEMPTS`] times; then says what to change.
+async fn retried<T, F, Fut>(options: &PlanOptions<'_>, what: &str, mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let error = match attempt().await {
+            Ok(done) => return Ok(done),
+            Err(error) => error,
+        };
+        if !db::is_retryable(&error) {
+            return Err(error);
+        }
+        if attempts >= CHUNK_ATTEMPTS {
+            let advice = if db::is_statement_timeout(&error) {
+                format!(
+                    "it ran past --statement-timeout '{:?}': lower --chunk-size (now {}) or \
+                     raise --statement-timeout",
+                    options.statement_timeout, options.chunk_size
+                )
+            } else if db::is_recovery_conflict(&error) {
+                format!(
+                    "the server cancelled it for a conflict with recovery: on this standby raise \
+                     max_standby_streaming_delay or turn on hot_standby_feedback, or lower \
+                     --chunk-size (now {})",
+                    options.chunk_size
+                )
+            } else {
+                "it waited past --lock-timeout for a lock on the registry's tables: find what \
+                 holds an exclusive lock on them (pg_locks) and run again once it is gone, or \
+                 raise --lock-timeout"
+                    .to_owned()
+            };
+            return Err(error.context(format!(
+                "planning stopped, nothing was written: {what} failed {attempts} times; {advice}"
+            )));
+        }
+        let wait = backoff(attempts);
+        warn!(
+            attempt = attempts,
+            of = CHUNK_ATTEMPTS,
+            retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+            "{what} was cancelled by the server ({}); retrying in a new snapshot",
+            crate::error::render(&error)
+        );
+        tokio::time::sleep(wait).await;
+    }
 }
 
 /// Puts the crawler's own record of each flip's disagreement beside it: one query for every url.

@@ -1,19 +1,8 @@
 //! Progress on stderr, drawn only when stderr is a terminal: the stdout report is the same
 //! either way.
 
-use std::io::IsTerminal;
-use std::time::Duration;
-
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-
-/// A spinner with the elapsed time, for a step whose progress the server does not report.
-pub fn spinner(message: String) -> ProgressBar {
-    let spinner = on_terminal(None, "{spinner} {msg} ({elapsed})", message);
-    if !spinner.is_hidden() {
-        spinner.enable_steady_tick(Duration::from_millis(200));
-    }
-    spinner
-}
+use std::io::IsTerminal;
 
 /// A bar over `total` profiles with rate and ETA.
 pub fn bar(total: usize, message: &'static str) -> ProgressBar {
@@ -22,6 +11,19 @@ pub fn bar(total: usize, message: &'static str) -> ProgressBar {
         "{msg} {wide_bar} {human_pos}/{human_len} profiles, {per_sec}, eta {eta}",
         message,
     )
+}
+
+/// A bar over an estimated `total` of profiles with rate and ETA; a count with the elapsed time
+/// when there is no estimate. The caller stretches the length when the estimate was short.
+pub fn profiles(estimate: Option<u64>, message: &'static str) -> ProgressBar {
+    match estimate {
+        Some(total) => on_terminal(
+            Some(total),
+            "{msg} {wide_bar} {percent}% {human_pos}/~{human_len} profiles, {per_sec}, eta {eta}",
+            message,
+        ),
+        None => on_terminal(None, "{msg} {human_pos} profiles ({elapsed})", message),
+    }
 }
 
 fn on_terminal(

@@ -16,6 +16,8 @@ pub(crate) struct Config {
     pub(crate) stale_per_mille: u64,
     pub(crate) rounds: usize,
     pub(crate) batch_size: Option<u32>,
+    /// BENCH_CHUNK_SIZE: the dry-runs' `--chunk-size` (the tool's default when unset).
+    pub(crate) chunk_size: Option<usize>,
     pub(crate) sweep: Vec<u32>,
     pub(crate) sweep_rounds: usize,
     pub(crate) c_every: usize,
@@ -66,6 +68,12 @@ impl Config {
             stale_per_mille: env_or("BENCH_STALE_PER_MILLE", 2)?,
             rounds,
             batch_size,
+            chunk_size: match std::env::var("BENCH_CHUNK_SIZE") {
+                Ok(text) if !text.trim().is_empty() => {
+                    Some(text.trim().parse().context("BENCH_CHUNK_SIZE")?)
+                }
+                _ => None,
+            },
             sweep,
             sweep_rounds: env_or("BENCH_SWEEP_ROUNDS", 2)?,
             c_every: env_or("BENCH_C_EVERY", 1usize)?.max(1),
@@ -85,9 +93,14 @@ impl Config {
     }
 
     pub(crate) fn batch_args(&self) -> Vec<String> {
-        self.batch_size
+        let mut args: Vec<String> = self
+            .batch_size
             .map(|size| vec!["--batch-size".to_owned(), size.to_string()])
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if let Some(size) = self.chunk_size {
+            args.extend(["--chunk-size".to_owned(), size.to_string()]);
+        }
+        args
     }
 }
 

@@ -3,7 +3,8 @@
 //! apply. Figures and how to read them: bench/README-figures.md.
 //!
 //! Knobs (environment): BENCH_PROFILES (1000000), BENCH_ROUNDS (3), BENCH_STALE_PER_MILLE (2),
-//! BENCH_SEED, BENCH_BATCH_SIZE (tool default), BENCH_BATCH_SWEEP ("1000,5000,10000", "" skips),
+//! BENCH_SEED, BENCH_BATCH_SIZE (tool default), BENCH_CHUNK_SIZE (tool default),
+//! BENCH_BATCH_SWEEP ("1000,5000,10000", "" skips),
 //! BENCH_SWEEP_ROUNDS (2), BENCH_C_EVERY (1 = every profile), BENCH_C_ROUNDS, BENCH_APPLY_FLIPS
 //! (1000), BENCH_APPLY_ROUNDS (3), BENCH_BIN (binary to time), BENCH_DIAGNOSE (command prefixes
 //! separated by ';', e.g. "perf record -e cpu-clock -a -g -o /tmp/a.data --": one extra dry-run at
@@ -417,11 +418,12 @@ async fn bench(
 
     log.note("anatomy: the tool's statements called without the binary");
     let batch = config.batch_size.unwrap_or(TOOL_DEFAULT_BATCH);
-    let anatomy = anatomy(&url_n, batch, cpu).await?;
+    let chunk = config.chunk_size.unwrap_or(TOOL_DEFAULT_CHUNK);
+    let anatomy = anatomy(&url_n, batch, chunk, cpu).await?;
     writeln!(out)?;
     writeln!(
         out,
-        "-- anatomy of (a): the tool's own statements (src/db.rs) called from the bench, batch {batch}, one READ ONLY REPEATABLE READ transaction --"
+        "-- anatomy of (a): the tool's own statements (src/db/) called from the bench, batch {batch}, chunks of {chunk}, one READ ONLY REPEATABLE READ transaction each --"
     )?;
     for line in anatomy {
         writeln!(out, "{line}")?;

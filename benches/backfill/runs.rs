@@ -340,10 +340,19 @@ pub(crate) async fn run_script(
 
 pub(crate) const TOOL_DEFAULT_BATCH: u32 = 1000;
 
-/// Where a dry-run's time goes: the tool's own statements (`db::census`, `db::flip_candidates`,
-/// then the candidate pages) called from the bench in one READ ONLY REPEATABLE READ transaction
-/// with the tool's session settings, each timed, plus the plans of the server pass and the floor.
-pub(crate) async fn anatomy(url: &str, batch: u32, cpu: &ServerCpu) -> Result<Vec<String>> {
+/// The tool's default `--chunk-size`; BENCH_CHUNK_SIZE overrides it for the anatomy below.
+pub(crate) const TOOL_DEFAULT_CHUNK: usize = 20_000;
+
+/// Where a dry-run's time goes: the tool's own statements (`db::plan_chunk` over every chunk,
+/// then the candidate pages), called from the bench each chunk in its own READ ONLY REPEATABLE
+/// READ transaction as the tool runs them, each statement timed, plus the plans of one chunk and
+/// of the floor. The slowest single statement is what `--statement-timeout` has to cover.
+pub(crate) async fn anatomy(
+    url: &str,
+    batch: u32,
+    chunk_size: usize,
+    cpu: &ServerCpu,
+) -> Result<Vec<String>> {
     use agent_type_backfill::resolver::{SELF_DECLARED_TYPE, UNKNOWN_TYPE, VALID_AGENT_TYPES};
     use agent_type_backfill::{db, parse_column};
     let options = sqlx::postgres::PgConnectOptions::from_str(url)?.options([("jit", "off")]);
@@ -351,68 +360,81 @@ pub(crate) async fn anatomy(url: &str, batch: u32, cpu: &ServerCpu) -> Result<Ve
         .max_connections(1)
         .connect_with(options)
         .await?;
-    let connection = pool.acquire().await?;
+    let deadlines = db::Deadlines::new(None, Duration::from_secs(3600));
+    let read_only = Some("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY");
     let before = cpu.reaped()?;
     let started = Instant::now();
-    let mut transaction = db::Transaction::begin_on(
-        connection,
-        db::Deadlines::new(None, Duration::from_secs(3600)),
-        Some("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
-    )
-    .await?;
-    let step = Instant::now();
-    let census = db::census(&mut transaction).await?;
-    let census_time = step.elapsed();
-    let step = Instant::now();
-    let candidates = db::flip_candidates(&mut transaction).await?;
-    let pass_time = step.elapsed();
-    let step = Instant::now();
-    let mut pages = 0;
-    for ids in candidates.profile_ids.chunks(batch as usize) {
-        let rows = db::profiles_by_id(&mut transaction, ids).await?;
-        let columns = rows.iter().map(parse_column).collect::<Result<Vec<_>>>()?;
-        db::snapshots_for(&mut transaction, &columns).await?;
-        pages += 1;
+    let (mut profiles, mut malformed, mut candidates, mut untouchable) = (0, 0, 0, 0);
+    let (mut chunks, mut pages) = (0, 0);
+    let (mut chunk_time, mut pages_time) = (Duration::ZERO, Duration::ZERO);
+    let mut slowest = Duration::ZERO;
+    let mut from = Some(Uuid::nil());
+    while let Some(start) = from {
+        let mut transaction =
+            db::Transaction::begin_on(pool.acquire().await?, deadlines, read_only).await?;
+        let step = Instant::now();
+        let scan = db::plan_chunk(&mut transaction, start, Uuid::max(), chunk_size).await?;
+        let took = step.elapsed();
+        chunk_time += took;
+        slowest = slowest.max(took);
+        chunks += 1;
+        profiles += scan.profiles;
+        malformed += scan.malformed;
+        untouchable += scan.untouchable_elements;
+        candidates += scan.candidates.len();
+        for ids in scan.candidates.chunks(batch as usize) {
+            let step = Instant::now();
+            let rows = db::profiles_by_id(&mut transaction, ids).await?;
+            let columns = rows.iter().map(parse_column).collect::<Result<Vec<_>>>()?;
+            db::snapshots_for(&mut transaction, &columns).await?;
+            let took = step.elapsed();
+            pages_time += took;
+            slowest = slowest.max(took);
+            pages += 1;
+        }
+        transaction.rollback().await?;
+        from = match scan.last_id {
+            Some(last) if scan.profiles >= chunk_size as u64 => {
+                last.as_u128().checked_add(1).map(Uuid::from_u128)
+            }
+            _ => None,
+        };
     }
-    let pages_time = step.elapsed();
-    transaction.rollback().await?;
     let wall = started.elapsed();
     cpu.settle().await;
     let server = cpu.reaped()?.saturating_sub(before);
     let mut lines = vec![
         format!(
-            "all statements: wall {:.2}s | server CPU {:.2}s",
+            "all statements: wall {:.2}s | server CPU {:.2}s | slowest single statement {:.3}s",
             secs(wall),
-            secs(server)
+            secs(server),
+            secs(slowest)
         ),
         format!(
-            "  census ({} profiles, {} malformed)            {:>6.2}s",
-            census.profiles,
-            census.malformed,
-            secs(census_time)
-        ),
-        format!(
-            "  server pass ({} candidate profiles, {} untouchable elements) {:>6.2}s",
-            candidates.profile_ids.len(),
-            candidates.untouchable_elements,
-            secs(pass_time)
+            "  {chunks} chunks of {chunk_size} ({profiles} profiles, {malformed} malformed, \
+             {candidates} candidates, {untouchable} untouchable elements) {:>6.2}s",
+            secs(chunk_time)
         ),
         format!(
             "  {pages} candidate pages (rows by id, lean parse, snapshots)  {:>6.2}s",
             secs(pages_time)
         ),
     ];
-    let explain: Vec<String> = sqlx::query_scalar(&format!(
-        "EXPLAIN (ANALYZE, BUFFERS) {}",
-        db::FLIP_CANDIDATES
-    ))
-    .bind(&VALID_AGENT_TYPES[..])
-    .bind(SELF_DECLARED_TYPE)
-    .bind(UNKNOWN_TYPE)
-    .fetch_all(&mut *pool.acquire().await?)
-    .await?;
+    let mut transaction =
+        db::Transaction::begin_on(pool.acquire().await?, deadlines, read_only).await?;
+    let explain: Vec<String> =
+        sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, BUFFERS) {}", db::PLAN_CHUNK))
+            .bind(&VALID_AGENT_TYPES[..])
+            .bind(SELF_DECLARED_TYPE)
+            .bind(UNKNOWN_TYPE)
+            .bind(Uuid::nil())
+            .bind(i64::try_from(chunk_size)?)
+            .bind(Uuid::max())
+            .fetch_all(&mut transaction)
+            .await?;
+    transaction.rollback().await?;
     lines.push(
-        "EXPLAIN (ANALYZE, BUFFERS) of the server pass (jit off, as the tool runs it):".into(),
+        "EXPLAIN (ANALYZE, BUFFERS) of the first chunk (jit off, as the tool runs it):".into(),
     );
     lines.extend(
         explain

@@ -28,6 +28,12 @@ pub(crate) fn is_statement_timeout(error: &anyhow::Error) -> bool {
     sqlstates(error).any(|code| code == "57014")
 }
 
+/// Whether a standby cancelled a statement because replaying the primary's changes needed what
+/// the statement's snapshot or locks held (40001; 40P01 when it deadlocked with replay).
+pub(crate) fn is_recovery_conflict(error: &anyhow::Error) -> bool {
+    sqlstates(error).any(|code| matches!(code.as_str(), "40001" | "40P01"))
+}
+
 fn sqlstates(error: &anyhow::Error) -> impl Iterator<Item = String> + '_ {
     error.chain().filter_map(|cause| {
         let error = cause.downcast_ref::<sqlx::Error>()?.as_database_error()?;

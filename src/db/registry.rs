@@ -89,52 +89,63 @@ pub async fn cancel_backend(pool: &Pool, pid: i32) -> Result<bool> {
         .with_context(|| format!("could not cancel the statement of server process {pid}"))
 }
 
-/// How many profiles the planning snapshot holds, and how many of them have an `agents` column
-/// that is SQL NULL or not a JSON array (the server leaves those untouched).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Census {
-    pub profiles: u64,
-    pub malformed: u64,
-}
-
-pub async fn census(connection: &mut Transaction) -> Result<Census> {
-    let (profiles, malformed): (i64, i64) = sqlx::query_as(
-        "SELECT count(*), count(*) FILTER (WHERE jsonb_typeof(agents) IS DISTINCT FROM 'array') \
-         FROM member_profiles",
-    )
-    .persistent(false)
-    .fetch_one(connection)
-    .await
-    .context("could not count member_profiles")?;
-    Ok(Census {
-        profiles: u64::try_from(profiles).context("the server counted fewer than no profiles")?,
-        malformed: u64::try_from(malformed).context("the server counted fewer than no profiles")?,
-    })
-}
-
-/// What one pass of the server over every agent found: the profiles that may hold a flip, in id
-/// order without repeats, and how many elements the rule cannot touch (not an object, or no
-/// string `url`).
+/// One chunk of the planning pass: at most `limit` profiles in id order from `from` on, read in
+/// the chunk's own snapshot, and what the server found in them.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct FlipCandidates {
-    pub profile_ids: Vec<Uuid>,
+pub struct ChunkScan {
+    /// Profiles in the chunk; fewer than the limit only at the end of the table.
+    pub profiles: u64,
+    /// Of them, profiles whose `agents` is SQL NULL or not a JSON array (the server leaves those
+    /// untouched).
+    pub malformed: u64,
+    /// The chunk's highest id: the next chunk starts after it. `None` for an empty chunk.
+    pub last_id: Option<Uuid>,
+    /// The chunk's profiles that may hold a flip, in id order without repeats.
+    pub candidates: Vec<Uuid>,
+    /// Elements the rule cannot touch (not an object, or no string `url`).
     pub untouchable_elements: u64,
 }
 
-/// The resolve rule of `resolver::resolve_type`, written in SQL and applied to every agent in one
-/// statement, so the snapshots are joined once (a hash join) instead of looked up page by page.
-/// It only narrows the profiles the tool reads: each candidate is then read again and decided by
-/// the Rust resolver. tests/it/prefilter.rs runs every conformance vector through this statement and
-/// checks that it names exactly the profiles with flips.
+/// The resolve rule of `resolver::resolve_type`, written in SQL and applied to every agent of one
+/// chunk of profiles (keyset over the primary key, so its work is bounded by the chunk size, not
+/// by the table). It only narrows the profiles the tool reads: each candidate is then read again
+/// and decided by the Rust resolver. tests/it/prefilter.rs runs every conformance vector through
+/// this statement and checks that it names exactly the profiles with flips.
 ///
-/// The filter is one equality on `verdict` on purpose: the planner estimates it as selective and
-/// picks a parallel plan, where a `<>` test reads as "almost every row" and keeps it serial.
+/// Each agent looks its snapshot up through the primary key of `agent_capabilities_snapshot`
+/// (a lateral subquery with `LIMIT 1`: the key is unique, so it changes no answer, but the planner,
+/// which estimates 100 elements per `jsonb_array_elements`, would otherwise pick a hash join that
+/// reads the whole snapshot table once per chunk). Each profile's elements are aggregated in a
+/// lateral subquery of their own, which always yields one row, so a profile with no elements is
+/// still counted, and nothing is materialised.
 ///
-/// $1: the valid types; $2: the type kept when the probe could not classify; $3: "unknown".
-pub const FLIP_CANDIDATES: &str = r#"
-SELECT id, verdict = 'untouchable' FROM (
-    SELECT p.id,
-           CASE
+/// $1: the valid types; $2: the type kept when the probe could not classify; $3: "unknown";
+/// $4: the lowest id of the chunk; $5: the chunk size; $6: the highest id it may hold (both
+/// inclusive: parallel jobs each walk a range of the key space).
+pub const PLAN_CHUNK: &str = r#"
+SELECT count(*),
+       count(*) FILTER (WHERE jsonb_typeof(p.agents) IS DISTINCT FROM 'array'),
+       -- uuid has no max(); its text form sorts as its bytes do.
+       max(p.id::text)::uuid,
+       coalesce(sum(v.untouchable), 0)::bigint,
+       coalesce(array_agg(p.id ORDER BY p.id) FILTER (WHERE v.may_flip), '{}')
+FROM (
+    SELECT id, agents FROM member_profiles WHERE id BETWEEN $4::uuid AND $6::uuid ORDER BY id LIMIT $5
+) p
+CROSS JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE x.verdict = 'untouchable') AS untouchable,
+           coalesce(bool_or(x.verdict = 'may flip'), false) AS may_flip
+    FROM jsonb_array_elements(
+        CASE WHEN jsonb_typeof(p.agents) = 'array' THEN p.agents ELSE '[]'::jsonb END
+    ) AS e(element)
+    LEFT JOIN LATERAL (
+        SELECT snapshot.agent_url, snapshot.inferred_type
+        FROM agent_capabilities_snapshot snapshot
+        WHERE snapshot.agent_url = e.element ->> 'url'
+        LIMIT 1
+    ) s ON true
+    CROSS JOIN LATERAL (
+        SELECT CASE
                -- Only an object has a `url` key, so this also rules out every other element.
                WHEN jsonb_typeof(e.element -> 'url') IS DISTINCT FROM 'string' THEN 'untouchable'
                -- Never probed: only a string type outside the valid set changes.
@@ -161,40 +172,45 @@ SELECT id, verdict = 'untouchable' FROM (
                     IN ('null', to_jsonb($2::text), to_jsonb($3::text)) THEN NULL
                ELSE 'may flip'
            END AS verdict
-    FROM member_profiles p
-    CROSS JOIN LATERAL jsonb_array_elements(
-        CASE WHEN jsonb_typeof(p.agents) = 'array' THEN p.agents ELSE '[]'::jsonb END
-    ) AS e(element)
-    LEFT JOIN agent_capabilities_snapshot s ON s.agent_url = e.element ->> 'url'
-) elements
-WHERE verdict IN ('untouchable', 'may flip')
+    ) x
+) v
 "#;
 
-/// Streams [`FLIP_CANDIDATES`]; only candidate ids are kept, so memory follows the flips, not
-/// the table.
-pub async fn flip_candidates(connection: &mut Transaction) -> Result<FlipCandidates> {
-    use futures_util::TryStreamExt;
-    let mut rows = sqlx::query_as::<_, (Uuid, bool)>(FLIP_CANDIDATES)
+/// Runs [`PLAN_CHUNK`] for the chunk of at most `limit` profiles with ids from `from` through
+/// `through`.
+pub async fn plan_chunk(
+    connection: &mut Transaction,
+    from: Uuid,
+    through: Uuid,
+    limit: usize,
+) -> Result<ChunkScan> {
+    let (profiles, malformed, last_id, untouchable, candidates): (
+        i64,
+        i64,
+        Option<Uuid>,
+        i64,
+        Vec<Uuid>,
+    ) = sqlx::query_as(PLAN_CHUNK)
         .persistent(false)
         .bind(&VALID_AGENT_TYPES[..])
         .bind(SELF_DECLARED_TYPE)
         .bind(UNKNOWN_TYPE)
-        .fetch(connection);
-    let mut found = FlipCandidates::default();
-    while let Some((id, untouchable)) = rows
-        .try_next()
+        .bind(from)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(through)
+        .fetch_one(connection)
         .await
-        .context("could not scan the agents of member_profiles")?
-    {
-        if untouchable {
-            found.untouchable_elements += 1;
-        } else {
-            found.profile_ids.push(id);
-        }
-    }
-    found.profile_ids.sort_unstable();
-    found.profile_ids.dedup();
-    Ok(found)
+        .with_context(|| {
+            format!("could not scan the agents of member_profiles from id '{from}'")
+        })?;
+    let count = |n: i64| u64::try_from(n).context("the server counted fewer than nothing");
+    Ok(ChunkScan {
+        profiles: count(profiles)?,
+        malformed: count(malformed)?,
+        last_id,
+        candidates,
+        untouchable_elements: count(untouchable)?,
+    })
 }
 
 fn profile_row(row: &sqlx::postgres::PgRow) -> ProfileRow {
@@ -273,23 +289,68 @@ pub async fn profiles_by_id(connection: &mut Transaction, ids: &[Uuid]) -> Resul
     Ok(rows.iter().map(profile_row).collect())
 }
 
-/// Non-empty `inferred_type` values the rule does not know, with how many snapshots carry each:
-/// a sign that the server, and its crawler, are newer than this port.
+/// One chunk of the count of non-empty `inferred_type` values the rule does not know (a sign that
+/// the server, and its crawler, are newer than this port): at most `limit` snapshots in url order
+/// after `after`, in the chunk's own snapshot.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct InferredTypeChunk {
+    /// The chunk's highest url: the next chunk starts after it. `None` for an empty chunk.
+    pub last_url: Option<String>,
+    pub snapshots: u64,
+    /// The unrecognised types among the chunk's snapshots, with how many carry each.
+    pub unrecognised: std::collections::BTreeMap<String, u64>,
+}
+
 pub(crate) async fn unrecognised_inferred_types(
     connection: &mut Transaction,
-) -> Result<std::collections::BTreeMap<String, u64>> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT inferred_type, count(*) FROM agent_capabilities_snapshot \
-         WHERE inferred_type <> '' AND NOT inferred_type = ANY($1::text[]) \
-         GROUP BY inferred_type ORDER BY inferred_type",
+    after: Option<&str>,
+    limit: usize,
+) -> Result<InferredTypeChunk> {
+    // An unnamed statement is planned with its parameters' values, so `$1 IS NULL` folds away and
+    // the keyset condition is an index range.
+    let (last_url, snapshots, names, counts): (Option<String>, i64, Vec<String>, Vec<i64>) =
+        sqlx::query_as(
+            "WITH chunk AS MATERIALIZED ( \
+                 SELECT agent_url, inferred_type FROM agent_capabilities_snapshot \
+                 WHERE ($1::text IS NULL OR agent_url > $1::text) ORDER BY agent_url LIMIT $2 \
+             ), unrecognised AS ( \
+                 SELECT inferred_type, count(*) AS n FROM chunk \
+                 WHERE inferred_type <> '' AND NOT inferred_type = ANY($3::text[]) \
+                 GROUP BY inferred_type \
+             ) \
+             SELECT (SELECT max(agent_url) FROM chunk), (SELECT count(*) FROM chunk), \
+                    ARRAY(SELECT inferred_type FROM unrecognised ORDER BY inferred_type), \
+                    ARRAY(SELECT n FROM unrecognised ORDER BY inferred_type)",
+        )
+        .persistent(false)
+        .bind(after)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(&VALID_AGENT_TYPES[..])
+        .fetch_one(connection)
+        .await
+        .context("could not count the inferred types of agent_capabilities_snapshot")?;
+    Ok(InferredTypeChunk {
+        last_url,
+        snapshots: u64::try_from(snapshots).unwrap_or(0),
+        unrecognised: names
+            .into_iter()
+            .zip(counts)
+            .map(|(name, count)| (name, u64::try_from(count).unwrap_or(0)))
+            .collect(),
+    })
+}
+
+/// The planner's estimate of how many profiles there are, without reading them (the progress
+/// bar's length); `None` before the table was ever analysed.
+pub async fn estimated_profiles(connection: &mut Transaction) -> Result<Option<u64>> {
+    let estimate: f32 = sqlx::query_scalar(
+        "SELECT reltuples FROM pg_class WHERE oid = 'member_profiles'::regclass",
     )
     .persistent(false)
-    .bind(&VALID_AGENT_TYPES[..])
-    .fetch_all(connection)
+    .fetch_one(connection)
     .await
-    .context("could not count the inferred types of agent_capabilities_snapshot")?;
-    Ok(rows
-        .into_iter()
-        .map(|(name, count)| (name, u64::try_from(count).unwrap_or(0)))
-        .collect())
+    .context("could not read the estimated size of member_profiles")?;
+    // reltuples is -1 until the first VACUUM or ANALYZE; a float far below 2^53.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    Ok((estimate >= 0.0).then(|| estimate.round() as u64))
 }

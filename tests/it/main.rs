@@ -14,6 +14,7 @@
 
 mod audit;
 mod backfill;
+mod chunked;
 mod cli;
 mod common;
 mod conformance;

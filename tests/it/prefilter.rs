@@ -1,4 +1,4 @@
-//! The server-side pass (`db::flip_candidates` and `db::census`) against every conformance vector,
+//! The server-side pass (`db::plan_chunk`, the statement of one planning chunk) against every conformance vector,
 //! inside PostgreSQL. The pass only chooses which profiles the Rust resolver reads, so it must
 //! never leave out a profile with a flip; it should also name no profile without one, and count
 //! malformed columns and untouchable elements exactly as the resolver does.
@@ -76,14 +76,16 @@ async fn server_view(pool: &sqlx::PgPool, agents: &Value, snapshots: &Value) -> 
     .await
     .unwrap();
 
-    let census = db::census(&mut transaction).await.unwrap();
-    let found = db::flip_candidates(&mut transaction).await.unwrap();
+    let found = db::plan_chunk(&mut transaction, Uuid::nil(), Uuid::max(), 10)
+        .await
+        .unwrap();
     transaction.rollback().await.unwrap();
-    assert_eq!(census.profiles, 1);
-    assert!(found.profile_ids.is_empty() || found.profile_ids == [id]);
+    assert_eq!(found.profiles, 1);
+    assert_eq!(found.last_id, Some(id));
+    assert!(found.candidates.is_empty() || found.candidates == [id]);
     ServerView {
-        candidate: !found.profile_ids.is_empty(),
-        malformed: census.malformed == 1,
+        candidate: !found.candidates.is_empty(),
+        malformed: found.malformed == 1,
         untouchable: found.untouchable_elements,
     }
 }

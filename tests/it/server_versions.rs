@@ -1,9 +1,9 @@
 //! What the tool relies on from the server and what could change between PostgreSQL versions:
-//! the server pass in parallel workers and `pg_cancel_backend` from an ordinary user, plus a check
+//! `pg_cancel_backend` from an ordinary user, plus a check
 //! that the tests ran on the server `scripts/pg-matrix` names. The script runs the whole crate on
 //! every supported version, so privileges.rs (privilege functions, `pg_control_system()`),
 //! backfill.rs and pooler.rs (`jit`) and cli.rs (cancelling an interrupted plan) are checked on
-//! each as well.
+//! each as well, and chunked.rs the plan shape of the planning chunks.
 
 use crate::common;
 use crate::common::deployment::{as_user, role_name};
@@ -11,7 +11,6 @@ use crate::common::deployment::{as_user, role_name};
 use std::time::Duration;
 
 use agent_type_backfill::db;
-use agent_type_backfill::resolver::{SELF_DECLARED_TYPE, UNKNOWN_TYPE, VALID_AGENT_TYPES};
 use agent_type_backfill::support::ephemeral::server_bin_dir;
 use common::TestDb;
 use sqlx::{Connection, PgConnection};
@@ -52,66 +51,6 @@ async fn the_throwaway_server_runs_the_binaries_of_pg_bin() {
         Some(binaries.as_str()),
         "{bin:?} reports {reported:?}"
     );
-}
-
-/// The server pass is written so the planner may run it in parallel workers (see
-/// `db::FLIP_CANDIDATES`); every function in it must be parallel safe on every version, and the
-/// workers' answer must be the serial one.
-#[tokio::test]
-async fn the_server_pass_runs_in_parallel_workers_and_finds_what_a_serial_pass_finds() {
-    let db = TestDb::seeded(3000).await;
-    let deadlines = db::Deadlines::new(None, Duration::from_secs(600));
-    let connection = db.pool.acquire().await.unwrap();
-    let mut serial = db::Transaction::begin_on(connection, deadlines, None)
-        .await
-        .unwrap();
-    sqlx::query("SET LOCAL max_parallel_workers_per_gather = 0")
-        .execute(&mut serial)
-        .await
-        .unwrap();
-    let expected = db::flip_candidates(&mut serial).await.unwrap();
-    serial.rollback().await.unwrap();
-    assert_eq!(expected.profile_ids.len(), 2, "the seeded stale profiles");
-
-    let connection = db.pool.acquire().await.unwrap();
-    let mut parallel = db::Transaction::begin_on(connection, deadlines, None)
-        .await
-        .unwrap();
-    // Costs at zero make a parallel plan the cheapest even on this small table.
-    for setting in [
-        "max_parallel_workers_per_gather = 2",
-        "parallel_setup_cost = 0",
-        "parallel_tuple_cost = 0",
-        "min_parallel_table_scan_size = 0",
-    ] {
-        sqlx::query(&format!("SET LOCAL {setting}"))
-            .execute(&mut parallel)
-            .await
-            .unwrap();
-    }
-    let plan: Vec<String> = sqlx::query_scalar(&format!(
-        "EXPLAIN (ANALYZE, COSTS OFF) {}",
-        db::FLIP_CANDIDATES
-    ))
-    .bind(&VALID_AGENT_TYPES[..])
-    .bind(SELF_DECLARED_TYPE)
-    .bind(UNKNOWN_TYPE)
-    .fetch_all(&mut parallel)
-    .await
-    .unwrap();
-    let launched: u32 = plan
-        .iter()
-        .filter_map(|line| line.trim().strip_prefix("Workers Launched: "))
-        .map(|count| count.parse::<u32>().unwrap())
-        .sum();
-    assert!(
-        launched > 0,
-        "no parallel worker ran the server pass:\n{}",
-        plan.join("\n")
-    );
-    let found = db::flip_candidates(&mut parallel).await.unwrap();
-    parallel.rollback().await.unwrap();
-    assert_eq!(found, expected);
 }
 
 /// An interrupted plan cancels its own statement from a second session of the same user, which

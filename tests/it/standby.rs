@@ -7,6 +7,7 @@ use crate::common::deployment::{as_user, registry_on, role_name, tool};
 use crate::common::{events, TestDb};
 use agent_type_backfill::support::ephemeral::EphemeralPostgres;
 use serde_json::Value;
+use sqlx::Connection;
 
 #[tokio::test]
 async fn a_standby_refuses_writes_at_preflight_and_its_plan_applies_on_the_primary() {
@@ -133,4 +134,195 @@ async fn a_role_whose_transactions_are_read_only_stops_at_preflight() {
     // Reading is what such a role is for.
     let dry = tool(&url, &["--dry-run"], &[]);
     assert_eq!(dry.code(), 0, "{}", dry.stderr);
+}
+
+/// RUNBOOK step 1 plans on a hot standby. There, replaying the primary's vacuum cancels any
+/// query that holds it up longer than `max_standby_streaming_delay`: a plan in one long snapshot
+/// is what gets cancelled. In chunks, each with a snapshot of its own and retried when cancelled,
+/// the dry-run completes with the primary's flips while the primary keeps updating and vacuuming
+/// member_profiles under a delay of 50 ms.
+#[tokio::test]
+async fn a_dry_run_on_a_standby_completes_while_the_primary_updates_and_vacuums() {
+    let mut primary = EphemeralPostgres::start_with(&[
+        ("max_standby_streaming_delay", "50ms"),
+        ("hot_standby_feedback", "off"),
+    ])
+    .unwrap();
+    let pool = registry_on(&primary, 3000).await;
+    let standby = EphemeralPostgres::start_standby_of(&mut primary).unwrap();
+    let on_standby = standby.url("registry");
+    let on_primary = primary.url("registry");
+    let args = [
+        "--dry-run",
+        "--format",
+        "json",
+        "--chunk-size",
+        "100",
+        "--max-flips",
+        "100",
+    ];
+    let expected = tool(&on_primary, &args, &[]);
+    assert_eq!(expected.code(), 0, "{}", expected.stderr);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (pool, stop) = (pool.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut rounds = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                // display_name only: the flips stay what they were; the dead rows are the point.
+                sqlx::query(
+                    "UPDATE member_profiles SET display_name = display_name \
+                     WHERE id IN (SELECT id FROM member_profiles ORDER BY random() LIMIT 300)",
+                )
+                .execute(&pool)
+                .await
+                .unwrap();
+                sqlx::query("VACUUM member_profiles")
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    let url = on_standby.clone();
+    let planned = tokio::task::spawn_blocking(move || tool(&url, &args, &[]))
+        .await
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let rounds = churn.await.unwrap();
+    assert!(rounds > 0, "the primary never churned");
+
+    assert_eq!(planned.code(), 0, "{}", planned.stderr);
+    let flips = |log: &str| -> Vec<Value> {
+        events(log.as_bytes())
+            .into_iter()
+            .filter(|event| event["event"] == "flip" || event["event"] == "summary")
+            .map(|mut event| {
+                event.as_object_mut().unwrap().remove("duration_ms");
+                event
+            })
+            .collect()
+    };
+    assert_eq!(flips(&planned.stdout), flips(&expected.stdout));
+    let mut standby_db = sqlx::PgConnection::connect(&on_standby).await.unwrap();
+    let conflicts: i64 = sqlx::query_scalar(
+        "SELECT confl_snapshot + confl_lock + confl_bufferpin + confl_deadlock \
+         FROM pg_stat_database_conflicts WHERE datname = 'registry'",
+    )
+    .fetch_one(&mut standby_db)
+    .await
+    .unwrap();
+    eprintln!(
+        "[standby] {rounds} update+vacuum rounds on the primary; {conflicts} recovery conflicts \
+         cancelled queries on the standby; {} chunk retries",
+        planned.stderr.matches("retrying in a new snapshot").count()
+    );
+    pool.close().await;
+}
+
+/// A chunk the standby keeps cancelling for a conflict with recovery fails the run, after the
+/// retries, with what to change on the standby. Deterministic: the primary holds an exclusive lock
+/// on the crawler's log, which replay takes on the standby, so the chunk that found the flips
+/// waits there to read their evidence while it holds its lock on member_profiles; each time, the
+/// primary then locks member_profiles too, and replay cancels the chunk after
+/// `max_standby_streaming_delay`.
+#[tokio::test]
+async fn a_chunk_a_standby_keeps_cancelling_fails_the_run_saying_what_to_change_there() {
+    let mut primary =
+        EphemeralPostgres::start_with(&[("max_standby_streaming_delay", "100ms")]).unwrap();
+    let pool = registry_on(&primary, 30).await;
+    let standby = EphemeralPostgres::start_standby_of(&mut primary).unwrap();
+    let mut on_standby = sqlx::PgConnection::connect(&standby.url("registry"))
+        .await
+        .unwrap();
+    let mut log_lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE type_reclassification_log IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *log_lock)
+        .await
+        .unwrap();
+    // The lock's WAL record is flushed, and so sent to the standby, with the next segment switch
+    // (or commit); then wait until replay holds it there.
+    sqlx::query("SELECT pg_switch_wal()")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut replayed = false;
+    for _ in 0..400 {
+        let held: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE mode = 'AccessExclusiveLock' \
+             AND relation = 'type_reclassification_log'::regclass",
+        )
+        .fetch_one(&mut on_standby)
+        .await
+        .unwrap();
+        if held > 0 {
+            replayed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(replayed, "the standby never replayed the lock");
+
+    let mut run =
+        crate::common::Tool::new(&["--dry-run", "--plan-jobs", "1", "--lock-timeout", "60s"])
+            .database(&standby.url("registry"))
+            .env("PGPASSFILE", "")
+            .spawn();
+    let mut cancelled = 0;
+    for _ in 0..2400 {
+        if !run.running() {
+            break;
+        }
+        let waiting: Option<(i32, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+            "SELECT pid, query_start FROM pg_stat_activity \
+             WHERE application_name LIKE 'agent-type-backfill %' AND wait_event_type = 'Lock'",
+        )
+        .fetch_optional(&mut on_standby)
+        .await
+        .unwrap();
+        if let Some(seen) = waiting {
+            let mut lock = pool.begin().await.unwrap();
+            sqlx::query("LOCK TABLE member_profiles IN ACCESS EXCLUSIVE MODE")
+                .execute(&mut *lock)
+                .await
+                .unwrap();
+            lock.commit().await.unwrap();
+            // Until replay has cancelled that statement.
+            for _ in 0..400 {
+                let still: Option<(i32, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+                    "SELECT pid, query_start FROM pg_stat_activity \
+                     WHERE application_name LIKE 'agent-type-backfill %' \
+                     AND wait_event_type = 'Lock'",
+                )
+                .fetch_optional(&mut on_standby)
+                .await
+                .unwrap();
+                if still != Some(seen) {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            }
+            cancelled += 1;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let done = run.finish().await;
+    log_lock.rollback().await.unwrap();
+
+    assert_eq!(done.code(), 1, "{}", done.stderr);
+    let error = done.error_line();
+    assert!(
+        error.contains("nothing was written")
+            && error.contains("failed 5 times")
+            && error.contains("conflict with recovery")
+            && error.contains("raise max_standby_streaming_delay or turn on hot_standby_feedback")
+            && error.contains("lower --chunk-size (now 20000)"),
+        "{}",
+        done.stderr
+    );
+    assert_eq!(cancelled, 5, "{}", done.stderr);
+    pool.close().await;
 }
