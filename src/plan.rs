@@ -111,7 +111,6 @@ pub struct Plan {
     pub unrecognised_inferred_types: BTreeMap<String, u64>,
 }
 
-
 /// The server processes running the plan's current statements, one per job. An interrupted run
 /// cancels them there: without a cancel a statement would go on after the tool has exited, until
 /// it finished or hit `--statement-timeout`. Each chunk may run on another server process (a
