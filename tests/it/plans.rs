@@ -224,3 +224,63 @@ async fn a_flip_held_in_the_reviewed_plan_stays_held_in_its_apply() {
     assert!(held.iter().all(|e| e["reason"] == "stale_probe"));
     assert_eq!(db.dump().await, before);
 }
+
+/// A reviewed plan is applied only as `--plan-out` wrote it: a flip removed, a flip added or a
+/// `to` changed by hand is refused with exit 2 before any table is read, and nothing is written.
+/// Formatting is not content: the same plan re-indented, compacted or with its keys reordered
+/// still applies.
+#[tokio::test]
+async fn an_edited_plan_is_refused_and_a_reformatted_one_applies() {
+    let db = TestDb::seeded(20).await;
+    let path = PlanPath::for_db(&db);
+    run(&db, &["--dry-run", "--plan-out", path.to_str()])
+        .await
+        .0
+        .unwrap();
+    let written = std::fs::read_to_string(&path.0).unwrap();
+    let original: Value = serde_json::from_str(&written).unwrap();
+    assert!(original["digest"]
+        .as_str()
+        .is_some_and(|digest| digest.starts_with("sha256:") && digest.len() == 7 + 64));
+
+    let edited = PlanPath(path.0.with_extension("edited.json"));
+    let before = db.dump().await;
+    let edits: [(&str, fn(&mut Value)); 4] = [
+        ("a flip removed", |plan| {
+            plan["flips"].as_array_mut().unwrap().pop();
+        }),
+        ("a flip added", |plan| {
+            let mut copy = plan["flips"][0].clone();
+            copy["index"] = json!(7);
+            plan["flips"].as_array_mut().unwrap().push(copy);
+        }),
+        ("a to changed", |plan| {
+            plan["flips"][0]["to"] = json!("creative")
+        }),
+        ("a number rewritten", |plan| {
+            plan["counts"]["flips"] = json!(3);
+        }),
+    ];
+    for (what, edit) in edits {
+        let mut plan = original.clone();
+        edit(&mut plan);
+        std::fs::write(&edited.0, serde_json::to_string_pretty(&plan).unwrap()).unwrap();
+        let (refused, log) = run(&db, &["--apply", "--plan", edited.to_str()]).await;
+        let error = refused.unwrap_err();
+        assert_eq!(exit_code(&error), 2, "{what}: {error:#}");
+        let message = format!("{error:#}");
+        assert!(
+            message.contains("was changed after --plan-out wrote it")
+                && message.contains(original["digest"].as_str().unwrap()),
+            "{what}: {message}"
+        );
+        assert!(log.is_empty(), "{what}: refused before anything was read");
+        assert_eq!(db.dump().await, before, "{what}: nothing written");
+    }
+
+    // Compact, one line, keys in serde_json's sorted order: only the formatting differs.
+    std::fs::write(&edited.0, original.to_string()).unwrap();
+    assert_ne!(std::fs::read_to_string(&edited.0).unwrap(), written);
+    let (applied, _) = run(&db, &["--apply", "--plan", edited.to_str()]).await;
+    assert_eq!(applied.unwrap().written, 2);
+}
