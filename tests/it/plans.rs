@@ -245,7 +245,8 @@ async fn an_edited_plan_is_refused_and_a_reformatted_one_applies() {
 
     let edited = PlanPath(path.0.with_extension("edited.json"));
     let before = db.dump().await;
-    let edits: [(&str, fn(&mut Value)); 4] = [
+    type Edit = (&'static str, fn(&mut Value));
+    let edits: [Edit; 4] = [
         ("a flip removed", |plan| {
             plan["flips"].as_array_mut().unwrap().pop();
         }),
