@@ -51,13 +51,30 @@ impl fmt::Display for Failure {
                 "the plan has {flips} flips, more than --max-flips {max_flips}: nothing was written; \
                  read the flips above, and rerun with a higher --max-flips only if every one is expected"
             ),
-            Failure::Held { held, reasons } => write!(
-                f,
-                "{held} flips are held ({}): nothing was written; a type this tool's rule does \
-                 not know means the registry server is newer than the tool: stop and update the \
-                 tool; a stale or uncorroborated probe needs a fresh crawl or a closer review",
-                reasons.join("; ")
-            ),
+            Failure::Held { held, reasons } => {
+                write!(f, "{held} flips are held ({}): nothing was written", reasons.join("; "))?;
+                // Only the advice for the reasons given, so none of it is false here.
+                let has = |reason: &str| reasons.iter().any(|given| given.starts_with(reason));
+                if has("unrecognised_inferred_type") {
+                    f.write_str(
+                        "; a type this tool's rule does not know means the registry server is \
+                         newer than the tool: stop and update the tool",
+                    )?;
+                }
+                if has("retired_inferred_type") {
+                    f.write_str(
+                        "; a type the server has retired means the probe predates the \
+                         retirement: re-probe the agent (the crawler's manual refresh) or follow \
+                         the server and demote it",
+                    )?;
+                }
+                if has("stale_probe") || has("uncorroborated") {
+                    f.write_str(
+                        "; a stale or uncorroborated probe needs a fresh crawl or a closer review",
+                    )?;
+                }
+                Ok(())
+            }
             Failure::InterruptedPlanning { signal } => write!(
                 f,
                 "interrupted by {} while planning: nothing was written",

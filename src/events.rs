@@ -140,6 +140,9 @@ pub enum HoldReason {
     /// The snapshot, or the stored type, names a type this tool's rule does not know: the
     /// server (and its crawler) may be newer than the port.
     UnrecognisedInferredType,
+    /// The snapshot, or the stored type, names a type the server once accepted and has since
+    /// retired: the probe predates the retirement.
+    RetiredInferredType,
     /// The snapshot behind the flip is older than `--max-probe-age`.
     StaleProbe,
     /// A reclassification with fewer agreeing crawler rows than `--min-corroboration`.
@@ -151,6 +154,7 @@ impl HoldReason {
     pub fn as_str(self) -> &'static str {
         match self {
             HoldReason::UnrecognisedInferredType => "unrecognised_inferred_type",
+            HoldReason::RetiredInferredType => "retired_inferred_type",
             HoldReason::StaleProbe => "stale_probe",
             HoldReason::Uncorroborated => "uncorroborated",
         }
@@ -160,6 +164,10 @@ impl HoldReason {
         match self {
             HoldReason::UnrecognisedInferredType => {
                 "type unknown to this tool's rule; the server may be newer: stop"
+            }
+            HoldReason::RetiredInferredType => {
+                "type the server has retired; the probe predates the retirement: re-probe the \
+                 agent (the crawler's manual refresh) or follow the server and demote it"
             }
             HoldReason::StaleProbe => "probe older than --max-probe-age",
             HoldReason::Uncorroborated => "fewer crawler rows agree than --min-corroboration",
