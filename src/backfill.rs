@@ -127,7 +127,8 @@ pub async fn execute(
         summary.count_skip(*reason);
     }
 
-    let refusal = match held_refusal(&held) {
+    // `--leave-held` (only with a reviewed plan): the held flips are listed and left unwritten.
+    let refusal = match held_refusal(&held).filter(|_| !config.leave_held) {
         Some(refusal) => Some(refusal),
         None => {
             let refused = not_allowed(&writable, &config.guards.allow_transitions);
@@ -148,7 +149,9 @@ pub async fn execute(
         summary,
         batch_size: config.run.batch_size,
         write_attempts: config.run.write_attempts,
-        recheck: &ResolveAgain,
+        recheck: &ResolveAgain {
+            left_held: config.leave_held.then(|| count(held.len())),
+        },
     })
     .await
 }

@@ -95,6 +95,8 @@ pub struct BackfillConfig {
     /// Write only the flips of this reviewed plan that still hold.
     pub reviewed_plan: Option<PathBuf>,
     pub plan_max_age: Duration,
+    /// `--leave-held`: held flips of the reviewed plan are left unwritten, the rest written.
+    pub leave_held: bool,
 }
 
 impl BackfillConfig {
@@ -107,11 +109,20 @@ impl BackfillConfig {
             plan_out: None,
             reviewed_plan: None,
             plan_max_age: Duration::from_secs(24 * 3600),
+            leave_held: false,
         }
     }
 
     pub fn from_cli(args: &BackfillArgs) -> Result<BackfillConfig, Failure> {
         let mode = args.mode.mode();
+        if args.leave_held && args.plan.is_none() {
+            return Err(Failure::Usage(
+                "--leave-held needs --plan FILE: the held flips must have been reviewed; make \
+                 a plan with --dry-run --plan-out, review it, then --apply --plan FILE \
+                 --leave-held"
+                    .to_owned(),
+            ));
+        }
         Ok(BackfillConfig {
             connect: ConnectConfig::from_cli(&args.connect)?,
             run: RunConfig::from_cli(mode, &args.run),
@@ -123,6 +134,7 @@ impl BackfillConfig {
             plan_out: args.plan_out.clone(),
             reviewed_plan: args.plan.clone(),
             plan_max_age: args.plan_max_age,
+            leave_held: args.leave_held,
         })
     }
 }

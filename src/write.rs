@@ -38,7 +38,10 @@ pub trait Recheck: Sync {
 }
 
 /// The backfill: re-resolve against current data and write what still holds exactly as planned.
-pub struct ResolveAgain;
+pub struct ResolveAgain {
+    /// With `--leave-held`: how many held flips the run left unwritten; the audit notes say so.
+    pub left_held: Option<u64>,
+}
 
 impl Recheck for ResolveAgain {
     fn reads_snapshots(&self) -> bool {
@@ -59,7 +62,10 @@ impl Recheck for ResolveAgain {
     }
 
     fn notes_extra(&self) -> serde_json::Value {
-        serde_json::json!({})
+        match self.left_held {
+            Some(held) => serde_json::json!({ "leave_held": true, "held_left": held }),
+            None => serde_json::json!({}),
+        }
     }
 }
 
