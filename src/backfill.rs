@@ -48,6 +48,7 @@ pub async fn execute(
     };
     db::preflight(&run.session.pool, needs).await?;
     let evidence = evidence_access(&run.session, &config.guards).await?;
+    run.leave_held = config.leave_held;
     run.header(config.run.max_flips, None)?;
 
     // 2. Plan.

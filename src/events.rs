@@ -55,6 +55,9 @@ pub struct Start {
     /// For `revert`: the run being undone.
     pub reverts: Option<String>,
     pub rule: Rule,
+    /// `--leave-held`: held flips are left unwritten and the rest written. Only present when set.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub leave_held: bool,
 }
 
 /// The server rule this build ports, so a log says which rule decided its flips.

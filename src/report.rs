@@ -354,6 +354,12 @@ impl Printer for TextPrinter<'_> {
                 if let Some(reverted) = &start.reverts {
                     self.field("reverts", reverted)?;
                 }
+                if start.leave_held {
+                    self.field(
+                        "leave held",
+                        "yes: held flips are listed and left unwritten",
+                    )?;
+                }
                 self.line("flips:")
             }
             Event::Flip(flip) => self.line(&format!("  {}", flip_text(flip))),
@@ -532,6 +538,12 @@ impl Printer for MarkdownPrinter<'_> {
                 ];
                 if let Some(reverted) = &start.reverts {
                     fields.push(("reverts", reverted.clone()));
+                }
+                if start.leave_held {
+                    fields.push((
+                        "leave held",
+                        "yes: held flips are listed and left unwritten".to_owned(),
+                    ));
                 }
                 for (name, value) in fields {
                     self.row(&[name.to_owned(), cell(&value)])?;

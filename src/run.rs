@@ -33,6 +33,8 @@ pub struct Run<'p> {
     pub session: db::Session,
     printer: &'p mut dyn Printer,
     pub stop: StopSignal,
+    /// `--leave-held`, for the log header.
+    pub leave_held: bool,
 }
 
 /// What the last step of a run is given: the flips to write, unless a guard refused them.
@@ -83,6 +85,7 @@ impl<'p> Run<'p> {
             session,
             printer,
             stop,
+            leave_held: false,
         })
     }
 
@@ -106,6 +109,7 @@ impl<'p> Run<'p> {
             max_flips,
             reverts: reverts.map(str::to_owned),
             rule: Rule::ported(),
+            leave_held: self.leave_held,
         };
         self.print(Event::Start(start))
     }

@@ -340,6 +340,7 @@ async fn leave_held_writes_exactly_the_reviewed_flips_that_are_not_held() {
         (&json!(url), &json!("retired_inferred_type"))
     );
     assert_eq!(log.last().unwrap()["held"], 1);
+    assert_eq!(log[0]["leave_held"], true, "the header records it");
     assert_eq!(db.agents_of("old-probe").await[0]["type"], "sales");
     let audit = db.audit_rows().await;
     let urls: Vec<&str> = audit.iter().map(|row| row.agent_url.as_str()).collect();
