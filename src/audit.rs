@@ -5,6 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use anyhow::{Context, Result};
 use serde_json::Value;
+use tracing::warn;
 use uuid::Uuid;
 
 use crate::config::{HistoryConfig, RevertConfig};
@@ -14,7 +15,7 @@ use crate::error::Failure;
 use crate::events::{Event, SkipReason, Summary};
 use crate::guard::check_threshold;
 use crate::interrupt::StopSignal;
-use crate::plan::{parse_column, PlannedFlip, PlanningBackend};
+use crate::plan::{parse_column, PlannedFlip, PlanningBackend, Restore};
 use crate::report::Printer;
 use crate::resolver::{bounded_type, type_label, AgentsColumn, Flip};
 use crate::run::{open_session, skipped_event, Census, Dispositions, Run};
@@ -197,22 +198,13 @@ async fn plan_revert(
         .collect::<Result<_>>()?;
 
     let note = format!("reverts {reverted}");
+    let mut legacy_unknown = 0usize;
     let mut flips = Vec::new();
     let mut conflicts = Vec::new();
     for entry in entries {
         // The stored value exactly as the run found it, however deep; the log shows it as the
         // resolver would.
-        let restore = entry.from_json.clone().unwrap_or_else(|| {
-            Value::String(
-                entry
-                    .old_type
-                    .clone()
-                    .unwrap_or_else(|| "unknown".to_owned()),
-            )
-            .to_string()
-        });
-        let shown = bounded_type(&restore)
-            .with_context(|| format!("audit row {} holds a malformed notes.from", entry.id))?;
+        let (restore, to, legacy) = restore_of(entry)?;
         let location = Restorable::of(entry);
         let (profile_id, index) = match location {
             Restorable::At { profile_id, index } => (profile_id, index),
@@ -229,12 +221,17 @@ async fn plan_revert(
                 index,
                 url: entry.agent_url.clone(),
                 from: Value::String(entry.new_type.clone()),
-                to: type_label(&shown),
+                to,
             },
             None,
         );
         planned.restore = Some(restore);
-        planned.note = Some(note.clone());
+        planned.note = Some(if legacy {
+            legacy_unknown += 1;
+            format!("{note}; {LEGACY_UNKNOWN_NOTE}")
+        } else {
+            note.clone()
+        });
         let holds = matches!(location, Restorable::At { .. })
             && columns
                 .get(&profile_id)
@@ -245,9 +242,54 @@ async fn plan_revert(
             conflicts.push(planned);
         }
     }
+    if legacy_unknown > 0 {
+        warn!(
+            rows = legacy_unknown,
+            "audit rows of run '{reverted}' record the old type \"unknown\" without saying \
+             whether the element had no type key, a JSON null or the string \"unknown\" (they \
+             were written before the tool told these apart): revert restores the string \
+             \"unknown\" there; it cannot know which it was"
+        );
+    }
     Ok((
         flips,
         conflicts,
         u64::try_from(ids.len()).unwrap_or(u64::MAX),
     ))
+}
+
+/// What the run log says of a flip restored from an audit row that cannot tell an absent key, a
+/// JSON `null` and the string "unknown" apart.
+const LEGACY_UNKNOWN_NOTE: &str =
+    "old row: \"unknown\" may have been no type key or null; restores \"unknown\"";
+
+/// How the log shows a restored absent `type` key.
+pub const ABSENT_TYPE_LABEL: &str = "(no type key)";
+
+/// What a revert puts back for `entry`, the label the log shows for it, and whether the row
+/// predates exact old types and records "unknown", so the original may have been absent or null.
+fn restore_of(entry: &AuditEntry) -> Result<(Restore, String, bool)> {
+    let type_key = entry
+        .notes
+        .as_ref()
+        .and_then(|notes| notes.get("type_key"))
+        .and_then(Value::as_str);
+    if type_key == Some("absent") {
+        return Ok((Restore::Absent, ABSENT_TYPE_LABEL.to_owned(), false));
+    }
+    // A row of an earlier version: `from` holds the stored value, except that an absent or null
+    // type was written as "unknown". Rows older still may lack `from`: the `old_type` column.
+    let raw = entry.from_json.clone().unwrap_or_else(|| {
+        Value::String(
+            entry
+                .old_type
+                .clone()
+                .unwrap_or_else(|| "unknown".to_owned()),
+        )
+        .to_string()
+    });
+    let shown = bounded_type(&raw)
+        .with_context(|| format!("audit row {} holds a malformed notes.from", entry.id))?;
+    let legacy = type_key.is_none() && shown.as_str() == Some(crate::resolver::UNKNOWN_TYPE);
+    Ok((Restore::Json(raw), type_label(&shown), legacy))
 }

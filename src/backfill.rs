@@ -51,6 +51,7 @@ pub async fn execute(
     };
     db::preflight(&run.session.pool, needs).await?;
     let evidence = evidence_access(&run.session, &config.guards).await?;
+    run.leave_held = config.leave_held;
     let unavailable = match &evidence {
         EvidenceAccess::Unavailable(why) => Some(why.clone()),
         EvidenceAccess::Readable => None,
@@ -138,14 +139,16 @@ async fn plan_check_and_write(
             flips: planned_flips,
         })?;
     }
+    // `--leave-held` (only with a reviewed plan): the held flips are listed and left unwritten.
     run.refusals = [
-        held_refusal(&held),
+        held_refusal(&held).filter(|_| !config.leave_held),
         transitions_refusal(&refused),
         check_threshold(writable.len(), config.run.max_flips),
     ]
     .into_iter()
     .flatten()
     .collect();
+    let left_held = config.leave_held.then(|| count(held.len()));
     run.dispositions = Dispositions {
         to_write: writable,
         held,
@@ -158,7 +161,7 @@ async fn plan_check_and_write(
     run.write(
         config.run.batch_size,
         config.run.write_attempts,
-        &ResolveAgain,
+        &ResolveAgain { left_held },
     )
     .await
 }

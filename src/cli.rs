@@ -162,6 +162,11 @@ pub struct BackfillArgs {
     #[arg(long, value_name = "FILE", conflicts_with = "dry_run")]
     pub plan: Option<PathBuf>,
 
+    /// With --apply --plan: write the reviewed plan's flips that are not held and still hold
+    /// exactly, list each held flip as left unwritten with its reason, and exit 0
+    #[arg(long)]
+    pub leave_held: bool,
+
     /// Refuse a --plan older than this (e.g. 30min, 24h)
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_age, allow_hyphen_values = true)]
     pub plan_max_age: Duration,

@@ -83,6 +83,8 @@ pub struct BackfillConfig {
     pub chunk_size: usize,
     /// Chunks the plan reads at once, on connections of their own.
     pub plan_jobs: usize,
+    /// `--leave-held`: held flips of the reviewed plan are left unwritten, the rest written.
+    pub leave_held: bool,
 }
 
 impl BackfillConfig {
@@ -101,6 +103,14 @@ impl BackfillConfig {
 
     pub fn from_cli(args: &BackfillArgs) -> Result<BackfillConfig, Failure> {
         let mode = args.mode.mode();
+        if args.leave_held && args.plan.is_none() {
+            return Err(Failure::Usage(
+                "--leave-held needs --plan FILE: the held flips must have been reviewed; make \
+                 a plan with --dry-run --plan-out, review it, then --apply --plan FILE \
+                 --leave-held"
+                    .to_owned(),
+            ));
+        }
         Ok(BackfillConfig {
             connect: ConnectConfig::from_cli(&args.connect)?,
             run: RunConfig::from_cli(mode, &args.run),
@@ -114,6 +124,7 @@ impl BackfillConfig {
             plan_max_age: args.plan_max_age,
             chunk_size: usize::try_from(args.chunk_size).unwrap_or(usize::MAX),
             plan_jobs: usize::try_from(args.plan_jobs).unwrap_or(1),
+            leave_held: args.leave_held,
         })
     }
 }

@@ -61,6 +61,9 @@ pub struct Start {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub crawler_log_unavailable: Option<String>,
     pub rule: Rule,
+    /// `--leave-held`: held flips are left unwritten and the rest written. Only present when set.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub leave_held: bool,
 }
 
 /// The server rule this build ports, so a log says which rule decided its flips.
@@ -130,6 +133,9 @@ pub enum HoldReason {
     /// The snapshot, or the stored type, names a type this tool's rule does not know: the
     /// server (and its crawler) may be newer than the port.
     UnrecognisedInferredType,
+    /// The snapshot, or the stored type, names a type the server once accepted and has since
+    /// retired: the probe predates the retirement.
+    RetiredInferredType,
     /// The snapshot behind the flip is older than `--max-probe-age`.
     StaleProbe,
     /// A reclassification with fewer agreeing crawler rows than `--min-corroboration`.
@@ -141,6 +147,7 @@ impl HoldReason {
     pub fn as_str(self) -> &'static str {
         match self {
             HoldReason::UnrecognisedInferredType => "unrecognised_inferred_type",
+            HoldReason::RetiredInferredType => "retired_inferred_type",
             HoldReason::StaleProbe => "stale_probe",
             HoldReason::Uncorroborated => "uncorroborated",
         }
@@ -150,6 +157,10 @@ impl HoldReason {
         match self {
             HoldReason::UnrecognisedInferredType => {
                 "type unknown to this tool's rule; the server may be newer: stop"
+            }
+            HoldReason::RetiredInferredType => {
+                "type the server has retired; the probe predates the retirement: re-probe the \
+                 agent (the crawler's manual refresh) or follow the server and demote it"
             }
             HoldReason::StaleProbe => "probe older than --max-probe-age",
             HoldReason::Uncorroborated => "fewer crawler rows agree than --min-corroboration",

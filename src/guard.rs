@@ -12,7 +12,7 @@ use crate::events::{Event, Held, HoldReason};
 use crate::outcome::Refusal;
 use crate::plan::PlannedFlip;
 use crate::plan_file::PlanFile;
-use crate::resolver::{is_valid_agent_type, UNKNOWN_TYPE};
+use crate::resolver::{is_valid_agent_type, retirement_of, UNKNOWN_TYPE};
 
 /// A flip the rule found and a guard holds back.
 #[derive(Debug, Clone)]
@@ -53,10 +53,7 @@ impl Holds<'_> {
         if let Some(inferred) =
             inferred.filter(|name| !name.is_empty() && !is_valid_agent_type(name))
         {
-            return Some((
-                HoldReason::UnrecognisedInferredType,
-                Some(inferred.to_owned()),
-            ));
+            return Some((outside_vocabulary(inferred), Some(inferred.to_owned())));
         }
         if let Some(stored) = planned
             .flip
@@ -64,10 +61,7 @@ impl Holds<'_> {
             .as_str()
             .filter(|stored| self.unrecognised_inferred_types.contains_key(*stored))
         {
-            return Some((
-                HoldReason::UnrecognisedInferredType,
-                Some(stored.to_owned()),
-            ));
+            return Some((outside_vocabulary(stored), Some(stored.to_owned())));
         }
         if let (Some(max_age), Some(probe)) = (self.guards.max_probe_age, &planned.probe) {
             let limit = chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
@@ -111,6 +105,16 @@ impl Holds<'_> {
             }
         }
         (writable, held)
+    }
+}
+
+/// Why a type outside the rule's vocabulary holds a flip: one the server retired says the probe
+/// is older than the retirement; one never known says the server may be newer than the tool.
+fn outside_vocabulary(name: &str) -> HoldReason {
+    if retirement_of(name).is_some() {
+        HoldReason::RetiredInferredType
+    } else {
+        HoldReason::UnrecognisedInferredType
     }
 }
 

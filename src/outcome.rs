@@ -122,21 +122,39 @@ impl Refusal {
         }
     }
 
-    /// What to do about it.
-    fn advice(&self) -> &'static str {
+    /// What to do about it: for held flips, only the advice that fits the reasons given, so
+    /// none of it is false.
+    fn advice(&self) -> String {
         match self {
-            Refusal::Held { .. } => {
-                "a type this tool's rule does not know means the registry server may be newer \
-                 than the tool: stop and update the tool; a stale or uncorroborated probe needs a \
-                 fresh crawl or a closer review"
+            Refusal::Held { reasons, .. } => {
+                let has = |reason: &str| reasons.iter().any(|given| given.starts_with(reason));
+                let mut advice = Vec::new();
+                if has("unrecognised_inferred_type") {
+                    advice.push(
+                        "a type this tool's rule does not know means the registry server is \
+                         newer than the tool: stop and update the tool",
+                    );
+                }
+                if has("retired_inferred_type") {
+                    advice.push(
+                        "a type the server has retired means the probe predates the retirement: \
+                         re-probe the agent (the crawler's manual refresh) or follow the server \
+                         and demote it; a reviewed plan may be applied with --leave-held",
+                    );
+                }
+                if has("stale_probe") || has("uncorroborated") {
+                    advice.push(
+                        "a stale or uncorroborated probe needs a fresh crawl or a closer review",
+                    );
+                }
+                advice.join("; ")
             }
             Refusal::NotAllowed { .. } => {
-                "review them, and allow them only if staging showed them too"
+                "review them, and allow them only if staging showed them too".to_owned()
             }
-            Refusal::TooManyFlips { .. } => {
-                "read the flips above, and rerun with a higher --max-flips only if every one is \
-                 expected"
-            }
+            Refusal::TooManyFlips { .. } => "read the flips above, and rerun with a higher \
+                 --max-flips only if every one is expected"
+                .to_owned(),
         }
     }
 }
@@ -345,7 +363,7 @@ impl fmt::Display for Ending {
         match &self.outcome {
             Outcome::Refused(refusals) => {
                 let causes: Vec<String> = refusals.iter().map(ToString::to_string).collect();
-                let advice: Vec<&str> = refusals.iter().map(Refusal::advice).collect();
+                let advice: Vec<String> = refusals.iter().map(Refusal::advice).collect();
                 write!(
                     f,
                     "refused: {}: nothing was written; {}",

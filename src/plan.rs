@@ -15,6 +15,15 @@ use crate::progress;
 use crate::report::age;
 use crate::resolver::{AgentsColumn, Flip};
 
+/// What a revert puts back in an element's `type` key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Restore {
+    /// This exact JSON text (JSON `null` included), kept losslessly however deep it nests.
+    Json(String),
+    /// The element had no `type` key: the key is removed.
+    Absent,
+}
+
 /// A flip the plan found, with the profile it belongs to.
 #[derive(Debug, Clone)]
 pub struct PlannedFlip {
@@ -23,9 +32,9 @@ pub struct PlannedFlip {
     pub flip: Flip,
     /// The snapshot behind the decision; `None` when the flip comes from an invalid stored type.
     pub probe: Option<SnapshotRow>,
-    /// The exact JSON text to write when it is not the string `flip.to` (a revert restoring a
-    /// non-string type, kept losslessly however deep it nests).
-    pub restore: Option<String>,
+    /// What to write when it is not the string `flip.to`: a revert restores the stored value
+    /// exactly, or removes a `type` key that was absent.
+    pub restore: Option<Restore>,
     /// Replaces the probe description in the run log (a revert names the run it undoes).
     pub note: Option<String>,
     /// The crawler's logged disagreements for this url, when they were read.

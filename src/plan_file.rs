@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tracing::warn;
 use uuid::Uuid;
 
 use crate::db::{self, CrawlerEvidence};
@@ -100,6 +101,27 @@ pub struct PlanFile {
     pub target: Fingerprint,
     pub counts: PlanCounts,
     pub flips: Vec<PlanFlip>,
+    /// `sha256:` and the hex SHA-256 of the file's canonical form without this key, written by
+    /// `--plan-out` and checked by `--plan`; absent in plans written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+/// How a digest names its algorithm.
+const DIGEST_PREFIX: &str = "sha256:";
+
+/// The digest of a plan's content: SHA-256 over its canonical form, the JSON value without its
+/// `digest` key, printed compact with object keys sorted (serde_json's map is ordered). So
+/// whitespace, indentation and key order may change; any value, flip or number text may not.
+fn digest_of(content: &Value) -> String {
+    use sha2::{Digest, Sha256};
+    let mut content = content.clone();
+    if let Some(object) = content.as_object_mut() {
+        object.remove("digest");
+    }
+    let digest = Sha256::digest(content.to_string().as_bytes());
+    let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
+    format!("{DIGEST_PREFIX}{hex}")
 }
 
 impl PlanFlip {
@@ -153,12 +175,19 @@ impl PlanFile {
                 .into_iter()
                 .map(|planned| PlanFlip::of(planned, holds(planned).map(|(reason, _)| reason)))
                 .collect(),
+            digest: None,
         }
     }
 
-    /// Writes the plan next to its final name first, so a reader never sees half a file.
+    /// Writes the plan, with the digest of its content, next to its final name first, so a
+    /// reader never sees half a file.
     pub fn write(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self).context("could not encode the plan")?;
+        let mut content = serde_json::to_value(self).context("could not encode the plan")?;
+        let digest = digest_of(&content);
+        if let Some(object) = content.as_object_mut() {
+            object.insert("digest".to_owned(), Value::String(digest));
+        }
+        let text = serde_json::to_string_pretty(&content).context("could not encode the plan")?;
         let partial = path.with_extension("partial");
         std::fs::write(&partial, text + "\n")
             .with_context(|| format!("could not write the plan to '{}'", partial.display()))?;
@@ -173,12 +202,15 @@ impl PlanFile {
                 path.display()
             ))
         })?;
-        let plan: PlanFile = serde_json::from_str(&text).map_err(|error| {
+        let not_a_plan = |error: serde_json::Error| {
             Failure::Usage(format!(
                 "'{}' is not a plan written by --plan-out: {error}",
                 path.display()
             ))
-        })?;
+        };
+        let content: Value = serde_json::from_str(&text).map_err(not_a_plan)?;
+        check_digest(path, &content)?;
+        let plan: PlanFile = serde_json::from_value(content).map_err(not_a_plan)?;
         if plan.format != FORMAT {
             return Err(Failure::Usage(format!(
                 "'{}' has plan format '{}', this tool reads '{FORMAT}'",
@@ -234,6 +266,44 @@ impl PlanFile {
         }
         Ok(())
     }
+}
+
+/// Refuses a plan whose content is not what `--plan-out` wrote. A plan without a digest was
+/// written before plans carried one: it is read as it is, with a warning.
+fn check_digest(path: &Path, content: &Value) -> Result<()> {
+    let written = match content.get("digest") {
+        None => {
+            warn!(
+                "the plan '{}' has no digest (written by a version before plans carried one): \
+                 an edit to it cannot be detected; it is applied as read; make a new plan with \
+                 --dry-run --plan-out to have it checked",
+                path.display()
+            );
+            return Ok(());
+        }
+        Some(Value::String(written)) if written.starts_with(DIGEST_PREFIX) => written,
+        Some(other) => {
+            return Err(Failure::Usage(format!(
+                "the plan '{}' has digest {other}, not a '{DIGEST_PREFIX}' digest written by \
+                 --plan-out: nothing was read or written; make a new plan with --dry-run \
+                 --plan-out",
+                path.display()
+            ))
+            .into())
+        }
+    };
+    let actual = digest_of(content);
+    if *written != actual {
+        return Err(Failure::Usage(format!(
+            "the plan '{}' was changed after --plan-out wrote it: its content digests to {actual}, \
+             not the {written} it was written with: nothing was read or written; a reviewed plan \
+             is applied only as written: make a new plan with --dry-run --plan-out (narrow what \
+             is written with --allow-transition or --max-flips, which the log records)",
+            path.display()
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// Keeps only the fresh flips that the reviewed plan holds exactly; returns the others: reviewed
@@ -304,6 +374,7 @@ fn describe(target: &Fingerprint) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn fingerprint(system: Option<&str>, database: &str) -> Fingerprint {
         Fingerprint {
@@ -318,6 +389,53 @@ mod tests {
     fn plan_made(at: DateTime<Utc>, target: Fingerprint) -> PlanFile {
         let holds_nothing = |_: &PlannedFlip| None::<(HoldReason, ())>;
         PlanFile::new(&Plan::default(), &holds_nothing, target, "atb-x", at)
+    }
+
+    /// The digest covers the content, not its formatting; a plan without one (written before
+    /// digests existed) still reads; a digest that is not one is refused.
+    #[test]
+    fn the_digest_ignores_formatting_and_a_plan_without_one_still_reads() {
+        let dir = std::env::temp_dir().join(format!("atb-digest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("plan.json");
+        plan_made(Utc::now(), fingerprint(Some("7301"), "registry"))
+            .write(&path)
+            .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let written = PlanFile::read(&path).unwrap();
+        assert!(written.digest.is_some());
+
+        // Re-indented with tabs and the top-level keys in reverse order.
+        let content: Value = serde_json::from_str(&text).unwrap();
+        let object = content.as_object().unwrap();
+        let reordered: Vec<String> = object
+            .iter()
+            .rev()
+            .map(|(key, value)| format!("\t{}:\t{}", Value::String(key.clone()), value))
+            .collect();
+        std::fs::write(&path, format!("{{\n{}\n}}\n", reordered.join(",\n"))).unwrap();
+        assert!(PlanFile::read(&path).is_ok());
+
+        let mut without = content.clone();
+        without.as_object_mut().unwrap().remove("digest");
+        std::fs::write(&path, without.to_string()).unwrap();
+        assert_eq!(PlanFile::read(&path).unwrap().digest, None);
+
+        for digest in [json!("md5:abc"), json!(7)] {
+            let mut odd = content.clone();
+            odd["digest"] = digest.clone();
+            std::fs::write(&path, odd.to_string()).unwrap();
+            let error = PlanFile::read(&path).unwrap_err();
+            assert_eq!(crate::error::exit_code(&error), 2, "{digest}");
+        }
+        let mut edited = content;
+        edited["run_id"] = json!("atb-y");
+        std::fs::write(&path, edited.to_string()).unwrap();
+        let error = PlanFile::read(&path).unwrap_err();
+        assert!(error
+            .to_string()
+            .contains("was changed after --plan-out wrote it"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -39,9 +39,12 @@ fn on_terminal(
         ProgressStyle::with_template(template)
             .expect("static progress template is valid")
             // indicatif's own `{per_sec}` prints four decimals (`11,276.2119/s`).
-            .with_key("rate", |state: &ProgressState, out: &mut dyn std::fmt::Write| {
-                let _ = write!(out, "{}/s", HumanCount(rounded(state.per_sec())));
-            }),
+            .with_key(
+                "rate",
+                |state: &ProgressState, out: &mut dyn std::fmt::Write| {
+                    let _ = write!(out, "{}/s", HumanCount(rounded(state.per_sec())));
+                },
+            ),
     );
     bar.set_message(message);
     bar

@@ -373,6 +373,12 @@ impl Printer for TextPrinter<'_> {
                 if let Some(why) = &start.crawler_log_unavailable {
                     self.field("crawler log", &format!("unavailable: {}", printable(why)))?;
                 }
+                if start.leave_held {
+                    self.field(
+                        "leave held",
+                        "yes: held flips are listed and left unwritten",
+                    )?;
+                }
                 self.line("flips:")
             }
             Event::Flip(flip) => self.line(&format!("  {}", flip_text(flip))),
@@ -557,6 +563,12 @@ impl Printer for MarkdownPrinter<'_> {
                 }
                 if let Some(why) = &start.crawler_log_unavailable {
                     fields.push(("crawler log", format!("unavailable: {why}")));
+                }
+                if start.leave_held {
+                    fields.push((
+                        "leave held",
+                        "yes: held flips are listed and left unwritten".to_owned(),
+                    ));
                 }
                 for (name, value) in fields {
                     self.row(&[name.to_owned(), cell(&value)])?;

@@ -38,6 +38,81 @@ pub const SELF_DECLARED_TYPE: &str = "buying";
 /// What an unclassifiable or invalid type becomes; an absent or `null` type also reads as this.
 pub const UNKNOWN_TYPE: &str = "unknown";
 
+/// One change to the server's `VALID_AGENT_TYPES` (adcontextprotocol/adcp `server/src/types.ts`,
+/// read with `git log -p --follow`): from `date` (the commit's author date) the vocabulary is
+/// `types`. The last entry is today's [`VALID_AGENT_TYPES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VocabularyEra {
+    pub date: &'static str,
+    pub commit: &'static str,
+    pub types: &'static [&'static str],
+}
+
+/// The server's agent-type vocabulary over time, oldest first.
+pub const VOCABULARY_HISTORY: [VocabularyEra; 6] = [
+    VocabularyEra {
+        date: "2025-11-15",
+        commit: "32ca8774b44565fb6cbd5092afd16541f82d4fa1",
+        types: &["creative", "signals", "sales"],
+    },
+    VocabularyEra {
+        date: "2025-12-24",
+        commit: "bbfe17d9c15ad5a2c348d6de72c1af2e8ad22307",
+        types: &["creative", "signals", "sales", "unknown"],
+    },
+    VocabularyEra {
+        date: "2026-01-28",
+        commit: "1d7c6876d8b7cc8b11ade27fa5104fdefb73d4b6",
+        types: &[
+            "creative",
+            "signals",
+            "sales",
+            "governance",
+            "si",
+            "unknown",
+        ],
+    },
+    // `si` retired, and `sales` dropped by mistake for a day.
+    VocabularyEra {
+        date: "2026-04-12",
+        commit: "7ebc3771b055b1a7901e426caa70f1774d778656",
+        types: &[
+            "brand",
+            "rights",
+            "measurement",
+            "governance",
+            "creative",
+            "buying",
+            "signals",
+            "unknown",
+        ],
+    },
+    VocabularyEra {
+        date: "2026-04-13",
+        commit: "ea313bbfb6799a1831f11a38a3863bab0b019dd4",
+        types: &VALID_AGENT_TYPES,
+    },
+    // The rule's commit: unchanged since.
+    VocabularyEra {
+        date: "2026-08-22",
+        commit: RULE_COMMIT,
+        types: &VALID_AGENT_TYPES,
+    },
+];
+
+/// When the server retired `name`, a type it once accepted and no longer does: the last era
+/// that held it is followed by one that does not. `None` for a valid type or one never known.
+pub fn retirement_of(name: &str) -> Option<&'static VocabularyEra> {
+    if is_valid_agent_type(name) {
+        return None;
+    }
+    VOCABULARY_HISTORY
+        .windows(2)
+        .rev()
+        .find(|pair| pair[0].types.contains(&name) && !pair[1].types.contains(&name))
+        .map(|pair| &pair[1])
+}
+
 pub fn is_valid_agent_type(candidate: &str) -> bool {
     VALID_AGENT_TYPES.contains(&candidate)
 }
@@ -528,6 +603,22 @@ impl<'de> Deserialize<'de> for UrlValue {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// `si` was valid from 28 January 2026 and retired on 12 April 2026; `sales`, dropped for a
+    /// day then, is valid now; a type the server never had was never retired.
+    #[test]
+    fn the_vocabulary_history_knows_si_was_retired_and_ends_at_today() {
+        let si = retirement_of("si").unwrap();
+        assert_eq!(
+            (si.date, si.commit),
+            ("2026-04-12", "7ebc3771b055b1a7901e426caa70f1774d778656")
+        );
+        for never_retired in ["sales", "buying", "quantum", "buyer", ""] {
+            assert_eq!(retirement_of(never_retired), None, "{never_retired}");
+        }
+        assert_eq!(VOCABULARY_HISTORY.last().unwrap().types, VALID_AGENT_TYPES);
+        assert_eq!(VOCABULARY_HISTORY.last().unwrap().commit, RULE_COMMIT);
+    }
 
     fn snapshots(rows: &[(&str, Option<&str>)]) -> HashMap<String, Option<String>> {
         rows.iter()

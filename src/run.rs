@@ -144,6 +144,8 @@ pub struct Run<'p> {
     ledger: Arc<Ledger>,
     /// The write stopped early: by what, and whether the batch in flight was abandoned.
     stopped: Option<(Stop, bool)>,
+    /// `--leave-held`, for the log header.
+    pub leave_held: bool,
 }
 
 /// How long closing the pool may take at the end of a run: on a dead link it would wait for the
@@ -178,6 +180,7 @@ impl<'p> Run<'p> {
             crawler_log_unavailable: None,
             ledger: Arc::new(Ledger::default()),
             stopped: None,
+            leave_held: false,
         })
     }
 
@@ -204,6 +207,7 @@ impl<'p> Run<'p> {
             reverts: reverts.map(str::to_owned),
             crawler_log_unavailable: crawler_log.map(str::to_owned),
             rule: Rule::ported(),
+            leave_held: self.leave_held,
         };
         self.crawler_log_unavailable = crawler_log.map(str::to_owned);
         self.print(Event::Start(start))

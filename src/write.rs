@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::db::{self, FlipWrite, Snapshots};
 use crate::events::SkipReason;
 use crate::interrupt::StopSignal;
-use crate::plan::{parse_column, PlannedFlip};
+use crate::plan::{parse_column, PlannedFlip, Restore};
 use crate::resolver::{is_depth_summary, AgentsColumn, Flip};
 use crate::VERSION;
 
@@ -39,7 +39,10 @@ pub trait Recheck: Sync {
 }
 
 /// The backfill: re-resolve against current data and write what still holds exactly as planned.
-pub struct ResolveAgain;
+pub struct ResolveAgain {
+    /// With `--leave-held`: how many held flips the run left unwritten; the audit notes say so.
+    pub left_held: Option<u64>,
+}
 
 impl Recheck for ResolveAgain {
     fn reads_snapshots(&self) -> bool {
@@ -60,7 +63,10 @@ impl Recheck for ResolveAgain {
     }
 
     fn notes_extra(&self) -> serde_json::Value {
-        serde_json::json!({})
+        match self.left_held {
+            Some(held) => serde_json::json!({ "leave_held": true, "held_left": held }),
+            None => serde_json::json!({}),
+        }
     }
 }
 
@@ -281,9 +287,11 @@ fn flip_write(profile_id: Uuid, label: &str, flip: Flip, planned: &PlannedFlip) 
     // A type too deep to keep whole is recorded from the row itself, never from its summary.
     let old_type = (!is_depth_summary(&flip.from)).then(|| flip.stored_label());
     let (new_value, new_type) = match &planned.restore {
-        Some(raw) => (raw.clone(), restored_type_label(raw, flip.to)),
+        Some(Restore::Json(raw)) => (Some(raw.clone()), restored_type_label(raw, flip.to)),
+        // The audit `new_type` column follows the server: an absent type reads as "unknown".
+        Some(Restore::Absent) => (None, crate::resolver::UNKNOWN_TYPE.to_owned()),
         None => (
-            serde_json::Value::String(flip.to.clone()).to_string(),
+            Some(serde_json::Value::String(flip.to.clone()).to_string()),
             flip.to,
         ),
     };
@@ -298,11 +306,13 @@ fn flip_write(profile_id: Uuid, label: &str, flip: Flip, planned: &PlannedFlip) 
     }
 }
 
-/// The audit `new_type` of a restored value: its label, or for a type too deep to keep whole,
-/// its exact JSON text rather than the summary the log shows.
+/// The audit `new_type` of a restored value: its label, `unknown` for JSON `null` (the server's
+/// convention, as for `old_type`), or for a type too deep to keep whole, its exact JSON text
+/// rather than the summary the log shows.
 fn restored_type_label(raw: &str, shown: String) -> String {
     match crate::resolver::bounded_type(raw) {
         Ok(value) if is_depth_summary(&value) => raw.to_owned(),
+        Ok(serde_json::Value::Null) => crate::resolver::UNKNOWN_TYPE.to_owned(),
         _ => shown,
     }
 }

@@ -220,8 +220,9 @@ pub(crate) struct FlipWrite {
     /// The stored type as the audit log's `old_type` column holds it; `None` to take the stored
     /// value's JSON text from the row itself (a type too deep for the resolver to keep whole).
     pub old_type: Option<String>,
-    /// The JSON text written to the element's `type` key.
-    pub new_value: String,
+    /// The JSON text written to the element's `type` key; `None` removes the key (a revert
+    /// restoring an element that had none).
+    pub new_value: Option<String>,
     /// The audit log's `new_type` column.
     pub new_type: String,
 }
@@ -263,15 +264,19 @@ pub(crate) async fn write_flips(
             notes
         })
         .collect();
-    // An absent or null stored type is recorded as "unknown", as the flip rule reads it.
+    // `old_type` records an absent or null stored type as 'unknown', the server's convention.
+    // The notes keep the stored value exactly, so a revert can put it back: `type_key` says
+    // whether the element had a `type` key, and `from` (only when it had) is its value, JSON
+    // `null` included. Rows without `type_key` were written before this distinction existed.
     let inserted = sqlx::query(
         "INSERT INTO type_reclassification_log \
              (agent_url, member_id, old_type, new_type, source, run_id, notes) \
          SELECT a.url, a.member::text, \
                 coalesce(a.old_type, p.agents -> a.idx -> 'type' #>> '{}', 'unknown'), \
                 a.new_type, 'backfill_script', $7, \
-                a.notes || jsonb_build_object('from', \
-                    coalesce(nullif(p.agents -> a.idx -> 'type', 'null'::jsonb), '\"unknown\"'::jsonb)) \
+                a.notes || CASE WHEN p.agents -> a.idx ? 'type' \
+                    THEN jsonb_build_object('type_key', 'present', 'from', p.agents -> a.idx -> 'type') \
+                    ELSE jsonb_build_object('type_key', 'absent') END \
          FROM unnest($1::text[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::jsonb[]) \
               WITH ORDINALITY AS a(url, member, idx, old_type, new_type, notes, position) \
          JOIN member_profiles p ON p.id = a.member \
@@ -308,10 +313,12 @@ pub(crate) async fn write_flips(
     for round in rounds {
         let ids: Vec<Uuid> = round.iter().map(|flip| flip.profile_id).collect();
         let paths: Vec<String> = round.iter().map(|flip| flip.index.to_string()).collect();
-        let values: Vec<&str> = round.iter().map(|flip| flip.new_value.as_str()).collect();
+        let values: Vec<Option<&str>> =
+            round.iter().map(|flip| flip.new_value.as_deref()).collect();
         let updated = sqlx::query(
             "UPDATE member_profiles AS p \
-             SET agents = jsonb_set(p.agents, ARRAY[f.idx, 'type'], f.new_value::jsonb, true) \
+             SET agents = CASE WHEN f.new_value IS NULL THEN p.agents #- ARRAY[f.idx, 'type'] \
+                 ELSE jsonb_set(p.agents, ARRAY[f.idx, 'type'], f.new_value::jsonb, true) END \
              FROM unnest($1::uuid[], $2::text[], $3::text[]) AS f(id, idx, new_value) \
              WHERE p.id = f.id",
         )

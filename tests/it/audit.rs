@@ -106,38 +106,151 @@ async fn revert_restores_what_still_holds_and_leaves_conflicts() {
     assert!(urls.contains(&BIDCLIQ_URL) && urls.contains(&SWIVEL_URL));
 }
 
+/// The issue's case: a JSON `null` type and a missing `type` key come back as they were, and the
+/// audit rows tell them apart from each other and from the string "unknown".
 #[tokio::test]
-async fn revert_restores_missing_and_non_string_types_as_recorded() {
+async fn revert_restores_null_as_null_and_removes_a_type_key_that_was_absent() {
     let db = TestDb::new().await;
+    let agents = json!([
+        {"url": "https://n1.example", "type": null},
+        {"url": "https://n2.example"},
+        {"url": "https://number.example", "type": 3, "keep": [1, 2]},
+        {"url": "https://word.example", "type": "unknown"}
+    ]);
     let profile = NewProfile {
         id: uuid::Uuid::from_u128(11),
         slug: "odd".into(),
         display_name: "Odd".into(),
-        agents: Some(json!([
-            {"url": "https://number.example", "type": 3, "keep": [1, 2]},
-            {"url": "https://missing.example"}
-        ])),
+        agents: Some(agents.clone()),
     };
     seed::insert(
         &db.pool,
         &[profile],
         &[
+            NewSnapshot::new("https://n1.example", Some("sales")),
+            NewSnapshot::new("https://n2.example", Some("signals")),
             NewSnapshot::new("https://number.example", Some("sales")),
-            NewSnapshot::new("https://missing.example", Some("signals")),
+            NewSnapshot::new("https://word.example", Some("creative")),
         ],
     )
     .await
     .unwrap();
+    let stored_text = |db: &TestDb| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT agents::text FROM member_profiles WHERE slug = 'odd'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let before = stored_text(&db).await;
     let applied = apply(&db).await;
-    let (reverted, _) = revert(&db, &[&applied, "--apply"]).await;
-    assert_eq!(reverted.unwrap().written, 2);
+
+    let audit = db.audit_rows().await;
+    assert_eq!(audit.len(), 4);
+    let notes_of = |url: &str| {
+        audit
+            .iter()
+            .find(|row| row.agent_url == url)
+            .unwrap()
+            .notes
+            .clone()
+            .unwrap()
+    };
+    // The server's convention in old_type; the exact value in the notes.
+    assert!(audit.iter().all(|row| row.old_type.as_deref()
+        == Some(if row.agent_url.contains("number") {
+            "3"
+        } else {
+            "unknown"
+        })));
+    let null = notes_of("https://n1.example");
     assert_eq!(
-        db.agents_of("odd").await,
-        json!([
-            {"url": "https://number.example", "type": 3, "keep": [1, 2]},
-            {"url": "https://missing.example", "type": "unknown"}
-        ]),
-        "the number comes back as a number; a missing type comes back as 'unknown'"
+        (&null["type_key"], &null["from"]),
+        (&json!("present"), &Value::Null)
+    );
+    assert!(null.as_object().unwrap().contains_key("from"));
+    let missing = notes_of("https://n2.example");
+    assert_eq!(missing["type_key"], "absent");
+    assert!(!missing.as_object().unwrap().contains_key("from"));
+    let word = notes_of("https://word.example");
+    assert_eq!(
+        (&word["type_key"], &word["from"]),
+        (&json!("present"), &json!("unknown"))
+    );
+
+    let (dry, log) = revert(&db, &[&applied, "--dry-run"]).await;
+    assert_eq!(dry.unwrap().flips, 4);
+    let to_of = |url: &str| {
+        log.iter()
+            .find(|e| e["event"] == "flip" && e["url"] == url)
+            .unwrap()["to"]
+            .clone()
+    };
+    assert_eq!(to_of("https://n1.example"), "null");
+    assert_eq!(to_of("https://n2.example"), "(no type key)");
+
+    let (reverted, _) = revert(&db, &[&applied, "--apply"]).await;
+    assert_eq!(reverted.unwrap().written, 4);
+    assert_eq!(db.agents_of("odd").await, agents);
+    assert_eq!(
+        stored_text(&db).await,
+        before,
+        "byte-identical as PostgreSQL stores it"
+    );
+    let undo_types: Vec<String> = db.audit_rows().await[4..]
+        .iter()
+        .map(|row| row.new_type.clone())
+        .collect();
+    assert_eq!(undo_types, ["unknown", "unknown", "3", "unknown"]);
+}
+
+/// Rows written before the distinction record an absent or null type as "unknown": a revert
+/// restores the string, and its log says it cannot know which it was.
+#[tokio::test]
+async fn revert_of_an_old_row_restores_unknown_and_says_it_cannot_tell() {
+    let db = TestDb::new().await;
+    let profile = NewProfile {
+        id: uuid::Uuid::from_u128(12),
+        slug: "old".into(),
+        display_name: "Old".into(),
+        agents: Some(json!([{"url": "https://n1.example", "type": null}])),
+    };
+    seed::insert(
+        &db.pool,
+        &[profile],
+        &[NewSnapshot::new("https://n1.example", Some("sales"))],
+    )
+    .await
+    .unwrap();
+    let applied = apply(&db).await;
+    // What an earlier version wrote: no type_key, and "unknown" for the null.
+    sqlx::query(
+        "UPDATE type_reclassification_log \
+         SET notes = (notes - 'type_key') || '{\"from\": \"unknown\"}'::jsonb",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut text = Vec::new();
+    common::revert(&[&applied, "--dry-run"], &db.url, &mut text)
+        .await
+        .unwrap();
+    let text = String::from_utf8(text).unwrap();
+    assert!(
+        text.contains("old row: \"unknown\" may have been no type key or null"),
+        "{text}"
+    );
+    let (reverted, log) = revert(&db, &[&applied, "--apply"]).await;
+    assert_eq!(reverted.unwrap().written, 1);
+    let flip = log.iter().find(|e| e["event"] == "flip").unwrap();
+    assert_eq!(flip["to"], "unknown");
+    assert_eq!(
+        db.agents_of("old").await,
+        json!([{"url": "https://n1.example", "type": "unknown"}])
     );
 }
 

@@ -357,3 +357,60 @@ fn write_attempts_is_the_number_of_tries_not_retries() {
     );
     runtime.block_on(holder.close()).unwrap();
 }
+
+/// A snapshot inferring `si` (valid from 28 January to 12 April 2026, then retired) holds its
+/// flip with its own reason and advice to re-probe or demote; a type the server never had keeps
+/// the advice to update the tool. Each in text, JSON and Markdown; nothing is written either way.
+#[tokio::test]
+async fn a_retired_type_is_held_with_re_probe_advice_and_a_never_known_one_with_update_advice() {
+    for (inferred, reason, advice, not_advice) in [
+        ("si", "retired_inferred_type", "re-probe the agent", "newer"),
+        ("quantum", "unrecognised_inferred_type", "newer", "re-probe"),
+    ] {
+        let db = TestDb::seeded(5).await;
+        let url = "https://old-probe.example/mcp";
+        let profile = NewProfile {
+            id: Uuid::from_u128(0x51),
+            slug: "old-probe".into(),
+            display_name: "Old probe".into(),
+            agents: Some(json!([{"url": url, "type": "sales"}])),
+        };
+        seed::insert(
+            &db.pool,
+            &[profile],
+            &[NewSnapshot::new(url, Some(inferred))],
+        )
+        .await
+        .unwrap();
+        let before = db.dump().await;
+
+        let (refused, log) = backfill(&db.url, &["--apply"]).await;
+        let error = refused.unwrap_err();
+        assert_eq!(exit_code(&error), 3);
+        let message = format!("{error:#}");
+        assert!(
+            message.contains(&format!("{reason} '{inferred}'")) && message.contains(advice),
+            "{message}"
+        );
+        assert!(!message.contains(not_advice), "{message}");
+        let held: Vec<&Value> = log.iter().filter(|e| e["event"] == "held").collect();
+        assert!(
+            held.iter()
+                .any(|e| e["reason"] == reason && e["inferred_type"] == inferred),
+            "{held:?}"
+        );
+        assert_eq!(db.dump().await, before);
+
+        for format in ["text", "markdown"] {
+            let mut out = Vec::new();
+            let result =
+                execute(&args(&["--dry-run", "--format", format]), &db.url, &mut out).await;
+            assert_eq!(exit_code(&result.unwrap_err()), 3);
+            let out = String::from_utf8(out).unwrap();
+            assert!(
+                out.contains(advice) && !out.contains(not_advice),
+                "{format}: {out}"
+            );
+        }
+    }
+}

@@ -3,7 +3,7 @@
 //!
 //! - conformance, prefilter, resolver_properties, malformed_corpus: the rule against the 787
 //!   vectors, in Rust and in the server's SQL, and under hostile input;
-//! - backfill, plans, audit: the library's runs against a real PostgreSQL;
+//! - backfill, plans, audit, revert_roundtrip: the library's runs against a real PostgreSQL;
 //! - cli, tls: the built binary, end to end;
 //! - reliability: concurrent writers, killed processes and sessions, restarts and timeouts;
 //! - pooler, standby, privileges, libpq: production deployment shapes (PgBouncer in both pool
@@ -30,6 +30,7 @@ mod prefilter;
 mod privileges;
 mod reliability;
 mod resolver_properties;
+mod revert_roundtrip;
 mod secrets;
 mod server_versions;
 mod standby;

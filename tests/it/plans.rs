@@ -224,3 +224,133 @@ async fn a_flip_held_in_the_reviewed_plan_stays_held_in_its_apply() {
     assert!(held.iter().all(|e| e["reason"] == "stale_probe"));
     assert_eq!(db.dump().await, before);
 }
+
+/// A reviewed plan is applied only as `--plan-out` wrote it: a flip removed, a flip added or a
+/// `to` changed by hand is refused with exit 2 before any table is read, and nothing is written.
+/// Formatting is not content: the same plan re-indented, compacted or with its keys reordered
+/// still applies.
+#[tokio::test]
+async fn an_edited_plan_is_refused_and_a_reformatted_one_applies() {
+    let db = TestDb::seeded(20).await;
+    let path = PlanPath::for_db(&db);
+    run(&db, &["--dry-run", "--plan-out", path.to_str()])
+        .await
+        .0
+        .unwrap();
+    let written = std::fs::read_to_string(&path.0).unwrap();
+    let original: Value = serde_json::from_str(&written).unwrap();
+    assert!(original["digest"]
+        .as_str()
+        .is_some_and(|digest| digest.starts_with("sha256:") && digest.len() == 7 + 64));
+
+    let edited = PlanPath(path.0.with_extension("edited.json"));
+    let before = db.dump().await;
+    type Edit = (&'static str, fn(&mut Value));
+    let edits: [Edit; 4] = [
+        ("a flip removed", |plan| {
+            plan["flips"].as_array_mut().unwrap().pop();
+        }),
+        ("a flip added", |plan| {
+            let mut copy = plan["flips"][0].clone();
+            copy["index"] = json!(7);
+            plan["flips"].as_array_mut().unwrap().push(copy);
+        }),
+        ("a to changed", |plan| {
+            plan["flips"][0]["to"] = json!("creative")
+        }),
+        ("a number rewritten", |plan| {
+            plan["counts"]["flips"] = json!(3);
+        }),
+    ];
+    for (what, edit) in edits {
+        let mut plan = original.clone();
+        edit(&mut plan);
+        std::fs::write(&edited.0, serde_json::to_string_pretty(&plan).unwrap()).unwrap();
+        let (refused, log) = run(&db, &["--apply", "--plan", edited.to_str()]).await;
+        let error = refused.unwrap_err();
+        assert_eq!(exit_code(&error), 2, "{what}: {error:#}");
+        let message = format!("{error:#}");
+        assert!(
+            message.contains("was changed after --plan-out wrote it")
+                && message.contains(original["digest"].as_str().unwrap()),
+            "{what}: {message}"
+        );
+        assert!(log.is_empty(), "{what}: refused before anything was read");
+        assert_eq!(db.dump().await, before, "{what}: nothing written");
+    }
+
+    // Compact, one line, keys in serde_json's sorted order: only the formatting differs.
+    std::fs::write(&edited.0, original.to_string()).unwrap();
+    assert_ne!(std::fs::read_to_string(&edited.0).unwrap(), written);
+    let (applied, _) = run(&db, &["--apply", "--plan", edited.to_str()]).await;
+    assert_eq!(applied.unwrap().written, 2);
+}
+
+/// The staging case: two flips to write and one held for a retired type. Without
+/// `--leave-held` every apply writes nothing (exit 3); with it and the reviewed plan, exactly the
+/// two are written, the held one is listed and left, and the audit notes say the run left it.
+/// `--leave-held` without `--plan` is a usage error.
+#[tokio::test]
+async fn leave_held_writes_exactly_the_reviewed_flips_that_are_not_held() {
+    let db = TestDb::seeded(20).await;
+    let url = "https://old-probe.example/mcp";
+    let profile = NewProfile {
+        id: uuid::Uuid::from_u128(0x52),
+        slug: "old-probe".into(),
+        display_name: "Old probe".into(),
+        agents: Some(json!([{"url": url, "type": "sales"}])),
+    };
+    seed::insert(
+        &db.pool,
+        &[profile],
+        &[seed::NewSnapshot::new(url, Some("si"))],
+    )
+    .await
+    .unwrap();
+    let path = PlanPath::for_db(&db);
+    let (dry, _) = run(&db, &["--dry-run", "--plan-out", path.to_str()]).await;
+    assert_eq!(exit_code(&dry.unwrap_err()), 3);
+    let before = db.dump().await;
+
+    let no_plan = agent_type_backfill::config::BackfillConfig::from_cli(&common::args(&[
+        "--apply",
+        "--leave-held",
+    ]))
+    .unwrap_err();
+    assert_eq!(exit_code(&no_plan.clone().into()), 2);
+    assert!(
+        no_plan.to_string().contains("--leave-held needs --plan"),
+        "{no_plan}"
+    );
+    let (without, _) = run(&db, &["--apply", "--plan", path.to_str()]).await;
+    assert_eq!(exit_code(&without.unwrap_err()), 3);
+    assert_eq!(
+        db.dump().await,
+        before,
+        "without --leave-held nothing is written"
+    );
+
+    let (left, log) = run(&db, &["--apply", "--plan", path.to_str(), "--leave-held"]).await;
+    let left = left.unwrap();
+    assert_eq!((left.flips, left.held, left.written), (3, 1, 2));
+    let held: Vec<&Value> = log.iter().filter(|e| e["event"] == "held").collect();
+    assert_eq!(held.len(), 1);
+    assert_eq!(
+        (&held[0]["url"], &held[0]["reason"]),
+        (&json!(url), &json!("retired_inferred_type"))
+    );
+    assert_eq!(log.last().unwrap()["held"], 1);
+    assert_eq!(log[0]["leave_held"], true, "the header records it");
+    assert_eq!(db.agents_of("old-probe").await[0]["type"], "sales");
+    let audit = db.audit_rows().await;
+    let urls: Vec<&str> = audit.iter().map(|row| row.agent_url.as_str()).collect();
+    assert_eq!(audit.len(), 2);
+    assert!(urls.contains(&BIDCLIQ_URL) && urls.contains(&SWIVEL_URL));
+    for row in &audit {
+        let notes = row.notes.as_ref().unwrap();
+        assert_eq!(
+            (&notes["leave_held"], &notes["held_left"]),
+            (&json!(true), &json!(1))
+        );
+    }
+}
