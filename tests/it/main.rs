@@ -18,6 +18,7 @@ mod common;
 mod conformance;
 mod guarantees;
 mod guards;
+mod left_behind;
 mod libpq;
 mod log_order;
 mod malformed_corpus;
