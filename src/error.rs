@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::outcome::Ending;
+use crate::outcome::{Ending, Stop};
 
 /// A failure the operator must act on differently from a crash; `code()` is its exit status.
 /// Failures before a run's log header are `Usage` and `Preflight`; every ending after it is an
@@ -16,6 +16,8 @@ pub enum Failure {
     Preflight(String),
     /// A run that printed its header ended otherwise than completed.
     Ended(Box<Ending>),
+    /// A signal stopped a command that is not a run (the rehearsal): `what` says what it left.
+    Interrupted { stop: Stop, what: &'static str },
 }
 
 impl Failure {
@@ -24,6 +26,7 @@ impl Failure {
             Failure::Usage(_) => 2,
             Failure::Preflight(_) => 4,
             Failure::Ended(ending) => ending.code(),
+            Failure::Interrupted { stop, .. } => 128 + stop.number(),
         }
     }
 }
@@ -33,6 +36,9 @@ impl fmt::Display for Failure {
         match self {
             Failure::Usage(message) | Failure::Preflight(message) => f.write_str(message),
             Failure::Ended(ending) => ending.fmt(f),
+            Failure::Interrupted { stop, what } => {
+                write!(f, "interrupted by {}: {what}", stop.name())
+            }
         }
     }
 }

@@ -22,10 +22,13 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("agent_type_backfill=info,sqlx=warn")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            EnvFilter::new(
+                // sqlx reads the password file too, by its own rules, and warns about it;
+                // the tool reads it as libpq does and gives libpq's one warning itself.
+                "agent_type_backfill=info,sqlx=warn,sqlx_postgres::options::pgpass=off",
+            )
+        }))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -16,10 +16,23 @@ use crate::support::ephemeral::EphemeralPostgres;
 use crate::support::seed;
 
 pub async fn rehearse(args: &RehearseArgs, out: &mut (dyn Write + Send)) -> Result<()> {
+    // Listening before the server starts: Ctrl-C (SIGINT) or SIGTERM at any moment still stops
+    // the throwaway cluster and removes its directory, as success and failure do.
+    let stop = crate::interrupt::StopSignal::from_os()?;
     let server = tokio::task::spawn_blocking(EphemeralPostgres::start)
         .await
         .context("the server start-up task panicked")??;
-    let outcome = rehearse_on(&server, args, out).await;
+    let mut interrupted = stop.clone();
+    let outcome = tokio::select! {
+        outcome = rehearse_on(&server, args, out) => outcome,
+        signal = interrupted.wait() => {
+            Err(crate::error::Failure::Interrupted {
+                stop: crate::outcome::Stop::from_number(signal),
+                what: "the rehearsal's throwaway server is stopped and its directory removed",
+            }
+            .into())
+        }
+    };
     tokio::task::spawn_blocking(move || server.stop())
         .await
         .context("the server shutdown task panicked")??;

@@ -70,11 +70,15 @@ fn read_private(path: &std::path::Path) -> Option<String> {
         return None;
     }
     if metadata.permissions().mode() & 0o077 != 0 {
-        tracing::warn!(
-            "password file '{}' has group or world access; permissions should be u=rw \
-             (0600) or less: ignoring it",
-            path.display()
-        );
+        // The file is consulted again to explain a refused login; libpq warns once.
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                "password file '{}' has group or world access; permissions should be u=rw \
+                 (0600) or less: ignoring it",
+                path.display()
+            );
+        });
         return None;
     }
     match std::fs::read(path) {

@@ -54,6 +54,8 @@ impl EphemeralPostgres {
 
     /// [`EphemeralPostgres::start`] with extra server settings (`-c name=value`), e.g. TLS.
     pub fn start_with(settings: &[(&str, &str)]) -> Result<Self> {
+        // A process killed with SIGKILL cannot remove its cluster; the next start does.
+        remove_stale_clusters_in(&std::env::temp_dir());
         let bin = server_bin_dir()?;
         let run_as = run_as()?;
         let root = make_private_dir(run_as)?;
@@ -435,7 +437,7 @@ fn make_private_dir(run_as: Option<RunAs>) -> Result<PathBuf> {
     for _ in 0..100 {
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let candidate = base.join(format!(
-            "agent-type-backfill-pg-{}-{}",
+            "{CLUSTER_DIR_PREFIX}{}-{}",
             std::process::id(),
             &suffix[..12]
         ));
@@ -443,6 +445,11 @@ fn make_private_dir(run_as: Option<RunAs>) -> Result<PathBuf> {
             Ok(()) => {
                 fs::set_permissions(&candidate, fs::Permissions::from_mode(0o700))
                     .context("could not restrict the temporary directory")?;
+                let me = libc::pid_t::try_from(std::process::id())
+                    .context("this process id does not fit a pid_t")?;
+                let started = process_start(me).context("could not read /proc/self/stat")?;
+                fs::write(candidate.join(OWNER_MARKER), format!("{me} {started}\n"))
+                    .context("could not mark the temporary directory as this process's")?;
                 if let Some(RunAs { uid, gid }) = run_as {
                     std::os::unix::fs::chown(&candidate, Some(uid), Some(gid))
                         .context("could not hand the temporary directory to the postgres user")?;
@@ -458,6 +465,73 @@ fn make_private_dir(run_as: Option<RunAs>) -> Result<PathBuf> {
     Err(anyhow!(
         "could not create a temporary directory under {base:?}"
     ))
+}
+
+/// How every throwaway cluster directory's name starts (then the owner's pid and a suffix).
+const CLUSTER_DIR_PREFIX: &str = "agent-type-backfill-pg-";
+/// Written into each cluster directory before anything else: the owning process's pid and its
+/// start time, so a directory is provably this tool's and a reused pid is not its owner.
+const OWNER_MARKER: &str = "owner.pid";
+
+/// A process's start time (clock ticks since boot, field 22 of `/proc/PID/stat`); `None` when
+/// there is no such process.
+fn process_start(pid: libc::pid_t) -> Option<String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: the fields resume after the last ')',
+    // with field 3 (the state) first.
+    let fields = stat.get(stat.rfind(')')? + 1..)?;
+    fields.split_whitespace().nth(19).map(str::to_owned)
+}
+
+/// Whether `pid` is a running postgres process.
+fn postgres_running(pid: libc::pid_t) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "postgres")
+}
+
+/// Removes the cluster directories under `base` left by processes that died without cleaning
+/// up (SIGKILL), and returns them. Only a directory that is provably one of ours and dead goes:
+/// its name and owner marker name the same pid, that process (with that start time) is gone,
+/// and no postgres runs from its pid file. Anything else is left alone.
+pub fn remove_stale_clusters_in(base: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(base) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(name) = path.file_name().and_then(|name| name.to_str()) else {
+            continue;
+        };
+        let Some(rest) = name.strip_prefix(CLUSTER_DIR_PREFIX) else {
+            continue;
+        };
+        let Ok(marker) = fs::read_to_string(path.join(OWNER_MARKER)) else {
+            continue;
+        };
+        let mut fields = marker.split_whitespace();
+        let (Some(owner), Some(started)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let Ok(owner_pid) = owner.parse::<libc::pid_t>() else {
+            continue;
+        };
+        if !rest.starts_with(&format!("{owner}-")) {
+            continue;
+        }
+        if process_start(owner_pid).as_deref() == Some(started) {
+            continue;
+        }
+        let server = fs::read_to_string(path.join("data").join("postmaster.pid"))
+            .ok()
+            .and_then(|text| text.lines().next()?.trim().parse::<libc::pid_t>().ok());
+        if server.is_some_and(postgres_running) {
+            continue;
+        }
+        if fs::remove_dir_all(&path).is_ok() {
+            removed.push(path);
+        }
+    }
+    removed
 }
 
 fn free_port() -> Result<u16> {

@@ -859,11 +859,10 @@ async fn crawler_disagreements_are_shown_on_each_flip_and_can_be_demanded() {
 #[tokio::test]
 async fn crawler_evidence_without_select_on_the_log_is_unavailable_and_cannot_be_demanded() {
     let db = TestDb::seeded(5).await;
-    let role = format!("reader_{}", uuid::Uuid::new_v4().simple());
-    for statement in [
-        format!("CREATE ROLE {role} LOGIN"),
-        format!("GRANT SELECT ON member_profiles, agent_capabilities_snapshot TO {role}"),
-    ] {
+    let role = db.role("reader").await;
+    for statement in [format!(
+        "GRANT SELECT ON member_profiles, agent_capabilities_snapshot TO {role}"
+    )] {
         sqlx::query(&statement).execute(&db.pool).await.unwrap();
     }
     let url = db.url.replacen("postgres@", &format!("{role}@"), 1);

@@ -94,11 +94,10 @@ async fn row_versions(db: &TestDb) -> Vec<String> {
 #[tokio::test]
 async fn dry_run_as_a_select_only_role_succeeds_and_leaves_every_row_version_alone() {
     let db = TestDb::seeded(30).await;
-    let reader = format!("reader_{}", &Uuid::new_v4().simple().to_string()[..12]);
-    for statement in [
-        format!("CREATE ROLE {reader} LOGIN"),
-        format!("GRANT SELECT ON member_profiles, agent_capabilities_snapshot TO {reader}"),
-    ] {
+    let reader = db.role("reader").await;
+    for statement in [format!(
+        "GRANT SELECT ON member_profiles, agent_capabilities_snapshot TO {reader}"
+    )] {
         sqlx::query(&statement).execute(&db.pool).await.unwrap();
     }
     let can_write: bool = sqlx::query_scalar(

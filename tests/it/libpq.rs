@@ -92,20 +92,28 @@ async fn the_password_file_is_read_as_libpq_reads_it() {
     );
     assert!(!done.stderr.contains(PASSWORD), "{}", done.stderr);
 
-    // A file others may read is ignored, with libpq's warning.
-    write_private(&file, &good, 0o644);
+    // A file the group or others may read (or write) is ignored, with libpq's one warning.
+    for mode in [0o640, 0o620, 0o610, 0o604, 0o602, 0o644, 0o660] {
+        write_private(&file, &good, mode);
+        let done = tool(&url, &["--dry-run"], &[("PGPASSFILE", file_arg)]);
+        assert_eq!(done.code(), 2, "mode {mode:o}: {}", done.stderr);
+        assert_eq!(
+            done.stderr.matches("has group or world access").count(),
+            1,
+            "mode {mode:o}: one warning: {}",
+            done.stderr
+        );
+        assert!(
+            done.stderr.contains("no line of"),
+            "mode {mode:o}: the hint says no password was found: {}",
+            done.stderr
+        );
+    }
+    // Owner-only modes narrower than 0600 are private too.
+    write_private(&file, &good, 0o400);
     let done = tool(&url, &["--dry-run"], &[("PGPASSFILE", file_arg)]);
-    assert_eq!(done.code(), 2, "{}", done.stderr);
-    assert!(
-        done.stderr.contains("has group or world access"),
-        "{}",
-        done.stderr
-    );
-    assert!(
-        done.stderr.contains("no line of"),
-        "the hint says no password was found: {}",
-        done.stderr
-    );
+    assert_eq!(done.code(), 0, "mode 400: {}", done.stderr);
+    assert!(!done.stderr.contains("group or world"), "{}", done.stderr);
 
     // ~/.pgpass when PGPASSFILE is unset; PGPASSWORD, when set, wins over the file.
     let home = dir.join("home");

@@ -2,7 +2,7 @@
 //! role missing any one of them stops at preflight (exit 4) naming the privilege and its GRANT,
 //! with nothing read or written.
 
-use crate::common::deployment::{as_user, role_name, tool};
+use crate::common::deployment::{as_user, tool};
 use crate::common::{events, TestDb};
 
 /// Each GRANT of RUNBOOK.md, by what it gives, with the role written `backfill` as there.
@@ -62,11 +62,7 @@ fn named_fix(grant: &str, role: &str) -> (String, String) {
 }
 
 async fn role_with(db: &TestDb, grants: &[&str]) -> String {
-    let role = role_name("atb_least");
-    sqlx::query(&format!("CREATE ROLE {role} LOGIN"))
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    let role = db.role("atb_least").await;
     for grant in grants {
         sqlx::query(&grant.replace("backfill", &role))
             .execute(&db.pool)
@@ -271,4 +267,62 @@ async fn an_identity_id_column_needs_usage_on_its_sequence() {
     );
     assert_eq!(applied.code(), 0, "{}", applied.stderr);
     assert!(!db.audit_rows().await.is_empty());
+}
+
+/// The two grants that look like the needed ones: SELECT on the audit sequence (nextval needs
+/// USAGE or UPDATE), and UPDATE on other columns of member_profiles (enough for FOR UPDATE, not
+/// for the write). Each is refused at preflight, before the plan, never at the first write.
+#[tokio::test]
+async fn near_miss_grants_are_refused_at_preflight_not_at_the_first_write() {
+    let db = TestDb::seeded(10).await;
+    let before = db.dump().await;
+    let near_misses = [
+        (
+            USE_SEQUENCE,
+            "GRANT SELECT ON SEQUENCE type_reclassification_log_id_seq TO backfill;",
+        ),
+        (
+            UPDATE_AGENTS,
+            "GRANT UPDATE (slug, display_name, updated_at) ON member_profiles TO backfill;",
+        ),
+    ];
+    for (missing, instead) in near_misses {
+        let mut granted: Vec<&str> = APPLY.iter().copied().filter(|g| *g != missing).collect();
+        granted.push(instead);
+        let role = role_with(&db, &granted).await;
+        let done = tool(
+            &as_user(&db.url, &role),
+            &["--apply", "--max-flips", "100", "--format", "json"],
+            &[],
+        );
+        assert_eq!(done.code(), 4, "{instead}: {}", done.stderr);
+        let (privilege, fix) = named_fix(missing, &role);
+        assert!(
+            done.stderr.contains(&privilege) && done.stderr.contains(&fix),
+            "{instead}: expected `{privilege}` and `{fix}` in {}",
+            done.stderr
+        );
+        assert!(done.stdout.is_empty(), "nothing planned: {}", done.stdout);
+    }
+    assert_eq!(db.dump().await, before, "nothing was written");
+}
+
+/// Roles live on the whole server: a test's roles go when its database does, so a run against
+/// a shared DATABASE_URL server leaves none behind.
+#[tokio::test]
+async fn the_roles_a_test_creates_are_dropped_with_its_database() {
+    let db = TestDb::seeded(0).await;
+    let role = role_with(&db, REVERT_APPLY).await;
+    let admin = crate::common::shared_server().pool("postgres").await;
+    let exists = || async {
+        sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = $1)")
+            .bind(&role)
+            .fetch_one(&admin)
+            .await
+            .unwrap()
+    };
+    assert!(exists().await);
+    drop(db);
+    assert!(!exists().await, "role {role} outlived its test database");
+    admin.close().await;
 }

@@ -6,7 +6,7 @@
 //! each as well, and chunked.rs the plan shape of the planning chunks.
 
 use crate::common;
-use crate::common::deployment::{as_user, role_name};
+use crate::common::deployment::as_user;
 
 use std::time::Duration;
 
@@ -17,11 +17,7 @@ use sqlx::{Connection, PgConnection};
 
 /// A login role with no privileges, and the test database's URL for it.
 async fn plain_role(db: &TestDb) -> String {
-    let role = role_name("atb_plain");
-    sqlx::query(&format!("CREATE ROLE {role} LOGIN"))
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    let role = db.role("atb_plain").await;
     as_user(&db.url, &role)
 }
 

@@ -3,7 +3,7 @@
 //! primary), and a role whose transactions are read-only by default. Writes stop at preflight;
 //! a plan made on the standby applies on its primary.
 
-use crate::common::deployment::{as_user, registry_on, role_name, tool};
+use crate::common::deployment::{as_user, registry_on, tool};
 use crate::common::{events, TestDb};
 use agent_type_backfill::support::ephemeral::EphemeralPostgres;
 use serde_json::Value;
@@ -102,9 +102,8 @@ async fn a_standby_refuses_writes_at_preflight_and_its_plan_applies_on_the_prima
 #[tokio::test]
 async fn a_role_whose_transactions_are_read_only_stops_at_preflight() {
     let db = TestDb::seeded(10).await;
-    let role = role_name("atb_ro");
+    let role = db.role("atb_ro").await;
     for statement in [
-        format!("CREATE ROLE {role} LOGIN"),
         format!("GRANT SELECT, UPDATE ON member_profiles TO {role}"),
         format!("GRANT SELECT ON agent_capabilities_snapshot TO {role}"),
         format!("GRANT SELECT, INSERT ON type_reclassification_log TO {role}"),

@@ -210,6 +210,9 @@ pub struct TestDb {
     pub url: String,
     pub pool: PgPool,
     server: Server,
+    /// Roles the test created with [`TestDb::role`]: dropped with the database, since roles
+    /// belong to the whole server and a shared `DATABASE_URL` server would keep them.
+    roles: Mutex<Vec<String>>,
 }
 
 impl TestDb {
@@ -224,7 +227,19 @@ impl TestDb {
             url,
             pool,
             server: shared.server.clone(),
+            roles: Mutex::new(Vec::new()),
         }
+    }
+
+    /// `CREATE ROLE prefix_<random> LOGIN`, dropped when the test's database is.
+    pub async fn role(&self, prefix: &str) -> String {
+        let role = deployment::role_name(prefix);
+        self.roles.lock().unwrap().push(role.clone());
+        sqlx::query(&format!("CREATE ROLE {role} LOGIN"))
+            .execute(&self.pool)
+            .await
+            .unwrap();
+        role
     }
 
     /// The named stale, buying and junk profiles among `ordinary` consistent ones.
@@ -317,6 +332,22 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         // `WITH (FORCE)` also ends this pool's sessions and any the tool left behind.
         drop_database_now(&self.server, &self.name);
+        // The database held every grant these roles had, so nothing depends on them now.
+        let roles = std::mem::take(&mut *self.roles.lock().unwrap_or_else(|e| e.into_inner()));
+        if !roles.is_empty() {
+            let server = self.server.clone();
+            let dropped = std::thread::spawn(move || {
+                block_on(async move {
+                    for role in roles {
+                        server.admin(&format!("DROP ROLE IF EXISTS {role}")).await;
+                    }
+                })
+            })
+            .join();
+            if dropped.is_err() {
+                eprintln!("[tests] could not drop a test role");
+            }
+        }
     }
 }
 
@@ -467,5 +498,29 @@ pub fn refusals(error: &anyhow::Error) -> Vec<agent_type_backfill::outcome::Refu
             _ => Vec::new(),
         },
         _ => Vec::new(),
+    }
+}
+
+/// Waits until a session of the tool waits on a row lock: on a condition, not on the clock (the
+/// bound only turns a hang into a failure).
+pub async fn wait_for_blocked_tool(db: &TestDb) {
+    let started = std::time::Instant::now();
+    loop {
+        let blocked: Option<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name LIKE 'agent-type-backfill %' \
+               AND wait_event_type = 'Lock'",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+        if blocked.is_some() {
+            return;
+        }
+        assert!(
+            started.elapsed() < tool::HANG,
+            "the tool never blocked on the held row lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
