@@ -242,6 +242,14 @@ async fn plan_revert(
             conflicts.push(planned);
         }
     }
+    if !conflicts.is_empty() {
+        let restored = db::restored_by(pool, reverted).await?;
+        for conflict in &mut conflicts {
+            if let Some(revert) = restored.get(&(conflict.profile_id, conflict.flip.index)) {
+                conflict.note = Some(format!("{note}; already restored by revert run {revert}"));
+            }
+        }
+    }
     if legacy_unknown > 0 {
         warn!(
             rows = legacy_unknown,

@@ -383,3 +383,32 @@ pub(crate) async fn written_by(
         })
         .collect())
 }
+
+/// The elements earlier reverts of `reverted` restored: `(profile, index)` to the revert's run
+/// id, the latest revert where there were several. A revert of a run already reverted then names
+/// the revert that restored each conflict instead of leaving the operator to guess.
+pub(crate) async fn restored_by(
+    pool: &Pool,
+    reverted: &str,
+) -> Result<HashMap<(Uuid, usize), String>> {
+    let mut transaction = pool.begin().await?;
+    let rows: Vec<(Option<String>, Option<i64>, Option<String>)> = sqlx::query_as(
+        "SELECT DISTINCT ON (member_id, (notes ->> 'index')) member_id, \
+                (notes ->> 'index')::bigint, run_id \
+         FROM type_reclassification_log \
+         WHERE source = 'backfill_script' AND notes ->> 'reverts' = $1 \
+         ORDER BY member_id, (notes ->> 'index'), id DESC",
+    )
+    .persistent(false)
+    .bind(reverted)
+    .fetch_all(&mut transaction)
+    .await
+    .with_context(|| format!("could not read the reverts of run '{reverted}'"))?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(member, index, run_id)| {
+            let member = member?.parse::<Uuid>().ok()?;
+            Some(((member, usize::try_from(index?).ok()?), run_id?))
+        })
+        .collect())
+}

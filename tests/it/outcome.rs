@@ -447,3 +447,37 @@ async fn a_reviewed_plan_applied_again_says_its_flips_are_already_written_and_by
     );
     assert_eq!(audit_count(&db).await, 2, "nothing was written twice");
 }
+
+/// Regression: reverting a run a second time listed every element as a conflict without saying
+/// that an earlier revert had already restored it.
+#[tokio::test]
+async fn a_second_revert_names_the_revert_that_already_restored_each_element() {
+    let db = TestDb::seeded(10).await;
+    let applied = Tool::new(&["--apply", "--format", "json"])
+        .database(&db.url)
+        .run();
+    assert_eq!(applied.code(), 0, "{}", applied.stderr);
+    let run_id = applied.run_id().unwrap();
+    let reverted = Tool::new(&["revert", &run_id, "--apply", "--format", "json"])
+        .database(&db.url)
+        .run();
+    assert_eq!(reverted.code(), 0, "{}", reverted.stderr);
+    let revert_id = reverted.run_id().unwrap();
+
+    let again = Tool::new(&["revert", &run_id, "--dry-run"])
+        .database(&db.url)
+        .run();
+    assert_eq!(again.code(), 0, "{}", again.stderr);
+    let conflicts: Vec<&str> = again
+        .stdout
+        .lines()
+        .filter(|line| line.starts_with("  skipped "))
+        .collect();
+    assert_eq!(conflicts.len(), 2, "{}", again.stdout);
+    for line in conflicts {
+        assert!(
+            line.contains(&format!("already restored by revert run {revert_id}")),
+            "{line}"
+        );
+    }
+}
