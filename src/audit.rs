@@ -259,11 +259,7 @@ async fn plan_revert(
              \"unknown\" there; it cannot know which it was"
         );
     }
-    Ok((
-        flips,
-        conflicts,
-        u64::try_from(ids.len()).unwrap_or(u64::MAX),
-    ))
+    Ok((flips, conflicts, crate::domain::count(ids.len())))
 }
 
 /// What the run log says of a flip restored from an audit row that cannot tell an absent key, a

@@ -4,6 +4,8 @@
 
 use std::fmt;
 
+use chrono::{DateTime, SecondsFormat, Utc};
+
 use serde::{Serialize, Serializer};
 
 /// Whether a run may write.
@@ -67,4 +69,23 @@ impl Serialize for Transition {
 /// the one conversion in one place instead of an `unwrap_or` at every call site.
 pub fn count(len: usize) -> u64 {
     u64::try_from(len).unwrap_or(u64::MAX)
+}
+
+/// A timestamp as the log, the plan file and the audit notes print it: whole seconds, `Z`.
+pub(crate) fn rfc3339(at: &DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+pub(crate) fn seconds<S: Serializer>(at: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&rfc3339(at))
+}
+
+pub(crate) fn optional_seconds<S: Serializer>(
+    at: &Option<DateTime<Utc>>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match at {
+        Some(at) => serializer.serialize_str(&rfc3339(at)),
+        None => serializer.serialize_none(),
+    }
 }

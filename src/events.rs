@@ -3,12 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, SecondsFormat, Utc};
-use serde::{Serialize, Serializer};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
 use crate::db::{AuditEntry, CrawlerEvidence, RunRecord, Target};
+pub(crate) use crate::domain::rfc3339;
 pub use crate::domain::Mode;
 use crate::domain::Transition;
 use crate::outcome::OutcomeReport;
@@ -51,7 +52,7 @@ pub struct Start {
     pub version: &'static str,
     pub mode: Mode,
     pub target: Target,
-    #[serde(serialize_with = "seconds")]
+    #[serde(serialize_with = "crate::domain::seconds")]
     pub started_at: DateTime<Utc>,
     pub run_id: String,
     pub max_flips: usize,
@@ -103,7 +104,7 @@ pub struct FlipEvent {
     pub url: String,
     pub from: Value,
     pub to: String,
-    #[serde(serialize_with = "optional_seconds")]
+    #[serde(serialize_with = "crate::domain::optional_seconds")]
     pub probed_at: Option<DateTime<Utc>>,
     pub discovery_error: bool,
     pub oauth_required: bool,
@@ -300,23 +301,5 @@ impl Summary {
         } else {
             self.skipped += 1;
         }
-    }
-}
-
-pub(crate) fn rfc3339(at: &DateTime<Utc>) -> String {
-    at.to_rfc3339_opts(SecondsFormat::Secs, true)
-}
-
-fn seconds<S: Serializer>(at: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(&rfc3339(at))
-}
-
-fn optional_seconds<S: Serializer>(
-    at: &Option<DateTime<Utc>>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    match at {
-        Some(at) => serializer.serialize_str(&rfc3339(at)),
-        None => serializer.serialize_none(),
     }
 }

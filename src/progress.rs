@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 /// A bar over `total` profiles with rate and ETA.
 pub fn bar(total: usize, message: &'static str) -> ProgressBar {
     on_terminal(
-        Some(u64::try_from(total).unwrap_or(u64::MAX)),
+        Some(crate::domain::count(total)),
         "{msg} {wide_bar} {human_pos}/{human_len} profiles, {rate}, eta {eta}",
         message,
     )

@@ -141,7 +141,7 @@ pub async fn write(
                 break;
             }
         }
-        bar.inc(u64::try_from(batch.len()).unwrap_or(u64::MAX));
+        bar.inc(crate::domain::count(batch.len()));
     }
     bar.finish_and_clear();
     // A signal that arrived during the last batch still ends the run as interrupted: the

@@ -24,7 +24,7 @@ pub struct RunRecord {
 
 pub(crate) async fn backfill_runs(pool: &Pool) -> Result<Vec<RunRecord>> {
     let mut transaction = pool.begin().await?;
-    sqlx::query_as::<_, RunRecord>(
+    super::unnamed_as::<RunRecord>(
         "SELECT run_id, min(changed_at) AS first_change, max(changed_at) AS last_change, \
                 count(*) AS flips, count(DISTINCT member_id) AS profiles, \
                 max(notes ->> 'reverts') AS reverts \
@@ -32,7 +32,6 @@ pub(crate) async fn backfill_runs(pool: &Pool) -> Result<Vec<RunRecord>> {
          WHERE source = 'backfill_script' AND run_id IS NOT NULL \
          GROUP BY run_id ORDER BY min(changed_at) DESC, run_id DESC",
     )
-    .persistent(false)
     .fetch_all(&mut transaction)
     .await
     .context("could not read type_reclassification_log")
@@ -78,13 +77,12 @@ impl AuditEntry {
 
 pub(crate) async fn run_entries(pool: &Pool, run_id: &str) -> Result<Vec<AuditEntry>> {
     let mut transaction = pool.begin().await?;
-    let mut entries = sqlx::query_as::<_, AuditEntry>(
+    let mut entries = super::unnamed_as::<AuditEntry>(
         "SELECT id, run_id, changed_at, member_id, agent_url, old_type, new_type, \
                 notes - 'from' AS notes, (notes -> 'from')::text AS from_json \
          FROM type_reclassification_log \
          WHERE source = 'backfill_script' AND run_id = $1 ORDER BY id",
     )
-    .persistent(false)
     .bind(run_id)
     .fetch_all(&mut transaction)
     .await
@@ -116,9 +114,9 @@ pub(crate) struct CrawlerRow {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CrawlerEvidence {
     pub count: Option<u64>,
-    #[serde(serialize_with = "optional_rfc3339")]
+    #[serde(serialize_with = "crate::domain::optional_seconds")]
     pub first_at: Option<DateTime<Utc>>,
-    #[serde(serialize_with = "optional_rfc3339")]
+    #[serde(serialize_with = "crate::domain::optional_seconds")]
     pub last_at: Option<DateTime<Utc>>,
     pub last_inferred: Option<String>,
     /// Why the log could not be read; the other fields are then null.
@@ -141,7 +139,7 @@ impl CrawlerEvidence {
     pub(crate) fn for_flip(rows: &[CrawlerRow], to: &str) -> CrawlerEvidence {
         let agreeing: Vec<&CrawlerRow> = rows.iter().filter(|row| row.new_type == to).collect();
         CrawlerEvidence {
-            count: Some(u64::try_from(agreeing.len()).unwrap_or(u64::MAX)),
+            count: Some(crate::domain::count(agreeing.len())),
             first_at: agreeing.first().map(|row| row.changed_at),
             last_at: agreeing.last().map(|row| row.changed_at),
             last_inferred: rows.last().map(|row| row.new_type.clone()),
@@ -155,26 +153,13 @@ impl CrawlerEvidence {
     }
 }
 
-fn optional_rfc3339<S: serde::Serializer>(
-    at: &Option<DateTime<Utc>>,
-    serializer: S,
-) -> std::result::Result<S::Ok, S::Error> {
-    match at {
-        Some(at) => {
-            serializer.serialize_str(&at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        }
-        None => serializer.serialize_none(),
-    }
-}
-
 /// Whether this user may read `type_reclassification_log`: `None` when it may, else why not.
 pub(crate) async fn audit_log_unreadable(pool: &Pool) -> Result<Option<String>> {
     let mut transaction = pool.begin().await?;
-    let readable: Option<bool> = sqlx::query_scalar(
+    let readable: Option<bool> = super::unnamed_scalar(
         "SELECT CASE WHEN to_regclass('type_reclassification_log') IS NULL THEN NULL \
                 ELSE has_table_privilege('type_reclassification_log', 'SELECT') END",
     )
-    .persistent(false)
     .fetch_one(&mut transaction)
     .await
     .context("could not check SELECT on 'type_reclassification_log'")?;
@@ -190,12 +175,11 @@ pub(crate) async fn crawler_disagreements(
     connection: &mut Transaction,
     urls: &[&str],
 ) -> Result<HashMap<String, Vec<CrawlerRow>>> {
-    let rows: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(
+    let rows: Vec<(String, String, DateTime<Utc>)> = super::unnamed_as(
         "SELECT agent_url, new_type, changed_at FROM type_reclassification_log \
          WHERE source = 'crawler_promote' AND agent_url = ANY($1) \
          ORDER BY agent_url, changed_at, id",
     )
-    .persistent(false)
     .bind(urls)
     .fetch_all(connection)
     .await
@@ -268,7 +252,7 @@ pub(crate) async fn write_flips(
     // The notes keep the stored value exactly, so a revert can put it back: `type_key` says
     // whether the element had a `type` key, and `from` (only when it had) is its value, JSON
     // `null` included. Rows without `type_key` were written before this distinction existed.
-    let inserted = sqlx::query(
+    let inserted = super::unnamed(
         "INSERT INTO type_reclassification_log \
              (agent_url, member_id, old_type, new_type, source, run_id, notes) \
          SELECT a.url, a.member::text, \
@@ -282,7 +266,6 @@ pub(crate) async fn write_flips(
          JOIN member_profiles p ON p.id = a.member \
          ORDER BY a.position",
     )
-    .persistent(false)
     .bind(&urls)
     .bind(&members)
     .bind(&indexes)
@@ -315,14 +298,13 @@ pub(crate) async fn write_flips(
         let paths: Vec<String> = round.iter().map(|flip| flip.index.to_string()).collect();
         let values: Vec<Option<&str>> =
             round.iter().map(|flip| flip.new_value.as_deref()).collect();
-        let updated = sqlx::query(
+        let updated = super::unnamed(
             "UPDATE member_profiles AS p \
              SET agents = CASE WHEN f.new_value IS NULL THEN p.agents #- ARRAY[f.idx, 'type'] \
                  ELSE jsonb_set(p.agents, ARRAY[f.idx, 'type'], f.new_value::jsonb, true) END \
              FROM unnest($1::uuid[], $2::text[], $3::text[]) AS f(id, idx, new_value) \
              WHERE p.id = f.id",
         )
-        .persistent(false)
         .bind(&ids)
         .bind(&paths)
         .bind(&values)
@@ -357,7 +339,7 @@ pub(crate) async fn written_by(
     let urls: Vec<&str> = flips.iter().map(|flip| flip.2).collect();
     let types: Vec<&str> = flips.iter().map(|flip| flip.3).collect();
     let mut transaction = pool.begin().await?;
-    let rows: Vec<(String, i64, String)> = sqlx::query_as(
+    let rows: Vec<(String, i64, String)> = super::unnamed_as(
         "SELECT DISTINCT ON (w.member, w.idx) w.member, w.idx, l.run_id \
          FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[]) AS w(member, idx, url, to_type) \
          JOIN type_reclassification_log l \
@@ -367,7 +349,6 @@ pub(crate) async fn written_by(
           AND NOT l.notes ? 'reverts' \
          ORDER BY w.member, w.idx, l.id DESC",
     )
-    .persistent(false)
     .bind(&members)
     .bind(&indexes)
     .bind(&urls)
@@ -392,14 +373,13 @@ pub(crate) async fn restored_by(
     reverted: &str,
 ) -> Result<HashMap<(Uuid, usize), String>> {
     let mut transaction = pool.begin().await?;
-    let rows: Vec<(Option<String>, Option<i64>, Option<String>)> = sqlx::query_as(
+    let rows: Vec<(Option<String>, Option<i64>, Option<String>)> = super::unnamed_as(
         "SELECT DISTINCT ON (member_id, (notes ->> 'index')) member_id, \
                 (notes ->> 'index')::bigint, run_id \
          FROM type_reclassification_log \
          WHERE source = 'backfill_script' AND notes ->> 'reverts' = $1 \
          ORDER BY member_id, (notes ->> 'index'), id DESC",
     )
-    .persistent(false)
     .bind(reverted)
     .fetch_all(&mut transaction)
     .await

@@ -110,12 +110,11 @@ async fn apply_settings(connection: &mut Transaction, settings: &SessionSettings
     let idle_timeout = IDLE_IN_TRANSACTION_TIMEOUT.as_millis().to_string();
     // `true`: each setting lasts until the end of this transaction only (SET LOCAL), so a
     // transaction-mode pooler hands the server session on with the server's own values.
-    sqlx::query(
+    super::unnamed(
         "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true), \
                 set_config('jit', 'off', true), \
                 set_config('idle_in_transaction_session_timeout', $3, true)",
     )
-    .persistent(false)
     .bind(&lock_timeout)
     .bind(&statement_timeout)
     .bind(&idle_timeout)
@@ -125,12 +124,11 @@ async fn apply_settings(connection: &mut Transaction, settings: &SessionSettings
         "could not set lock_timeout, statement_timeout, jit and \
          idle_in_transaction_session_timeout for the transaction",
     )?;
-    let found: HashMap<String, String> = sqlx::query_as(
+    let found: HashMap<String, String> = super::unnamed_as(
         "SELECT name::text, setting FROM pg_catalog.pg_settings \
          WHERE name IN ('lock_timeout', 'statement_timeout', 'jit', \
                         'idle_in_transaction_session_timeout', 'application_name')",
     )
-    .persistent(false)
     .fetch_all(&mut *connection)
     .await
     .context("could not read back the transaction's settings")?
@@ -282,7 +280,7 @@ pub async fn connect(url: &str, settings: &SessionSettings) -> Result<Session> {
         // PgBouncer refuses a startup packet carrying extra_float_digits (or `options`, where the
         // timeouts used to go); the tool decodes floats in binary, so it needs neither.
         .extra_float_digits(None)
-        // Statements are sent unnamed (`persistent(false)` on each): a named one would outlive
+        // Statements are sent unnamed (see `db::unnamed`): a named one would outlive
         // its transaction on a server session that a transaction pooler gives to someone else.
         .statement_cache_capacity(0)
         // The planning pass is one long statement by design; say so at info, not as a warning.
@@ -341,8 +339,7 @@ pub async fn connect(url: &str, settings: &SessionSettings) -> Result<Session> {
         })
         .context("could not open the first transaction")?;
     apply_settings(&mut transaction, settings).await?;
-    let row = sqlx::query("SELECT current_database()::text, current_user::text")
-        .persistent(false)
+    let row = super::unnamed("SELECT current_database()::text, current_user::text")
         .fetch_one(&mut transaction)
         .await
         .context("could not ask the server who we are")?;

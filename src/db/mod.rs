@@ -16,6 +16,30 @@ pub use deadline::{is_silent, Deadlines, Transaction, DEFAULT_CONNECT_TIMEOUT};
 pub use preflight::*;
 pub use registry::*;
 
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::query::{Query, QueryAs, QueryScalar};
+use sqlx::{FromRow, Postgres};
+
+// Every statement is sent unnamed: a named (prepared) one would outlive its transaction on a
+// server session that a transaction pooler hands to another client.
+fn unnamed(sql: &str) -> Query<'_, Postgres, PgArguments> {
+    sqlx::query(sql).persistent(false)
+}
+
+fn unnamed_as<'q, O>(sql: &'q str) -> QueryAs<'q, Postgres, O, PgArguments>
+where
+    O: for<'r> FromRow<'r, PgRow>,
+{
+    sqlx::query_as(sql).persistent(false)
+}
+
+fn unnamed_scalar<'q, O>(sql: &'q str) -> QueryScalar<'q, Postgres, O, PgArguments>
+where
+    (O,): for<'r> FromRow<'r, PgRow>,
+{
+    sqlx::query_scalar(sql).persistent(false)
+}
+
 /// Whether an error is a lock or statement timeout, a deadlock or a serialization failure: the
 /// batch rolled back whole and may simply be tried again.
 pub(crate) fn is_retryable(error: &anyhow::Error) -> bool {

@@ -172,12 +172,11 @@ pub async fn preflight(pool: &Pool, needs: Needs) -> Result<()> {
         tables.push(("type_reclassification_log", AUDIT_COLUMNS));
     }
     for (table, columns) in tables {
-        let rows = sqlx::query(
+        let rows = super::unnamed(
             "SELECT a.attname::text, format_type(a.atttypid, NULL) \
              FROM pg_attribute a \
              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
         )
-        .persistent(false)
         .bind(table)
         .fetch_all(&mut transaction)
         .await
@@ -212,10 +211,9 @@ pub async fn preflight(pool: &Pool, needs: Needs) -> Result<()> {
     }
 
     if needs.writes() {
-        let (standby, read_only): (bool, bool) = sqlx::query_as(
+        let (standby, read_only): (bool, bool) = super::unnamed_as(
             "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'",
         )
-        .persistent(false)
         .fetch_one(&mut transaction)
         .await
         .context("could not ask whether the server accepts writes")?;
@@ -235,18 +233,16 @@ pub async fn preflight(pool: &Pool, needs: Needs) -> Result<()> {
         }
     }
 
-    let role: String = sqlx::query_scalar("SELECT quote_ident(current_user)")
-        .persistent(false)
+    let role: String = super::unnamed_scalar("SELECT quote_ident(current_user)")
         .fetch_one(&mut transaction)
         .await
         .context("could not ask the server for the current user")?;
     for grant in grants(needs) {
         let tables = vec![grant.table; grant.columns.len()];
-        let missing: Vec<String> = sqlx::query_scalar(
+        let missing: Vec<String> = super::unnamed_scalar(
             "SELECT c.column_name FROM unnest($1::text[], $2::text[]) AS c(table_name, column_name) \
              WHERE NOT has_column_privilege(c.table_name, c.column_name, $3)",
         )
-        .persistent(false)
         .bind(&tables)
         .bind(grant.columns)
         .bind(grant.privilege)
@@ -270,12 +266,11 @@ pub async fn preflight(pool: &Pool, needs: Needs) -> Result<()> {
     }
     if needs.writes() {
         // A serial or identity `id` draws from a sequence on every insert.
-        let sequence: Option<(String, bool)> = sqlx::query_as(
+        let sequence: Option<(String, bool)> = super::unnamed_as(
             "SELECT s, has_sequence_privilege(s, 'USAGE') OR has_sequence_privilege(s, 'UPDATE') \
              FROM pg_get_serial_sequence('type_reclassification_log', 'id') AS s \
              WHERE s IS NOT NULL",
         )
-        .persistent(false)
         .fetch_optional(&mut transaction)
         .await
         .context("could not check the sequence of type_reclassification_log.id")?;
@@ -310,8 +305,7 @@ fn compatible(actual: &str, wanted: &str) -> bool {
 /// with its primary.
 pub async fn system_identifier(pool: &Pool) -> Option<String> {
     let mut transaction = pool.begin().await.ok()?;
-    sqlx::query_scalar("SELECT system_identifier::text FROM pg_control_system()")
-        .persistent(false)
+    super::unnamed_scalar("SELECT system_identifier::text FROM pg_control_system()")
         .fetch_one(&mut transaction)
         .await
         .ok()
@@ -320,8 +314,7 @@ pub async fn system_identifier(pool: &Pool) -> Option<String> {
 /// Whether the server is a standby replaying its primary's changes.
 pub(crate) async fn in_recovery(pool: &Pool) -> Result<bool> {
     let mut transaction = pool.begin().await?;
-    sqlx::query_scalar("SELECT pg_is_in_recovery()")
-        .persistent(false)
+    super::unnamed_scalar("SELECT pg_is_in_recovery()")
         .fetch_one(&mut transaction)
         .await
         .context("could not ask whether the server is a standby")

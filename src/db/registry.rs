@@ -68,8 +68,7 @@ impl SnapshotLookup for Snapshots {
 /// The server process behind `connection`, so a statement running on it can be cancelled from
 /// another connection.
 pub async fn backend_pid(connection: &mut Transaction) -> Result<i32> {
-    sqlx::query_scalar("SELECT pg_backend_pid()")
-        .persistent(false)
+    super::unnamed_scalar("SELECT pg_backend_pid()")
         .fetch_one(connection)
         .await
         .context("could not ask the server for the planning session's process id")
@@ -81,8 +80,7 @@ pub async fn backend_pid(connection: &mut Transaction) -> Result<i32> {
 /// same user.
 pub async fn cancel_backend(pool: &Pool, pid: i32) -> Result<bool> {
     let mut transaction = pool.begin().await?;
-    sqlx::query_scalar("SELECT pg_cancel_backend($1)")
-        .persistent(false)
+    super::unnamed_scalar("SELECT pg_cancel_backend($1)")
         .bind(pid)
         .fetch_one(&mut transaction)
         .await
@@ -190,8 +188,7 @@ pub async fn plan_chunk(
         Option<Uuid>,
         i64,
         Vec<Uuid>,
-    ) = sqlx::query_as(PLAN_CHUNK)
-        .persistent(false)
+    ) = super::unnamed_as(PLAN_CHUNK)
         .bind(&VALID_AGENT_TYPES[..])
         .bind(SELF_DECLARED_TYPE)
         .bind(UNKNOWN_TYPE)
@@ -232,12 +229,11 @@ pub async fn snapshots_for(
     if urls.is_empty() {
         return Ok(Snapshots::default());
     }
-    let rows = sqlx::query(
+    let rows = super::unnamed(
         "SELECT agent_url, inferred_type, last_discovered, discovery_error IS NOT NULL, \
                 coalesce(oauth_required, false) \
          FROM agent_capabilities_snapshot WHERE agent_url = ANY($1)",
     )
-    .persistent(false)
     .bind(urls)
     .fetch_all(connection)
     .await
@@ -264,11 +260,10 @@ pub(crate) async fn lock_profiles(
     connection: &mut Transaction,
     ids: &[Uuid],
 ) -> Result<Vec<ProfileRow>> {
-    let rows = sqlx::query(
+    let rows = super::unnamed(
         "SELECT id, slug::text, agents::text FROM member_profiles WHERE id = ANY($1) \
          ORDER BY id FOR UPDATE",
     )
-    .persistent(false)
     .bind(ids)
     .fetch_all(connection)
     .await
@@ -278,10 +273,9 @@ pub(crate) async fn lock_profiles(
 
 /// Current rows of the given profiles, without locking them (planning a revert).
 pub async fn profiles_by_id(connection: &mut Transaction, ids: &[Uuid]) -> Result<Vec<ProfileRow>> {
-    let rows = sqlx::query(
+    let rows = super::unnamed(
         "SELECT id, slug::text, agents::text FROM member_profiles WHERE id = ANY($1) ORDER BY id",
     )
-    .persistent(false)
     .bind(ids)
     .fetch_all(connection)
     .await
@@ -309,7 +303,7 @@ pub(crate) async fn unrecognised_inferred_types(
     // An unnamed statement is planned with its parameters' values, so `$1 IS NULL` folds away and
     // the keyset condition is an index range.
     let (last_url, snapshots, names, counts): (Option<String>, i64, Vec<String>, Vec<i64>) =
-        sqlx::query_as(
+        super::unnamed_as(
             "WITH chunk AS MATERIALIZED ( \
                  SELECT agent_url, inferred_type FROM agent_capabilities_snapshot \
                  WHERE ($1::text IS NULL OR agent_url > $1::text) ORDER BY agent_url LIMIT $2 \
@@ -322,7 +316,6 @@ pub(crate) async fn unrecognised_inferred_types(
                     ARRAY(SELECT inferred_type FROM unrecognised ORDER BY inferred_type), \
                     ARRAY(SELECT n FROM unrecognised ORDER BY inferred_type)",
         )
-        .persistent(false)
         .bind(after)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .bind(&VALID_AGENT_TYPES[..])
@@ -343,10 +336,9 @@ pub(crate) async fn unrecognised_inferred_types(
 /// The planner's estimate of how many profiles there are, without reading them (the progress
 /// bar's length); `None` before the table was ever analysed.
 pub async fn estimated_profiles(connection: &mut Transaction) -> Result<Option<u64>> {
-    let estimate: f32 = sqlx::query_scalar(
+    let estimate: f32 = super::unnamed_scalar(
         "SELECT reltuples FROM pg_class WHERE oid = 'member_profiles'::regclass",
     )
-    .persistent(false)
     .fetch_one(connection)
     .await
     .context("could not read the estimated size of member_profiles")?;
