@@ -95,7 +95,7 @@ pub async fn revert(
         Mode::Apply => db::Needs::RevertApply,
         Mode::DryRun => db::Needs::ReadAudit,
     };
-    db::preflight(&run.session.pool, needs).await?;
+    crate::run::preflight(&run.session, run.mode, needs, config.run.max_replica_lag).await?;
     let entries = db::run_entries(&run.session.pool, &config.reverted_run).await?;
     if entries.is_empty() {
         return Err(no_such_run(&config.reverted_run));
@@ -141,8 +141,7 @@ async fn plan_and_write(
     let recheck = StillCarriesFrom {
         reverts: config.reverted_run.clone(),
     };
-    run.write(config.run.batch_size, config.run.write_attempts, &recheck)
-        .await
+    run.write(config.run.pace(), &recheck).await
 }
 
 /// Where an audit row says its change was made.

@@ -49,7 +49,7 @@ pub async fn execute(
         Mode::Apply => Needs::Apply,
         Mode::DryRun => Needs::DryRun,
     };
-    db::preflight(&run.session.pool, needs).await?;
+    crate::run::preflight(&run.session, run.mode, needs, config.run.max_replica_lag).await?;
     let evidence = evidence_access(&run.session, &config.guards).await?;
     run.leave_held = config.leave_held;
     let unavailable = match &evidence {
@@ -158,12 +158,8 @@ async fn plan_check_and_write(
     };
 
     // 4. Write (an apply nothing refused); the report is the run's conclusion.
-    run.write(
-        config.run.batch_size,
-        config.run.write_attempts,
-        &ResolveAgain { left_held },
-    )
-    .await
+    run.write(config.run.pace(), &ResolveAgain { left_held })
+        .await
 }
 
 /// A reviewed flip that no longer holds because its element already carries the reviewed type

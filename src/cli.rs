@@ -206,6 +206,11 @@ pub struct RunOpts {
     /// Attempts at a batch that hits a lock or statement timeout before it is reported as not written
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100), allow_hyphen_values = true)]
     pub write_attempts: u32,
+
+    /// With --apply: before each batch, wait while any streaming standby replays further behind
+    /// than this (e.g. 5s, 1min); needs pg_monitor or pg_read_all_stats; off by default
+    #[arg(long, value_name = "DURATION", value_parser = parse_age, allow_hyphen_values = true)]
+    pub max_replica_lag: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -234,8 +239,8 @@ pub struct ConnectOpts {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_server_timeout, allow_hyphen_values = true)]
     pub lock_timeout: Duration,
 
-    /// Longest any single statement may run (e.g. 30s, 2min); the plan's pass over every agent is
-    /// one statement
+    /// Longest any single statement may run (e.g. 30s, 2min); each planning statement reads one
+    /// chunk of --chunk-size profiles
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_server_timeout, allow_hyphen_values = true)]
     pub statement_timeout: Duration,
 }

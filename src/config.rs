@@ -10,6 +10,7 @@ use crate::cli::{BackfillArgs, Cli, ConnectOpts, HistoryArgs, RevertArgs, RunOpt
 use crate::domain::Mode;
 use crate::domain::{Format, Transition};
 use crate::error::Failure;
+use crate::write::Pace;
 
 /// Where to connect and how each statement is bounded.
 #[derive(Debug, Clone)]
@@ -44,6 +45,8 @@ pub struct RunConfig {
     pub max_flips: usize,
     pub batch_size: usize,
     pub write_attempts: u32,
+    /// `--max-replica-lag`: an apply waits before each batch while a standby is further behind.
+    pub max_replica_lag: Option<Duration>,
 }
 
 impl RunConfig {
@@ -54,6 +57,16 @@ impl RunConfig {
             max_flips: run.max_flips,
             batch_size: usize::try_from(run.batch_size).unwrap_or(usize::MAX),
             write_attempts: run.write_attempts,
+            max_replica_lag: run.max_replica_lag,
+        }
+    }
+
+    /// How the write goes through its batches.
+    pub fn pace(&self) -> Pace {
+        Pace {
+            batch_size: self.batch_size,
+            attempts: self.write_attempts,
+            max_replica_lag: self.max_replica_lag,
         }
     }
 }

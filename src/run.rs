@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use chrono::{DateTime, Utc};
-use tracing::info;
+use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::config::ConnectConfig;
@@ -22,13 +22,42 @@ use crate::interrupt::StopSignal;
 use crate::outcome::{Ending, Outcome, Phase, Refusal, Stop};
 use crate::plan::{in_log_order, PlannedFlip, PlanningBackend};
 use crate::report::Printer;
-use crate::write::{write, Ledger, Recheck, WriteOutcome};
+use crate::write::{write, Ledger, Pace, Recheck, WriteOutcome};
 use crate::VERSION;
 
 /// A run id that sorts by time and is easy to grep for in `type_reclassification_log`.
 pub fn new_run_id(now: DateTime<Utc>) -> String {
     let random = Uuid::new_v4().simple().to_string();
     format!("atb-{}-{}", now.format("%Y%m%dT%H%M%SZ"), &random[..8])
+}
+
+/// The preflight of a command that may write: the tables and privileges `needs`, and for an
+/// apply with `--max-replica-lag`, the right to read the standbys' lag.
+pub async fn preflight(
+    session: &db::Session,
+    mode: Mode,
+    needs: db::Needs,
+    max_replica_lag: Option<Duration>,
+) -> Result<()> {
+    db::preflight(&session.pool, needs).await?;
+    let (Mode::Apply, Some(bound)) = (mode, max_replica_lag) else {
+        return Ok(());
+    };
+    let standbys = db::preflight_replica_lag(&session.pool, &session.target.user).await?;
+    let bound = crate::write::lag_text(bound);
+    if standbys.is_empty() {
+        warn!(
+            "--max-replica-lag {bound}: no standby streams from this server now; one that \
+             connects during the write is watched from the next batch on"
+        );
+    } else {
+        let names: Vec<&str> = standbys.iter().map(|s| s.name.as_str()).collect();
+        info!(
+            "--max-replica-lag {bound}: watching standbys {}",
+            names.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// A signal (or a closed stdout) stopped the plan: the run ends interrupted, nothing written.
@@ -258,12 +287,7 @@ impl<'p> Run<'p> {
 
     /// Writes `dispositions.to_write`: only in an apply that nothing refused. A second signal
     /// abandons the batch in flight; what had committed is still counted.
-    pub async fn write(
-        &mut self,
-        batch_size: usize,
-        write_attempts: u32,
-        recheck: &dyn Recheck,
-    ) -> Result<()> {
+    pub async fn write(&mut self, pace: Pace, recheck: &dyn Recheck) -> Result<()> {
         if !self.refusals.is_empty()
             || self.mode != Mode::Apply
             || self.dispositions.to_write.is_empty()
@@ -276,8 +300,7 @@ impl<'p> Run<'p> {
             written = write(
                 &self.session.pool,
                 &self.dispositions.to_write,
-                batch_size,
-                write_attempts,
+                pace,
                 recheck,
                 &self.run_id,
                 &self.stop,

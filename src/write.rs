@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tracing::warn;
+use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::db::{self, FlipWrite, Snapshots};
@@ -96,14 +96,27 @@ impl Ledger {
     }
 }
 
-/// Writes `flips` in batches of `batch_size` profiles, one short transaction each, counting what
-/// commits in `ledger`.
-#[allow(clippy::too_many_arguments)]
+/// How the write goes through its batches.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    /// Profiles per batch, one short transaction each.
+    pub batch_size: usize,
+    /// Attempts at a batch that hits a lock or statement timeout.
+    pub attempts: u32,
+    /// `--max-replica-lag`: before each batch, wait while a standby's replay is further behind.
+    pub max_replica_lag: Option<Duration>,
+}
+
+/// How often a paused write asks the standbys again. Each status reply of a standby (every
+/// `wal_receiver_status_interval`, 10 s by default, and on every WAL it receives) updates its lag.
+const LAG_POLL: Duration = Duration::from_millis(500);
+
+/// Writes `flips` in batches at `pace`, one short transaction each, counting what commits in
+/// `ledger`.
 pub async fn write(
     pool: &db::Pool,
     flips: &[PlannedFlip],
-    batch_size: usize,
-    write_attempts: u32,
+    pace: Pace,
     recheck: &dyn Recheck,
     run_id: &str,
     stop: &StopSignal,
@@ -120,14 +133,19 @@ pub async fn write(
     let by_profile: Vec<(Uuid, Vec<&PlannedFlip>)> = by_profile.into_iter().collect();
     let bar = crate::progress::bar(by_profile.len(), "writing");
     let mut outcome = WriteOutcome::default();
-    for batch in by_profile.chunks(batch_size.max(1)) {
+    for batch in by_profile.chunks(pace.batch_size.max(1)) {
         // A stop request is honoured between attempts only, so each batch commits whole.
         if let Some(signal) = stop.raised() {
             outcome.interrupted_by = Some(signal);
             break;
         }
-        match write_with_retries(pool, batch, write_attempts, recheck, run_id, stop, ledger).await?
-        {
+        if let Some(bound) = pace.max_replica_lag {
+            if let Some(signal) = wait_for_standbys(pool, bound, stop).await? {
+                outcome.interrupted_by = Some(signal);
+                break;
+            }
+        }
+        match write_with_retries(pool, batch, pace.attempts, recheck, run_id, stop, ledger).await? {
             Attempts::Written(not_written) => outcome.not_written.extend(not_written),
             Attempts::GaveUp => {
                 for planned in batch.iter().flat_map(|(_, flips)| flips) {
@@ -148,6 +166,57 @@ pub async fn write(
     // operator asked to stop and should see that the exit status honours it.
     outcome.interrupted_by = outcome.interrupted_by.or(stop.raised());
     Ok(outcome)
+}
+
+/// Waits while any standby's replay is more than `bound` behind, as gh-ost and GitLab's batched
+/// migrations throttle on replication lag: the primary takes batches faster than a busy standby
+/// replays them. Returns the signal that stopped the wait, if one did. Said on stderr only: the
+/// run log's lines do not depend on how long a standby took.
+async fn wait_for_standbys(
+    pool: &db::Pool,
+    bound: Duration,
+    stop: &StopSignal,
+) -> Result<Option<i32>> {
+    let mut paused: Option<std::time::Instant> = None;
+    loop {
+        let lags = db::standby_lags(pool).await?;
+        match lags.iter().find(|standby| standby.lag > bound) {
+            Some(behind) => {
+                if paused.is_none() {
+                    warn!(
+                        "standby '{}' replays {} behind, more than --max-replica-lag {}: writes \
+                         paused until every standby is within it (Ctrl-C stops the run; what is \
+                         written so far stays written and audited)",
+                        behind.name,
+                        lag_text(behind.lag),
+                        lag_text(bound),
+                    );
+                    paused = Some(std::time::Instant::now());
+                }
+                let mut stop = stop.clone();
+                tokio::select! {
+                    () = tokio::time::sleep(LAG_POLL) => {}
+                    signal = stop.wait() => return Ok(Some(signal)),
+                }
+            }
+            None => {
+                if let Some(since) = paused {
+                    info!(
+                        "standbys within --max-replica-lag {} after {}: writes resumed",
+                        lag_text(bound),
+                        lag_text(since.elapsed()),
+                    );
+                }
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// A lag as the pause messages say it: seconds with one decimal, as `pg_stat_replication` shows
+/// it to a person.
+pub(crate) fn lag_text(lag: Duration) -> String {
+    format!("{:.1}s", lag.as_secs_f64())
 }
 
 enum Attempts {

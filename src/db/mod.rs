@@ -9,12 +9,14 @@ mod network;
 mod pgpass;
 mod preflight;
 mod registry;
+mod replicas;
 
 pub use audit_log::*;
 pub use connect::*;
 pub use deadline::{is_silent, Deadlines, Transaction, DEFAULT_CONNECT_TIMEOUT};
 pub use preflight::*;
 pub use registry::*;
+pub use replicas::*;
 
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::query::{Query, QueryAs, QueryScalar};

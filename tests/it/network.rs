@@ -101,15 +101,22 @@ fn dry_run(url: &str) -> Tool {
     .database(url)
 }
 
-/// Waits, up to the idle-in-transaction bound, until the server has no session of the tool
-/// left in a transaction; returns how many are left.
-async fn tool_sessions_in_transaction(db: &TestDb) -> i64 {
+/// Waits, up to the idle-in-transaction bound, until no session of the tool holds anything on
+/// the server: a running statement, a snapshot (which holds back vacuum), a transaction id or a
+/// lock other than its own virtual transaction id (a row lock a member's save would wait on);
+/// returns how many still do. A session whose link froze right after its BEGIN reached the
+/// server, before the statement that sets the transaction's timeout, stays `idle in
+/// transaction` until the server's TCP keepalive finds the peer gone, but holds none of these:
+/// nothing ran in it.
+async fn tool_sessions_holding_anything(db: &TestDb) -> i64 {
     let until = Instant::now() + IDLE_IN_TRANSACTION_TIMEOUT + SLACK;
     loop {
         let left: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND application_name LIKE 'agent-type-backfill %' \
-             AND state IN ('idle in transaction', 'idle in transaction (aborted)', 'active')",
+            "SELECT count(*) FROM pg_stat_activity a WHERE a.datname = current_database() \
+             AND a.application_name LIKE 'agent-type-backfill %' \
+             AND (a.state = 'active' OR a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL \
+                  OR EXISTS (SELECT 1 FROM pg_locks l \
+                             WHERE l.pid = a.pid AND l.locktype <> 'virtualxid'))",
         )
         .fetch_one(&db.pool)
         .await
@@ -197,7 +204,7 @@ async fn a_link_frozen_during_the_planning_statement_ends_the_dry_run() {
     proxy.after("verdict = 'untouchable'", 0, Fault::Freeze);
     let run = run_silenced(dry_run(&through(&proxy.url_for(&db.url))), &proxy).await;
     assert_silent_error(&run, "nothing was written");
-    assert_eq!(tool_sessions_in_transaction(&db).await, 0);
+    assert_eq!(tool_sessions_holding_anything(&db).await, 0);
     drop(proxy);
     assert_eq!(flips_left(&db.url).await, flips);
 }
@@ -211,7 +218,38 @@ async fn a_link_frozen_during_the_candidate_reads_ends_the_dry_run() {
     proxy.after("WHERE id = ANY($1) ORDER BY id\0", 1, Fault::Freeze);
     let run = run_silenced(dry_run(&through(&proxy.url_for(&db.url))), &proxy).await;
     assert_silent_error(&run, "nothing was written");
-    assert_eq!(tool_sessions_in_transaction(&db).await, 0);
+    assert_eq!(tool_sessions_holding_anything(&db).await, 0);
+}
+
+/// The link freezes right after the planning transaction's BEGIN reached the server and before
+/// its settings did (under load, a freeze on the other job's connection lands here by chance):
+/// the run ends by itself, and the session left on the server holds nothing, while the tool's
+/// other sessions are let go as ever.
+#[tokio::test]
+async fn a_link_frozen_right_after_begin_ends_the_dry_run_and_leaves_nothing_held() {
+    let (db, _) = registry().await;
+    let (host, port) = host_port(&db.url);
+    let proxy = Proxy::start(&host, port).await;
+    proxy.after(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+        0,
+        Fault::Freeze,
+    );
+    let run = run_silenced(dry_run(&through(&proxy.url_for(&db.url))), &proxy).await;
+    assert_silent_error(&run, "nothing was written");
+    assert_eq!(tool_sessions_holding_anything(&db).await, 0);
+    // The session the BEGIN opened is still there, in its transaction: what this test is about.
+    let opened: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND application_name LIKE 'agent-type-backfill %' AND state = 'idle in transaction'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        opened, 1,
+        "the BEGIN reached the server and nothing after it"
+    );
 }
 
 /// Two batches committed, the third's locking read answered by the server and lost on the way:
@@ -226,7 +264,7 @@ async fn a_link_frozen_inside_a_write_batch_rolls_it_back_and_a_rerun_converges(
     let run = run_silenced(apply(&through(&proxy.url_for(&db.url))), &proxy).await;
     assert_silent_error(&run, "was not committed");
     assert_eq_written(&run.stderr, &db).await;
-    assert_eq!(tool_sessions_in_transaction(&db).await, 0, "locks let go");
+    assert_eq!(tool_sessions_holding_anything(&db).await, 0, "locks let go");
     let written = audit_count(&db).await;
     assert!(written > 0, "two batches committed before the freeze");
     assert_eq!(
@@ -252,7 +290,7 @@ async fn a_link_frozen_at_commit_says_the_batch_may_be_committed_and_a_rerun_con
     proxy.after("COMMIT", 1, Fault::Freeze);
     let run = run_silenced(apply(&through(&proxy.url_for(&db.url))), &proxy).await;
     assert_silent_error(&run, "may or may not have been committed");
-    assert_eq!(tool_sessions_in_transaction(&db).await, 0);
+    assert_eq!(tool_sessions_holding_anything(&db).await, 0);
     assert_eq!(audit_count(&db).await + flips_left(&db.url).await, flips);
     drop(proxy);
     let rerun = apply(&db.url).spawn().finish().await;
@@ -344,7 +382,7 @@ async fn a_signal_on_a_frozen_link_still_ends_the_run_by_itself() {
             "{pattern}: exit {code}:\n{}",
             done.stderr
         );
-        assert_eq!(tool_sessions_in_transaction(&db).await, 0, "{pattern}");
+        assert_eq!(tool_sessions_holding_anything(&db).await, 0, "{pattern}");
         assert_eq!(audit_count(&db).await + flips_left(&db.url).await, flips);
     }
 }
@@ -418,7 +456,7 @@ async fn a_frozen_link_behind_pgbouncer_in_transaction_mode_ends_the_run_and_a_r
     proxy.after("FOR UPDATE", 2, Fault::Freeze);
     let run = run_silenced(apply(&through(&url)), &proxy).await;
     assert_silent_error(&run, "was not committed");
-    assert_eq!(tool_sessions_in_transaction(&db).await, 0, "locks let go");
+    assert_eq!(tool_sessions_holding_anything(&db).await, 0, "locks let go");
     assert_eq!(audit_count(&db).await + flips_left(&db.url).await, flips);
 
     proxy.set(Fault::Forward);

@@ -326,3 +326,46 @@ async fn the_roles_a_test_creates_are_dropped_with_its_database() {
     assert!(!exists().await, "role {role} outlived its test database");
     admin.close().await;
 }
+
+/// `--max-replica-lag` reads the standbys' lag, which `pg_stat_replication` shows only to members
+/// of `pg_read_all_stats`: an apply with it, as a role with only the apply's grants, stops at
+/// preflight with the GRANT to run; with that grant it writes; a dry-run needs nothing more.
+#[tokio::test]
+async fn max_replica_lag_needs_pg_read_all_stats_at_preflight() {
+    let db = TestDb::seeded(10).await;
+    let role = role_with(&db, APPLY).await;
+    let writer = as_user(&db.url, &role);
+    let apply = [
+        "--apply",
+        "--format",
+        "json",
+        "--max-flips",
+        "100",
+        "--max-replica-lag",
+        "5s",
+    ];
+    let before = db.dump().await;
+    let refused = tool(&writer, &apply, &[]);
+    assert_eq!(refused.code(), 4, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("--max-replica-lag")
+            && refused
+                .stderr
+                .contains(&format!("GRANT pg_monitor TO {role}")),
+        "{}",
+        refused.stderr
+    );
+    assert!(refused.stdout.is_empty(), "{}", refused.stdout);
+    assert_eq!(db.dump().await, before);
+
+    let dry = tool(&writer, &["--dry-run", "--max-replica-lag", "5s"], &[]);
+    assert_eq!(dry.code(), 0, "{}", dry.stderr);
+
+    sqlx::query(&format!("GRANT pg_read_all_stats TO {role}"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let done = tool(&writer, &apply, &[]);
+    assert_eq!(done.code(), 0, "{}", done.stderr);
+    assert!(!db.audit_rows().await.is_empty());
+}

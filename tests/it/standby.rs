@@ -4,7 +4,7 @@
 //! a plan made on the standby applies on its primary.
 
 use crate::common::deployment::{as_user, registry_on, tool};
-use crate::common::{events, TestDb};
+use crate::common::{events, TestDb, Tool, HANG};
 use agent_type_backfill::support::ephemeral::EphemeralPostgres;
 use serde_json::Value;
 use sqlx::Connection;
@@ -324,4 +324,135 @@ async fn a_chunk_a_standby_keeps_cancelling_fails_the_run_saying_what_to_change_
     );
     assert_eq!(cancelled, 5, "{}", done.stderr);
     pool.close().await;
+}
+
+/// `--max-replica-lag`: while a standby's replay is paused, and so further behind than the
+/// bound, an apply writes nothing and says why on stderr; once replay resumes and the standby
+/// catches up, it writes every flip.
+#[tokio::test]
+async fn an_apply_waits_while_a_standby_replays_further_behind_than_max_replica_lag() {
+    // The standby reports its replay position every second, not every ten.
+    let mut primary =
+        EphemeralPostgres::start_with(&[("wal_receiver_status_interval", "1s")]).unwrap();
+    let pool = registry_on(&primary, 30).await;
+    let standby = EphemeralPostgres::start_standby_of(&mut primary).unwrap();
+    let on_primary = primary.url("registry");
+    let expected = tool(&on_primary, &["--dry-run", "--format", "json"], &[]);
+    assert_eq!(expected.code(), 0, "{}", expected.stderr);
+    let planned = events(expected.stdout.as_bytes())
+        .iter()
+        .filter(|event| event["event"] == "flip")
+        .count();
+    assert!(planned > 1, "the seed has flips for several batches");
+
+    let mut on_standby = sqlx::PgConnection::connect(&standby.url("postgres"))
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_wal_replay_pause()")
+        .execute(&mut on_standby)
+        .await
+        .unwrap();
+    // WAL the paused standby receives and does not replay, until the primary sees it behind.
+    sqlx::query("CREATE TABLE wal_churn (n int)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        sqlx::query("INSERT INTO wal_churn SELECT generate_series(1, 100)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let behind: Option<f64> = sqlx::query_scalar(
+            "SELECT EXTRACT(epoch FROM replay_lag)::float8 FROM pg_stat_replication \
+             WHERE replay_lsn < sent_lsn",
+        )
+        .fetch_optional(&pool)
+        .await
+        .unwrap()
+        .flatten();
+        if behind.is_some_and(|seconds| seconds > 2.0) {
+            break;
+        }
+        assert!(started.elapsed() < HANG, "the standby never fell behind");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    let mut run = Tool::new(&[
+        "--apply",
+        "--format",
+        "json",
+        "--batch-size",
+        "1",
+        "--max-flips",
+        &planned.to_string(),
+        "--max-replica-lag",
+        "1s",
+    ])
+    .database(&on_primary)
+    .env("PGPASSFILE", "")
+    .spawn();
+    if !run.stderr_shows("writes paused").await {
+        let done = run.finish().await;
+        panic!(
+            "the apply never paused: {}\n{}",
+            done.describe(),
+            done.stderr
+        );
+    }
+    let audited = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM type_reclassification_log")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(audited().await, 0, "written while the standby was behind");
+    assert!(
+        run.running(),
+        "the apply ended while the standby was behind"
+    );
+
+    sqlx::query("SELECT pg_wal_replay_resume()")
+        .execute(&mut on_standby)
+        .await
+        .unwrap();
+    let done = run.finish().await;
+    assert_eq!(done.code(), 0, "{}", done.stderr);
+    assert!(done.stderr.contains("writes resumed"), "{}", done.stderr);
+    let summary = done.events().pop().unwrap();
+    assert_eq!(summary["written"], planned, "{}", done.stdout);
+    assert_eq!(audited().await, i64::try_from(planned).unwrap());
+    pool.close().await;
+}
+
+/// Without a standby an apply with `--max-replica-lag` writes as it would without it, saying on
+/// stderr that there is nothing to watch.
+#[tokio::test]
+async fn max_replica_lag_with_no_standby_writes_at_once() {
+    let db = TestDb::seeded(10).await;
+    let done = tool(
+        &db.url,
+        &[
+            "--apply",
+            "--format",
+            "json",
+            "--max-flips",
+            "100",
+            "--max-replica-lag",
+            "1s",
+        ],
+        &[],
+    );
+    assert_eq!(done.code(), 0, "{}", done.stderr);
+    assert!(
+        done.stderr.contains("no standby streams from this server"),
+        "{}",
+        done.stderr
+    );
+    let summary = events(done.stdout.as_bytes()).pop().unwrap();
+    assert!(summary["written"].as_u64().unwrap() > 0, "{}", done.stdout);
+    assert_eq!(
+        u64::try_from(db.audit_rows().await.len()).unwrap(),
+        summary["written"].as_u64().unwrap()
+    );
 }
