@@ -54,7 +54,7 @@ impl Pool {
     /// A transaction in the server's default mode (read-write unless the role or server says
     /// otherwise), with the tool's settings in force.
     pub async fn begin(&self) -> Result<Transaction> {
-        let mut transaction = Transaction::begin(&self.pool, self.deadlines, None)
+        let mut transaction = Transaction::begin(&self.pool, self.deadlines, Some(BEGIN))
             .await
             .context("could not open a transaction")?;
         apply_settings(&mut transaction, &self.settings).await?;
@@ -83,16 +83,22 @@ impl Pool {
 pub async fn begin_read_only(pool: &Pool) -> Result<Transaction> {
     // The mode is part of BEGIN itself: it must come before any other statement of the
     // transaction, the settings' included.
-    let mut transaction = Transaction::begin(
-        &pool.pool,
-        pool.deadlines,
-        Some("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
-    )
-    .await
-    .context("could not open the planning transaction")?;
+    let mut transaction = Transaction::begin(&pool.pool, pool.deadlines, Some(BEGIN_READ_ONLY))
+        .await
+        .context("could not open the planning transaction")?;
     apply_settings(&mut transaction, &pool.settings).await?;
     Ok(transaction)
 }
+
+// Every BEGIN carries the idle timeout in the same simple-query message, so that no transaction
+// of the tool exists on the server without it: a link that froze after a BEGIN, or between the
+// Parse and the Execute of the settings statement (a Parse in REPEATABLE READ takes the
+// snapshot), otherwise left a session holding a snapshot until the server's TCP keepalive.
+// `apply_settings` then sets (and reads back) every setting, this one included. The literal is
+// `IDLE_IN_TRANSACTION_TIMEOUT` in milliseconds (a unit test holds them together).
+pub(crate) const BEGIN: &str = "BEGIN; SET LOCAL idle_in_transaction_session_timeout = 5000";
+pub(crate) const BEGIN_READ_ONLY: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; \
+     SET LOCAL idle_in_transaction_session_timeout = 5000";
 
 /// How long the server keeps a transaction of the tool whose client has gone silent. Between
 /// two statements of any of its transactions the tool only resolves rows in memory
@@ -491,5 +497,21 @@ mod tests {
             url_password("postgres://u:p@ss@db/x").as_deref(),
             Some("p@ss")
         );
+    }
+}
+
+#[cfg(test)]
+mod begin_tests {
+    use super::*;
+
+    #[test]
+    fn every_begin_sets_the_idle_timeout_the_settings_read_back() {
+        let millis = format!(
+            "idle_in_transaction_session_timeout = {}",
+            IDLE_IN_TRANSACTION_TIMEOUT.as_millis()
+        );
+        for begin in [BEGIN, BEGIN_READ_ONLY] {
+            assert!(begin.ends_with(&millis), "{begin}");
+        }
     }
 }

@@ -184,7 +184,13 @@ impl Transaction {
         connection: PgConnection,
         deadlines: Deadlines,
     ) -> Result<Transaction> {
-        Transaction::start(Link::Direct(connection), deadlines, None, false).await
+        Transaction::start(
+            Link::Direct(connection),
+            deadlines,
+            Some(super::BEGIN),
+            false,
+        )
+        .await
     }
 
     async fn start(

@@ -104,10 +104,7 @@ fn dry_run(url: &str) -> Tool {
 /// Waits, up to the idle-in-transaction bound, until no session of the tool holds anything on
 /// the server: a running statement, a snapshot (which holds back vacuum), a transaction id or a
 /// lock other than its own virtual transaction id (a row lock a member's save would wait on);
-/// returns how many still do. A session whose link froze right after its BEGIN reached the
-/// server, before the statement that sets the transaction's timeout, stays `idle in
-/// transaction` until the server's TCP keepalive finds the peer gone, but holds none of these:
-/// nothing ran in it.
+/// returns how many still do.
 async fn tool_sessions_holding_anything(db: &TestDb) -> i64 {
     let until = Instant::now() + IDLE_IN_TRANSACTION_TIMEOUT + SLACK;
     loop {
@@ -221,35 +218,48 @@ async fn a_link_frozen_during_the_candidate_reads_ends_the_dry_run() {
     assert_eq!(tool_sessions_holding_anything(&db).await, 0);
 }
 
-/// The link freezes right after the planning transaction's BEGIN reached the server and before
-/// its settings did (under load, a freeze on the other job's connection lands here by chance):
-/// the run ends by itself, and the session left on the server holds nothing, while the tool's
-/// other sessions are let go as ever.
+/// The link freezes right after the planning transaction's BEGIN reached the server, or after
+/// the Parse of its settings statement did and before its Execute (a Parse in REPEATABLE READ
+/// takes the transaction's snapshot). Under load, a freeze on the other plan job's connection
+/// lands in either place by chance. The BEGIN carries the idle timeout in the same message, so
+/// the server ends that session too: no session of the tool is left in a transaction.
 #[tokio::test]
-async fn a_link_frozen_right_after_begin_ends_the_dry_run_and_leaves_nothing_held() {
-    let (db, _) = registry().await;
-    let (host, port) = host_port(&db.url);
-    let proxy = Proxy::start(&host, port).await;
-    proxy.after(
-        "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
-        0,
-        Fault::Freeze,
-    );
-    let run = run_silenced(dry_run(&through(&proxy.url_for(&db.url))), &proxy).await;
-    assert_silent_error(&run, "nothing was written");
-    assert_eq!(tool_sessions_holding_anything(&db).await, 0);
-    // The session the BEGIN opened is still there, in its transaction: what this test is about.
-    let opened: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-         AND application_name LIKE 'agent-type-backfill %' AND state = 'idle in transaction'",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(
-        opened, 1,
-        "the BEGIN reached the server and nothing after it"
-    );
+async fn a_link_frozen_after_begin_or_inside_the_settings_leaves_no_session_in_a_transaction() {
+    // The first settings statement is the preflight's, in a read-write transaction.
+    for (moment, says) in [
+        (
+            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+            "nothing was written",
+        ),
+        (
+            "set_config('lock_timeout'",
+            "the transaction in flight was not committed",
+        ),
+    ] {
+        let (db, _) = registry().await;
+        let (host, port) = host_port(&db.url);
+        let proxy = Proxy::start(&host, port).await;
+        proxy.after(moment, 0, Fault::Freeze);
+        let run = run_silenced(dry_run(&through(&proxy.url_for(&db.url))), &proxy).await;
+        assert_silent_error(&run, says);
+        assert_eq!(tool_sessions_holding_anything(&db).await, 0, "{moment}");
+        let until = Instant::now() + IDLE_IN_TRANSACTION_TIMEOUT + SLACK;
+        let left = loop {
+            let left: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND application_name LIKE 'agent-type-backfill %' \
+                 AND state LIKE 'idle in transaction%'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            if left == 0 || Instant::now() > until {
+                break left;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(left, 0, "{moment}: a session left in its transaction");
+    }
 }
 
 /// Two batches committed, the third's locking read answered by the server and lost on the way:
