@@ -43,7 +43,7 @@ pub async fn preflight(
     let (Mode::Apply, Some(bound)) = (mode, max_replica_lag) else {
         return Ok(());
     };
-    let standbys = db::preflight_replica_lag(&session.pool, &session.target.user).await?;
+    let standbys = db::preflight_replica_lag(&session.pool).await?;
     let bound = crate::write::lag_text(bound);
     if standbys.is_empty() {
         warn!(

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use super::Pool;
+use super::{Pool, Transaction};
 use crate::error::Failure;
 
 /// One physical standby streaming from this server and how far its replay is behind.
@@ -19,7 +19,7 @@ pub struct StandbyLag {
 /// Preflight for `--max-replica-lag`: `pg_stat_replication` shows a standby's lag only to
 /// superusers and members of `pg_read_all_stats`; to anyone else every lag reads as empty, which
 /// would look like standbys that are never behind. Returns the standbys streaming now.
-pub async fn preflight_replica_lag(pool: &Pool, user: &str) -> Result<Vec<StandbyLag>> {
+pub async fn preflight_replica_lag(pool: &Pool) -> Result<Vec<StandbyLag>> {
     let mut transaction = pool.begin().await?;
     let (role, may_read): (String, bool) = super::unnamed_as(
         "SELECT quote_ident(current_user), pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')",
@@ -27,20 +27,21 @@ pub async fn preflight_replica_lag(pool: &Pool, user: &str) -> Result<Vec<Standb
     .fetch_one(&mut transaction)
     .await
     .context("could not check whether this user may read pg_stat_replication")?;
-    transaction
-        .rollback()
-        .await
-        .context("could not close the preflight of --max-replica-lag")?;
     if !may_read {
         return Err(Failure::Preflight(format!(
             "preflight failed, nothing was read or written: --max-replica-lag reads each \
              standby's replay lag from pg_stat_replication, which shows it only to superusers \
-             and members of pg_read_all_stats, and user '{user}' is neither: run GRANT \
+             and members of pg_read_all_stats, and user {role} is neither: run GRANT \
              pg_monitor TO {role} (or pg_read_all_stats), or run without --max-replica-lag"
         ))
         .into());
     }
-    standby_lags(pool).await
+    let standbys = lags_in(&mut transaction).await?;
+    transaction
+        .rollback()
+        .await
+        .context("could not close the preflight of --max-replica-lag")?;
+    Ok(standbys)
 }
 
 /// The physical standbys streaming from this server now, each with its replay lag. A standby
@@ -49,6 +50,15 @@ pub async fn preflight_replica_lag(pool: &Pool, user: &str) -> Result<Vec<Standb
 /// caught up. Logical replication (a database-bound walsender) is not a standby and is left out.
 pub async fn standby_lags(pool: &Pool) -> Result<Vec<StandbyLag>> {
     let mut transaction = pool.begin().await?;
+    let standbys = lags_in(&mut transaction).await?;
+    transaction
+        .rollback()
+        .await
+        .context("could not close the read of pg_stat_replication")?;
+    Ok(standbys)
+}
+
+async fn lags_in(transaction: &mut Transaction) -> Result<Vec<StandbyLag>> {
     let rows: Vec<(String, f64)> = super::unnamed_as(
         "SELECT coalesce(nullif(r.application_name, ''), host(r.client_addr), 'pid ' || r.pid), \
                 CASE WHEN r.replay_lsn >= r.sent_lsn THEN 0 \
@@ -58,13 +68,9 @@ pub async fn standby_lags(pool: &Pool) -> Result<Vec<StandbyLag>> {
          WHERE a.datid IS NULL AND r.state IN ('streaming', 'catchup') \
          ORDER BY 2 DESC, 1",
     )
-    .fetch_all(&mut transaction)
+    .fetch_all(&mut *transaction)
     .await
     .context("could not read the standbys' replay lag from pg_stat_replication")?;
-    transaction
-        .rollback()
-        .await
-        .context("could not close the read of pg_stat_replication")?;
     Ok(rows
         .into_iter()
         .map(|(name, seconds)| StandbyLag {
