@@ -15,7 +15,7 @@ use crate::error::Failure;
 use crate::events::{Event, SkipReason, Summary};
 use crate::guard::check_threshold;
 use crate::interrupt::StopSignal;
-use crate::plan::{parse_column, PlannedFlip, PlanningBackend, Restore};
+use crate::plan::{parse_column, Basis, PlannedFlip, PlanningBackend, Restore, Reversal};
 use crate::report::Printer;
 use crate::resolver::{bounded_type, type_label, AgentsColumn, Flip};
 use crate::run::{open_session, skipped_event, Census, Dispositions, Run};
@@ -196,7 +196,6 @@ async fn plan_revert(
         .map(|row| Ok((row.id, parse_column(row)?)))
         .collect::<Result<_>>()?;
 
-    let note = format!("reverts {reverted}");
     let mut legacy_unknown = 0usize;
     let mut flips = Vec::new();
     let mut conflicts = Vec::new();
@@ -204,6 +203,7 @@ async fn plan_revert(
         // The stored value exactly as the run found it, however deep; the log shows it as the
         // resolver would.
         let (restore, to, legacy) = restore_of(entry)?;
+        legacy_unknown += usize::from(legacy);
         let location = Restorable::of(entry);
         let (profile_id, index) = match location {
             Restorable::At { profile_id, index } => (profile_id, index),
@@ -213,7 +213,7 @@ async fn plan_revert(
                 (profile_id.unwrap_or_default(), index.unwrap_or(usize::MAX))
             }
         };
-        let mut planned = PlannedFlip::found(
+        let planned = PlannedFlip::new(
             profile_id,
             &entry.label(),
             Flip {
@@ -222,15 +222,13 @@ async fn plan_revert(
                 from: Value::String(entry.new_type.clone()),
                 to,
             },
-            None,
+            Basis::Reverts(Reversal {
+                run_id: reverted.to_owned(),
+                restore,
+                legacy_unknown: legacy,
+                restored_by: None,
+            }),
         );
-        planned.restore = Some(restore);
-        planned.note = Some(if legacy {
-            legacy_unknown += 1;
-            format!("{note}; {LEGACY_UNKNOWN_NOTE}")
-        } else {
-            note.clone()
-        });
         let holds = matches!(location, Restorable::At { .. })
             && columns
                 .get(&profile_id)
@@ -244,8 +242,11 @@ async fn plan_revert(
     if !conflicts.is_empty() {
         let restored = db::restored_by(pool, reverted).await?;
         for conflict in &mut conflicts {
-            if let Some(revert) = restored.get(&(conflict.profile_id, conflict.flip.index)) {
-                conflict.note = Some(format!("{note}; already restored by revert run {revert}"));
+            if let (Some(revert), Basis::Reverts(reversal)) = (
+                restored.get(&(conflict.profile_id, conflict.flip.index)),
+                &mut conflict.basis,
+            ) {
+                reversal.restored_by = Some(revert.clone());
             }
         }
     }
@@ -260,11 +261,6 @@ async fn plan_revert(
     }
     Ok((flips, conflicts, crate::domain::count(ids.len())))
 }
-
-/// What the run log says of a flip restored from an audit row that cannot tell an absent key, a
-/// JSON `null` and the string "unknown" apart.
-const LEGACY_UNKNOWN_NOTE: &str =
-    "old row: \"unknown\" may have been no type key or null; restores \"unknown\"";
 
 /// How the log shows a restored absent `type` key.
 pub const ABSENT_TYPE_LABEL: &str = "(no type key)";

@@ -13,7 +13,9 @@ use crate::guard::{
     check_threshold, held_refusal, not_allowed, transitions_refusal, HeldFlip, Holds,
 };
 use crate::interrupt::StopSignal;
-use crate::plan::{self, EvidenceAccess, PlanOptions, PlannedFlip, PlanningBackend};
+use crate::plan::{
+    self, Basis, EvidenceAccess, PlanOptions, PlannedFlip, PlanningBackend, Reviewed,
+};
 use crate::plan_file::{hold_to_review, Fingerprint, PlanFile};
 use crate::report::Printer;
 use crate::resolver::{AgentsColumn, Flip};
@@ -206,7 +208,7 @@ async fn name_earlier_writes(
     for (planned, reason) in departures.iter_mut() {
         if *reason == SkipReason::ChangedSincePlan && carries_target(planned) {
             *reason = SkipReason::AlreadyWritten;
-            planned.note = Some("already carries the reviewed type".to_owned());
+            planned.basis = Basis::Reviewed(Reviewed::AlreadyCarried);
             done.push((
                 planned.profile_id,
                 planned.flip.index,
@@ -228,7 +230,7 @@ async fn name_earlier_writes(
             continue;
         }
         if let Some(run_id) = written.get(&(planned.profile_id, planned.flip.index)) {
-            planned.note = Some(format!("written by run {run_id}"));
+            planned.basis = Basis::Reviewed(Reviewed::WrittenBy(run_id.clone()));
         }
     }
     Ok(())

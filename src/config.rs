@@ -62,7 +62,7 @@ impl RunConfig {
     }
 
     /// How the write goes through its batches.
-    pub fn pace(&self) -> Pace {
+    pub(crate) fn pace(&self) -> Pace {
         Pace {
             batch_size: self.batch_size,
             attempts: self.write_attempts,

@@ -16,15 +16,15 @@ use crate::resolver::{is_valid_agent_type, retirement_of, UNKNOWN_TYPE};
 
 /// A flip the rule found and a guard holds back.
 #[derive(Debug, Clone)]
-pub struct HeldFlip {
-    pub planned: PlannedFlip,
-    pub reason: HoldReason,
+pub(crate) struct HeldFlip {
+    pub(crate) planned: PlannedFlip,
+    pub(crate) reason: HoldReason,
     /// The type outside the rule's vocabulary, for `unrecognised_inferred_type`.
-    pub inferred_type: Option<String>,
+    pub(crate) inferred_type: Option<String>,
 }
 
 impl HeldFlip {
-    pub fn event(&self, now: DateTime<Utc>) -> Event {
+    pub(crate) fn event(&self, now: DateTime<Utc>) -> Event {
         Event::Held(Held {
             flip: self.planned.event(now),
             reason: self.reason,
@@ -34,21 +34,20 @@ impl HeldFlip {
 }
 
 /// What decides whether a flip is held.
-pub struct Holds<'a> {
-    pub guards: &'a Guards,
+pub(crate) struct Holds<'a> {
+    pub(crate) guards: &'a Guards,
     /// Every non-empty inferred type outside the vocabulary, from the snapshot table.
-    pub unrecognised_inferred_types: &'a BTreeMap<String, u64>,
-    pub now: DateTime<Utc>,
+    pub(crate) unrecognised_inferred_types: &'a BTreeMap<String, u64>,
+    pub(crate) now: DateTime<Utc>,
     /// The reviewed plan being applied: what it held stays held.
-    pub reviewed: Option<&'a PlanFile>,
+    pub(crate) reviewed: Option<&'a PlanFile>,
 }
 
 impl Holds<'_> {
     /// Why `planned` is held back, if it is, and the unrecognised type behind it.
-    pub fn reason(&self, planned: &PlannedFlip) -> Option<(HoldReason, Option<String>)> {
+    pub(crate) fn reason(&self, planned: &PlannedFlip) -> Option<(HoldReason, Option<String>)> {
         let inferred = planned
-            .probe
-            .as_ref()
+            .probe()
             .and_then(|probe| probe.inferred_type.as_deref());
         if let Some(inferred) =
             inferred.filter(|name| !name.is_empty() && !is_valid_agent_type(name))
@@ -63,7 +62,7 @@ impl Holds<'_> {
         {
             return Some((outside_vocabulary(stored), Some(stored.to_owned())));
         }
-        if let (Some(max_age), Some(probe)) = (self.guards.max_probe_age, &planned.probe) {
+        if let (Some(max_age), Some(probe)) = (self.guards.max_probe_age, planned.probe()) {
             let limit = chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
             if self.now - probe.last_discovered > limit {
                 return Some((HoldReason::StaleProbe, None));
@@ -91,7 +90,7 @@ impl Holds<'_> {
     }
 
     /// Splits `flips` into those that may be written and those a guard holds back.
-    pub fn split(&self, flips: Vec<PlannedFlip>) -> (Vec<PlannedFlip>, Vec<HeldFlip>) {
+    pub(crate) fn split(&self, flips: Vec<PlannedFlip>) -> (Vec<PlannedFlip>, Vec<HeldFlip>) {
         let mut writable = Vec::new();
         let mut held = Vec::new();
         for planned in flips {
@@ -119,7 +118,7 @@ fn outside_vocabulary(name: &str) -> HoldReason {
 }
 
 /// Any held flip refuses the whole plan: nothing is written.
-pub fn held_refusal(held: &[HeldFlip]) -> Option<Refusal> {
+pub(crate) fn held_refusal(held: &[HeldFlip]) -> Option<Refusal> {
     if held.is_empty() {
         return None;
     }
@@ -149,7 +148,7 @@ pub fn held_refusal(held: &[HeldFlip]) -> Option<Refusal> {
 }
 
 /// More flips than `--max-flips`: the run writes nothing.
-pub fn check_threshold(flips: usize, max_flips: usize) -> Option<Refusal> {
+pub(crate) fn check_threshold(flips: usize, max_flips: usize) -> Option<Refusal> {
     (flips > max_flips).then(|| Refusal::TooManyFlips {
         flips: count(flips),
         max_flips: count(max_flips),
@@ -157,7 +156,7 @@ pub fn check_threshold(flips: usize, max_flips: usize) -> Option<Refusal> {
 }
 
 /// The flips whose transition `--allow-transition` does not list; none when it lists nothing.
-pub fn not_allowed(flips: &[PlannedFlip], allowed: &[Transition]) -> Vec<PlannedFlip> {
+pub(crate) fn not_allowed(flips: &[PlannedFlip], allowed: &[Transition]) -> Vec<PlannedFlip> {
     if allowed.is_empty() {
         return Vec::new();
     }
@@ -174,7 +173,7 @@ pub fn not_allowed(flips: &[PlannedFlip], allowed: &[Transition]) -> Vec<Planned
 }
 
 /// A plan holding a transition `--allow-transition` does not list is written not at all.
-pub fn transitions_refusal(refused: &[PlannedFlip]) -> Option<Refusal> {
+pub(crate) fn transitions_refusal(refused: &[PlannedFlip]) -> Option<Refusal> {
     if refused.is_empty() {
         return None;
     }
@@ -194,11 +193,12 @@ pub fn transitions_refusal(refused: &[PlannedFlip]) -> Option<Refusal> {
 mod tests {
     use super::*;
     use crate::db::{CrawlerEvidence, SnapshotRow};
+    use crate::plan::Basis;
     use crate::resolver::Flip;
     use serde_json::json;
 
     fn flip(from: serde_json::Value, to: &str, probed: DateTime<Utc>) -> PlannedFlip {
-        let mut planned = PlannedFlip::found(
+        let mut planned = PlannedFlip::new(
             uuid::Uuid::nil(),
             "acme",
             Flip {
@@ -207,7 +207,7 @@ mod tests {
                 from,
                 to: to.into(),
             },
-            Some(SnapshotRow {
+            Basis::Probe(SnapshotRow {
                 inferred_type: Some(to.into()),
                 last_discovered: probed,
                 discovery_error: false,

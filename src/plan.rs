@@ -12,50 +12,103 @@ use uuid::Uuid;
 use crate::db::{self, CrawlerEvidence, ProfileRow, SnapshotRow};
 use crate::events::FlipEvent;
 use crate::progress;
-use crate::report::age;
+use crate::report::basis_note;
 use crate::resolver::{AgentsColumn, Flip};
 
 /// What a revert puts back in an element's `type` key.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Restore {
+pub(crate) enum Restore {
     /// This exact JSON text (JSON `null` included), kept losslessly however deep it nests.
     Json(String),
     /// The element had no `type` key: the key is removed.
     Absent,
 }
 
+/// Why a flip exists: what the plan knows behind it. One value instead of optional side fields,
+/// so a flip cannot be both a probe's and a revert's, and every reader matches every case.
+#[derive(Debug, Clone)]
+pub(crate) enum Basis {
+    /// The rule decided it from this crawler snapshot.
+    Probe(SnapshotRow),
+    /// The rule decided it without a snapshot: a stored type outside the vocabulary, demoted.
+    NoSnapshot,
+    /// A flip of the reviewed plan (`--plan`) that the plan made now does not find.
+    Reviewed(Reviewed),
+    /// `revert`: put back exactly what a run found.
+    Reverts(Reversal),
+}
+
+impl Basis {
+    /// The snapshot behind the flip, when a probe decided it.
+    pub(crate) fn probe(&self) -> Option<&SnapshotRow> {
+        match self {
+            Basis::Probe(probe) => Some(probe),
+            Basis::NoSnapshot | Basis::Reviewed(_) | Basis::Reverts(_) => None,
+        }
+    }
+
+    /// What the backfill's rule found for this element, given the snapshot it read (or none).
+    pub(crate) fn found(probe: Option<SnapshotRow>) -> Basis {
+        probe.map_or(Basis::NoSnapshot, Basis::Probe)
+    }
+}
+
+/// What became of a reviewed flip the plan made now does not find.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Reviewed {
+    /// Listed in the reviewed plan; the element no longer matches it.
+    InPlan,
+    /// The element already carries the reviewed type, by whom is not known (a member, the
+    /// server, or an apply whose audit rows cannot be read).
+    AlreadyCarried,
+    /// The element carries the reviewed type, written by this run of the tool.
+    WrittenBy(String),
+}
+
+/// What a revert restores and what its log line says of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Reversal {
+    /// The run being reverted.
+    pub(crate) run_id: String,
+    /// The stored value to put back.
+    pub(crate) restore: Restore,
+    /// The audit row predates exact old types and records "unknown": the original may have been
+    /// an absent key or a JSON `null`.
+    pub(crate) legacy_unknown: bool,
+    /// A revert run that already restored this element.
+    pub(crate) restored_by: Option<String>,
+}
+
 /// A flip the plan found, with the profile it belongs to.
 #[derive(Debug, Clone)]
-pub struct PlannedFlip {
-    pub profile_id: Uuid,
-    pub label: String,
-    pub flip: Flip,
-    /// The snapshot behind the decision; `None` when the flip comes from an invalid stored type.
-    pub probe: Option<SnapshotRow>,
-    /// What to write when it is not the string `flip.to`: a revert restores the stored value
-    /// exactly, or removes a `type` key that was absent.
-    pub restore: Option<Restore>,
-    /// Replaces the probe description in the run log (a revert names the run it undoes).
-    pub note: Option<String>,
+pub(crate) struct PlannedFlip {
+    pub(crate) profile_id: Uuid,
+    pub(crate) label: String,
+    pub(crate) flip: Flip,
+    pub(crate) basis: Basis,
     /// The crawler's logged disagreements for this url, when they were read.
-    pub evidence: Option<CrawlerEvidence>,
+    pub(crate) evidence: Option<CrawlerEvidence>,
 }
 
 impl PlannedFlip {
-    pub fn found(row_id: Uuid, label: &str, flip: Flip, probe: Option<SnapshotRow>) -> Self {
+    pub(crate) fn new(profile_id: Uuid, label: &str, flip: Flip, basis: Basis) -> Self {
         PlannedFlip {
-            profile_id: row_id,
+            profile_id,
             label: label.to_owned(),
             flip,
-            probe,
-            restore: None,
-            note: None,
+            basis,
             evidence: None,
         }
     }
 
+    /// The snapshot behind the flip, when a probe decided it.
+    pub(crate) fn probe(&self) -> Option<&SnapshotRow> {
+        self.basis.probe()
+    }
+
     /// The flip as the run log shows it; `now` dates the probe.
-    pub fn event(&self, now: DateTime<Utc>) -> FlipEvent {
+    pub(crate) fn event(&self, now: DateTime<Utc>) -> FlipEvent {
+        let probe = self.probe();
         FlipEvent {
             profile_id: self.profile_id,
             profile: self.label.clone(),
@@ -63,61 +116,37 @@ impl PlannedFlip {
             url: self.flip.url.clone(),
             from: self.flip.from.clone(),
             to: self.flip.to.clone(),
-            probed_at: self.probe.as_ref().map(|probe| probe.last_discovered),
-            discovery_error: self
-                .probe
-                .as_ref()
-                .is_some_and(|probe| probe.discovery_error),
-            oauth_required: self
-                .probe
-                .as_ref()
-                .is_some_and(|probe| probe.oauth_required),
+            probed_at: probe.map(|probe| probe.last_discovered),
+            discovery_error: probe.is_some_and(|probe| probe.discovery_error),
+            oauth_required: probe.is_some_and(|probe| probe.oauth_required),
             crawler_disagreements: self.evidence.clone(),
-            probe_note: self.probe_note(now),
+            probe_note: basis_note(&self.basis, now),
         }
-    }
-
-    /// `probed 3d ago`, with the snapshot's warning signs; `no snapshot` for a legacy type.
-    fn probe_note(&self, now: DateTime<Utc>) -> String {
-        if let Some(note) = &self.note {
-            return note.clone();
-        }
-        let Some(probe) = &self.probe else {
-            return "no snapshot".to_owned();
-        };
-        let mut note = format!("probed {} ago", age(now - probe.last_discovered));
-        if probe.discovery_error {
-            note.push_str(", discovery error");
-        }
-        if probe.oauth_required {
-            note.push_str(", needs OAuth");
-        }
-        note
     }
 
     /// The order every log lists flips in: profile label, then element index.
-    pub fn log_order(&self) -> (&str, Uuid, usize) {
+    pub(crate) fn log_order(&self) -> (&str, Uuid, usize) {
         (&self.label, self.profile_id, self.flip.index)
     }
 }
 
 /// `items` in the order every log and plan file lists flips, so two logs of the same data diff
 /// cleanly; by reference, since a plan can hold thousands of flips.
-pub fn in_log_order<T>(items: &[T], flip: impl Fn(&T) -> &PlannedFlip) -> Vec<&T> {
+pub(crate) fn in_log_order<T>(items: &[T], flip: impl Fn(&T) -> &PlannedFlip) -> Vec<&T> {
     let mut ordered: Vec<&T> = items.iter().collect();
     ordered.sort_by(|a, b| flip(a).log_order().cmp(&flip(b).log_order()));
     ordered
 }
 
 #[derive(Debug, Default)]
-pub struct Plan {
-    pub flips: Vec<PlannedFlip>,
-    pub profiles_scanned: u64,
-    pub profiles_changed: u64,
-    pub malformed: u64,
-    pub junk_elements: u64,
+pub(crate) struct Plan {
+    pub(crate) flips: Vec<PlannedFlip>,
+    pub(crate) profiles_scanned: u64,
+    pub(crate) profiles_changed: u64,
+    pub(crate) malformed: u64,
+    pub(crate) junk_elements: u64,
     /// Non-empty `inferred_type` values outside the rule's vocabulary, with their counts.
-    pub unrecognised_inferred_types: BTreeMap<String, u64>,
+    pub(crate) unrecognised_inferred_types: BTreeMap<String, u64>,
 }
 
 /// The server processes running the plan's current statements, one per job. An interrupted run
@@ -125,7 +154,7 @@ pub struct Plan {
 /// it finished or hit `--statement-timeout`. Each chunk may run on another server process (a
 /// pooler hands every transaction its own), so each chunk records its own.
 #[derive(Debug, Default)]
-pub struct PlanningBackend(std::sync::Mutex<BTreeMap<usize, i32>>);
+pub(crate) struct PlanningBackend(std::sync::Mutex<BTreeMap<usize, i32>>);
 
 impl PlanningBackend {
     fn record(&self, job: usize, pid: i32) {
@@ -134,7 +163,7 @@ impl PlanningBackend {
         }
     }
 
-    pub async fn cancel(&self, pool: &db::Pool) {
+    pub(crate) async fn cancel(&self, pool: &db::Pool) {
         let pids: Vec<i32> = match self.0.lock() {
             Ok(pids) => pids.values().copied().collect(),
             Err(_) => return,
@@ -151,21 +180,21 @@ impl PlanningBackend {
 }
 
 /// What planning reads besides the rule's own inputs.
-pub struct PlanOptions<'a> {
-    pub batch_size: usize,
+pub(crate) struct PlanOptions<'a> {
+    pub(crate) batch_size: usize,
     /// Profiles per chunk: each chunk is read in its own short snapshot.
-    pub chunk_size: usize,
+    pub(crate) chunk_size: usize,
     /// Chunks read at once, each job over its own range of the key space, on its own connection.
-    pub jobs: usize,
-    pub statement_timeout: Duration,
-    pub backend: &'a PlanningBackend,
+    pub(crate) jobs: usize,
+    pub(crate) statement_timeout: Duration,
+    pub(crate) backend: &'a PlanningBackend,
     /// Read the crawler's disagreement log for the flips' urls.
-    pub evidence: EvidenceAccess,
+    pub(crate) evidence: EvidenceAccess,
 }
 
 /// Whether the crawler's rows in `type_reclassification_log` may be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EvidenceAccess {
+pub(crate) enum EvidenceAccess {
     Readable,
     /// Why not, as every flip then says.
     Unavailable(String),
@@ -173,7 +202,7 @@ pub enum EvidenceAccess {
 
 /// Attempts at one chunk that the server cancelled (a recovery conflict on a standby, a statement
 /// or lock timeout, a deadlock) before the plan fails.
-pub const CHUNK_ATTEMPTS: u32 = 5;
+pub(crate) const CHUNK_ATTEMPTS: u32 = 5;
 
 /// The wait before attempt `attempt + 1`: 100 ms, doubling (1.5 s over all the retries), so a
 /// standby's replay can move past what the chunk's snapshot held up.
@@ -189,7 +218,7 @@ fn backoff(attempt: u32) -> Duration {
 ///
 /// The counts are sums over the chunks, so they describe exactly the profiles whose flips are
 /// listed; a profile is read once, in the snapshot of the chunk its id falls in.
-pub async fn plan(pool: &db::Pool, options: &PlanOptions<'_>) -> Result<Plan> {
+pub(crate) async fn plan(pool: &db::Pool, options: &PlanOptions<'_>) -> Result<Plan> {
     let chunk_size = options.chunk_size.max(1);
     let mut plan = Plan {
         unrecognised_inferred_types: unrecognised_inferred_types(pool, options).await?,
@@ -329,7 +358,7 @@ async fn plan_chunk(
             let label = row.label();
             found.flips.extend(verdict.flips.into_iter().map(|flip| {
                 let probe = snapshots.get(&flip.url).cloned();
-                PlannedFlip::found(row.id, &label, flip, probe)
+                PlannedFlip::new(row.id, &label, flip, Basis::found(probe))
             }));
         }
     }
@@ -436,7 +465,7 @@ where
 }
 
 /// Puts the crawler's own record of each flip's disagreement beside it: one query for every url.
-pub async fn attach_evidence(
+pub(crate) async fn attach_evidence(
     connection: &mut Transaction,
     flips: &mut [PlannedFlip],
     access: &EvidenceAccess,

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::db::{self, CrawlerEvidence};
 use crate::error::Failure;
 use crate::events::{HoldReason, Rule, SkipReason};
-use crate::plan::{Plan, PlannedFlip};
+use crate::plan::{Basis, Plan, PlannedFlip, Reviewed};
 use crate::resolver::Flip;
 use crate::VERSION;
 
@@ -133,7 +133,7 @@ impl PlanFlip {
             url: planned.flip.url.clone(),
             from: planned.flip.from.clone(),
             to: planned.flip.to.clone(),
-            last_discovered: planned.probe.as_ref().map(|probe| probe.last_discovered),
+            last_discovered: planned.probe().map(|probe| probe.last_discovered),
             held,
             crawler_disagreements: planned.evidence.clone(),
         }
@@ -340,7 +340,7 @@ pub(crate) fn hold_to_review(
         .zip(&matched)
         .filter(|(_, hit)| !**hit)
     {
-        let mut planned = PlannedFlip::found(
+        let planned = PlannedFlip::new(
             flip.profile_id,
             &flip.profile,
             Flip {
@@ -349,9 +349,8 @@ pub(crate) fn hold_to_review(
                 from: flip.from.clone(),
                 to: flip.to.clone(),
             },
-            None,
+            Basis::Reviewed(Reviewed::InPlan),
         );
-        planned.note = Some("in the reviewed plan".to_owned());
         departures.push((planned, SkipReason::ChangedSincePlan));
     }
     (kept, departures)

@@ -5,7 +5,7 @@ use indicatif::{HumanCount, ProgressBar, ProgressDrawTarget, ProgressState, Prog
 use std::io::IsTerminal;
 
 /// A bar over `total` profiles with rate and ETA.
-pub fn bar(total: usize, message: &'static str) -> ProgressBar {
+pub(crate) fn bar(total: usize, message: &'static str) -> ProgressBar {
     on_terminal(
         Some(crate::domain::count(total)),
         "{msg} {wide_bar} {human_pos}/{human_len} profiles, {rate}, eta {eta}",
@@ -15,7 +15,7 @@ pub fn bar(total: usize, message: &'static str) -> ProgressBar {
 
 /// A bar over an estimated `total` of profiles with rate and ETA; a count with the elapsed time
 /// when there is no estimate. The caller stretches the length when the estimate was short.
-pub fn profiles(estimate: Option<u64>, message: &'static str) -> ProgressBar {
+pub(crate) fn profiles(estimate: Option<u64>, message: &'static str) -> ProgressBar {
     match estimate {
         Some(total) => on_terminal(
             Some(total),

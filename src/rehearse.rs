@@ -15,7 +15,7 @@ use crate::report;
 use crate::support::ephemeral::EphemeralPostgres;
 use crate::support::seed;
 
-pub async fn rehearse(args: &RehearseArgs, out: &mut (dyn Write + Send)) -> Result<()> {
+pub(crate) async fn rehearse(args: &RehearseArgs, out: &mut (dyn Write + Send)) -> Result<()> {
     // Listening before the server starts: Ctrl-C (SIGINT) or SIGTERM at any moment still stops
     // the throwaway cluster and removes its directory, as success and failure do.
     let stop = crate::interrupt::StopSignal::from_os()?;

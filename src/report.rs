@@ -6,11 +6,13 @@ use std::borrow::Cow;
 use std::io::Write;
 
 use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
 
 use crate::db::{AuditEntry, RunRecord};
 use crate::domain::Format;
 use crate::domain::Mode;
 use crate::events::{rfc3339, Event, FlipEvent, SkipReason, Start, Summary};
+use crate::plan::{Basis, Reviewed};
 use crate::resolver::type_label;
 
 /// Where a run sends its events.
@@ -98,6 +100,44 @@ pub(crate) fn age(elapsed: chrono::Duration) -> String {
         format!("{}d", minutes / (24 * 60))
     }
 }
+
+/// What the text and Markdown logs say of why a flip exists: `probed 3d ago, discovery error`,
+/// `no snapshot`, `reverts RUN`, or what became of a reviewed flip.
+pub(crate) fn basis_note(basis: &Basis, now: DateTime<Utc>) -> String {
+    match basis {
+        Basis::Probe(probe) => {
+            let mut note = format!("probed {} ago", age(now - probe.last_discovered));
+            if probe.discovery_error {
+                note.push_str(", discovery error");
+            }
+            if probe.oauth_required {
+                note.push_str(", needs OAuth");
+            }
+            note
+        }
+        Basis::NoSnapshot => "no snapshot".to_owned(),
+        Basis::Reviewed(Reviewed::InPlan) => "in the reviewed plan".to_owned(),
+        Basis::Reviewed(Reviewed::AlreadyCarried) => "already carries the reviewed type".to_owned(),
+        Basis::Reviewed(Reviewed::WrittenBy(run_id)) => format!("written by run {run_id}"),
+        Basis::Reverts(reversal) => {
+            let run_id = &reversal.run_id;
+            match &reversal.restored_by {
+                Some(revert) => {
+                    format!("reverts {run_id}; already restored by revert run {revert}")
+                }
+                None if reversal.legacy_unknown => {
+                    format!("reverts {run_id}; {LEGACY_UNKNOWN_NOTE}")
+                }
+                None => format!("reverts {run_id}"),
+            }
+        }
+    }
+}
+
+/// What the run log says of a flip restored from an audit row that cannot tell an absent key, a
+/// JSON `null` and the string "unknown" apart.
+const LEGACY_UNKNOWN_NOTE: &str =
+    "old row: \"unknown\" may have been no type key or null; restores \"unknown\"";
 
 /// A duration at a precision that shows the difference between two close ones: `1.5s`, `59s`,
 /// `12m30s`, `25h0m`.
@@ -687,5 +727,60 @@ mod tests {
         assert_eq!(precise_age(ms(42_000)), "42s");
         assert_eq!(precise_age(ms(754_000)), "12m34s");
         assert_eq!(precise_age(ms(25 * 3_600_000)), "25h0m");
+    }
+
+    /// Every reason a flip exists says itself, and a revert's line says "already restored" over
+    /// the legacy caveat: the element no longer needs restoring, so how is moot.
+    #[test]
+    fn each_basis_says_why_its_flip_exists() {
+        use crate::db::SnapshotRow;
+        use crate::plan::{Restore, Reversal};
+        let now = Utc::now();
+        let probe = |discovery_error, oauth_required| {
+            Basis::Probe(SnapshotRow {
+                inferred_type: Some("sales".into()),
+                last_discovered: now - chrono::Duration::days(3),
+                discovery_error,
+                oauth_required,
+            })
+        };
+        let reverts = |legacy_unknown, restored_by: Option<&str>| {
+            Basis::Reverts(Reversal {
+                run_id: "atb-1".into(),
+                restore: Restore::Json("null".into()),
+                legacy_unknown,
+                restored_by: restored_by.map(str::to_owned),
+            })
+        };
+        let cases = [
+            (probe(false, false), "probed 3d ago"),
+            (
+                probe(true, true),
+                "probed 3d ago, discovery error, needs OAuth",
+            ),
+            (Basis::NoSnapshot, "no snapshot"),
+            (Basis::Reviewed(Reviewed::InPlan), "in the reviewed plan"),
+            (
+                Basis::Reviewed(Reviewed::AlreadyCarried),
+                "already carries the reviewed type",
+            ),
+            (
+                Basis::Reviewed(Reviewed::WrittenBy("atb-2".into())),
+                "written by run atb-2",
+            ),
+            (reverts(false, None), "reverts atb-1"),
+            (
+                reverts(true, None),
+                "reverts atb-1; old row: \"unknown\" may have been no type key or null; \
+                 restores \"unknown\"",
+            ),
+            (
+                reverts(true, Some("atb-3")),
+                "reverts atb-1; already restored by revert run atb-3",
+            ),
+        ];
+        for (basis, note) in cases {
+            assert_eq!(basis_note(&basis, now), note, "{basis:?}");
+        }
     }
 }

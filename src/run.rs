@@ -26,14 +26,14 @@ use crate::write::{write, Ledger, Pace, Recheck, WriteOutcome};
 use crate::VERSION;
 
 /// A run id that sorts by time and is easy to grep for in `type_reclassification_log`.
-pub fn new_run_id(now: DateTime<Utc>) -> String {
+pub(crate) fn new_run_id(now: DateTime<Utc>) -> String {
     let random = Uuid::new_v4().simple().to_string();
     format!("atb-{}-{}", now.format("%Y%m%dT%H%M%SZ"), &random[..8])
 }
 
 /// The preflight of a command that may write: the tables and privileges `needs`, and for an
 /// apply with `--max-replica-lag`, the right to read the standbys' lag.
-pub async fn preflight(
+pub(crate) async fn preflight(
     session: &db::Session,
     mode: Mode,
     needs: db::Needs,
@@ -74,34 +74,34 @@ impl std::error::Error for PlanStopped {}
 
 /// What the plan says of the registry as a whole, beside its flips.
 #[derive(Debug, Clone, Default)]
-pub struct Census {
+pub(crate) struct Census {
     /// The plan finished: the counts below mean something.
-    pub complete: bool,
-    pub profiles_scanned: u64,
-    pub malformed: u64,
-    pub junk_elements: u64,
-    pub unrecognised_inferred_types: std::collections::BTreeMap<String, u64>,
+    pub(crate) complete: bool,
+    pub(crate) profiles_scanned: u64,
+    pub(crate) malformed: u64,
+    pub(crate) junk_elements: u64,
+    pub(crate) unrecognised_inferred_types: std::collections::BTreeMap<String, u64>,
 }
 
 /// The fate of every flip a run found, each flip in exactly one place. The log, the exit code and
 /// the summary are all read from here; [`Dispositions::summary`] is the one place a run's
 /// numbers are counted.
 #[derive(Debug, Default)]
-pub struct Dispositions {
+pub(crate) struct Dispositions {
     /// Flips nothing holds back: written by an apply that nothing refused.
-    pub to_write: Vec<PlannedFlip>,
+    pub(crate) to_write: Vec<PlannedFlip>,
     /// Flips a guard holds back: never written.
-    pub held: Vec<HeldFlip>,
+    pub(crate) held: Vec<HeldFlip>,
     /// How many of `to_write` `--allow-transition` does not list (the run is refused).
-    pub not_allowed: u64,
+    pub(crate) not_allowed: u64,
     /// Found or planned, and left before the write, with why (a reviewed plan's departures, a
     /// revert's conflicts): listed with the plan.
-    pub departed: Vec<(PlannedFlip, SkipReason)>,
+    pub(crate) departed: Vec<(PlannedFlip, SkipReason)>,
     /// Planned and not written by the write itself, with why (the locked recheck, timeouts):
     /// listed after the write.
-    pub not_written: Vec<(PlannedFlip, SkipReason)>,
+    pub(crate) not_written: Vec<(PlannedFlip, SkipReason)>,
     /// Flips written, as the batches that committed counted them.
-    pub written: u64,
+    pub(crate) written: u64,
 }
 
 impl Dispositions {
@@ -155,18 +155,18 @@ impl Dispositions {
     }
 }
 
-pub struct Run<'p> {
-    pub mode: Mode,
-    pub run_id: String,
-    pub started_at: DateTime<Utc>,
+pub(crate) struct Run<'p> {
+    pub(crate) mode: Mode,
+    pub(crate) run_id: String,
+    pub(crate) started_at: DateTime<Utc>,
     clock: Instant,
-    pub session: db::Session,
+    pub(crate) session: db::Session,
     printer: &'p mut dyn Printer,
-    pub stop: StopSignal,
-    pub census: Census,
-    pub dispositions: Dispositions,
+    pub(crate) stop: StopSignal,
+    pub(crate) census: Census,
+    pub(crate) dispositions: Dispositions,
     /// The limits and guards that refused the plan; the run writes nothing when any did.
-    pub refusals: Vec<Refusal>,
+    pub(crate) refusals: Vec<Refusal>,
     /// Why the crawler's log cannot be read, said once in the header and once in the summary.
     crawler_log_unavailable: Option<String>,
     /// What the write path has committed so far, read even when the write is abandoned.
@@ -174,7 +174,7 @@ pub struct Run<'p> {
     /// The write stopped early: by what, and whether the batch in flight was abandoned.
     stopped: Option<(Stop, bool)>,
     /// `--leave-held`, for the log header.
-    pub leave_held: bool,
+    pub(crate) leave_held: bool,
 }
 
 /// How long closing the pool may take at the end of a run: on a dead link it would wait for the
@@ -184,7 +184,7 @@ const CLOSE_LIMIT: Duration = Duration::from_secs(2);
 impl<'p> Run<'p> {
     /// The first step of every command that may write: a run id, a connection that carries it as
     /// `application_name` with the operator's timeouts, and the `--expect-database` guard.
-    pub async fn open(
+    pub(crate) async fn open(
         connect: &ConnectConfig,
         mode: Mode,
         printer: &'p mut dyn Printer,
@@ -213,13 +213,13 @@ impl<'p> Run<'p> {
         })
     }
 
-    pub fn print(&mut self, event: Event) -> Result<()> {
+    pub(crate) fn print(&mut self, event: Event) -> Result<()> {
         self.printer.print(&event)
     }
 
     /// The log header. `crawler_log` says why the crawler's evidence cannot be read, once for the
     /// whole run.
-    pub fn header(
+    pub(crate) fn header(
         &mut self,
         max_flips: usize,
         reverts: Option<&str>,
@@ -243,7 +243,7 @@ impl<'p> Run<'p> {
     }
 
     /// Prints `flips` in log order, each as `event` makes it, without copying them.
-    pub fn print_flips<T>(
+    pub(crate) fn print_flips<T>(
         &mut self,
         flips: &[T],
         key: impl Fn(&T) -> &PlannedFlip,
@@ -259,7 +259,7 @@ impl<'p> Run<'p> {
     /// Plans, unless a signal (or a closed stdout) comes first: then the planning statement is
     /// cancelled on the server, the log says the plan was interrupted, and the run ends with
     /// nothing written.
-    pub async fn plan<T>(
+    pub(crate) async fn plan<T>(
         &mut self,
         planning: impl Future<Output = Result<T>>,
         backend: &PlanningBackend,
@@ -287,7 +287,7 @@ impl<'p> Run<'p> {
 
     /// Writes `dispositions.to_write`: only in an apply that nothing refused. A second signal
     /// abandons the batch in flight; what had committed is still counted.
-    pub async fn write(&mut self, pace: Pace, recheck: &dyn Recheck) -> Result<()> {
+    pub(crate) async fn write(&mut self, pace: Pace, recheck: &dyn Recheck) -> Result<()> {
         if !self.refusals.is_empty()
             || self.mode != Mode::Apply
             || self.dispositions.to_write.is_empty()
@@ -332,7 +332,7 @@ impl<'p> Run<'p> {
     /// The last step of every run: how it ended, decided once from what happened, then the
     /// skipped lines and the summary in every format. `steps` is what the run's steps after the
     /// header came to.
-    pub async fn conclude(mut self, steps: Result<()>) -> Result<Summary> {
+    pub(crate) async fn conclude(mut self, steps: Result<()>) -> Result<Summary> {
         // A write that failed still committed what the ledger counted.
         self.dispositions.written = self.dispositions.written.max(self.ledger.written());
         let (outcome, error) = match steps {
@@ -408,7 +408,10 @@ impl<'p> Run<'p> {
 }
 
 /// A skipped line of the log.
-pub fn skipped_event((planned, reason): &(PlannedFlip, SkipReason), now: DateTime<Utc>) -> Event {
+pub(crate) fn skipped_event(
+    (planned, reason): &(PlannedFlip, SkipReason),
+    now: DateTime<Utc>,
+) -> Event {
     Event::Skipped(Skipped {
         flip: planned.event(now),
         reason: *reason,
@@ -417,7 +420,10 @@ pub fn skipped_event((planned, reason): &(PlannedFlip, SkipReason), now: DateTim
 
 /// A session for the tool: a first connection checked with the operator's timeouts, then the
 /// pool, and the `--expect-database` guard. `history` uses it too, without a run.
-pub async fn open_session(connect: &ConnectConfig, application_name: &str) -> Result<db::Session> {
+pub(crate) async fn open_session(
+    connect: &ConnectConfig,
+    application_name: &str,
+) -> Result<db::Session> {
     let settings = db::SessionSettings {
         application_name: application_name.to_owned(),
         lock_timeout: connect.lock_timeout,

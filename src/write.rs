@@ -13,12 +13,12 @@ use uuid::Uuid;
 use crate::db::{self, FlipWrite, Snapshots};
 use crate::events::SkipReason;
 use crate::interrupt::StopSignal;
-use crate::plan::{parse_column, PlannedFlip, Restore};
+use crate::plan::{parse_column, Basis, PlannedFlip, Restore};
 use crate::resolver::{is_depth_summary, AgentsColumn, Flip};
 use crate::VERSION;
 
 /// How a locked profile is checked before a planned flip is written.
-pub trait Recheck: Sync {
+pub(crate) trait Recheck: Sync {
     /// Whether [`Recheck::holding`] reads the snapshots.
     fn reads_snapshots(&self) -> bool;
 
@@ -39,9 +39,9 @@ pub trait Recheck: Sync {
 }
 
 /// The backfill: re-resolve against current data and write what still holds exactly as planned.
-pub struct ResolveAgain {
+pub(crate) struct ResolveAgain {
     /// With `--leave-held`: how many held flips the run left unwritten; the audit notes say so.
-    pub left_held: Option<u64>,
+    pub(crate) left_held: Option<u64>,
 }
 
 impl Recheck for ResolveAgain {
@@ -71,40 +71,40 @@ impl Recheck for ResolveAgain {
 }
 
 #[derive(Debug, Default)]
-pub struct WriteOutcome {
+pub(crate) struct WriteOutcome {
     /// Planned flips not written and flips found that were not planned, with why.
-    pub not_written: Vec<(PlannedFlip, SkipReason)>,
-    pub interrupted_by: Option<i32>,
+    pub(crate) not_written: Vec<(PlannedFlip, SkipReason)>,
+    pub(crate) interrupted_by: Option<i32>,
 }
 
 /// What the write has committed, kept outside the write so that a run whose write is abandoned
 /// (a second signal) or fails (a lost connection) still says exactly what was written.
 #[derive(Debug, Default)]
-pub struct Ledger {
+pub(crate) struct Ledger {
     written: AtomicU64,
     /// A batch has sent its COMMIT and not heard back: abandoned now, it may have committed.
     at_commit: AtomicBool,
 }
 
 impl Ledger {
-    pub fn written(&self) -> u64 {
+    pub(crate) fn written(&self) -> u64 {
         self.written.load(Ordering::SeqCst)
     }
 
-    pub fn at_commit(&self) -> bool {
+    pub(crate) fn at_commit(&self) -> bool {
         self.at_commit.load(Ordering::SeqCst)
     }
 }
 
 /// How the write goes through its batches.
 #[derive(Debug, Clone, Copy)]
-pub struct Pace {
+pub(crate) struct Pace {
     /// Profiles per batch, one short transaction each.
-    pub batch_size: usize,
+    pub(crate) batch_size: usize,
     /// Attempts at a batch that hits a lock or statement timeout.
-    pub attempts: u32,
+    pub(crate) attempts: u32,
     /// `--max-replica-lag`: before each batch, wait while a standby's replay is further behind.
-    pub max_replica_lag: Option<Duration>,
+    pub(crate) max_replica_lag: Option<Duration>,
 }
 
 /// How often a paused write asks the standbys again. Each status reply of a standby (every
@@ -113,7 +113,7 @@ const LAG_POLL: Duration = Duration::from_millis(500);
 
 /// Writes `flips` in batches at `pace`, one short transaction each, counting what commits in
 /// `ledger`.
-pub async fn write(
+pub(crate) async fn write(
     pool: &db::Pool,
     flips: &[PlannedFlip],
     pace: Pace,
@@ -326,7 +326,7 @@ async fn write_batch(
         not_written.extend(holding.into_iter().map(|flip| {
             let probe = snapshots.get(&flip.url).cloned();
             (
-                PlannedFlip::found(*id, label, flip, probe),
+                PlannedFlip::new(*id, label, flip, Basis::found(probe)),
                 SkipReason::Unplanned,
             )
         }));
@@ -355,7 +355,11 @@ async fn write_batch(
 fn flip_write(profile_id: Uuid, label: &str, flip: Flip, planned: &PlannedFlip) -> FlipWrite {
     // A type too deep to keep whole is recorded from the row itself, never from its summary.
     let old_type = (!is_depth_summary(&flip.from)).then(|| flip.stored_label());
-    let (new_value, new_type) = match &planned.restore {
+    let restore = match &planned.basis {
+        Basis::Reverts(reversal) => Some(&reversal.restore),
+        Basis::Probe(_) | Basis::NoSnapshot | Basis::Reviewed(_) => None,
+    };
+    let (new_value, new_type) = match restore {
         Some(Restore::Json(raw)) => (Some(raw.clone()), restored_type_label(raw, flip.to)),
         // The audit `new_type` column follows the server: an absent type reads as "unknown".
         Some(Restore::Absent) => (None, crate::resolver::UNKNOWN_TYPE.to_owned()),

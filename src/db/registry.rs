@@ -110,67 +110,74 @@ pub struct ChunkScan {
 /// and decided by the Rust resolver. tests/it/prefilter.rs runs every conformance vector through
 /// this statement and checks that it names exactly the profiles with flips.
 ///
-/// Each agent looks its snapshot up through the primary key of `agent_capabilities_snapshot`
-/// (a lateral subquery with `LIMIT 1`: the key is unique, so it changes no answer, but the planner,
-/// which estimates 100 elements per `jsonb_array_elements`, would otherwise pick a hash join that
-/// reads the whole snapshot table once per chunk). Each profile's elements are aggregated in a
-/// lateral subquery of their own, which always yields one row, so a profile with no elements is
-/// still counted, and nothing is materialised.
+/// The chunk's elements are taken apart once (`e`: one row per element, and one row with no
+/// element for a profile whose `agents` is empty or not an array, so every profile is counted).
+/// Their distinct urls are looked up in one index scan (`= ANY`, which the server sorts and
+/// deduplicates, so the btree is walked in key order), and the elements are hash-joined to the
+/// rows found. Looking each agent up by its own subquery, as this statement did before, walked
+/// the btree from its root once per agent in random order and took about twice as long per
+/// chunk (benches/backfill; README "Performance"). A hash join against the whole snapshot table
+/// would be faster still at small sizes, but its work would grow with that table again.
 ///
 /// $1: the valid types; $2: the type kept when the probe could not classify; $3: "unknown";
 /// $4: the lowest id of the chunk; $5: the chunk size; $6: the highest id it may hold (both
 /// inclusive: parallel jobs each walk a range of the key space).
 pub const PLAN_CHUNK: &str = r#"
-SELECT count(*),
-       count(*) FILTER (WHERE jsonb_typeof(p.agents) IS DISTINCT FROM 'array'),
-       -- uuid has no max(); its text form sorts as its bytes do.
-       max(p.id::text)::uuid,
-       coalesce(sum(v.untouchable), 0)::bigint,
-       coalesce(array_agg(p.id ORDER BY p.id) FILTER (WHERE v.may_flip), '{}')
-FROM (
-    SELECT id, agents FROM member_profiles WHERE id BETWEEN $4::uuid AND $6::uuid ORDER BY id LIMIT $5
-) p
-CROSS JOIN LATERAL (
-    SELECT count(*) FILTER (WHERE x.verdict = 'untouchable') AS untouchable,
-           coalesce(bool_or(x.verdict = 'may flip'), false) AS may_flip
-    FROM jsonb_array_elements(
+WITH e AS MATERIALIZED (
+    SELECT p.id,
+           jsonb_typeof(p.agents) IS DISTINCT FROM 'array' AS malformed,
+           x.ord,
+           -- Only an object has a `url` key, so this also rules out every other element.
+           coalesce(jsonb_typeof(x.element -> 'url') = 'string', false) AS has_url,
+           x.element ->> 'url' AS url,
+           x.element -> 'type' AS stored
+    FROM (
+        SELECT id, agents FROM member_profiles
+        WHERE id BETWEEN $4::uuid AND $6::uuid ORDER BY id LIMIT $5
+    ) p
+    LEFT JOIN LATERAL jsonb_array_elements(
         CASE WHEN jsonb_typeof(p.agents) = 'array' THEN p.agents ELSE '[]'::jsonb END
-    ) AS e(element)
-    LEFT JOIN LATERAL (
-        SELECT snapshot.agent_url, snapshot.inferred_type
-        FROM agent_capabilities_snapshot snapshot
-        WHERE snapshot.agent_url = e.element ->> 'url'
-        LIMIT 1
-    ) s ON true
-    CROSS JOIN LATERAL (
-        SELECT CASE
-               -- Only an object has a `url` key, so this also rules out every other element.
-               WHEN jsonb_typeof(e.element -> 'url') IS DISTINCT FROM 'string' THEN 'untouchable'
+    ) WITH ORDINALITY AS x(element, ord) ON true
+), s AS MATERIALIZED (
+    SELECT agent_url, inferred_type FROM agent_capabilities_snapshot
+    WHERE agent_url = ANY (ARRAY(SELECT DISTINCT url FROM e WHERE has_url))
+)
+SELECT count(*) FILTER (WHERE e.ord IS NULL OR e.ord = 1),
+       count(*) FILTER (WHERE e.malformed),
+       -- uuid has no max(); its text form sorts as its bytes do.
+       max(e.id::text)::uuid,
+       count(*) FILTER (WHERE e.ord IS NOT NULL AND NOT e.has_url)::bigint,
+       coalesce(array_agg(DISTINCT e.id ORDER BY e.id) FILTER (WHERE v.verdict = 'may flip'), '{}')
+FROM e
+LEFT JOIN s ON e.has_url AND s.agent_url = e.url
+CROSS JOIN LATERAL (
+    SELECT CASE
+               -- No element, or one the rule cannot touch.
+               WHEN NOT e.has_url THEN NULL
                -- Never probed: only a string type outside the valid set changes.
                WHEN s.agent_url IS NULL THEN
                    CASE
-                       WHEN NOT (e.element ->> 'type') = ANY ($1::text[])
-                            AND jsonb_typeof(e.element -> 'type') = 'string' THEN 'may flip'
+                       WHEN NOT (e.stored #>> '{}') = ANY ($1::text[])
+                            AND jsonb_typeof(e.stored) = 'string' THEN 'may flip'
                    END
                -- The common case, first: the stored type already is the probe's valid type (no
                -- number, boolean, object or array reads as a valid type name).
-               WHEN (e.element ->> 'type') = s.inferred_type
+               WHEN (e.stored #>> '{}') = s.inferred_type
                     AND s.inferred_type = ANY ($1::text[]) THEN NULL
                -- Probed and classified otherwise: the probe's type wins; an absent or null type
                -- reads as "unknown".
                WHEN s.inferred_type = ANY ($1::text[]) THEN
                    CASE
                        WHEN s.inferred_type = $3::text
-                            AND coalesce(e.element -> 'type', 'null') = 'null' THEN NULL
+                            AND coalesce(e.stored, 'null') = 'null' THEN NULL
                        ELSE 'may flip'
                    END
                -- Probed, not classified: a self-declared type survives, anything else becomes
                -- "unknown".
-               WHEN coalesce(e.element -> 'type', 'null')
+               WHEN coalesce(e.stored, 'null')
                     IN ('null', to_jsonb($2::text), to_jsonb($3::text)) THEN NULL
                ELSE 'may flip'
            END AS verdict
-    ) x
 ) v
 "#;
 

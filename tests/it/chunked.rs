@@ -274,8 +274,10 @@ async fn any_chunk_size_plans_a_generated_corpus_as_the_unchunked_rule_does() {
     }
 }
 
-/// Each chunk statement reads a bounded range of the primary key and looks every agent's snapshot
-/// up by key: no scan of either table, so its work follows the chunk size, not the table.
+/// Each chunk statement reads a bounded range of the primary key and looks the chunk's urls up by
+/// key: no scan of either table (a sequential scan, or an index scan without a condition), so its
+/// work follows the chunk size, not the table. The hash join it may use is between the chunk's
+/// elements and the snapshot rows found for them.
 #[tokio::test]
 async fn a_chunk_reads_both_tables_through_their_primary_keys_only() {
     let db = generated_corpus().await;
@@ -292,10 +294,11 @@ async fn a_chunk_reads_both_tables_through_their_primary_keys_only() {
         .unwrap();
     let plan = plan.join("\n");
     assert!(
-        plan.contains("Index Scan using member_profiles_pkey")
-            && plan.contains("using agent_capabilities_snapshot_pkey")
-            && !plan.contains("Seq Scan")
-            && !plan.contains("Hash Join"),
+        plan.contains("Index Scan using member_profiles_pkey on member_profiles")
+            && plan.contains("Index Cond: ((id >= ")
+            && plan.contains("agent_capabilities_snapshot_pkey")
+            && plan.contains("Index Cond: (agent_url = ANY ")
+            && !plan.contains("Seq Scan"),
         "{plan}"
     );
 }

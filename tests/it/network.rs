@@ -207,7 +207,7 @@ async fn a_link_frozen_during_the_planning_statement_ends_the_dry_run() {
     let (db, flips) = registry().await;
     let (host, port) = host_port(&db.url);
     let proxy = Proxy::start(&host, port).await;
-    proxy.after("verdict = 'untouchable'", 0, Fault::Freeze);
+    proxy.after("v.verdict = 'may flip'", 0, Fault::Freeze);
     let run = run_silenced(dry_run(&through(&proxy.url_for(&db.url))), &proxy).await;
     assert_silent_error(&run, "nothing was written");
     assert_eq!(tool_sessions_holding_anything(&db).await, 0);
@@ -353,7 +353,7 @@ async fn a_slow_link_still_completes_the_run() {
 #[tokio::test]
 async fn a_signal_on_a_frozen_link_still_ends_the_run_by_itself() {
     for (pattern, tool) in [
-        ("verdict = 'untouchable'", dry_run as fn(&str) -> Tool),
+        ("v.verdict = 'may flip'", dry_run as fn(&str) -> Tool),
         ("FOR UPDATE", apply as fn(&str) -> Tool),
     ] {
         let (db, flips) = registry().await;
