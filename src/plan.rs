@@ -61,7 +61,7 @@ pub(crate) enum Reviewed {
     /// The element already carries the reviewed type, by whom is not known (a member, the
     /// server, or an apply whose audit rows cannot be read).
     AlreadyCarried,
-    /// The element carries the reviewed type, written by this run of the tool.
+    /// The element carries the reviewed type, written by the tool's run with this id.
     WrittenBy(String),
 }
 
