@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::config::{HistoryConfig, RevertConfig};
 use crate::db::{self, AuditEntry, Snapshots};
-use crate::domain::Mode;
+use crate::domain::{Mode, ProfileFlip};
 use crate::error::Failure;
 use crate::events::{Event, SkipReason, Summary};
 use crate::guard::check_threshold;
@@ -68,8 +68,8 @@ impl Recheck for StillCarriesFrom {
     fn holding(&self, column: &AgentsColumn, _: &Snapshots, planned: &[&PlannedFlip]) -> Vec<Flip> {
         planned
             .iter()
-            .filter(|planned| column.carries(&planned.flip))
-            .map(|planned| planned.flip.clone())
+            .filter(|planned| column.carries(&planned.at.flip))
+            .map(|planned| planned.at.flip.clone())
             .collect()
     }
 
@@ -213,15 +213,14 @@ async fn plan_revert(
                 (profile_id.unwrap_or_default(), index.unwrap_or(usize::MAX))
             }
         };
+        let flip = Flip {
+            index,
+            url: entry.agent_url.clone(),
+            from: Value::String(entry.new_type.clone()),
+            to,
+        };
         let planned = PlannedFlip::new(
-            profile_id,
-            &entry.label(),
-            Flip {
-                index,
-                url: entry.agent_url.clone(),
-                from: Value::String(entry.new_type.clone()),
-                to,
-            },
+            ProfileFlip::new(profile_id, entry.label(), flip),
             Basis::Reverts(Reversal {
                 run_id: reverted.to_owned(),
                 restore,
@@ -232,7 +231,7 @@ async fn plan_revert(
         let holds = matches!(location, Restorable::At { .. })
             && columns
                 .get(&profile_id)
-                .is_some_and(|column| column.carries(&planned.flip));
+                .is_some_and(|column| column.carries(&planned.at.flip));
         if holds {
             flips.push(planned);
         } else {
@@ -242,10 +241,9 @@ async fn plan_revert(
     if !conflicts.is_empty() {
         let restored = db::restored_by(pool, reverted).await?;
         for conflict in &mut conflicts {
-            if let (Some(revert), Basis::Reverts(reversal)) = (
-                restored.get(&(conflict.profile_id, conflict.flip.index)),
-                &mut conflict.basis,
-            ) {
+            if let (Some(revert), Basis::Reverts(reversal)) =
+                (restored.get(&conflict.at.element()), &mut conflict.basis)
+            {
                 reversal.restored_by = Some(revert.clone());
             }
         }

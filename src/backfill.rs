@@ -176,7 +176,7 @@ async fn name_earlier_writes(
     let ids: Vec<uuid::Uuid> = departures
         .iter()
         .filter(|(_, reason)| *reason == SkipReason::ChangedSincePlan)
-        .map(|(planned, _)| planned.profile_id)
+        .map(|(planned, _)| planned.at.profile_id)
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
@@ -195,13 +195,11 @@ async fn name_earlier_writes(
         .collect::<Result<_>>()?;
     let carries_target = |planned: &PlannedFlip| {
         let target = Flip {
-            index: planned.flip.index,
-            url: planned.flip.url.clone(),
-            from: serde_json::Value::String(planned.flip.to.clone()),
-            to: planned.flip.to.clone(),
+            from: serde_json::Value::String(planned.at.flip.to.clone()),
+            ..planned.at.flip.clone()
         };
         columns
-            .get(&planned.profile_id)
+            .get(&planned.at.profile_id)
             .is_some_and(|column| column.carries(&target))
     };
     let mut done = Vec::new();
@@ -209,27 +207,18 @@ async fn name_earlier_writes(
         if *reason == SkipReason::ChangedSincePlan && carries_target(planned) {
             *reason = SkipReason::AlreadyWritten;
             planned.basis = Basis::Reviewed(Reviewed::AlreadyCarried);
-            done.push((
-                planned.profile_id,
-                planned.flip.index,
-                planned.flip.url.clone(),
-                planned.flip.to.clone(),
-            ));
+            done.push(planned.at.clone());
         }
     }
     if !audit_readable || done.is_empty() {
         return Ok(());
     }
-    let keys: Vec<(uuid::Uuid, usize, &str, &str)> = done
-        .iter()
-        .map(|(id, index, url, to)| (*id, *index, url.as_str(), to.as_str()))
-        .collect();
-    let written = db::written_by(pool, &keys).await?;
+    let written = db::written_by(pool, &done).await?;
     for (planned, reason) in departures.iter_mut() {
         if *reason != SkipReason::AlreadyWritten {
             continue;
         }
-        if let Some(run_id) = written.get(&(planned.profile_id, planned.flip.index)) {
+        if let Some(run_id) = written.get(&planned.at.element()) {
             planned.basis = Basis::Reviewed(Reviewed::WrittenBy(run_id.clone()));
         }
     }

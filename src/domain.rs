@@ -1,12 +1,15 @@
 //! The words every layer shares (what a run does, how it prints, a type change), defined here so
 //! that neither the command line, the log nor the guards depend on one another for them. This
-//! module depends on nothing else in the crate.
+//! module depends on nothing else in the crate but the rule's [`Flip`].
 
 use std::fmt;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
 use serde::{Serialize, Serializer};
+use uuid::Uuid;
+
+use crate::resolver::Flip;
 
 /// Whether a run may write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -62,6 +65,44 @@ impl fmt::Display for Transition {
 impl Serialize for Transition {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(&format_args!("{}->{}", self.from, self.to))
+    }
+}
+
+/// A flip where it is: the rule's flip of one element and the profile holding it. Every shape a
+/// flip takes (the plan's, the log line's, the plan file's entry, the audit row being written)
+/// carries this one value, so what names a flip and its JSON field names (`profile_id`,
+/// `profile`, `index`, `url`, `from`, `to`, in that order) are defined here alone.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProfileFlip {
+    pub profile_id: Uuid,
+    /// The profile as the log names it: its slug, or its id when it has none.
+    pub profile: String,
+    #[serde(flatten)]
+    pub flip: Flip,
+}
+
+impl ProfileFlip {
+    pub fn new(profile_id: Uuid, profile: impl Into<String>, flip: Flip) -> ProfileFlip {
+        ProfileFlip {
+            profile_id,
+            profile: profile.into(),
+            flip,
+        }
+    }
+
+    /// The element it is in: a flip's identity across a plan, a reviewed plan and a write.
+    pub fn element(&self) -> (Uuid, usize) {
+        (self.profile_id, self.flip.index)
+    }
+
+    /// The same change at the same element, whatever the profile is called now: how a
+    /// reviewed plan's flip is found again, every field of it compared.
+    pub fn same_change(&self, other: &ProfileFlip) -> bool {
+        self.profile_id == other.profile_id
+            && self.flip.index == other.flip.index
+            && self.flip.url == other.flip.url
+            && self.flip.from == other.flip.from
+            && self.flip.to == other.flip.to
     }
 }
 

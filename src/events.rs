@@ -5,13 +5,11 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::Value;
-use uuid::Uuid;
 
 use crate::db::{AuditEntry, CrawlerEvidence, RunRecord, Target};
 pub(crate) use crate::domain::rfc3339;
 pub use crate::domain::Mode;
-use crate::domain::Transition;
+use crate::domain::{ProfileFlip, Transition};
 use crate::outcome::OutcomeReport;
 use crate::resolver::{RULE_COMMIT, RULE_FILE, RULE_FUNCTION, RULE_REPOSITORY, VALID_AGENT_TYPES};
 
@@ -98,12 +96,8 @@ impl Rule {
 /// One flip as every format shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct FlipEvent {
-    pub profile_id: Uuid,
-    pub profile: String,
-    pub index: usize,
-    pub url: String,
-    pub from: Value,
-    pub to: String,
+    #[serde(flatten)]
+    pub at: ProfileFlip,
     #[serde(serialize_with = "crate::domain::optional_seconds")]
     pub probed_at: Option<DateTime<Utc>>,
     pub discovery_error: bool,

@@ -55,6 +55,7 @@ impl Holds<'_> {
             return Some((outside_vocabulary(inferred), Some(inferred.to_owned())));
         }
         if let Some(stored) = planned
+            .at
             .flip
             .from
             .as_str()
@@ -70,11 +71,12 @@ impl Holds<'_> {
         }
         if let Some(minimum) = self.guards.min_corroboration {
             let reclassification = planned
+                .at
                 .flip
                 .from
                 .as_str()
                 .is_some_and(|from| from != UNKNOWN_TYPE)
-                && planned.flip.to != UNKNOWN_TYPE;
+                && planned.at.flip.to != UNKNOWN_TYPE;
             let agreeing = planned
                 .evidence
                 .as_ref()
@@ -163,10 +165,10 @@ pub(crate) fn not_allowed(flips: &[PlannedFlip], allowed: &[Transition]) -> Vec<
     flips
         .iter()
         .filter(|planned| {
-            let from = planned.flip.stored_label();
+            let from = planned.at.flip.stored_label();
             !allowed
                 .iter()
-                .any(|allowed| allowed.from == from && allowed.to == planned.flip.to)
+                .any(|allowed| allowed.from == from && allowed.to == planned.at.flip.to)
         })
         .cloned()
         .collect()
@@ -179,7 +181,7 @@ pub(crate) fn transitions_refusal(refused: &[PlannedFlip]) -> Option<Refusal> {
     }
     let mut transitions: Vec<Transition> = refused
         .iter()
-        .map(|planned| Transition::new(planned.flip.stored_label(), planned.flip.to.clone()))
+        .map(|planned| Transition::new(planned.at.flip.stored_label(), planned.at.flip.to.clone()))
         .collect();
     transitions.sort();
     transitions.dedup();
@@ -193,20 +195,20 @@ pub(crate) fn transitions_refusal(refused: &[PlannedFlip]) -> Option<Refusal> {
 mod tests {
     use super::*;
     use crate::db::{CrawlerEvidence, SnapshotRow};
+    use crate::domain::ProfileFlip;
     use crate::plan::Basis;
     use crate::resolver::Flip;
     use serde_json::json;
 
     fn flip(from: serde_json::Value, to: &str, probed: DateTime<Utc>) -> PlannedFlip {
+        let flip = Flip {
+            index: 0,
+            url: "https://acme.example/mcp".into(),
+            from,
+            to: to.into(),
+        };
         let mut planned = PlannedFlip::new(
-            uuid::Uuid::nil(),
-            "acme",
-            Flip {
-                index: 0,
-                url: "https://acme.example/mcp".into(),
-                from,
-                to: to.into(),
-            },
+            ProfileFlip::new(uuid::Uuid::nil(), "acme", flip),
             Basis::Probe(SnapshotRow {
                 inferred_type: Some(to.into()),
                 last_discovered: probed,

@@ -10,10 +10,11 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::db::{self, CrawlerEvidence, ProfileRow, SnapshotRow};
+use crate::domain::ProfileFlip;
 use crate::events::FlipEvent;
 use crate::progress;
 use crate::report::basis_note;
-use crate::resolver::{AgentsColumn, Flip};
+use crate::resolver::AgentsColumn;
 
 /// What a revert puts back in an element's `type` key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,23 +80,19 @@ pub(crate) struct Reversal {
     pub(crate) restored_by: Option<String>,
 }
 
-/// A flip the plan found, with the profile it belongs to.
+/// A flip the plan found: where it is, and what the plan knows behind it.
 #[derive(Debug, Clone)]
 pub(crate) struct PlannedFlip {
-    pub(crate) profile_id: Uuid,
-    pub(crate) label: String,
-    pub(crate) flip: Flip,
+    pub(crate) at: ProfileFlip,
     pub(crate) basis: Basis,
     /// The crawler's logged disagreements for this url, when they were read.
     pub(crate) evidence: Option<CrawlerEvidence>,
 }
 
 impl PlannedFlip {
-    pub(crate) fn new(profile_id: Uuid, label: &str, flip: Flip, basis: Basis) -> Self {
+    pub(crate) fn new(at: ProfileFlip, basis: Basis) -> Self {
         PlannedFlip {
-            profile_id,
-            label: label.to_owned(),
-            flip,
+            at,
             basis,
             evidence: None,
         }
@@ -110,12 +107,7 @@ impl PlannedFlip {
     pub(crate) fn event(&self, now: DateTime<Utc>) -> FlipEvent {
         let probe = self.probe();
         FlipEvent {
-            profile_id: self.profile_id,
-            profile: self.label.clone(),
-            index: self.flip.index,
-            url: self.flip.url.clone(),
-            from: self.flip.from.clone(),
-            to: self.flip.to.clone(),
+            at: self.at.clone(),
             probed_at: probe.map(|probe| probe.last_discovered),
             discovery_error: probe.is_some_and(|probe| probe.discovery_error),
             oauth_required: probe.is_some_and(|probe| probe.oauth_required),
@@ -126,7 +118,7 @@ impl PlannedFlip {
 
     /// The order every log lists flips in: profile label, then element index.
     pub(crate) fn log_order(&self) -> (&str, Uuid, usize) {
-        (&self.label, self.profile_id, self.flip.index)
+        (&self.at.profile, self.at.profile_id, self.at.flip.index)
     }
 }
 
@@ -358,7 +350,10 @@ async fn plan_chunk(
             let label = row.label();
             found.flips.extend(verdict.flips.into_iter().map(|flip| {
                 let probe = snapshots.get(&flip.url).cloned();
-                PlannedFlip::new(row.id, &label, flip, Basis::found(probe))
+                PlannedFlip::new(
+                    ProfileFlip::new(row.id, label.clone(), flip),
+                    Basis::found(probe),
+                )
             }));
         }
     }
@@ -484,17 +479,17 @@ pub(crate) async fn attach_evidence(
         EvidenceAccess::Readable => {
             let urls: BTreeSet<&str> = flips
                 .iter()
-                .map(|planned| planned.flip.url.as_str())
+                .map(|planned| planned.at.flip.url.as_str())
                 .collect();
             db::crawler_disagreements(connection, &urls.into_iter().collect::<Vec<_>>()).await?
         }
     };
     for planned in flips.iter_mut() {
         let rows = logged
-            .get(&planned.flip.url)
+            .get(&planned.at.flip.url)
             .map(Vec::as_slice)
             .unwrap_or(&[]);
-        planned.evidence = Some(CrawlerEvidence::for_flip(rows, &planned.flip.to));
+        planned.evidence = Some(CrawlerEvidence::for_flip(rows, &planned.at.flip.to));
     }
     Ok(())
 }

@@ -13,6 +13,7 @@ use tracing::warn;
 use uuid::Uuid;
 
 use crate::db::{self, CrawlerEvidence};
+use crate::domain::ProfileFlip;
 use crate::error::Failure;
 use crate::events::{HoldReason, Rule, SkipReason};
 use crate::plan::{Basis, Plan, PlannedFlip, Reviewed};
@@ -63,22 +64,53 @@ impl Fingerprint {
     }
 }
 
+/// A flip as the plan file lists it: where it is, the probe behind it, and whether a guard holds
+/// it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "PlanFlipV1")]
 pub struct PlanFlip {
-    pub profile_id: Uuid,
-    pub profile: String,
-    pub index: usize,
-    pub url: String,
-    pub from: Value,
-    pub to: String,
+    #[serde(flatten)]
+    pub at: ProfileFlip,
     /// When the snapshot behind the flip was probed; `None` for a legacy type without one.
     pub last_discovered: Option<DateTime<Utc>>,
     /// Set when a guard holds the flip: an apply of this plan writes nothing while it does.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub held: Option<HoldReason>,
-    /// The crawler's logged disagreements for the url, as the dry-run read them.
-    #[serde(default, skip_deserializing)]
+    /// The crawler's logged disagreements for the url, as the dry-run read them; not read back.
     pub crawler_disagreements: Option<CrawlerEvidence>,
+}
+
+/// How a plan file's flip is read: v1 spells it flat. Reading goes through this rather than
+/// `#[serde(flatten)]`, which buffers the entry first, and a buffered number (with serde_json's
+/// `arbitrary_precision`, which keeps `from` exact) no longer reads as an `index`.
+#[derive(Deserialize)]
+struct PlanFlipV1 {
+    profile_id: Uuid,
+    profile: String,
+    index: usize,
+    url: String,
+    from: Value,
+    to: String,
+    last_discovered: Option<DateTime<Utc>>,
+    #[serde(default)]
+    held: Option<HoldReason>,
+}
+
+impl From<PlanFlipV1> for PlanFlip {
+    fn from(v1: PlanFlipV1) -> PlanFlip {
+        let flip = Flip {
+            index: v1.index,
+            url: v1.url,
+            from: v1.from,
+            to: v1.to,
+        };
+        PlanFlip {
+            at: ProfileFlip::new(v1.profile_id, v1.profile, flip),
+            last_discovered: v1.last_discovered,
+            held: v1.held,
+            crawler_disagreements: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -127,25 +159,11 @@ fn digest_of(content: &Value) -> String {
 impl PlanFlip {
     fn of(planned: &PlannedFlip, held: Option<HoldReason>) -> PlanFlip {
         PlanFlip {
-            profile_id: planned.profile_id,
-            profile: planned.label.clone(),
-            index: planned.flip.index,
-            url: planned.flip.url.clone(),
-            from: planned.flip.from.clone(),
-            to: planned.flip.to.clone(),
+            at: planned.at.clone(),
             last_discovered: planned.probe().map(|probe| probe.last_discovered),
             held,
             crawler_disagreements: planned.evidence.clone(),
         }
-    }
-
-    /// Whether a freshly planned flip is exactly this reviewed one.
-    pub(crate) fn matches(&self, planned: &PlannedFlip) -> bool {
-        self.profile_id == planned.profile_id
-            && self.index == planned.flip.index
-            && self.url == planned.flip.url
-            && self.from == planned.flip.from
-            && self.to == planned.flip.to
     }
 }
 
@@ -226,7 +244,7 @@ impl PlanFile {
     pub(crate) fn held_reason(&self, planned: &PlannedFlip) -> Option<HoldReason> {
         self.flips
             .iter()
-            .find(|flip| flip.matches(planned))
+            .find(|flip| flip.at.same_change(&planned.at))
             .and_then(|flip| flip.held)
     }
 
@@ -316,16 +334,16 @@ pub(crate) fn hold_to_review(
         .flips
         .iter()
         .enumerate()
-        .map(|(position, flip)| ((flip.profile_id, flip.index), position))
+        .map(|(position, flip)| (flip.at.element(), position))
         .collect();
     let mut matched = vec![false; reviewed.flips.len()];
     let mut kept = Vec::new();
     let mut departures = Vec::new();
     for planned in fresh {
         let reviewed_position = by_element
-            .get(&(planned.profile_id, planned.flip.index))
+            .get(&planned.at.element())
             .copied()
-            .filter(|position| reviewed.flips[*position].matches(&planned));
+            .filter(|position| reviewed.flips[*position].at.same_change(&planned.at));
         match reviewed_position {
             Some(position) => {
                 matched[position] = true;
@@ -340,17 +358,7 @@ pub(crate) fn hold_to_review(
         .zip(&matched)
         .filter(|(_, hit)| !**hit)
     {
-        let planned = PlannedFlip::new(
-            flip.profile_id,
-            &flip.profile,
-            Flip {
-                index: flip.index,
-                url: flip.url.clone(),
-                from: flip.from.clone(),
-                to: flip.to.clone(),
-            },
-            Basis::Reviewed(Reviewed::InPlan),
-        );
+        let planned = PlannedFlip::new(flip.at.clone(), Basis::Reviewed(Reviewed::InPlan));
         departures.push((planned, SkipReason::ChangedSincePlan));
     }
     (kept, departures)
@@ -434,6 +442,83 @@ mod tests {
         assert!(error
             .to_string()
             .contains("was changed after --plan-out wrote it"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A plan v1 file, as every version since digests has written it: keys sorted, a number
+    /// type kept as written, `held` only where a guard holds, the crawler's evidence written and
+    /// not read back.
+    const PLAN_V1: &str = r#"{
+  "counts": {
+    "flips": 2,
+    "malformed": 0,
+    "profiles_changed": 2,
+    "profiles_scanned": 9
+  },
+  "created_at": "2026-12-01T08:00:00Z",
+  "digest": "DIGEST",
+  "flips": [
+    {
+      "crawler_disagreements": null,
+      "from": 1.50,
+      "held": "unrecognised_inferred_type",
+      "index": 2,
+      "last_discovered": null,
+      "profile": "acme",
+      "profile_id": "00000000-0000-0000-0000-000000000001",
+      "to": "sales",
+      "url": "https://acme.example/mcp"
+    },
+    {
+      "crawler_disagreements": null,
+      "from": "buying",
+      "index": 0,
+      "last_discovered": "2026-11-30T07:00:00Z",
+      "profile": "bidcliq",
+      "profile_id": "00000000-0000-0000-0000-000000000002",
+      "to": "sales",
+      "url": "https://bidcliq.example/mcp"
+    }
+  ],
+  "format": "agent-type-backfill plan v1",
+  "rule": null,
+  "run_id": "atb-v1",
+  "target": {
+    "database": "registry",
+    "host": "db",
+    "port": 5432,
+    "standby": false,
+    "system_identifier": "7301"
+  },
+  "tool_version": "0.1.0"
+}
+"#;
+
+    /// Plan v1 reads and writes byte for byte: a flip's entry is its `ProfileFlip` flattened
+    /// with the plan's own fields, and is read back through the flat v1 shape, so its number
+    /// text and its index survive.
+    #[test]
+    fn a_plan_v1_file_reads_and_writes_byte_for_byte() {
+        let dir = std::env::temp_dir().join(format!("atb-plan-v1-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("plan.json");
+        let mut content: Value = serde_json::from_str(PLAN_V1).unwrap();
+        let digest = digest_of(&content);
+        content["digest"] = Value::String(digest.clone());
+        let v1 = PLAN_V1.replace("DIGEST", &digest);
+        std::fs::write(&path, &v1).unwrap();
+
+        let plan = PlanFile::read(&path).unwrap();
+        assert_eq!(plan.flips[0].at.flip.from.to_string(), "1.50");
+        assert_eq!(plan.flips[0].at.element().1, 2);
+        assert_eq!(
+            plan.flips[0].held,
+            Some(HoldReason::UnrecognisedInferredType)
+        );
+        assert_eq!(plan.flips[1].held, None);
+        let again = dir.join("again.json");
+        plan.write(&again).unwrap();
+        assert_eq!(std::fs::read_to_string(&again).unwrap(), v1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -13,7 +13,6 @@ use crate::domain::Format;
 use crate::domain::Mode;
 use crate::events::{rfc3339, Event, FlipEvent, SkipReason, Start, Summary};
 use crate::plan::{Basis, Reviewed};
-use crate::resolver::type_label;
 
 /// Where a run sends its events.
 pub trait Printer: Send {
@@ -174,7 +173,7 @@ fn evidence_note(flip: &FlipEvent) -> Option<String> {
         ));
     }
     if let Some(last) = &evidence.last_inferred {
-        if *last != flip.to {
+        if *last != flip.at.flip.to {
             parts.push(format!("crawler last saw {last}"));
         }
     }
@@ -191,10 +190,10 @@ fn flip_note(flip: &FlipEvent) -> String {
 fn flip_text(flip: &FlipEvent) -> String {
     format!(
         "{}  {}  {} -> {}  ({})",
-        printable(&flip.profile),
-        printable(&flip.url),
-        printable(&type_label(&flip.from)),
-        flip.to,
+        printable(&flip.at.profile),
+        printable(&flip.at.flip.url),
+        printable(&flip.at.flip.stored_label()),
+        flip.at.flip.to,
         printable(&flip_note(flip))
     )
 }
@@ -560,10 +559,10 @@ impl<'w> MarkdownPrinter<'w> {
 
     fn flip_row(&mut self, flip: &FlipEvent, last: Option<String>) -> Result<()> {
         let mut cells = vec![
-            cell(&flip.profile),
-            cell(&flip.url),
-            cell(&type_label(&flip.from)),
-            cell(&flip.to),
+            cell(&flip.at.profile),
+            cell(&flip.at.flip.url),
+            cell(&flip.at.flip.stored_label()),
+            cell(&flip.at.flip.to),
             cell(&flip.probe_note),
             cell(&evidence_note(flip).unwrap_or_default()),
         ];

@@ -112,7 +112,7 @@ impl Dispositions {
             .iter()
             .chain(self.held.iter().map(|held| &held.planned))
             .collect();
-        let profiles: BTreeSet<Uuid> = found.iter().map(|planned| planned.profile_id).collect();
+        let profiles: BTreeSet<Uuid> = found.iter().map(|planned| planned.at.profile_id).collect();
         let mut summary = Summary {
             plan_complete: census.complete,
             profiles_scanned: census.profiles_scanned,
@@ -136,7 +136,7 @@ impl Dispositions {
             ..Summary::default()
         };
         for planned in found {
-            summary.count_transition(&planned.flip);
+            summary.count_transition(&planned.at.flip);
         }
         for (_, reason) in self.departed.iter().chain(&self.not_written) {
             summary.count_skip(*reason);

@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::db::{self, FlipWrite, Snapshots};
+use crate::domain::ProfileFlip;
 use crate::events::SkipReason;
 use crate::interrupt::StopSignal;
 use crate::plan::{parse_column, Basis, PlannedFlip, Restore};
@@ -126,7 +127,7 @@ pub(crate) async fn write(
     let mut by_profile: BTreeMap<Uuid, Vec<&PlannedFlip>> = BTreeMap::new();
     for planned in flips {
         by_profile
-            .entry(planned.profile_id)
+            .entry(planned.at.profile_id)
             .or_default()
             .push(planned);
     }
@@ -315,10 +316,13 @@ async fn write_batch(
         };
         let mut holding = recheck.holding(column, &snapshots, planned_flips);
         for planned in planned_flips {
-            match holding.iter().position(|flip| *flip == planned.flip) {
+            match holding.iter().position(|flip| *flip == planned.at.flip) {
                 Some(position) => {
                     let flip = holding.swap_remove(position);
-                    to_write.push(flip_write(*id, label, flip, planned));
+                    to_write.push(flip_write(
+                        ProfileFlip::new(*id, label.clone(), flip),
+                        planned,
+                    ));
                 }
                 None => not_written.push(((*planned).clone(), recheck.stale_reason())),
             }
@@ -326,12 +330,15 @@ async fn write_batch(
         not_written.extend(holding.into_iter().map(|flip| {
             let probe = snapshots.get(&flip.url).cloned();
             (
-                PlannedFlip::new(*id, label, flip, Basis::found(probe)),
+                PlannedFlip::new(
+                    ProfileFlip::new(*id, label.clone(), flip),
+                    Basis::found(probe),
+                ),
                 SkipReason::Unplanned,
             )
         }));
     }
-    to_write.sort_by_key(|flip| (flip.profile_id, flip.index));
+    to_write.sort_by_key(|flip| flip.at.element());
     if !to_write.is_empty() {
         db::write_flips(
             &mut transaction,
@@ -352,27 +359,24 @@ async fn write_batch(
     Ok(not_written)
 }
 
-fn flip_write(profile_id: Uuid, label: &str, flip: Flip, planned: &PlannedFlip) -> FlipWrite {
+fn flip_write(at: ProfileFlip, planned: &PlannedFlip) -> FlipWrite {
     // A type too deep to keep whole is recorded from the row itself, never from its summary.
-    let old_type = (!is_depth_summary(&flip.from)).then(|| flip.stored_label());
+    let old_type = (!is_depth_summary(&at.flip.from)).then(|| at.flip.stored_label());
     let restore = match &planned.basis {
         Basis::Reverts(reversal) => Some(&reversal.restore),
         Basis::Probe(_) | Basis::NoSnapshot | Basis::Reviewed(_) => None,
     };
     let (new_value, new_type) = match restore {
-        Some(Restore::Json(raw)) => (Some(raw.clone()), restored_type_label(raw, flip.to)),
+        Some(Restore::Json(raw)) => (Some(raw.clone()), restored_type_label(raw, &at.flip.to)),
         // The audit `new_type` column follows the server: an absent type reads as "unknown".
         Some(Restore::Absent) => (None, crate::resolver::UNKNOWN_TYPE.to_owned()),
         None => (
-            Some(serde_json::Value::String(flip.to.clone()).to_string()),
-            flip.to,
+            Some(serde_json::Value::String(at.flip.to.clone()).to_string()),
+            at.flip.to.clone(),
         ),
     };
     FlipWrite {
-        profile_id,
-        profile_label: label.to_owned(),
-        index: flip.index,
-        url: flip.url,
+        at,
         old_type,
         new_value,
         new_type,
@@ -382,10 +386,10 @@ fn flip_write(profile_id: Uuid, label: &str, flip: Flip, planned: &PlannedFlip) 
 /// The audit `new_type` of a restored value: its label, `unknown` for JSON `null` (the server's
 /// convention, as for `old_type`), or for a type too deep to keep whole, its exact JSON text
 /// rather than the summary the log shows.
-fn restored_type_label(raw: &str, shown: String) -> String {
+fn restored_type_label(raw: &str, shown: &str) -> String {
     match crate::resolver::bounded_type(raw) {
         Ok(value) if is_depth_summary(&value) => raw.to_owned(),
         Ok(serde_json::Value::Null) => crate::resolver::UNKNOWN_TYPE.to_owned(),
-        _ => shown,
+        _ => shown.to_owned(),
     }
 }

@@ -9,6 +9,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::{Pool, Transaction};
+use crate::domain::ProfileFlip;
 
 /// One backfill run as `history` lists it.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -197,10 +198,8 @@ pub(crate) async fn crawler_disagreements(
 /// One confirmed flip to write, with what its audit row records.
 #[derive(Debug, Clone)]
 pub(crate) struct FlipWrite {
-    pub profile_id: Uuid,
-    pub profile_label: String,
-    pub index: usize,
-    pub url: String,
+    /// The flip as the recheck under the row lock found it.
+    pub at: ProfileFlip,
     /// The stored type as the audit log's `old_type` column holds it; `None` to take the stored
     /// value's JSON text from the row itself (a type too deep for the resolver to keep whole).
     pub old_type: Option<String>,
@@ -225,11 +224,11 @@ pub(crate) async fn write_flips(
     tool_version: &str,
     notes_extra: &serde_json::Value,
 ) -> Result<()> {
-    let urls: Vec<&str> = flips.iter().map(|flip| flip.url.as_str()).collect();
-    let members: Vec<Uuid> = flips.iter().map(|flip| flip.profile_id).collect();
+    let urls: Vec<&str> = flips.iter().map(|flip| flip.at.flip.url.as_str()).collect();
+    let members: Vec<Uuid> = flips.iter().map(|flip| flip.at.profile_id).collect();
     let indexes: Vec<i32> = flips
         .iter()
-        .map(|flip| i32::try_from(flip.index).unwrap_or(i32::MAX))
+        .map(|flip| i32::try_from(flip.at.flip.index).unwrap_or(i32::MAX))
         .collect();
     let old_types: Vec<Option<&str>> = flips.iter().map(|flip| flip.old_type.as_deref()).collect();
     let new_types: Vec<&str> = flips.iter().map(|flip| flip.new_type.as_str()).collect();
@@ -237,8 +236,8 @@ pub(crate) async fn write_flips(
         .iter()
         .map(|flip| {
             let mut notes = serde_json::json!({
-                "profile": flip.profile_label,
-                "index": flip.index,
+                "profile": flip.at.profile,
+                "index": flip.at.flip.index,
                 "tool": "agent-type-backfill",
                 "tool_version": tool_version,
             });
@@ -286,7 +285,7 @@ pub(crate) async fn write_flips(
     let mut rounds: Vec<Vec<&FlipWrite>> = Vec::new();
     let mut seen: HashMap<Uuid, usize> = HashMap::new();
     for flip in flips {
-        let round = seen.entry(flip.profile_id).or_insert(0);
+        let round = seen.entry(flip.at.profile_id).or_insert(0);
         if rounds.len() <= *round {
             rounds.push(Vec::new());
         }
@@ -294,8 +293,11 @@ pub(crate) async fn write_flips(
         *round += 1;
     }
     for round in rounds {
-        let ids: Vec<Uuid> = round.iter().map(|flip| flip.profile_id).collect();
-        let paths: Vec<String> = round.iter().map(|flip| flip.index.to_string()).collect();
+        let ids: Vec<Uuid> = round.iter().map(|flip| flip.at.profile_id).collect();
+        let paths: Vec<String> = round
+            .iter()
+            .map(|flip| flip.at.flip.index.to_string())
+            .collect();
         let values: Vec<Option<&str>> =
             round.iter().map(|flip| flip.new_value.as_deref()).collect();
         let updated = super::unnamed(
@@ -321,23 +323,23 @@ pub(crate) async fn write_flips(
     Ok(())
 }
 
-/// For each `(profile, index, url, to)`, the backfill run that last wrote `to` there, if any: a
-/// reviewed flip that no longer holds because an earlier apply of the same plan wrote it is
-/// "already written (run X)", not "changed since plan". One statement for all of them.
+/// For each flip, the backfill run that last wrote its `to` at its element, if any: a reviewed
+/// flip that no longer holds because an earlier apply of the same plan wrote it is "already
+/// written (run X)", not "changed since plan". One statement for all of them.
 pub(crate) async fn written_by(
     pool: &Pool,
-    flips: &[(Uuid, usize, &str, &str)],
+    flips: &[ProfileFlip],
 ) -> Result<HashMap<(Uuid, usize), String>> {
     if flips.is_empty() {
         return Ok(HashMap::new());
     }
-    let members: Vec<String> = flips.iter().map(|flip| flip.0.to_string()).collect();
+    let members: Vec<String> = flips.iter().map(|at| at.profile_id.to_string()).collect();
     let indexes: Vec<i64> = flips
         .iter()
-        .map(|flip| i64::try_from(flip.1).unwrap_or(i64::MAX))
+        .map(|at| i64::try_from(at.flip.index).unwrap_or(i64::MAX))
         .collect();
-    let urls: Vec<&str> = flips.iter().map(|flip| flip.2).collect();
-    let types: Vec<&str> = flips.iter().map(|flip| flip.3).collect();
+    let urls: Vec<&str> = flips.iter().map(|at| at.flip.url.as_str()).collect();
+    let types: Vec<&str> = flips.iter().map(|at| at.flip.to.as_str()).collect();
     let mut transaction = pool.begin().await?;
     let rows: Vec<(String, i64, String)> = super::unnamed_as(
         "SELECT DISTINCT ON (w.member, w.idx) w.member, w.idx, l.run_id \

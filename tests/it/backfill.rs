@@ -699,9 +699,9 @@ async fn a_type_the_rule_does_not_know_holds_the_flip_and_writes_nothing() {
             .iter()
             .map(|held| {
                 (
-                    held.flip.profile.as_str(),
-                    held.flip.from.as_str().unwrap(),
-                    held.flip.to.as_str(),
+                    held.flip.at.profile.as_str(),
+                    held.flip.at.flip.from.as_str().unwrap(),
+                    held.flip.at.flip.to.as_str(),
                     held.reason,
                     held.inferred_type.as_deref(),
                 )

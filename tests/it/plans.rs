@@ -63,7 +63,7 @@ async fn reviewed_plan_records_the_flips_and_an_apply_writes_exactly_them() {
     );
     assert_eq!(plan.counts.flips, 2);
     assert_eq!(plan.counts.profiles_scanned, 31);
-    let urls: Vec<&str> = plan.flips.iter().map(|f| f.url.as_str()).collect();
+    let urls: Vec<&str> = plan.flips.iter().map(|f| f.at.flip.url.as_str()).collect();
     assert!(urls.contains(&BIDCLIQ_URL) && urls.contains(&SWIVEL_URL));
     assert!(plan.flips.iter().all(|f| f.last_discovered.is_some()));
     assert!(!std::fs::read_to_string(&path.0)
