@@ -261,7 +261,7 @@ async fn plan_revert(
 }
 
 /// How the log shows a restored absent `type` key.
-pub const ABSENT_TYPE_LABEL: &str = "(no type key)";
+pub(crate) const ABSENT_TYPE_LABEL: &str = "(no type key)";
 
 /// What a revert puts back for `entry`, the label the log shows for it, and whether the row
 /// predates exact old types and records "unknown", so the original may have been absent or null.

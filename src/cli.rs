@@ -280,10 +280,10 @@ impl ModeArgs {
 }
 
 /// The longest timeout PostgreSQL takes: its timeouts are `int` milliseconds.
-pub const MAX_SERVER_TIMEOUT: Duration = Duration::from_millis(2_147_483_647);
+pub(crate) const MAX_SERVER_TIMEOUT: Duration = Duration::from_millis(2_147_483_647);
 
 /// The longest age a guard takes: ten years, far past any probe or plan an operator reviews.
-pub const MAX_AGE: Duration = Duration::from_secs(3650 * 86_400);
+pub(crate) const MAX_AGE: Duration = Duration::from_secs(3650 * 86_400);
 
 /// `--lock-timeout`, `--statement-timeout`: a duration PostgreSQL can hold.
 pub(crate) fn parse_server_timeout(text: &str) -> Result<Duration, String> {

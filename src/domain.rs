@@ -97,7 +97,7 @@ impl ProfileFlip {
 
     /// The same change at the same element, whatever the profile is called now: how a
     /// reviewed plan's flip is found again, every field of it compared.
-    pub fn same_change(&self, other: &ProfileFlip) -> bool {
+    pub(crate) fn same_change(&self, other: &ProfileFlip) -> bool {
         self.profile_id == other.profile_id
             && self.flip.index == other.flip.index
             && self.flip.url == other.flip.url

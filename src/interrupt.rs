@@ -10,12 +10,13 @@ use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
+pub(crate) use crate::outcome::SIGPIPE;
 use crate::outcome::{Phase, Stop};
-pub use crate::outcome::{SIGINT, SIGPIPE, SIGTERM};
+pub use crate::outcome::{SIGINT, SIGTERM};
 
 /// How long the run may take to report after a second signal before the process exits anyway:
 /// the operator asked to leave at once, and a dead link must not keep them.
-pub const SECOND_SIGNAL_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const SECOND_SIGNAL_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Raised {
@@ -182,7 +183,7 @@ impl StopSignal {
     }
 
     /// Resolves when a second signal arrives.
-    pub async fn wait_twice(&mut self) {
+    pub(crate) async fn wait_twice(&mut self) {
         let closed = self.receiver.wait_for(|raised| raised.again).await.is_err();
         if closed {
             std::future::pending::<()>().await;

@@ -11,7 +11,7 @@ use crate::domain::{Mode, Transition};
 /// SIGINT, SIGTERM, and the number a closed stdout is reported under (as a shell reports a
 /// process that SIGPIPE ended: 128 + 13).
 pub const SIGINT: i32 = 2;
-pub const SIGPIPE: i32 = 13;
+pub(crate) const SIGPIPE: i32 = 13;
 pub const SIGTERM: i32 = 15;
 
 /// Every exit status the tool uses, with what it means. `--help` prints this table, and a test
@@ -49,7 +49,7 @@ pub const EXIT_CODES: [(i32, &str); 8] = [
 ];
 
 /// The exit-code table as `--help` prints it.
-pub fn exit_code_help() -> String {
+pub(crate) fn exit_code_help() -> String {
     let mut help = String::from("Exit codes:\n");
     for (code, meaning) in EXIT_CODES {
         help.push_str(&format!("  {code:>3}  {meaning}\n"));
@@ -66,7 +66,7 @@ pub enum Stop {
 }
 
 impl Stop {
-    pub fn from_number(number: i32) -> Stop {
+    pub(crate) fn from_number(number: i32) -> Stop {
         if number == SIGPIPE {
             Stop::StdoutClosed
         } else {

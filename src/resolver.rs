@@ -42,14 +42,14 @@ pub const UNKNOWN_TYPE: &str = "unknown";
 /// read with `git log -p --follow`): from `date` (the commit's author date) the vocabulary is
 /// `types`. The last entry is today's [`VALID_AGENT_TYPES`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VocabularyEra {
+pub(crate) struct VocabularyEra {
     pub date: &'static str,
     pub commit: &'static str,
     pub types: &'static [&'static str],
 }
 
 /// The server's agent-type vocabulary over time, oldest first.
-pub const VOCABULARY_HISTORY: [VocabularyEra; 6] = [
+pub(crate) const VOCABULARY_HISTORY: [VocabularyEra; 6] = [
     VocabularyEra {
         date: "2025-11-15",
         commit: "32ca8774b44565fb6cbd5092afd16541f82d4fa1",
@@ -102,7 +102,7 @@ pub const VOCABULARY_HISTORY: [VocabularyEra; 6] = [
 
 /// When the server retired `name`, a type it once accepted and no longer does: the last era
 /// that held it is followed by one that does not. `None` for a valid type or one never known.
-pub fn retirement_of(name: &str) -> Option<&'static VocabularyEra> {
+pub(crate) fn retirement_of(name: &str) -> Option<&'static VocabularyEra> {
     if is_valid_agent_type(name) {
         return None;
     }

@@ -36,7 +36,7 @@ pub struct Deadlines {
 
 /// Opening a connection with no `connect_timeout` in the URL or PGCONNECT_TIMEOUT: libpq would
 /// wait for ever, and a tool run from a workstation over a VPN should not.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Deadlines {
     /// The server ends any statement at `statement_timeout` and says so: a reply later than
@@ -76,7 +76,7 @@ impl Deadlines {
 
 /// A reply that did not come in time.
 #[derive(Debug)]
-pub struct Silent {
+pub(crate) struct Silent {
     waiting_for: String,
     limit: Duration,
     written: String,
@@ -94,16 +94,6 @@ impl std::fmt::Display for Silent {
 }
 
 impl std::error::Error for Silent {}
-
-/// Whether `error` is a reply that did not come in time.
-pub fn is_silent(error: &anyhow::Error) -> bool {
-    error
-        .chain()
-        .any(|cause| match cause.downcast_ref::<sqlx::Error>() {
-            Some(sqlx::Error::Io(io)) => io.get_ref().is_some_and(|inner| inner.is::<Silent>()),
-            _ => cause.is::<Silent>(),
-        })
-}
 
 enum Link {
     Pooled(PoolConnection<Postgres>),
@@ -458,9 +448,5 @@ mod tests {
         assert_eq!(Deadlines::new(None, ms(300)).reply, ms(1_300));
         assert_eq!(Deadlines::new(None, ms(5_000)).reply, ms(10_000));
         assert_eq!(Deadlines::new(None, ms(60_000)).reply, ms(70_000));
-        let silent = Deadlines::new(None, ms(300)).silent("COMMIT", "nothing was written");
-        assert!(is_silent(&silent));
-        assert!(is_silent(&silent.context("could not commit")));
-        assert!(!is_silent(&anyhow::anyhow!("lock timeout")));
     }
 }

@@ -13,10 +13,10 @@ mod replicas;
 
 pub use audit_log::*;
 pub use connect::*;
-pub use deadline::{is_silent, Deadlines, Transaction, DEFAULT_CONNECT_TIMEOUT};
+pub use deadline::{Deadlines, Transaction};
 pub use preflight::*;
 pub use registry::*;
-pub use replicas::*;
+pub(crate) use replicas::*;
 
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::query::{Query, QueryAs, QueryScalar};

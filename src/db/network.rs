@@ -25,7 +25,7 @@ const LINK_PARAMETERS: [&str; 6] = [
 
 /// How the tool's TCP connections notice a dead peer, and how long a connect may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LinkSettings {
+pub(crate) struct LinkSettings {
     pub connect_timeout: Option<Duration>,
     /// `None` with `keepalives=0`.
     pub keepalives: Option<Keepalives>,
@@ -58,7 +58,7 @@ impl LinkSettings {
     /// Reads the parameters as libpq does: whole numbers (seconds; milliseconds for
     /// `tcp_user_timeout`); `connect_timeout` of zero or less waits for ever and 1 means 2;
     /// `PGCONNECT_TIMEOUT` when the URL has none.
-    pub fn from_url(url: &str) -> Result<LinkSettings> {
+    pub(crate) fn from_url(url: &str) -> Result<LinkSettings> {
         let mut connect = std::env::var("PGCONNECT_TIMEOUT")
             .ok()
             .filter(|value| !value.is_empty())
@@ -105,7 +105,7 @@ impl LinkSettings {
     }
 
     /// Sets the keepalive options on every TCP socket of this process connected to `port`.
-    pub fn apply_to_sockets(&self, port: u16) {
+    pub(crate) fn apply_to_sockets(&self, port: u16) {
         let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
             tracing::debug!("no /proc/self/fd: TCP keepalives stay at the system's defaults");
             return;
@@ -156,7 +156,7 @@ impl LinkSettings {
 }
 
 /// The URL without the parameters read here, for sqlx to parse.
-pub fn without_link_parameters(url: &str) -> String {
+pub(crate) fn without_link_parameters(url: &str) -> String {
     let Some((base, query)) = url.split_once('?') else {
         return url.to_owned();
     };

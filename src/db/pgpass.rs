@@ -33,7 +33,7 @@ fn home() -> Option<PathBuf> {
 }
 
 /// The host a line must name: a socket in the default directory (or no host) is `localhost`.
-pub fn host_key(options: &PgConnectOptions) -> String {
+pub(crate) fn host_key(options: &PgConnectOptions) -> String {
     let host = super::connect::address(options).host;
     if host.is_empty() || host.trim_end_matches('/') == DEFAULT_SOCKET_DIRECTORY {
         "localhost".to_owned()
@@ -43,14 +43,14 @@ pub fn host_key(options: &PgConnectOptions) -> String {
 }
 
 /// The database a line must name: without one in the URL, the server uses the user's name.
-pub fn database_key(options: &PgConnectOptions) -> String {
+pub(crate) fn database_key(options: &PgConnectOptions) -> String {
     options
         .get_database()
         .unwrap_or(options.get_username())
         .to_owned()
 }
 
-pub fn password_for(options: &PgConnectOptions) -> Option<String> {
+pub(crate) fn password_for(options: &PgConnectOptions) -> Option<String> {
     let path = file()?;
     let text = read_private(&path)?;
     find(

@@ -50,7 +50,7 @@ const AUDIT_COLUMNS: &[ColumnSpec] = &[
 /// What a command uses, and so what its preflight checks: each needs exactly the privileges of
 /// the statements it sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Needs {
+pub(crate) enum Needs {
     /// `--dry-run`: reads profiles and snapshots.
     DryRun,
     /// `history`, `revert --dry-run`: also reads the audit table.
@@ -164,7 +164,7 @@ fn grants(needs: Needs) -> Vec<Grant> {
 
 /// Checks tables, columns, privileges and, for a command that writes, that the server accepts
 /// writes, before anything is read or written. Every problem names its cause and its fix.
-pub async fn preflight(pool: &Pool, needs: Needs) -> Result<()> {
+pub(crate) async fn preflight(pool: &Pool, needs: Needs) -> Result<()> {
     let mut transaction = pool.begin().await?;
     let mut problems = Vec::new();
     let mut tables: Vec<TableSpec> = REQUIRED_COLUMNS.to_vec();

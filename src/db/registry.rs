@@ -67,7 +67,7 @@ impl SnapshotLookup for Snapshots {
 
 /// The server process behind `connection`, so a statement running on it can be cancelled from
 /// another connection.
-pub async fn backend_pid(connection: &mut Transaction) -> Result<i32> {
+pub(crate) async fn backend_pid(connection: &mut Transaction) -> Result<i32> {
     super::unnamed_scalar("SELECT pg_backend_pid()")
         .fetch_one(connection)
         .await
@@ -295,7 +295,7 @@ pub async fn profiles_by_id(connection: &mut Transaction, ids: &[Uuid]) -> Resul
 /// the server, and its crawler, are newer than this port): at most `limit` snapshots in url order
 /// after `after`, in the chunk's own snapshot.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct InferredTypeChunk {
+pub(crate) struct InferredTypeChunk {
     /// The chunk's highest url: the next chunk starts after it. `None` for an empty chunk.
     pub last_url: Option<String>,
     pub snapshots: u64,
@@ -343,7 +343,7 @@ pub(crate) async fn unrecognised_inferred_types(
 
 /// The planner's estimate of how many profiles there are, without reading them (the progress
 /// bar's length); `None` before the table was ever analysed.
-pub async fn estimated_profiles(connection: &mut Transaction) -> Result<Option<u64>> {
+pub(crate) async fn estimated_profiles(connection: &mut Transaction) -> Result<Option<u64>> {
     let estimate: f32 = super::unnamed_scalar(
         "SELECT reltuples FROM pg_class WHERE oid = 'member_profiles'::regclass",
     )

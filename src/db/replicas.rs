@@ -10,7 +10,7 @@ use crate::error::Failure;
 
 /// One physical standby streaming from this server and how far its replay is behind.
 #[derive(Debug, Clone, PartialEq)]
-pub struct StandbyLag {
+pub(crate) struct StandbyLag {
     /// `application_name` of its WAL receiver, else its address.
     pub name: String,
     pub lag: Duration,
@@ -19,7 +19,7 @@ pub struct StandbyLag {
 /// Preflight for `--max-replica-lag`: `pg_stat_replication` shows a standby's lag only to
 /// superusers and members of `pg_read_all_stats`; to anyone else every lag reads as empty, which
 /// would look like standbys that are never behind. Returns the standbys streaming now.
-pub async fn preflight_replica_lag(pool: &Pool) -> Result<Vec<StandbyLag>> {
+pub(crate) async fn preflight_replica_lag(pool: &Pool) -> Result<Vec<StandbyLag>> {
     let mut transaction = pool.begin().await?;
     let (role, may_read): (String, bool) = super::unnamed_as(
         "SELECT quote_ident(current_user), pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')",
@@ -48,7 +48,7 @@ pub async fn preflight_replica_lag(pool: &Pool) -> Result<Vec<StandbyLag>> {
 /// that has replayed everything sent to it is not behind, whatever `replay_lag` still shows: the
 /// server keeps the last measured lag for up to two of the standby's status intervals after it
 /// caught up. Logical replication (a database-bound walsender) is not a standby and is left out.
-pub async fn standby_lags(pool: &Pool) -> Result<Vec<StandbyLag>> {
+pub(crate) async fn standby_lags(pool: &Pool) -> Result<Vec<StandbyLag>> {
     let mut transaction = pool.begin().await?;
     let standbys = lags_in(&mut transaction).await?;
     transaction

@@ -347,7 +347,7 @@ impl EphemeralPostgres {
     }
 
     /// The URL of `database` as `role` (the throwaway server trusts every local user).
-    pub fn url_as(&self, role: &str, database: &str) -> String {
+    pub(crate) fn url_as(&self, role: &str, database: &str) -> String {
         format!(
             "postgres://{role}@127.0.0.1:{}/{database}?sslmode=disable",
             self.port

@@ -337,7 +337,7 @@ pub async fn seed_bulk(pool: &PgPool, spec: BulkSpec) -> Result<()> {
 /// The crawler's own record of the two stale sales agents: one `crawler_promote` row a day for
 /// the last five days, as the registry's crawler logs a disagreement it does not promote. The
 /// rehearsal seeds them so that its log shows the evidence a staging run shows.
-pub async fn seed_crawler_disagreements(pool: &PgPool) -> Result<()> {
+pub(crate) async fn seed_crawler_disagreements(pool: &PgPool) -> Result<()> {
     sqlx::query(
         "INSERT INTO type_reclassification_log \
              (agent_url, old_type, new_type, source, changed_at, notes) \
@@ -355,7 +355,7 @@ pub async fn seed_crawler_disagreements(pool: &PgPool) -> Result<()> {
 /// The two roles RUNBOOK.md grants, with exactly its grants: `planner` for the dry-runs (the
 /// `--dry-run` grants, and SELECT on the audit table so the crawler's evidence can be read, as
 /// `history` and `revert --dry-run` need), `writer` for the apply (the `--apply` grants only).
-pub async fn create_runbook_roles(pool: &PgPool, planner: &str, writer: &str) -> Result<()> {
+pub(crate) async fn create_runbook_roles(pool: &PgPool, planner: &str, writer: &str) -> Result<()> {
     for statement in [
         format!("CREATE ROLE {planner} LOGIN"),
         format!("GRANT SELECT ON member_profiles TO {planner}"),
