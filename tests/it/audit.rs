@@ -1,6 +1,7 @@
 //! `revert` and `history` against a real PostgreSQL.
 
 use crate::common;
+use crate::common::Log;
 
 use agent_type_backfill::error::exit_code;
 use agent_type_backfill::events::Summary;
@@ -44,12 +45,12 @@ async fn revert_restores_what_still_holds_and_leaves_conflicts() {
     let dry = dry.unwrap();
     assert_eq!((dry.flips, dry.skipped, dry.written), (1, 1, 0));
     assert_eq!(log[0]["reverts"], applied.as_str());
-    let flip = log.iter().find(|e| e["event"] == "flip").unwrap();
+    let flip = log.first_of("flip").unwrap();
     assert_eq!(
         (&flip["profile"], &flip["from"], &flip["to"]),
         (&json!("bidcliq"), &json!("sales"), &json!("buying"))
     );
-    let conflict = log.iter().find(|e| e["event"] == "skipped").unwrap();
+    let conflict = log.first_of("skipped").unwrap();
     assert_eq!(conflict["profile"], "swivel");
     assert_eq!(conflict["reason"], "changed_since_run");
     assert_eq!(
@@ -185,8 +186,9 @@ async fn revert_restores_null_as_null_and_removes_a_type_key_that_was_absent() {
     let (dry, log) = revert(&db, &[&applied, "--dry-run"]).await;
     assert_eq!(dry.unwrap().flips, 4);
     let to_of = |url: &str| {
-        log.iter()
-            .find(|e| e["event"] == "flip" && e["url"] == url)
+        log.of("flip")
+            .into_iter()
+            .find(|e| e["url"] == url)
             .unwrap()["to"]
             .clone()
     };
@@ -246,7 +248,7 @@ async fn revert_of_an_old_row_restores_unknown_and_says_it_cannot_tell() {
     );
     let (reverted, log) = revert(&db, &[&applied, "--apply"]).await;
     assert_eq!(reverted.unwrap().written, 1);
-    let flip = log.iter().find(|e| e["event"] == "flip").unwrap();
+    let flip = log.first_of("flip").unwrap();
     assert_eq!(flip["to"], "unknown");
     assert_eq!(
         db.agents_of("old").await,

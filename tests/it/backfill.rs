@@ -1,6 +1,7 @@
 //! The backfill against a real PostgreSQL: each test in its own database with migrations/ applied.
 
 use crate::common;
+use crate::common::Log;
 
 use std::time::Duration;
 
@@ -27,8 +28,9 @@ async fn run(
 
 fn flip_events(log: &str) -> Vec<Value> {
     events(log.as_bytes())
+        .of("flip")
         .into_iter()
-        .filter(|event| event["event"] == "flip")
+        .cloned()
         .collect()
 }
 
@@ -85,10 +87,8 @@ async fn apply_writes_the_two_flips_with_two_audit_rows_and_a_rerun_finds_none()
     let summary = result.unwrap();
     assert_eq!((summary.flips, summary.written, summary.skipped), (2, 2, 0));
     let all = events(log.as_bytes());
-    let start = &all[0];
-    let run_id = start["run_id"].as_str().unwrap();
-    let end = all.last().unwrap();
-    assert_eq!(end["event"], "summary");
+    let run_id = all.start()["run_id"].as_str().unwrap();
+    let end = all.summary();
     assert_eq!(end["run_id"], run_id);
     assert_eq!(end["aborted"], false);
 
@@ -378,8 +378,8 @@ async fn profile_edited_between_plan_and_write_is_re_resolved_not_overwritten() 
     );
     let log = events(&out);
     let not_written: Vec<(&str, &str, &str)> = log
-        .iter()
-        .filter(|event| event["event"] == "skipped")
+        .of("skipped")
+        .into_iter()
         .map(|event| {
             (
                 event["profile"].as_str().unwrap(),
@@ -456,8 +456,8 @@ async fn lock_timeout_is_retried_then_reported_never_half_applied() {
         "{error:#}"
     );
     let reasons: Vec<Value> = events(out.as_bytes())
+        .of("skipped")
         .into_iter()
-        .filter(|event| event["event"] == "skipped")
         .map(|event| event["reason"].clone())
         .collect();
     assert_eq!(
@@ -648,8 +648,9 @@ async fn crawler_says(db: &TestDb, url: &str, old_type: &str, new_type: &str, da
 
 fn event_for<'e>(events: &'e [Value], kind: &str, profile: &str) -> &'e Value {
     events
-        .iter()
-        .find(|event| event["event"] == kind && event["profile"] == profile)
+        .of(kind)
+        .into_iter()
+        .find(|event| event["profile"] == profile)
         .unwrap_or_else(|| panic!("no {kind} event for {profile}: {events:#?}"))
 }
 
@@ -843,8 +844,9 @@ async fn crawler_disagreements_are_shown_on_each_flip_and_can_be_demanded() {
         "uncorroborated"
     );
     assert!(guarded
+        .of("held")
         .iter()
-        .all(|event| !(event["event"] == "held" && event["to"] == "unknown")));
+        .all(|event| event["to"] != "unknown"));
     assert_eq!(db.dump().await, before);
     let (result, _) = run(
         &db,

@@ -4,6 +4,7 @@
 //! made during the pass show up as the README says; a chunk the server cancels is retried, and
 //! one it keeps cancelling ends the run with what to change.
 
+use crate::common::Log;
 use crate::common::{self, TestDb, Tool};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -38,8 +39,8 @@ fn stored_type(value: &Value) -> String {
 
 fn planned(log: &[Value]) -> Planned {
     let flips = log
-        .iter()
-        .filter(|event| event["event"] == "flip" || event["event"] == "held")
+        .of_any(&["flip", "held"])
+        .into_iter()
         .map(|event| {
             (
                 event["profile"].as_str().unwrap().to_owned(),
@@ -50,10 +51,7 @@ fn planned(log: &[Value]) -> Planned {
             )
         })
         .collect();
-    let summary = log
-        .iter()
-        .find(|event| event["event"] == "summary")
-        .expect("a summary");
+    let summary = log.first_of("summary").expect("a summary");
     let counts = [
         "profiles_scanned",
         "profiles_changed",
@@ -89,7 +87,7 @@ async fn dry_run(url: &str, chunk: usize, jobs: usize) -> Planned {
     let result = common::execute(&args, url, &mut out).await;
     let log = common::events(&out);
     assert!(
-        result.is_ok() || log.iter().any(|event| event["event"] == "held"),
+        result.is_ok() || log.first_of("held").is_some(),
         "{result:?}"
     );
     planned(&log)

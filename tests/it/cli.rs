@@ -1,8 +1,9 @@
 //! End-to-end runs of the built binary: stdout, stderr, exit code and table contents.
 
 use crate::common;
+use crate::common::Log;
 
-use common::{events, TestDb, Tool};
+use common::{events, Scratch, TestDb, Tool};
 
 /// The test URL with a password that trust authentication ignores but the tool must never echo.
 fn with_password(url: &str, password: &str) -> String {
@@ -127,7 +128,7 @@ async fn json_apply_then_threshold_abort_then_idempotent_rerun() {
         aborted.stderr
     );
     let log = events(aborted.stdout.as_bytes());
-    assert_eq!(log.iter().filter(|e| e["event"] == "flip").count(), 2);
+    assert_eq!(log.of("flip").len(), 2);
     assert_eq!(log.last().unwrap()["aborted"], true);
     assert_eq!(db.dump().await, before, "a threshold abort writes nothing");
 
@@ -136,16 +137,14 @@ async fn json_apply_then_threshold_abort_then_idempotent_rerun() {
         .run();
     assert_eq!(applied.code(), 0, "{}", applied.stderr);
     let log = events(applied.stdout.as_bytes());
-    assert_eq!(log[0]["event"], "start");
-    assert_eq!(log[0]["mode"], "apply");
-    assert_eq!(log[0]["target"]["database"], db.name.as_str());
+    assert_eq!(log.start()["mode"], "apply");
+    assert_eq!(log.start()["target"]["database"], db.name.as_str());
     let flip = log.iter().find(|e| e["profile"] == "bidcliq").unwrap();
     for key in ["profile_id", "profile", "index", "url", "from", "to"] {
         assert!(flip.get(key).is_some(), "flip event lacks {key}: {flip}");
     }
     assert_eq!(flip["from"], "buying");
-    let summary = log.last().unwrap();
-    assert_eq!(summary["event"], "summary");
+    let summary = log.summary();
     assert_eq!(
         (
             summary["profiles_scanned"].as_u64(),
@@ -238,7 +237,7 @@ fn failed_rehearsal_leaves_nothing_behind() {
     use std::os::unix::fs::PermissionsExt;
     let scratch = common::Scratch::for_a_server();
     let real = agent_type_backfill::support::ephemeral::server_bin_dir().unwrap();
-    let bin = scratch.0.join("bin");
+    let bin = scratch.join("bin");
     std::fs::create_dir(&bin).unwrap();
     std::os::unix::fs::symlink(real.join("initdb"), bin.join("initdb")).unwrap();
     let postgres = bin.join("postgres");
@@ -611,8 +610,8 @@ async fn sigint_while_a_batch_waits_on_a_lock_starts_no_new_attempt() {
 async fn plan_out_with_apply_is_a_usage_error() {
     let db = TestDb::seeded(5).await;
     let before = db.dump().await;
-    let dir = std::env::temp_dir().join(format!("atb-plan-out-{}", std::process::id()));
-    let path = dir.join("plan.json");
+    let scratch = Scratch::new();
+    let path = scratch.join("plan.json");
     let done = Tool::new(&["--apply", "--plan-out", path.to_str().unwrap()])
         .database(&db.url)
         .run();
@@ -755,8 +754,8 @@ async fn flips_are_listed_by_profile_then_index_and_counted_per_transition() {
         .run();
     let events = events(json.stdout.as_bytes());
     let flips: Vec<(String, u64)> = events
-        .iter()
-        .filter(|event| event["event"] == "flip")
+        .of("flip")
+        .into_iter()
         .map(|event| {
             (
                 event["profile"].as_str().unwrap().to_owned(),
@@ -785,7 +784,7 @@ async fn flips_are_listed_by_profile_then_index_and_counted_per_transition() {
 async fn a_plan_older_than_plan_max_age_says_both_ages_precisely() {
     let db = TestDb::seeded(5).await;
     let scratch = common::Scratch::new();
-    let path = scratch.0.join("plan.json");
+    let path = scratch.join("plan.json");
     let path = path.to_str().unwrap();
     let dry = Tool::new(&["--dry-run", "--plan-out", path])
         .database(&db.url)

@@ -7,11 +7,12 @@
 //! waits on the lock; the test makes its change and commits, and the tool re-reads under it.
 
 use crate::common;
+use crate::common::Log;
 
 use agent_type_backfill::error::exit_code;
 use agent_type_backfill::events::Summary;
 use agent_type_backfill::support::seed::{self, NewProfile, NewSnapshot, BIDCLIQ_URL, SWIVEL_URL};
-use common::{args, events, execute, revert_json, wait_for_blocked_tool, RemovedOnDrop, TestDb};
+use common::{args, events, execute, revert_json, wait_for_blocked_tool, Scratch, TestDb};
 use serde_json::{json, Value};
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -22,10 +23,6 @@ async fn run(db: &TestDb, flags: &[&str]) -> (anyhow::Result<Summary>, Vec<Value
     let mut out = Vec::new();
     let result = execute(&args(&all), &db.url, &mut out).await;
     (result, events(&out))
-}
-
-fn plan_path(db: &TestDb) -> RemovedOnDrop {
-    RemovedOnDrop(std::env::temp_dir().join(format!("atb-guarantee-{}.json", db.name)))
 }
 
 /// `(event, profile, index, url, to, reason)` of every flip-shaped line, in log order.
@@ -115,8 +112,8 @@ fn pair_agents(first: &str) -> Value {
 #[tokio::test]
 async fn a_reviewed_flip_is_written_only_while_target_and_stored_type_are_as_reviewed() {
     let db = TestDb::seeded(10).await;
-    let path = plan_path(&db);
-    let plan = path.0.to_str().unwrap();
+    let scratch = Scratch::new();
+    let plan = &scratch.arg("plan.json");
     let (dry, _) = run(&db, &["--dry-run", "--plan-out", plan]).await;
     assert_eq!(dry.unwrap().flips, 2);
     // After review: bidcliq's probe now infers another type (same element, same stored type, a
@@ -155,8 +152,8 @@ async fn a_reviewed_flip_is_written_only_while_target_and_stored_type_are_as_rev
 async fn a_reviewed_flip_is_not_written_to_another_agent_at_its_index() {
     let db = TestDb::seeded(0).await;
     with_pair(&db).await;
-    let path = plan_path(&db);
-    let plan = path.0.to_str().unwrap();
+    let scratch = Scratch::new();
+    let plan = &scratch.arg("plan.json");
     run(&db, &["--dry-run", "--plan-out", plan])
         .await
         .0
@@ -296,8 +293,9 @@ async fn a_reordered_array_gets_nothing_written_by_the_backfill_or_a_revert() {
     reverted.unwrap();
     assert_eq!(db.agents_of("swivel").await, member_reorder, "{log:#?}");
     assert!(log
-        .iter()
-        .any(|e| e["event"] == "skipped" && e["reason"] == "changed_since_run"));
+        .of("skipped")
+        .into_iter()
+        .any(|e| e["reason"] == "changed_since_run"));
 }
 
 #[tokio::test]
@@ -335,8 +333,9 @@ async fn revert_rechecks_under_the_lock_and_keeps_a_members_edit_made_meanwhile(
     assert_eq!(db.agents_of("bidcliq").await[0]["type"], "creative");
     assert_eq!(db.agents_of("swivel").await[1]["type"], "buying");
     let conflicts: Vec<&Value> = log
-        .iter()
-        .filter(|e| e["event"] == "skipped" && e["reason"] == "changed_since_run")
+        .of("skipped")
+        .into_iter()
+        .filter(|e| e["reason"] == "changed_since_run")
         .collect();
     assert_eq!(conflicts.len(), 1, "{log:#?}");
     assert_eq!(conflicts[0]["profile"], "bidcliq");
@@ -387,8 +386,9 @@ async fn only_the_crawlers_own_rows_corroborate_a_flip() {
     let (dry, log) = run(&db, &["--dry-run"]).await;
     dry.unwrap();
     let evidence = |profile: &str| {
-        log.iter()
-            .find(|e| e["event"] == "flip" && e["profile"] == profile)
+        log.of("flip")
+            .into_iter()
+            .find(|e| e["profile"] == profile)
             .unwrap_or_else(|| panic!("no flip for {profile}: {log:#?}"))["crawler_disagreements"]
             .clone()
     };
@@ -414,7 +414,7 @@ async fn only_the_crawlers_own_rows_corroborate_a_flip() {
     let before = db.dump().await;
     let (refused, log) = run(&db, &["--apply", "--min-corroboration", "1"]).await;
     assert_eq!(exit_code(&refused.unwrap_err()), 3);
-    let held: Vec<&Value> = log.iter().filter(|e| e["event"] == "held").collect();
+    let held: Vec<&Value> = log.of("held");
     assert_eq!(held.len(), 1, "{log:#?}");
     assert_eq!(
         (&held[0]["profile"], &held[0]["reason"]),

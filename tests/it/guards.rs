@@ -3,13 +3,14 @@
 //! `buying` carve-out end to end. Each test is named for the mutant of issue 13 it kills.
 
 use crate::common;
+use crate::common::Log;
 
 use agent_type_backfill::domain::Transition;
 use agent_type_backfill::error::exit_code;
 use agent_type_backfill::events::Summary;
 use agent_type_backfill::outcome::Refusal;
 use agent_type_backfill::support::seed::{self, NewProfile, NewSnapshot};
-use common::{args, events, execute, revert_json as revert, RemovedOnDrop, TestDb, Tool};
+use common::{args, events, execute, revert_json as revert, Scratch, TestDb, Tool};
 use serde_json::{json, Value};
 use sqlx::Connection;
 use uuid::Uuid;
@@ -176,8 +177,8 @@ fn self_declared_buying_agents_are_kept_by_the_resolver_and_never_read_by_the_pr
     let (stdout, stderr) = (done.stdout, done.stderr);
     assert_eq!(done.status.code(), Some(0), "{stdout}\n{stderr}");
     let flips: Vec<(Value, Value, Value, Value)> = events(stdout.as_bytes())
+        .of("flip")
         .into_iter()
-        .filter(|event| event["event"] == "flip")
         .map(|f| {
             (
                 f["profile"].clone(),
@@ -241,7 +242,7 @@ async fn allow_transition_needs_both_ends_of_every_flip() {
         );
         // Messages spell a transition FROM:TO, which no shell mangles.
         assert!(format!("{error:#}").contains("(buying:sales)"), "{error:#}");
-        let listed = log.iter().filter(|e| e["event"] == "not_allowed").count();
+        let listed = log.of("not_allowed").len();
         assert_eq!(listed, 2, "{allowed}: every refused flip is listed");
         assert_eq!(db.dump().await, before, "{allowed} wrote something");
     }
@@ -254,10 +255,8 @@ async fn allow_transition_needs_both_ends_of_every_flip() {
 #[tokio::test]
 async fn apply_with_a_plan_counts_only_the_profiles_it_keeps() {
     let db = TestDb::seeded(10).await;
-    let scratch = RemovedOnDrop(
-        std::env::temp_dir().join(format!("atb-guards-plan-{}.json", Uuid::new_v4())),
-    );
-    let plan = scratch.0.to_str().unwrap();
+    let scratch = Scratch::new();
+    let plan = &scratch.arg("plan.json");
     let (dry, _) = backfill(&db.url, &["--dry-run", "--plan-out", plan]).await;
     assert_eq!(dry.unwrap().profiles_changed, 2);
     // swivel's agent changes after review: its reviewed flip no longer holds, and the new one
@@ -392,7 +391,7 @@ async fn a_retired_type_is_held_with_re_probe_advice_and_a_never_known_one_with_
             "{message}"
         );
         assert!(!message.contains(not_advice), "{message}");
-        let held: Vec<&Value> = log.iter().filter(|e| e["event"] == "held").collect();
+        let held: Vec<&Value> = log.of("held");
         assert!(
             held.iter()
                 .any(|e| e["reason"] == reason && e["inferred_type"] == inferred),

@@ -6,7 +6,7 @@
 use crate::common;
 
 use agent_type_backfill::support::seed::{self, NewProfile, NewSnapshot};
-use common::{args, events, execute, wait_for_blocked_tool, RemovedOnDrop, TestDb};
+use common::{args, events, execute, wait_for_blocked_tool, Scratch, TestDb};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -74,7 +74,7 @@ fn listed(format: &str, out: &str) -> Vec<(String, (String, usize))> {
         "json" => {
             for event in events(out.as_bytes()) {
                 if let Some(url) = event["url"].as_str() {
-                    found.push((event["event"].as_str().unwrap().to_owned(), element(url)));
+                    found.push((common::kind(&event).to_owned(), element(url)));
                 }
             }
         }
@@ -137,7 +137,8 @@ async fn flips_held_flips_and_the_plan_file_are_in_log_order_in_every_format() {
     let fresh: Vec<&str> = SLUGS.iter().copied().filter(|s| !OLD.contains(s)).collect();
     for format in FORMATS {
         let db = registry().await;
-        let plan = RemovedOnDrop(std::env::temp_dir().join(format!("atb-order-{}.json", db.name)));
+        let scratch = Scratch::new();
+        let plan = scratch.join("plan.json");
         let flags = [
             "--dry-run",
             "--max-probe-age",
@@ -145,7 +146,7 @@ async fn flips_held_flips_and_the_plan_file_are_in_log_order_in_every_format() {
             "--format",
             format,
             "--plan-out",
-            plan.0.to_str().unwrap(),
+            plan.to_str().unwrap(),
         ];
         let mut out = Vec::new();
         let result = execute(&args(&flags), &db.url, &mut out).await;
@@ -163,7 +164,7 @@ async fn flips_held_flips_and_the_plan_file_are_in_log_order_in_every_format() {
             "{format}:\n{out}"
         );
 
-        let file: Value = serde_json::from_str(&std::fs::read_to_string(&plan.0).unwrap()).unwrap();
+        let file: Value = serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
         let in_file: Vec<(String, usize)> = file["flips"]
             .as_array()
             .unwrap()

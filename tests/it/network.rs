@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::common::deployment::{host_port, PgBouncer, PoolMode};
 use crate::common::proxy::{Fault, Proxy};
+use crate::common::Log;
 use crate::common::{TestDb, Tool};
 
 /// --statement-timeout for these runs; the reply limit is this plus max(1 s, this) = 2 s.
@@ -63,10 +64,7 @@ async fn flips_left(url: &str) -> usize {
         .finish()
         .await;
     assert_eq!(dry.code(), 0, "{}", dry.stderr);
-    dry.events()
-        .iter()
-        .filter(|event| event["event"] == "flip")
-        .count()
+    dry.events().of("flip").len()
 }
 
 fn apply(url: &str) -> Tool {

@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use serde_json::Value;
 
 use crate::cli::{hold_the_snapshot_table, tool_waits_on_a_lock};
+use crate::common::Log;
 use crate::common::{events, TestDb, Tool, BIN};
 
 /// `count` profiles, each with one `buying` agent whose snapshot infers `sales`: one flip each.
@@ -162,8 +163,8 @@ async fn a_timed_out_plan_still_ends_the_log_with_its_outcome_in_every_format() 
         let last = last.unwrap_or_default();
         match format {
             "json" => {
-                let summary = events(done.stdout.as_bytes()).pop().unwrap();
-                assert_eq!(summary["event"], "summary", "{}", done.stdout);
+                let log = events(done.stdout.as_bytes());
+                let summary = log.summary();
                 assert_eq!(summary["outcome"]["kind"], "failed");
                 assert_eq!(summary["outcome"]["exit_code"], 1);
                 assert_eq!(summary["plan_complete"], false);
@@ -211,8 +212,8 @@ async fn a_second_signal_abandons_the_batch_in_flight_and_still_reports() {
     let done = run.finish().await;
     drop(holder);
     assert_eq!(done.code(), 130, "{}\n{}", done.stdout, done.stderr);
-    let summary = events(done.stdout.as_bytes()).pop().unwrap();
-    assert_eq!(summary["event"], "summary", "{}", done.stdout);
+    let log = events(done.stdout.as_bytes());
+    let summary = log.summary();
     assert_eq!(summary["outcome"]["kind"], "interrupted");
     assert_eq!(summary["written"], 1, "{}", done.stdout);
     let message = summary["outcome"]["message"].as_str().unwrap();
@@ -410,7 +411,7 @@ fn the_man_page_title_is_one_line() {
 async fn a_reviewed_plan_applied_again_says_its_flips_are_already_written_and_by_which_run() {
     let db = TestDb::seeded(10).await;
     let scratch = crate::common::Scratch::new();
-    let plan = scratch.0.join("plan.json");
+    let plan = scratch.join("plan.json");
     let plan = plan.to_str().unwrap();
     let made = Tool::new(&["--dry-run", "--plan-out", plan])
         .database(&db.url)
@@ -427,7 +428,7 @@ async fn a_reviewed_plan_applied_again_says_its_flips_are_already_written_and_by
         .run();
     assert_eq!(again.code(), 0, "{}", again.stderr);
     let log = events(again.stdout.as_bytes());
-    let skipped: Vec<&Value> = log.iter().filter(|e| e["event"] == "skipped").collect();
+    let skipped: Vec<&Value> = log.of("skipped");
     assert_eq!(skipped.len(), 2, "{}", again.stdout);
     for event in &skipped {
         assert_eq!(event["reason"], "already_written", "{event}");

@@ -1,12 +1,13 @@
 //! Reviewed plans: `--dry-run --plan-out` and `--apply --plan`, against a real PostgreSQL.
 
 use crate::common;
+use crate::common::Log;
 
 use agent_type_backfill::error::exit_code;
 use agent_type_backfill::events::Summary;
 use agent_type_backfill::plan_file::PlanFile;
 use agent_type_backfill::support::seed::{self, NewProfile, BIDCLIQ_URL, SWIVEL_URL};
-use common::{args, events, execute, TestDb};
+use common::{args, events, execute, Scratch, TestDb};
 use serde_json::{json, Value};
 
 async fn run(db: &TestDb, flags: &[&str]) -> (anyhow::Result<Summary>, Vec<Value>) {
@@ -17,45 +18,25 @@ async fn run(db: &TestDb, flags: &[&str]) -> (anyhow::Result<Summary>, Vec<Value
     (result, events(&out))
 }
 
-/// A plan file in the temp directory, removed when the test ends.
-struct PlanPath(std::path::PathBuf);
-
-impl PlanPath {
-    fn for_db(db: &TestDb) -> PlanPath {
-        PlanPath(std::env::temp_dir().join(format!("atb-plan-{}.json", db.name)))
-    }
-
-    fn to_str(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for PlanPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 #[tokio::test]
 async fn reviewed_plan_records_the_flips_and_an_apply_writes_exactly_them() {
     let db = TestDb::seeded(20).await;
-    let path = PlanPath::for_db(&db);
+    let scratch = Scratch::new();
+    let path = scratch.arg("plan.json");
     // Trust authentication ignores the password; the tool must still never write it anywhere.
     let url_with_password = db.url.replacen("postgres@", "postgres:Sup3rSecret@", 1);
     let mut out = Vec::new();
     let dry = execute(
-        &args(&["--dry-run", "--format", "json", "--plan-out", path.to_str()]),
+        &args(&["--dry-run", "--format", "json", "--plan-out", &path]),
         &url_with_password,
         &mut out,
     )
     .await;
     let log = events(&out);
     assert_eq!(dry.unwrap().flips, 2);
-    assert!(log
-        .iter()
-        .any(|e| e["event"] == "plan_written" && e["flips"] == 2));
+    assert!(log.of("plan_written").into_iter().any(|e| e["flips"] == 2));
 
-    let plan = PlanFile::read(&path.0).unwrap();
+    let plan = PlanFile::read(path.as_ref()).unwrap();
     assert_eq!(plan.target.database, db.name);
     assert!(
         plan.target.system_identifier.is_some(),
@@ -66,13 +47,11 @@ async fn reviewed_plan_records_the_flips_and_an_apply_writes_exactly_them() {
     let urls: Vec<&str> = plan.flips.iter().map(|f| f.at.flip.url.as_str()).collect();
     assert!(urls.contains(&BIDCLIQ_URL) && urls.contains(&SWIVEL_URL));
     assert!(plan.flips.iter().all(|f| f.last_discovered.is_some()));
-    assert!(!std::fs::read_to_string(&path.0)
-        .unwrap()
-        .contains("password"));
+    assert!(!std::fs::read_to_string(&path).unwrap().contains("password"));
 
     let mut out = Vec::new();
     let applied = execute(
-        &args(&["--apply", "--plan", path.to_str()]),
+        &args(&["--apply", "--plan", &path]),
         &url_with_password,
         &mut out,
     )
@@ -90,8 +69,9 @@ async fn reviewed_plan_records_the_flips_and_an_apply_writes_exactly_them() {
 #[tokio::test]
 async fn apply_with_plan_writes_only_what_still_holds_and_lists_the_rest() {
     let db = TestDb::seeded(20).await;
-    let path = PlanPath::for_db(&db);
-    run(&db, &["--dry-run", "--plan-out", path.to_str()])
+    let scratch = Scratch::new();
+    let path = scratch.arg("plan.json");
+    run(&db, &["--dry-run", "--plan-out", &path])
         .await
         .0
         .unwrap();
@@ -105,7 +85,7 @@ async fn apply_with_plan_writes_only_what_still_holds_and_lists_the_rest() {
     };
     seed::insert(&db.pool, &[newcomer], &[]).await.unwrap();
 
-    let (applied, log) = run(&db, &["--apply", "--plan", path.to_str()]).await;
+    let (applied, log) = run(&db, &["--apply", "--plan", &path]).await;
     let applied = applied.unwrap();
     assert_eq!(
         (
@@ -118,8 +98,8 @@ async fn apply_with_plan_writes_only_what_still_holds_and_lists_the_rest() {
         "bidcliq's reviewed flip no longer holds; its new flip and the newcomer were not reviewed"
     );
     let mut departures: Vec<(String, String)> = log
-        .iter()
-        .filter(|e| e["event"] == "skipped")
+        .of("skipped")
+        .into_iter()
         .map(|e| {
             (
                 e["profile"].as_str().unwrap().to_owned(),
@@ -146,14 +126,15 @@ async fn apply_with_plan_writes_only_what_still_holds_and_lists_the_rest() {
 async fn plans_for_another_database_or_too_old_are_refused_with_nothing_written() {
     let made_on = TestDb::seeded(5).await;
     let other = TestDb::seeded(5).await;
-    let path = PlanPath::for_db(&made_on);
-    run(&made_on, &["--dry-run", "--plan-out", path.to_str()])
+    let scratch = Scratch::new();
+    let path = scratch.arg("plan.json");
+    run(&made_on, &["--dry-run", "--plan-out", &path])
         .await
         .0
         .unwrap();
 
     let before = other.dump().await;
-    let (refused, log) = run(&other, &["--apply", "--plan", path.to_str()]).await;
+    let (refused, log) = run(&other, &["--apply", "--plan", &path]).await;
     let error = refused.unwrap_err();
     assert_eq!(exit_code(&error), 2);
     assert!(format!("{error:#}").contains(&format!("database={}", made_on.name)));
@@ -161,7 +142,7 @@ async fn plans_for_another_database_or_too_old_are_refused_with_nothing_written(
     assert_eq!(other.dump().await, before);
 
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    let flags = ["--apply", "--plan", path.to_str(), "--plan-max-age", "10ms"];
+    let flags = ["--apply", "--plan", &path, "--plan-max-age", "10ms"];
     let (too_old, _) = run(&made_on, &flags).await;
     let error = too_old.unwrap_err();
     assert_eq!(exit_code(&error), 2);
@@ -170,11 +151,7 @@ async fn plans_for_another_database_or_too_old_are_refused_with_nothing_written(
         "{error:#}"
     );
 
-    let (over, _) = run(
-        &made_on,
-        &["--apply", "--plan", path.to_str(), "--max-flips", "1"],
-    )
-    .await;
+    let (over, _) = run(&made_on, &["--apply", "--plan", &path, "--max-flips", "1"]).await;
     assert_eq!(
         exit_code(&over.unwrap_err()),
         3,
@@ -188,27 +165,22 @@ async fn plans_for_another_database_or_too_old_are_refused_with_nothing_written(
 #[tokio::test]
 async fn a_flip_held_in_the_reviewed_plan_stays_held_in_its_apply() {
     let db = TestDb::seeded(5).await;
-    let path = PlanPath::for_db(&db);
+    let scratch = Scratch::new();
+    let path = scratch.arg("plan.json");
     let (dry, log) = run(
         &db,
-        &[
-            "--dry-run",
-            "--max-probe-age",
-            "24h",
-            "--plan-out",
-            path.to_str(),
-        ],
+        &["--dry-run", "--max-probe-age", "24h", "--plan-out", &path],
     )
     .await;
     assert_eq!(exit_code(&dry.unwrap_err()), 3);
-    assert_eq!(log.iter().filter(|e| e["event"] == "held").count(), 2);
-    let plan = PlanFile::read(&path.0).unwrap();
+    assert_eq!(log.of("held").len(), 2);
+    let plan = PlanFile::read(path.as_ref()).unwrap();
     assert!(
         plan.flips.iter().all(|f| f.held.is_some()),
         "{:?}",
         plan.flips
     );
-    let text = std::fs::read_to_string(&path.0).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
     assert!(text.contains("\"held\": \"stale_probe\""), "{text}");
     assert!(
         text.contains("\"commit\": \"4439b1871329488ce24b213e88d855849fb41187\""),
@@ -217,9 +189,9 @@ async fn a_flip_held_in_the_reviewed_plan_stays_held_in_its_apply() {
     assert!(text.contains("\"crawler_disagreements\": {"), "{text}");
 
     let before = db.dump().await;
-    let (applied, log) = run(&db, &["--apply", "--plan", path.to_str()]).await;
+    let (applied, log) = run(&db, &["--apply", "--plan", &path]).await;
     assert_eq!(exit_code(&applied.unwrap_err()), 3);
-    let held: Vec<&Value> = log.iter().filter(|e| e["event"] == "held").collect();
+    let held: Vec<&Value> = log.of("held");
     assert_eq!(held.len(), 2, "{log:#?}");
     assert!(held.iter().all(|e| e["reason"] == "stale_probe"));
     assert_eq!(db.dump().await, before);
@@ -232,18 +204,19 @@ async fn a_flip_held_in_the_reviewed_plan_stays_held_in_its_apply() {
 #[tokio::test]
 async fn an_edited_plan_is_refused_and_a_reformatted_one_applies() {
     let db = TestDb::seeded(20).await;
-    let path = PlanPath::for_db(&db);
-    run(&db, &["--dry-run", "--plan-out", path.to_str()])
+    let scratch = Scratch::new();
+    let path = scratch.arg("plan.json");
+    run(&db, &["--dry-run", "--plan-out", &path])
         .await
         .0
         .unwrap();
-    let written = std::fs::read_to_string(&path.0).unwrap();
+    let written = std::fs::read_to_string(&path).unwrap();
     let original: Value = serde_json::from_str(&written).unwrap();
     assert!(original["digest"]
         .as_str()
         .is_some_and(|digest| digest.starts_with("sha256:") && digest.len() == 7 + 64));
 
-    let edited = PlanPath(path.0.with_extension("edited.json"));
+    let edited = scratch.arg("plan.edited.json");
     let before = db.dump().await;
     type Edit = (&'static str, fn(&mut Value));
     let edits: [Edit; 4] = [
@@ -265,8 +238,8 @@ async fn an_edited_plan_is_refused_and_a_reformatted_one_applies() {
     for (what, edit) in edits {
         let mut plan = original.clone();
         edit(&mut plan);
-        std::fs::write(&edited.0, serde_json::to_string_pretty(&plan).unwrap()).unwrap();
-        let (refused, log) = run(&db, &["--apply", "--plan", edited.to_str()]).await;
+        std::fs::write(&edited, serde_json::to_string_pretty(&plan).unwrap()).unwrap();
+        let (refused, log) = run(&db, &["--apply", "--plan", &edited]).await;
         let error = refused.unwrap_err();
         assert_eq!(exit_code(&error), 2, "{what}: {error:#}");
         let message = format!("{error:#}");
@@ -280,9 +253,9 @@ async fn an_edited_plan_is_refused_and_a_reformatted_one_applies() {
     }
 
     // Compact, one line, keys in serde_json's sorted order: only the formatting differs.
-    std::fs::write(&edited.0, original.to_string()).unwrap();
-    assert_ne!(std::fs::read_to_string(&edited.0).unwrap(), written);
-    let (applied, _) = run(&db, &["--apply", "--plan", edited.to_str()]).await;
+    std::fs::write(&edited, original.to_string()).unwrap();
+    assert_ne!(std::fs::read_to_string(&edited).unwrap(), written);
+    let (applied, _) = run(&db, &["--apply", "--plan", &edited]).await;
     assert_eq!(applied.unwrap().written, 2);
 }
 
@@ -307,8 +280,9 @@ async fn leave_held_writes_exactly_the_reviewed_flips_that_are_not_held() {
     )
     .await
     .unwrap();
-    let path = PlanPath::for_db(&db);
-    let (dry, _) = run(&db, &["--dry-run", "--plan-out", path.to_str()]).await;
+    let scratch = Scratch::new();
+    let path = scratch.arg("plan.json");
+    let (dry, _) = run(&db, &["--dry-run", "--plan-out", &path]).await;
     assert_eq!(exit_code(&dry.unwrap_err()), 3);
     let before = db.dump().await;
 
@@ -322,7 +296,7 @@ async fn leave_held_writes_exactly_the_reviewed_flips_that_are_not_held() {
         no_plan.to_string().contains("--leave-held needs --plan"),
         "{no_plan}"
     );
-    let (without, _) = run(&db, &["--apply", "--plan", path.to_str()]).await;
+    let (without, _) = run(&db, &["--apply", "--plan", &path]).await;
     assert_eq!(exit_code(&without.unwrap_err()), 3);
     assert_eq!(
         db.dump().await,
@@ -330,10 +304,10 @@ async fn leave_held_writes_exactly_the_reviewed_flips_that_are_not_held() {
         "without --leave-held nothing is written"
     );
 
-    let (left, log) = run(&db, &["--apply", "--plan", path.to_str(), "--leave-held"]).await;
+    let (left, log) = run(&db, &["--apply", "--plan", &path, "--leave-held"]).await;
     let left = left.unwrap();
     assert_eq!((left.flips, left.held, left.written), (3, 1, 2));
-    let held: Vec<&Value> = log.iter().filter(|e| e["event"] == "held").collect();
+    let held: Vec<&Value> = log.of("held");
     assert_eq!(held.len(), 1);
     assert_eq!(
         (&held[0]["url"], &held[0]["reason"]),

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::cli::{hold_the_snapshot_table, tool_sessions_left, tool_waits_on_a_lock};
 use crate::common::deployment::{host_port, tool, via, PgBouncer, PoolMode};
+use crate::common::Log;
 use crate::common::{events, TestDb, Tool};
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
@@ -21,16 +22,17 @@ fn bouncer_for(db: &TestDb, mode: PoolMode) -> (PgBouncer, String) {
 
 fn flips_of(stdout: &str) -> Vec<Value> {
     events(stdout.as_bytes())
+        .of("flip")
         .into_iter()
-        .filter(|event| event["event"] == "flip")
+        .cloned()
         .collect()
 }
 
 fn summary_of(stdout: &str) -> Value {
     events(stdout.as_bytes())
-        .into_iter()
-        .find(|event| event["event"] == "summary")
+        .first_of("summary")
         .unwrap_or_else(|| panic!("no summary in {stdout}"))
+        .clone()
 }
 
 async fn agents(db: &TestDb) -> Vec<(String, Option<String>)> {
@@ -159,8 +161,9 @@ async fn a_locked_row_is_given_up_after_lock_timeout_through_pgbouncer() {
         .await;
         assert_eq!(apply.code(), 1, "{mode:?}: {}", apply.stderr);
         let skipped: Vec<Value> = events(apply.stdout.as_bytes())
+            .of("skipped")
             .into_iter()
-            .filter(|event| event["event"] == "skipped")
+            .cloned()
             .collect();
         assert!(!skipped.is_empty(), "{mode:?}: {}", apply.stdout);
         assert!(

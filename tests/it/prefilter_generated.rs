@@ -8,6 +8,7 @@
 //! log lists (as flips or held) must be exactly what the pure resolver finds profile by profile.
 
 use crate::common;
+use crate::common::Log;
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -185,8 +186,8 @@ async fn the_tool_lists_every_flip_the_resolver_finds_on_generated_registries() 
     .await;
     let log = events(&out);
     let listed: BTreeSet<(String, u64, String, String)> = log
-        .iter()
-        .filter(|event| event["event"] == "flip" || event["event"] == "held")
+        .of_any(&["flip", "held"])
+        .into_iter()
         .map(|event| {
             (
                 event["profile"].as_str().unwrap().to_owned(),
@@ -207,10 +208,8 @@ async fn the_tool_lists_every_flip_the_resolver_finds_on_generated_registries() 
     // An out-of-vocabulary stored type equal to its probe's out-of-vocabulary inference is
     // demoted to unknown by the rule, and the vocabulary guard holds it.
     let held = |profile: &str| {
-        log.iter().any(|event| {
-            event["event"] == "held"
-                && event["profile"] == profile
-                && event["reason"] == "unrecognised_inferred_type"
+        log.of("held").iter().any(|event| {
+            event["profile"] == profile && event["reason"] == "unrecognised_inferred_type"
         })
     };
     let (s, p) = (

@@ -3,7 +3,8 @@
 //! with nothing read or written.
 
 use crate::common::deployment::{as_user, tool};
-use crate::common::{events, TestDb};
+use crate::common::Log;
+use crate::common::{events, Scratch, TestDb};
 
 /// Each GRANT of RUNBOOK.md, by what it gives, with the role written `backfill` as there.
 const SELECT_PROFILES: &str = "GRANT SELECT ON member_profiles TO backfill;";
@@ -96,10 +97,7 @@ async fn roles_with_exactly_the_runbook_grants_run_every_command() {
 
     let dry = tool(&reader, &["--dry-run", "--format", "json"], &[]);
     assert_eq!(dry.code(), 0, "{}", dry.stderr);
-    let flips = events(dry.stdout.as_bytes())
-        .iter()
-        .filter(|event| event["event"] == "flip")
-        .count();
+    let flips = events(dry.stdout.as_bytes()).of("flip").len();
     assert!(flips > 0, "the seed has flips");
 
     let apply = tool(
@@ -131,8 +129,7 @@ async fn roles_with_exactly_the_runbook_grants_run_every_command() {
         .execute(&db.pool)
         .await
         .unwrap();
-    let scratch = std::env::temp_dir().join(format!("atb-least-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&scratch).unwrap();
+    let scratch = Scratch::new();
     let plan_path = scratch.join("plan.json");
     let plan_arg = plan_path.to_str().unwrap();
     let identified = role_with(&db, DRY_RUN).await;
@@ -153,7 +150,6 @@ async fn roles_with_exactly_the_runbook_grants_run_every_command() {
             "{plan}"
         );
     }
-    std::fs::remove_dir_all(scratch).unwrap();
 
     let revert_dry = tool(&auditor, &["revert", &run_id, "--dry-run"], &[]);
     assert_eq!(revert_dry.code(), 0, "{}", revert_dry.stderr);

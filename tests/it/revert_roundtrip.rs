@@ -130,8 +130,8 @@ async fn apply_then_revert_returns_every_profile_exactly_as_stored() {
         .await
         .unwrap();
 
-    let plan = std::env::temp_dir().join(format!("atb-roundtrip-{}.json", db.name));
-    let plan_arg = plan.to_str().unwrap();
+    let scratch = common::Scratch::new();
+    let plan_arg = &scratch.arg("plan.json");
     let max = ["--max-flips", "100000"];
     let mut out = Vec::new();
     let dry = execute(
@@ -165,7 +165,6 @@ async fn apply_then_revert_returns_every_profile_exactly_as_stored() {
     )
     .await
     .unwrap();
-    let _ = std::fs::remove_file(&plan);
     assert!(applied.written > 500 && applied.held > 0, "{applied:?}");
     assert_ne!(profiles_text(&db).await, before);
     let run_id = events(&out)[0]["run_id"].as_str().unwrap().to_owned();

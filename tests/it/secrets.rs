@@ -5,7 +5,7 @@
 
 use crate::common;
 
-use common::{events, Finished, RemovedOnDrop, TestDb, Tool};
+use common::{events, Finished, Scratch, TestDb, Tool};
 
 /// Percent-encoded in the URL; the tool decodes it before sending it, so both spellings are
 /// searched for. Trust authentication ignores it, which is why every command still connects.
@@ -59,11 +59,8 @@ async fn the_password_never_appears_in_any_output_of_any_command() {
         url.contains(SECRET_IN_URL),
         "the test URL carries the secret"
     );
-    let scratch =
-        RemovedOnDrop(std::env::temp_dir().join(format!("atb-secrets-{}", std::process::id())));
-    std::fs::create_dir_all(&scratch.0).unwrap();
-    let plan = scratch.0.join("plan.json");
-    let plan = plan.to_str().unwrap();
+    let scratch = Scratch::new();
+    let plan = &scratch.arg("plan.json");
 
     for format in ["text", "json"] {
         let dry = checked(&["--dry-run", "--format", format], Some(&url), 0);

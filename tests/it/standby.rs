@@ -4,6 +4,7 @@
 //! a plan made on the standby applies on its primary.
 
 use crate::common::deployment::{as_user, registry_on, tool};
+use crate::common::Log;
 use crate::common::{events, TestDb, Tool, HANG};
 use agent_type_backfill::support::ephemeral::EphemeralPostgres;
 use serde_json::Value;
@@ -74,10 +75,8 @@ async fn a_standby_refuses_writes_at_preflight_and_its_plan_applies_on_the_prima
         &[],
     );
     assert_eq!(apply.code(), 0, "{}", apply.stderr);
-    let summary = events(apply.stdout.as_bytes())
-        .into_iter()
-        .find(|event| event["event"] == "summary")
-        .unwrap();
+    let log = events(apply.stdout.as_bytes());
+    let summary = log.summary();
     assert_eq!(summary["written"], planned);
     let audited: i64 = sqlx::query_scalar("SELECT count(*) FROM type_reclassification_log")
         .fetch_one(&pool)
@@ -197,8 +196,9 @@ async fn a_dry_run_on_a_standby_completes_while_the_primary_updates_and_vacuums(
     assert_eq!(planned.code(), 0, "{}", planned.stderr);
     let flips = |log: &str| -> Vec<Value> {
         events(log.as_bytes())
+            .of_any(&["flip", "summary"])
             .into_iter()
-            .filter(|event| event["event"] == "flip" || event["event"] == "summary")
+            .cloned()
             .map(|mut event| {
                 event.as_object_mut().unwrap().remove("duration_ms");
                 event
@@ -339,10 +339,7 @@ async fn an_apply_waits_while_a_standby_replays_further_behind_than_max_replica_
     let on_primary = primary.url("registry");
     let expected = tool(&on_primary, &["--dry-run", "--format", "json"], &[]);
     assert_eq!(expected.code(), 0, "{}", expected.stderr);
-    let planned = events(expected.stdout.as_bytes())
-        .iter()
-        .filter(|event| event["event"] == "flip")
-        .count();
+    let planned = events(expected.stdout.as_bytes()).of("flip").len();
     assert!(planned > 1, "the seed has flips for several batches");
 
     let mut on_standby = sqlx::PgConnection::connect(&standby.url("postgres"))

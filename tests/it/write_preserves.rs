@@ -4,6 +4,7 @@
 //! writing its array would silently rewrite the other agents of every flipped profile.
 
 use crate::common;
+use crate::common::Log;
 
 use agent_type_backfill::support::seed::{self, NewProfile, NewSnapshot};
 use common::{args, events, execute, TestDb};
@@ -92,8 +93,8 @@ async fn flipped_profile_keeps_null_and_missing_types_unknown_keys_and_numbers_b
         .await
         .unwrap();
     let flips: Vec<(serde_json::Value, serde_json::Value)> = events(&out)
+        .of("flip")
         .into_iter()
-        .filter(|event| event["event"] == "flip")
         .map(|event| (event["index"].clone(), event["to"].clone()))
         .collect();
     assert_eq!(flips, [(json!(0), json!("sales"))], "one flip planned");

@@ -456,17 +456,6 @@ pub async fn revert_json(
     (result, events(&out))
 }
 
-/// A scratch file or directory, removed however the test ends.
-pub struct RemovedOnDrop(pub std::path::PathBuf);
-
-impl Drop for RemovedOnDrop {
-    fn drop(&mut self) {
-        if std::fs::remove_file(&self.0).is_err() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 /// `history` with these flags (after `history`) against `url`; its log into `out`.
 pub async fn history(flags: &[&str], url: &str, out: &mut Vec<u8>) -> anyhow::Result<()> {
     let mut argv = vec!["agent-type-backfill", "history", "--database-url", url];
@@ -477,6 +466,55 @@ pub async fn history(flags: &[&str], url: &str, out: &mut Vec<u8>) -> anyhow::Re
     let config = HistoryConfig::from_cli(&args).unwrap();
     let mut printer = report::printer(config.format, out);
     agent_type_backfill::audit::history(&config, printer.as_mut()).await
+}
+
+/// A `--format json` run log read by event kind: the one place a test names the `event` key.
+pub trait Log {
+    /// The events of one kind, in log order.
+    fn of(&self, kind: &str) -> Vec<&serde_json::Value>;
+    /// The events of any of these kinds, in log order.
+    fn of_any(&self, kinds: &[&str]) -> Vec<&serde_json::Value>;
+    /// The first event of this kind.
+    fn first_of(&self, kind: &str) -> Option<&serde_json::Value>;
+    /// The header, which every log starts with.
+    fn start(&self) -> &serde_json::Value;
+    /// The summary, which every complete log ends with.
+    fn summary(&self) -> &serde_json::Value;
+}
+
+/// An event's kind: `flip`, `held`, `summary`...
+pub fn kind(event: &serde_json::Value) -> &str {
+    event["event"].as_str().unwrap_or_default()
+}
+
+impl Log for [serde_json::Value] {
+    fn of(&self, wanted: &str) -> Vec<&serde_json::Value> {
+        self.iter().filter(|event| kind(event) == wanted).collect()
+    }
+
+    fn of_any(&self, kinds: &[&str]) -> Vec<&serde_json::Value> {
+        self.iter()
+            .filter(|event| kinds.contains(&kind(event)))
+            .collect()
+    }
+
+    fn first_of(&self, wanted: &str) -> Option<&serde_json::Value> {
+        self.iter().find(|event| kind(event) == wanted)
+    }
+
+    fn start(&self) -> &serde_json::Value {
+        match self.first() {
+            Some(start) if kind(start) == "start" => start,
+            _ => panic!("the log does not start with its header: {self:#?}"),
+        }
+    }
+
+    fn summary(&self) -> &serde_json::Value {
+        match self.last() {
+            Some(summary) if kind(summary) == "summary" => summary,
+            _ => panic!("the log does not end with a summary: {self:#?}"),
+        }
+    }
 }
 
 /// Parses a `--format json` run log into its events.

@@ -9,6 +9,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+use super::Log;
 use uuid::Uuid;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_agent-type-backfill");
@@ -16,7 +18,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_agent-type-backfill");
 /// How long a run may take before a test calls it hung.
 pub const HANG: Duration = Duration::from_secs(90);
 
-/// A directory for run logs, removed when dropped.
+/// A directory of its own for what a test writes (run logs, plan files, a server's sockets),
+/// removed when dropped: the one way tests make a temporary path.
 pub struct Scratch(pub PathBuf);
 
 impl Scratch {
@@ -43,6 +46,16 @@ impl Scratch {
 
     pub fn path(&self) -> &str {
         self.0.to_str().unwrap()
+    }
+
+    /// A file or directory named `name` inside, removed with the rest.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// [`Scratch::join`] as a command-line argument.
+    pub fn arg(&self, name: &str) -> String {
+        self.join(name).to_str().unwrap().to_owned()
     }
 
     /// What is in the directory, apart from `keep`.
@@ -243,8 +256,7 @@ impl Finished {
 
     pub fn run_id(&self) -> Option<String> {
         self.events()
-            .iter()
-            .find(|event| event["event"] == "start")
+            .first_of("start")
             .and_then(|event| event["run_id"].as_str().map(str::to_owned))
     }
 

@@ -22,7 +22,9 @@ use agent_type_backfill::resolver::{resolve_agents, type_label};
 use agent_type_backfill::support::ephemeral::EphemeralPostgres;
 use agent_type_backfill::support::seed::{self, BulkSpec, Rng};
 use agent_type_backfill::support::MIGRATOR;
-use common::{args, events, execute, AuditRow, Finished, Scratch, Server, Tool, ToolRun, HANG};
+use common::{
+    args, events, execute, AuditRow, Finished, Log, Scratch, Server, Tool, ToolRun, HANG,
+};
 use serde_json::Value;
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
@@ -253,13 +255,9 @@ fn audit_flip_key(row: &AuditRow) -> FlipKey {
     )
 }
 
-fn of_kind<'a>(log: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    log.iter().filter(|event| event["event"] == kind).collect()
-}
-
 /// Audit rows of `run_id` that match no `flip` event of that run's log: written but not planned.
 fn unplanned_audit_rows(log: &[Value], audit: &[AuditRow], run_id: &str) -> Vec<String> {
-    let planned: HashSet<FlipKey> = of_kind(log, "flip").into_iter().map(event_key).collect();
+    let planned: HashSet<FlipKey> = log.of("flip").into_iter().map(event_key).collect();
     audit
         .iter()
         .filter(|row| row.run_id.as_deref() == Some(run_id))
@@ -455,7 +453,7 @@ async fn fault_fixture(
     assert_eq!(done.status.code(), Some(0), "{}", done.stderr);
     let log = done.events();
     let mut flipped: Vec<(Uuid, usize)> = Vec::new();
-    for flip in of_kind(&log, "flip") {
+    for flip in &log.of("flip") {
         let id = Uuid::parse_str(flip["profile_id"].as_str().unwrap()).unwrap();
         match flipped.last_mut() {
             Some((last, count)) if *last == id => *count += 1,

@@ -46,7 +46,8 @@ impl FaultFixture {
 /// The profiles and count of `not_written_timeout` events in a run log.
 fn timed_out(done: &Finished) -> (BTreeSet<String>, usize) {
     let log = done.events();
-    let events: Vec<&Value> = of_kind(&log, "skipped")
+    let events: Vec<&Value> = log
+        .of("skipped")
         .into_iter()
         .filter(|event| event["reason"] == "not_written_timeout")
         .collect();

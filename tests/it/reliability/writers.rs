@@ -208,7 +208,8 @@ async fn writers_template() -> &'static WritersTemplate {
             let planned = planned.unwrap();
             assert!(planned.profiles_scanned >= 20_000, "{planned:?}");
             assert!(planned.flips >= 1_000, "{planned:?}");
-            let hot: BTreeSet<Uuid> = of_kind(&log, "flip")
+            let hot: BTreeSet<Uuid> = log
+                .of("flip")
                 .iter()
                 .map(|flip| Uuid::parse_str(flip["profile_id"].as_str().unwrap()).unwrap())
                 .collect();
@@ -332,18 +333,15 @@ async fn apply_under_concurrent_writers(batch_size: u32) {
     }
 
     // Audit rows of the run and the run log agree exactly.
-    let run_id = of_kind(&log, "start")[0]["run_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let run_id = log.of("start")[0]["run_id"].as_str().unwrap().to_owned();
     let audit: Vec<AuditRow> = load_audit(&pool)
         .await
         .into_iter()
         .filter(|row| row.run_id.as_deref() == Some(run_id.as_str()))
         .collect();
     problems.extend(unplanned_audit_rows(&log, &audit, &run_id));
-    let flips: HashSet<FlipKey> = of_kind(&log, "flip").into_iter().map(event_key).collect();
-    let skipped = of_kind(&log, "skipped");
+    let flips: HashSet<FlipKey> = log.of("flip").into_iter().map(event_key).collect();
+    let skipped = log.of("skipped");
     let skipped_planned: HashSet<FlipKey> = skipped
         .iter()
         .filter(|event| event["reason"] != "unplanned")
@@ -441,7 +439,7 @@ async fn apply_under_concurrent_writers(batch_size: u32) {
     )
     .await;
     let follow_up = follow_up.unwrap();
-    for flip in of_kind(&follow_log, "flip") {
+    for flip in follow_log.of("flip") {
         let at = (
             flip["profile_id"].as_str().unwrap().to_owned(),
             flip["url"].as_str().unwrap().to_owned(),
