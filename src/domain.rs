@@ -71,7 +71,7 @@ impl Serialize for Transition {
 /// A flip where it is: the rule's flip of one element and the profile holding it. Every shape a
 /// flip takes (the plan's, the log line's, the plan file's entry, the audit row being written)
 /// carries this one value, so what names a flip and its JSON field names (`profile_id`,
-/// `profile`, `index`, `url`, `from`, `to`, in that order) are defined here alone.
+/// `profile`, `index`, `url`, `from`, `to`) are defined here alone.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ProfileFlip {
     pub profile_id: Uuid,
