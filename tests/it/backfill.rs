@@ -13,7 +13,7 @@ use agent_type_backfill::outcome::Refusal;
 use agent_type_backfill::support::seed::{
     self, NewProfile, NewSnapshot, BIDCLIQ_URL, NORTHWIND_URL, SWIVEL_URL,
 };
-use common::{args, events, execute, TestDb};
+use common::{args, events, execute, flip_events, TestDb};
 use serde_json::{json, Value};
 use sqlx::Connection;
 
@@ -24,14 +24,6 @@ async fn run(
     let mut out = Vec::new();
     let result = execute(&args(flags), &db.url, &mut out).await;
     (result, String::from_utf8(out).unwrap())
-}
-
-fn flip_events(log: &str) -> Vec<Value> {
-    events(log.as_bytes())
-        .of("flip")
-        .into_iter()
-        .cloned()
-        .collect()
 }
 
 #[tokio::test]
@@ -646,14 +638,6 @@ async fn crawler_says(db: &TestDb, url: &str, old_type: &str, new_type: &str, da
     .unwrap();
 }
 
-fn event_for<'e>(events: &'e [Value], kind: &str, profile: &str) -> &'e Value {
-    events
-        .of(kind)
-        .into_iter()
-        .find(|event| event["profile"] == profile)
-        .unwrap_or_else(|| panic!("no {kind} event for {profile}: {events:#?}"))
-}
-
 /// A server newer than the port knows types the tool does not: a stored `sales` whose snapshot
 /// infers `retail_media` used to print `sales -> unknown` and be written. It is held: listed,
 /// never written, exit 3; and the summary names every such type in the snapshot table.
@@ -748,7 +732,7 @@ async fn a_type_the_rule_does_not_know_holds_the_flip_and_writes_nothing() {
     }
     let (result, log) = run(&db, &["--dry-run", "--format", "json"]).await;
     assert_eq!(exit_code(&result.unwrap_err()), 3);
-    let held = event_for(&events(log.as_bytes()), "held", "retailer").clone();
+    let held = events(log.as_bytes()).about("held", "retailer").clone();
     assert_eq!(
         (held["reason"].as_str(), held["inferred_type"].as_str()),
         (Some("unrecognised_inferred_type"), Some("retail_media"))
@@ -776,10 +760,7 @@ async fn a_probe_older_than_max_probe_age_holds_its_flip() {
     .await;
     assert_eq!(exit_code(&result.unwrap_err()), 3);
     let events = events(log.as_bytes());
-    assert_eq!(
-        event_for(&events, "held", "bidcliq")["reason"],
-        "stale_probe"
-    );
+    assert_eq!(events.about("held", "bidcliq")["reason"], "stale_probe");
     assert_eq!(db.dump().await, before);
     // The fixtures were probed 30 hours ago: a two-day limit lets them through.
     let (result, _) = run(
@@ -804,14 +785,14 @@ async fn crawler_disagreements_are_shown_on_each_flip_and_can_be_demanded() {
     let (result, log) = run(&db, &["--dry-run", "--format", "json"]).await;
     result.unwrap();
     let planned = events(log.as_bytes());
-    let bidcliq = &event_for(&planned, "flip", "bidcliq")["crawler_disagreements"];
+    let bidcliq = &planned.about("flip", "bidcliq")["crawler_disagreements"];
     assert_eq!(bidcliq["count"], 3);
     assert_eq!(bidcliq["last_inferred"], "sales");
     let first =
         chrono::DateTime::parse_from_rfc3339(bidcliq["first_at"].as_str().unwrap()).unwrap();
     let last = chrono::DateTime::parse_from_rfc3339(bidcliq["last_at"].as_str().unwrap()).unwrap();
     assert_eq!((last - first).num_days(), 8);
-    let swivel = &event_for(&planned, "flip", "swivel")["crawler_disagreements"];
+    let swivel = &planned.about("flip", "swivel")["crawler_disagreements"];
     assert_eq!(
         (swivel["count"].as_u64(), swivel["last_inferred"].as_str()),
         (Some(1), Some("signals"))
@@ -839,10 +820,7 @@ async fn crawler_disagreements_are_shown_on_each_flip_and_can_be_demanded() {
     .await;
     assert_eq!(exit_code(&result.unwrap_err()), 3);
     let guarded = events(log.as_bytes());
-    assert_eq!(
-        event_for(&guarded, "held", "swivel")["reason"],
-        "uncorroborated"
-    );
+    assert_eq!(guarded.about("held", "swivel")["reason"], "uncorroborated");
     assert!(guarded
         .of("held")
         .iter()
@@ -873,7 +851,7 @@ async fn crawler_evidence_without_select_on_the_log_is_unavailable_and_cannot_be
         .await
         .unwrap();
     let events = events(&out);
-    let evidence = &event_for(&events, "flip", "bidcliq")["crawler_disagreements"];
+    let evidence = &events.about("flip", "bidcliq")["crawler_disagreements"];
     assert_eq!(
         evidence["unavailable"],
         "no SELECT privilege on type_reclassification_log"

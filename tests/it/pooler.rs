@@ -20,21 +20,6 @@ fn bouncer_for(db: &TestDb, mode: PoolMode) -> (PgBouncer, String) {
     (bouncer, url)
 }
 
-fn flips_of(stdout: &str) -> Vec<Value> {
-    events(stdout.as_bytes())
-        .of("flip")
-        .into_iter()
-        .cloned()
-        .collect()
-}
-
-fn summary_of(stdout: &str) -> Value {
-    events(stdout.as_bytes())
-        .first_of("summary")
-        .unwrap_or_else(|| panic!("no summary in {stdout}"))
-        .clone()
-}
-
 async fn agents(db: &TestDb) -> Vec<(String, Option<String>)> {
     sqlx::query_as("SELECT slug::text, agents::text FROM member_profiles ORDER BY id")
         .fetch_all(&db.pool)
@@ -49,7 +34,7 @@ async fn every_command_works_through_pgbouncer_in_session_and_transaction_mode()
         let original = agents(&db).await;
         let direct = tool(&db.url, &["--dry-run", "--format", "json"], &[]);
         assert_eq!(direct.code(), 0, "{}", direct.stderr);
-        let expected = flips_of(&direct.stdout);
+        let expected = direct.flips();
         assert!(!expected.is_empty(), "the seed has flips");
 
         let (_bouncer, url) = bouncer_for(&db, mode);
@@ -62,7 +47,7 @@ async fn every_command_works_through_pgbouncer_in_session_and_transaction_mode()
             &[],
         );
         assert_eq!(dry.code(), 0, "{mode:?}: {}", dry.stderr);
-        assert_eq!(flips_of(&dry.stdout), expected, "{mode:?}");
+        assert_eq!(dry.flips(), expected, "{mode:?}");
 
         let max = expected.len().to_string();
         let apply = tool(
@@ -79,14 +64,14 @@ async fn every_command_works_through_pgbouncer_in_session_and_transaction_mode()
             &[],
         );
         assert_eq!(apply.code(), 0, "{mode:?}: {}", apply.stderr);
-        let summary = summary_of(&apply.stdout);
+        let summary = apply.summary();
         assert_eq!(summary["written"], expected.len(), "{mode:?}");
         let run_id = summary["run_id"].as_str().unwrap().to_owned();
         assert_eq!(db.audit_rows().await.len(), expected.len());
 
         let again = tool(&url, &["--dry-run", "--format", "json"], &[]);
         assert_eq!(again.code(), 0, "{mode:?}: {}", again.stderr);
-        assert_eq!(summary_of(&again.stdout)["flips"], 0);
+        assert_eq!(again.summary()["flips"], 0);
 
         let history = tool(&url, &["history", "--format", "json"], &[]);
         assert_eq!(history.code(), 0, "{mode:?}: {}", history.stderr);
@@ -103,7 +88,7 @@ async fn every_command_works_through_pgbouncer_in_session_and_transaction_mode()
             &[],
         );
         assert_eq!(revert_dry.code(), 0, "{mode:?}: {}", revert_dry.stderr);
-        assert_eq!(flips_of(&revert_dry.stdout).len(), expected.len());
+        assert_eq!(revert_dry.flips().len(), expected.len());
         let revert = tool(
             &url,
             &[
@@ -118,7 +103,7 @@ async fn every_command_works_through_pgbouncer_in_session_and_transaction_mode()
             &[],
         );
         assert_eq!(revert.code(), 0, "{mode:?}: {}", revert.stderr);
-        assert_eq!(summary_of(&revert.stdout)["written"], expected.len());
+        assert_eq!(revert.summary()["written"], expected.len());
         assert_eq!(
             agents(&db).await,
             original,

@@ -480,6 +480,8 @@ pub trait Log {
     fn start(&self) -> &serde_json::Value;
     /// The summary, which every complete log ends with.
     fn summary(&self) -> &serde_json::Value;
+    /// The one event of this kind for this profile.
+    fn about(&self, kind: &str, profile: &str) -> &serde_json::Value;
 }
 
 /// An event's kind: `flip`, `held`, `summary`...
@@ -515,6 +517,21 @@ impl Log for [serde_json::Value] {
             _ => panic!("the log does not end with a summary: {self:#?}"),
         }
     }
+
+    fn about(&self, wanted: &str, profile: &str) -> &serde_json::Value {
+        self.iter()
+            .find(|event| kind(event) == wanted && event["profile"] == profile)
+            .unwrap_or_else(|| panic!("no {wanted} event for {profile}: {self:#?}"))
+    }
+}
+
+/// The `flip` events of a `--format json` run log, owned, to compare one run's with another's.
+pub fn flip_events(json_log: &str) -> Vec<serde_json::Value> {
+    events(json_log.as_bytes())
+        .of("flip")
+        .into_iter()
+        .cloned()
+        .collect()
 }
 
 /// Parses a `--format json` run log into its events.

@@ -254,6 +254,16 @@ impl Finished {
             .collect()
     }
 
+    /// The `flip` events of the JSON run log.
+    pub fn flips(&self) -> Vec<Value> {
+        super::flip_events(&self.stdout)
+    }
+
+    /// The summary the JSON run log ends with.
+    pub fn summary(&self) -> Value {
+        self.events().summary().clone()
+    }
+
     pub fn run_id(&self) -> Option<String> {
         self.events()
             .first_of("start")
