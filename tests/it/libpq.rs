@@ -3,10 +3,10 @@
 //! socket target shown as its socket directory.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::common::deployment::{registry_on, tool};
-use crate::common::events;
+use crate::common::{events, Scratch};
 use agent_type_backfill::support::ephemeral::EphemeralPostgres;
 
 /// A password with both characters a password file must escape.
@@ -38,12 +38,6 @@ async fn server_with_password_role() -> EphemeralPostgres {
     server
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("atb-{name}-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 fn write_private(path: &Path, text: &str, mode: u32) {
     std::fs::write(path, text).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
@@ -54,7 +48,8 @@ async fn the_password_file_is_read_as_libpq_reads_it() {
     let server = server_with_password_role().await;
     let port = server.port();
     let url = format!("postgres://atb_pw@127.0.0.1:{port}/registry?sslmode=disable");
-    let dir = scratch("pgpass");
+    let scratch = Scratch::new();
+    let dir = &scratch.0;
     let file = dir.join("pgpass");
     let file_arg = file.to_str().unwrap();
 
@@ -149,7 +144,6 @@ async fn the_password_file_is_read_as_libpq_reads_it() {
     let socket_url = format!("postgres:///registry?host={socket}&port={port}&user=atb_pw");
     let done = tool(&socket_url, &["--dry-run"], &[("PGPASSFILE", file_arg)]);
     assert_eq!(done.code(), 0, "socket line: {}", done.stderr);
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[tokio::test]
@@ -159,7 +153,8 @@ async fn a_socket_target_is_shown_as_its_socket_directory() {
     let socket = server.root().to_str().unwrap().to_owned();
     let port = server.port();
     let url = format!("postgres:///registry?host={socket}&port={port}&user=postgres");
-    let dir = scratch("socket");
+    let scratch = Scratch::new();
+    let dir = &scratch.0;
     let plan = dir.join("plan.json");
 
     let text = tool(&url, &["--dry-run"], &[]);
@@ -210,5 +205,4 @@ async fn a_socket_target_is_shown_as_its_socket_directory() {
         done.stderr
     );
     assert!(!done.stderr.contains("localhost"), "{}", done.stderr);
-    std::fs::remove_dir_all(dir).unwrap();
 }

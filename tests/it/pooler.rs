@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::cli::{hold_the_snapshot_table, tool_sessions_left, tool_waits_on_a_lock};
 use crate::common::deployment::{host_port, tool, via, PgBouncer, PoolMode};
 use crate::common::Log;
-use crate::common::{events, TestDb, Tool};
+use crate::common::{events, Scratch, TestDb, Tool};
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
 
@@ -38,7 +38,7 @@ async fn every_command_works_through_pgbouncer_in_session_and_transaction_mode()
         assert!(!expected.is_empty(), "the seed has flips");
 
         let (_bouncer, url) = bouncer_for(&db, mode);
-        let scratch = tempdir(&format!("pooler-{mode:?}"));
+        let scratch = Scratch::new();
         let plan = scratch.join("plan.json");
         let plan = plan.to_str().unwrap();
         let dry = tool(
@@ -109,7 +109,6 @@ async fn every_command_works_through_pgbouncer_in_session_and_transaction_mode()
             original,
             "{mode:?}: the revert restored every type"
         );
-        std::fs::remove_dir_all(scratch).unwrap();
     }
 }
 
@@ -206,12 +205,6 @@ async fn statement_timeout_cuts_the_planning_pass_through_pgbouncer() {
         );
         assert!(dry.elapsed < Duration::from_secs(20), "{:?}", dry.elapsed);
     }
-}
-
-fn tempdir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("atb-{name}-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// Ctrl-C while planning cancels the planning statement through the pooler: the cancel runs on
