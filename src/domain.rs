@@ -96,13 +96,10 @@ impl ProfileFlip {
     }
 
     /// The same change at the same element, whatever the profile is called now: how a
-    /// reviewed plan's flip is found again, every field of it compared.
+    /// reviewed plan's flip is found again. The flip is compared whole, as the locked recheck
+    /// compares it, so a field added to `Flip` is compared here too.
     pub(crate) fn same_change(&self, other: &ProfileFlip) -> bool {
-        self.profile_id == other.profile_id
-            && self.flip.index == other.flip.index
-            && self.flip.url == other.flip.url
-            && self.flip.from == other.flip.from
-            && self.flip.to == other.flip.to
+        self.profile_id == other.profile_id && self.flip == other.flip
     }
 }
 
