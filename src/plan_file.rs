@@ -398,6 +398,57 @@ mod tests {
         PlanFile::new(&Plan::default(), &holds_nothing, target, "atb-x", at)
     }
 
+    /// Two reviewed flips in one profile are told apart by their element: each fresh flip finds
+    /// its own, both are kept, and a change to one departs that one alone.
+    #[test]
+    fn reviewed_flips_of_one_profile_are_matched_element_by_element() {
+        let planned = |index: usize, to: &str| {
+            let flip = Flip {
+                index,
+                url: format!("https://acme.example/{index}"),
+                from: json!("buying"),
+                to: to.to_owned(),
+            };
+            PlannedFlip::new(
+                ProfileFlip::new(Uuid::nil(), "acme", flip),
+                Basis::NoSnapshot,
+            )
+        };
+        let plan = Plan {
+            flips: vec![planned(0, "sales"), planned(3, "sales")],
+            ..Plan::default()
+        };
+        let holds_nothing = |_: &PlannedFlip| None::<(HoldReason, ())>;
+        let reviewed = PlanFile::new(
+            &plan,
+            &holds_nothing,
+            fingerprint(None, "registry"),
+            "atb-x",
+            Utc::now(),
+        );
+
+        let (kept, departures) =
+            hold_to_review(vec![planned(0, "sales"), planned(3, "sales")], &reviewed);
+        assert_eq!(kept.len(), 2);
+        assert!(departures.is_empty(), "{departures:?}");
+
+        let (kept, departures) =
+            hold_to_review(vec![planned(0, "sales"), planned(3, "creative")], &reviewed);
+        let kept: Vec<usize> = kept.iter().map(|planned| planned.at.flip.index).collect();
+        assert_eq!(kept, [0]);
+        let departed: Vec<(usize, &str, SkipReason)> = departures
+            .iter()
+            .map(|(planned, reason)| (planned.at.flip.index, planned.at.flip.to.as_str(), *reason))
+            .collect();
+        assert_eq!(
+            departed,
+            [
+                (3, "creative", SkipReason::Unplanned),
+                (3, "sales", SkipReason::ChangedSincePlan)
+            ]
+        );
+    }
+
     /// The digest covers the content, not its formatting; a plan without one (written before
     /// digests existed) still reads; a digest that is not one is refused.
     #[test]
