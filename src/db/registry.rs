@@ -112,9 +112,12 @@ pub struct ChunkScan {
 ///
 /// The chunk's elements are taken apart once (`e`: one row per element, and one row with no
 /// element for a profile whose `agents` is empty or not an array, so every profile is counted).
-/// Their distinct urls are looked up in one index scan (`= ANY`, which the server sorts and
-/// deduplicates, so the btree is walked in key order), and the elements are hash-joined to the
-/// rows found. Looking each agent up by its own subquery, as this statement did before, walked
+/// Their urls are looked up in one index scan (`= ANY`), and the elements are hash-joined to the
+/// rows found. The array is passed with its repeats: a btree index scan sorts and deduplicates
+/// its `= ANY` keys itself (and walks the btree in key order), so a `DISTINCT` here sorted the
+/// same urls twice; dropping it took a chunk from 0.86-1.01 s to 0.78-0.83 s (psql, 20,000
+/// profiles at 1,000,000, warm), and the rows found are the same whatever plan the server picks,
+/// since `agent_url` is the snapshot table's key. Looking each agent up by its own subquery, as this statement did before, walked
 /// the btree from its root once per agent in random order and took about 1.6 times as long per
 /// chunk (measured with psql at 1,000,000 profiles; README "Performance"). A hash join against
 /// the whole snapshot table would be faster still at small sizes, but its work would grow with
@@ -141,7 +144,7 @@ WITH e AS MATERIALIZED (
     ) WITH ORDINALITY AS x(element, ord) ON true
 ), s AS MATERIALIZED (
     SELECT agent_url, inferred_type FROM agent_capabilities_snapshot
-    WHERE agent_url = ANY (ARRAY(SELECT DISTINCT url FROM e WHERE has_url))
+    WHERE agent_url = ANY (ARRAY(SELECT url FROM e WHERE has_url))
 )
 SELECT count(*) FILTER (WHERE e.ord IS NULL OR e.ord = 1),
        count(*) FILTER (WHERE e.malformed),
