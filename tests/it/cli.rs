@@ -12,21 +12,22 @@ fn with_password(url: &str, password: &str) -> String {
 
 #[test]
 fn missing_database_url_is_a_usage_error_naming_it() {
-    let done = Tool::new(&["--dry-run"]).run();
-    assert_eq!(done.code(), 2);
+    let done = Tool::new(&["--dry-run"]).status(2).run();
     assert!(done.stderr.contains("DATABASE_URL"), "{}", done.stderr);
     assert!(done.stdout.is_empty());
 }
 
 #[test]
 fn mode_is_required_and_exclusive() {
-    let neither = Tool::new(&[]).database("postgres://localhost/x").run();
-    assert_eq!(neither.code(), 2);
+    let neither = Tool::new(&[])
+        .database("postgres://localhost/x")
+        .status(2)
+        .run();
     assert!(neither.stderr.contains("--dry-run"), "{}", neither.stderr);
     let both = Tool::new(&["--dry-run", "--apply"])
         .database("postgres://localhost/x")
+        .status(2)
         .run();
-    assert_eq!(both.code(), 2);
     assert!(
         both.stderr.contains("cannot be used with"),
         "{}",
@@ -37,8 +38,7 @@ fn mode_is_required_and_exclusive() {
 #[test]
 fn unparseable_url_is_a_usage_error_that_does_not_echo_it() {
     let url = "postgres://backfill:Sup3rSecret@db.internal:notaport/registry";
-    let done = Tool::new(&["--dry-run"]).database(url).run();
-    assert_eq!(done.code(), 2, "{}", done.stderr);
+    let done = Tool::new(&["--dry-run"]).database(url).status(2).run();
     assert!(done.stderr.contains("DATABASE_URL"), "{}", done.stderr);
     assert!(!done.stderr.contains("Sup3rSecret"), "{}", done.stderr);
 }
@@ -46,8 +46,7 @@ fn unparseable_url_is_a_usage_error_that_does_not_echo_it() {
 #[test]
 fn unreachable_server_is_a_configuration_error_without_the_password() {
     let url = "postgres://backfill:Sup3rSecret@127.0.0.1:1/registry?connect_timeout=2";
-    let done = Tool::new(&["--dry-run"]).database(url).run();
-    assert_eq!(done.code(), 2, "{}", done.stderr);
+    let done = Tool::new(&["--dry-run"]).database(url).status(2).run();
     assert!(
         done.stderr
             .contains("could not connect to '127.0.0.1:1/registry'"),
@@ -71,8 +70,8 @@ async fn dry_run_text_log_has_header_flips_and_summary_and_no_password() {
     let done = Tool::new(&["--dry-run"])
         .database(&url)
         .env("PGPASSWORD", "Sup3rSecret")
+        .status(0)
         .run();
-    assert_eq!(done.code(), 0, "{}", done.stderr);
     let stdout = &done.stdout;
     assert!(stdout.starts_with(&format!(
         "agent-type-backfill {}\n",
@@ -118,8 +117,8 @@ async fn json_apply_then_threshold_abort_then_idempotent_rerun() {
     let before = db.dump().await;
     let aborted = Tool::new(&["--apply", "--max-flips", "1", "--format", "json"])
         .database(&db.url)
+        .status(3)
         .run();
-    assert_eq!(aborted.code(), 3, "{}", aborted.stderr);
     assert!(
         aborted
             .stderr
@@ -134,8 +133,8 @@ async fn json_apply_then_threshold_abort_then_idempotent_rerun() {
 
     let applied = Tool::new(&["--apply", "--format", "json"])
         .database(&db.url)
+        .status(0)
         .run();
-    assert_eq!(applied.code(), 0, "{}", applied.stderr);
     let log = events(applied.stdout.as_bytes());
     assert_eq!(log.start()["mode"], "apply");
     assert_eq!(log.start()["target"]["database"], db.name.as_str());
@@ -170,8 +169,8 @@ async fn json_apply_then_threshold_abort_then_idempotent_rerun() {
 
     let rerun = Tool::new(&["--dry-run", "--format", "json"])
         .database(&db.url)
+        .status(0)
         .run();
-    assert_eq!(rerun.code(), 0);
     let summary = events(rerun.stdout.as_bytes()).pop().unwrap();
     assert_eq!(summary["flips"], 0);
     assert_eq!(summary["run_id"], serde_json::Value::Null);
@@ -184,8 +183,7 @@ async fn preflight_failure_exits_4() {
         .execute(&db.pool)
         .await
         .unwrap();
-    let done = Tool::new(&["--dry-run"]).database(&db.url).run();
-    assert_eq!(done.code(), 4, "{}", done.stderr);
+    let done = Tool::new(&["--dry-run"]).database(&db.url).status(4).run();
     assert!(
         done.stderr
             .contains("table 'agent_capabilities_snapshot' is missing"),
@@ -201,8 +199,8 @@ fn rehearse_runs_the_whole_procedure_and_leaves_nothing_behind() {
     let scratch = common::Scratch::for_a_server();
     let done = Tool::new(&["rehearse", "--profiles", "50"])
         .env("TMPDIR", scratch.path())
+        .status(0)
         .run();
-    assert_eq!(done.code(), 0, "{}\n{}", done.stdout, done.stderr);
     assert_eq!(done.stdout.matches("=== rehearsal ").count(), 3);
     assert!(done.stdout.contains(
         "rehearsal passed: the dry-run planned 2 flips, the apply wrote 2 with 2 audit rows"
@@ -255,8 +253,8 @@ fn failed_rehearsal_leaves_nothing_behind() {
     let done = Tool::new(&["rehearse", "--profiles", "5"])
         .env("TMPDIR", scratch.path())
         .env("PG_BIN", bin.to_str().unwrap())
+        .status(1)
         .run();
-    assert_eq!(done.code(), 1, "{}\n{}", done.stdout, done.stderr);
     assert!(
         done.stderr
             .contains("error: could not create the rehearsal database"),
@@ -415,8 +413,8 @@ async fn expect_database_mismatch_exits_2_before_reading() {
     let db = TestDb::seeded(0).await;
     let done = Tool::new(&["--apply", "--expect-database", "registry_prod"])
         .database(&db.url)
+        .status(2)
         .run();
-    assert_eq!(done.code(), 2, "{}", done.stderr);
     assert!(
         done.stderr.contains(&format!(
             "connected to database '{}' but --expect-database is 'registry_prod'",
@@ -428,10 +426,10 @@ async fn expect_database_mismatch_exits_2_before_reading() {
     assert!(done.stdout.is_empty(), "nothing read, nothing reported");
     assert!(db.audit_rows().await.is_empty());
 
-    let matching = Tool::new(&["--dry-run", "--expect-database", &db.name])
+    Tool::new(&["--dry-run", "--expect-database", &db.name])
         .database(&db.url)
+        .status(0)
         .run();
-    assert_eq!(matching.code(), 0, "{}", matching.stderr);
 }
 
 /// Regression: the planning pass is one statement over the whole table, so on a big registry it
@@ -456,7 +454,7 @@ async fn a_planning_pass_past_the_statement_timeout_names_the_flag_to_raise() {
     .await
     .unwrap();
     blocker.rollback().await.unwrap();
-    assert_eq!(done.code(), 1, "{}", done.stderr);
+    done.exits(1);
     assert!(
         done.stderr.contains(
             "error: planning stopped, nothing was written: counting the inferred types of the \
@@ -498,8 +496,8 @@ async fn transitions_not_allowed_are_listed_and_nothing_is_written() {
     let before = db.dump().await;
     let refused = Tool::new(&["--apply", "--allow-transition", "buyer:unknown"])
         .database(&db.url)
+        .status(3)
         .run();
-    assert_eq!(refused.code(), 3, "{}", refused.stderr);
     assert_eq!(
         refused.stdout.matches("\n  not allowed  ").count(),
         2,
@@ -514,10 +512,10 @@ async fn transitions_not_allowed_are_listed_and_nothing_is_written() {
     assert_eq!(db.dump().await, before);
 
     // The spelling every document uses, pasted through a real shell: no `>` to redirect.
-    let allowed = Tool::new(&["--apply", "--allow-transition", "buying:sales"])
+    Tool::new(&["--apply", "--allow-transition", "buying:sales"])
         .database(&db.url)
+        .status(0)
         .run();
-    assert_eq!(allowed.code(), 0, "{}", allowed.stderr);
     assert_eq!(db.audit_rows().await.len(), 2);
 }
 
@@ -529,8 +527,7 @@ fn help_output_matches_the_reviewed_snapshots() {
         (&["--help"][..], "help.txt"),
         (&["rehearse", "--help"][..], "help-rehearse.txt"),
     ] {
-        let done = Tool::new(args).run();
-        assert_eq!(done.code(), 0, "{}", done.stderr);
+        let done = Tool::new(args).status(0).run();
         let path = std::path::Path::new("tests/snapshots").join(file);
         if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
             std::fs::write(&path, &done.stdout).unwrap();
@@ -546,8 +543,7 @@ fn help_output_matches_the_reviewed_snapshots() {
 
 #[test]
 fn version_names_the_commit_and_completions_and_man_page_render() {
-    let version = Tool::new(&["--version"]).run();
-    assert_eq!(version.code(), 0);
+    let version = Tool::new(&["--version"]).status(0).run();
     assert!(version.stdout.starts_with(&format!(
         "agent-type-backfill {} (git ",
         env!("CARGO_PKG_VERSION")
@@ -561,15 +557,13 @@ fn version_names_the_commit_and_completions_and_man_page_render() {
         version.stdout
     );
     for shell in ["bash", "zsh", "fish"] {
-        let done = Tool::new(&["completions", shell]).run();
-        assert_eq!(done.code(), 0, "{}", done.stderr);
+        let done = Tool::new(&["completions", shell]).status(0).run();
         assert!(
             done.stdout.contains("max-flips"),
             "{shell} completions lack a flag"
         );
     }
-    let man = Tool::new(&["man"]).run();
-    assert_eq!(man.code(), 0);
+    let man = Tool::new(&["man"]).status(0).run();
     assert!(man.stdout.contains(".TH agent-type-backfill 1"));
     assert!(man.stdout.contains("expect\\-database"), "{}", man.stdout);
 }
@@ -614,8 +608,8 @@ async fn plan_out_with_apply_is_a_usage_error() {
     let path = scratch.join("plan.json");
     let done = Tool::new(&["--apply", "--plan-out", path.to_str().unwrap()])
         .database(&db.url)
+        .status(2)
         .run();
-    assert_eq!(done.code(), 2, "{}", done.stderr);
     assert!(done.stderr.contains("--plan-out"), "{}", done.stderr);
     assert!(done.stdout.is_empty(), "{}", done.stdout);
     assert!(!path.exists());
@@ -655,8 +649,8 @@ async fn markdown_log_has_the_header_flips_and_summary_as_tables() {
     let db = TestDb::seeded(5).await;
     let done = Tool::new(&["--dry-run", "--format", "markdown"])
         .database(&db.url)
+        .status(0)
         .run();
-    assert_eq!(done.code(), 0, "{}", done.stderr);
     let md = &done.stdout;
     assert!(md.starts_with("## agent-type-backfill run log\n"), "{md}");
     assert!(md.contains("| rule | adcp resolveAgentTypes at 4439b18 (brand, rights, measurement, governance, creative, sales, buying, signals, unknown) |"), "{md}");
@@ -668,14 +662,14 @@ async fn markdown_log_has_the_header_flips_and_summary_as_tables() {
     assert!(md.contains("| flips found | 2 |"), "{md}");
     assert!(md.contains("\n### Transitions\n\n| from | to | flips |\n| --- | --- | --- |\n| buying | sales | 2 |\n"), "{md}");
 
-    let applied = Tool::new(&["--apply", "--format", "json"])
+    Tool::new(&["--apply", "--format", "json"])
         .database(&db.url)
+        .status(0)
         .run();
-    assert_eq!(applied.code(), 0, "{}", applied.stderr);
     let history = Tool::new(&["history", "--format", "markdown"])
         .database(&db.url)
+        .status(0)
         .run();
-    assert_eq!(history.code(), 0, "{}", history.stderr);
     assert!(
         history
             .stdout
@@ -714,8 +708,7 @@ async fn flips_are_listed_by_profile_then_index_and_counted_per_transition() {
         .map(|slug| NewSnapshot::new(&format!("https://{slug}.example/b"), Some("sales")))
         .collect();
     seed::insert(&db.pool, &profiles, &snapshots).await.unwrap();
-    let text = Tool::new(&["--dry-run"]).database(&db.url).run();
-    assert_eq!(text.code(), 0, "{}", text.stderr);
+    let text = Tool::new(&["--dry-run"]).database(&db.url).status(0).run();
     let lines: Vec<&str> = text
         .stdout
         .lines()
@@ -786,16 +779,16 @@ async fn a_plan_older_than_plan_max_age_says_both_ages_precisely() {
     let scratch = common::Scratch::new();
     let path = scratch.join("plan.json");
     let path = path.to_str().unwrap();
-    let dry = Tool::new(&["--dry-run", "--plan-out", path])
+    Tool::new(&["--dry-run", "--plan-out", path])
         .database(&db.url)
+        .status(0)
         .run();
-    assert_eq!(dry.code(), 0, "{}", dry.stderr);
     tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
     let before = db.dump().await;
     let stale = Tool::new(&["--apply", "--plan", path, "--plan-max-age", "1s"])
         .database(&db.url)
+        .status(2)
         .run();
-    assert_eq!(stale.code(), 2, "{}", stale.stderr);
     let error = stale.error_line();
     assert!(
         error.contains("old, more than --plan-max-age 1.0s"),

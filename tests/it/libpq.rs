@@ -158,7 +158,7 @@ async fn a_socket_target_is_shown_as_its_socket_directory() {
     let plan = dir.join("plan.json");
 
     let text = tool(&url, &["--dry-run"], &[]);
-    assert_eq!(text.code(), 0, "{}", text.stderr);
+    text.exits(0);
     assert!(
         text.stdout.contains(&format!(
             "target:      host={socket} port={port} database=registry user=postgres"
@@ -177,7 +177,7 @@ async fn a_socket_target_is_shown_as_its_socket_directory() {
         ],
         &[],
     );
-    assert_eq!(json.code(), 0, "{}", json.stderr);
+    json.exits(0);
     assert_eq!(
         events(json.stdout.as_bytes())[0]["target"]["host"],
         socket.as_str()
@@ -187,7 +187,7 @@ async fn a_socket_target_is_shown_as_its_socket_directory() {
     assert_eq!(written["target"]["host"], socket.as_str());
     // The plan applies over the same socket.
     let apply = tool(&url, &["--apply", "--plan", plan.to_str().unwrap()], &[]);
-    assert_eq!(apply.code(), 0, "{}", apply.stderr);
+    apply.exits(0);
 
     let missing = dir.join("no-server-here");
     let missing_url = format!(
@@ -195,7 +195,7 @@ async fn a_socket_target_is_shown_as_its_socket_directory() {
         missing.display()
     );
     let done = tool(&missing_url, &["--dry-run"], &[]);
-    assert_eq!(done.code(), 2, "{}", done.stderr);
+    done.exits(2);
     assert!(
         done.stderr.contains(&format!(
             "could not connect to '{}/.s.PGSQL.{port}/registry'",

@@ -63,7 +63,7 @@ async fn flips_left(url: &str) -> usize {
         .spawn()
         .finish()
         .await;
-    assert_eq!(dry.code(), 0, "{}", dry.stderr);
+    dry.exits(0);
     dry.events().of("flip").len()
 }
 
@@ -278,7 +278,7 @@ async fn a_link_frozen_inside_a_write_batch_rolls_it_back_and_a_rerun_converges(
 
     proxy.set(Fault::Forward);
     let rerun = apply(&proxy.url_for(&db.url)).spawn().finish().await;
-    assert_eq!(rerun.code(), 0, "{}", rerun.stderr);
+    rerun.exits(0);
     assert_eq!(flips_left(&db.url).await, 0);
     assert_eq!(audit_count(&db).await, flips);
 }
@@ -297,7 +297,7 @@ async fn a_link_frozen_at_commit_says_the_batch_may_be_committed_and_a_rerun_con
     assert_eq!(audit_count(&db).await + flips_left(&db.url).await, flips);
     drop(proxy);
     let rerun = apply(&db.url).spawn().finish().await;
-    assert_eq!(rerun.code(), 0, "{}", rerun.stderr);
+    rerun.exits(0);
     assert_eq!(audit_count(&db).await, flips);
 }
 
@@ -328,7 +328,7 @@ async fn a_link_reset_inside_a_write_batch_fails_at_once_and_a_rerun_converges()
     assert_eq!(audit_count(&db).await + flips_left(&db.url).await, flips);
     drop(proxy);
     let rerun = apply(&db.url).spawn().finish().await;
-    assert_eq!(rerun.code(), 0, "{}", rerun.stderr);
+    rerun.exits(0);
     assert_eq!(audit_count(&db).await, flips);
 }
 
@@ -343,7 +343,7 @@ async fn a_slow_link_still_completes_the_run() {
         .spawn()
         .finish()
         .await;
-    assert_eq!(done.code(), 0, "{}", done.stderr);
+    done.exits(0);
     assert_eq!(audit_count(&db).await, flips);
 }
 
@@ -464,7 +464,7 @@ async fn a_frozen_link_behind_pgbouncer_in_transaction_mode_ends_the_run_and_a_r
 
     proxy.set(Fault::Forward);
     let rerun = apply(&url).spawn().finish().await;
-    assert_eq!(rerun.code(), 0, "{}", rerun.stderr);
+    rerun.exits(0);
     assert_eq!(audit_count(&db).await, flips);
 }
 
@@ -477,7 +477,7 @@ async fn the_tools_settings_do_not_outlive_its_transactions_through_pgbouncer() 
     let bouncer = PgBouncer::start(&host, port, PoolMode::Transaction, &["postgres"]);
     let url = crate::common::deployment::via(&db.url, "127.0.0.1", bouncer.port);
     let done = apply(&url).spawn().finish().await;
-    assert_eq!(done.code(), 0, "{}", done.stderr);
+    done.exits(0);
     // As many clients at once as the pool has server sessions: each holds a transaction, so
     // between them they see every server session, the tool's included.
     let mut clients = Vec::new();
@@ -524,7 +524,7 @@ async fn a_setting_the_server_does_not_keep_stops_the_run_naming_it() {
     let proxy = Proxy::start(&host, port).await;
     proxy.rewrite("'jit', 'off', true", "'jit', 'on' , true");
     let done = apply(&proxy.url_for(&db.url)).spawn().finish().await;
-    assert_eq!(done.code(), 1, "{}", done.stderr);
+    done.exits(1);
     assert!(
         done.stderr.contains("jit is 'on', expected 'off'"),
         "{}",

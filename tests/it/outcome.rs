@@ -211,7 +211,7 @@ async fn a_second_signal_abandons_the_batch_in_flight_and_still_reports() {
     run.signal(libc::SIGINT);
     let done = run.finish().await;
     drop(holder);
-    assert_eq!(done.code(), 130, "{}\n{}", done.stdout, done.stderr);
+    done.exits(130);
     let log = events(done.stdout.as_bytes());
     let summary = log.summary();
     assert_eq!(summary["outcome"]["kind"], "interrupted");
@@ -243,7 +243,7 @@ async fn a_batch_that_times_out_after_a_signal_is_not_retried_and_says_so() {
     assert!(run.stderr_shows("stopping after the batch in flight").await);
     let done = run.finish().await;
     drop(holder);
-    assert_eq!(done.code(), 130, "{}", done.stderr);
+    done.exits(130);
     assert!(
         done.stderr.contains("not retried: stopping"),
         "{}",
@@ -275,8 +275,8 @@ async fn a_refusal_names_each_limit_with_its_numbers() {
         "json",
     ])
     .database(&db.url)
+    .status(3)
     .run();
-    assert_eq!(done.code(), 3, "{}", done.stderr);
     let summary = events(done.stdout.as_bytes()).pop().unwrap();
     assert_eq!(
         summary["outcome"]["refused_by"],
@@ -351,8 +351,8 @@ fn configuration_mistakes_exit_2_with_one_line_that_says_what_is_allowed() {
 fn a_url_that_is_not_postgresql_is_refused_before_connecting() {
     let done = Tool::new(&["--dry-run"])
         .database("postgress://backfill@db.example/registry")
+        .status(2)
         .run();
-    assert_eq!(done.code(), 2, "{}", done.stderr);
     assert!(
         done.stderr.contains("starts with 'postgress://'"),
         "{}",
@@ -365,8 +365,10 @@ fn a_url_that_is_not_postgresql_is_refused_before_connecting() {
 async fn a_wrong_database_or_password_is_a_configuration_error() {
     let db = TestDb::new().await;
     let no_such_database = db.url.replace(&db.name, "no_such_database");
-    let done = Tool::new(&["--dry-run"]).database(&no_such_database).run();
-    assert_eq!(done.code(), 2, "{}", done.stderr);
+    let done = Tool::new(&["--dry-run"])
+        .database(&no_such_database)
+        .status(2)
+        .run();
     assert!(done.stderr.contains("no_such_database"), "{}", done.stderr);
 }
 
@@ -392,8 +394,7 @@ fn help_readme_and_runbook_list_the_codes_exit_codes() {
 /// line rendered above NAME.
 #[test]
 fn the_man_page_title_is_one_line() {
-    let man = Tool::new(&["man"]).run();
-    assert_eq!(man.code(), 0, "{}", man.stderr);
+    let man = Tool::new(&["man"]).status(0).run();
     let title = man
         .stdout
         .lines()
@@ -413,20 +414,20 @@ async fn a_reviewed_plan_applied_again_says_its_flips_are_already_written_and_by
     let scratch = crate::common::Scratch::new();
     let plan = scratch.join("plan.json");
     let plan = plan.to_str().unwrap();
-    let made = Tool::new(&["--dry-run", "--plan-out", plan])
+    Tool::new(&["--dry-run", "--plan-out", plan])
         .database(&db.url)
+        .status(0)
         .run();
-    assert_eq!(made.code(), 0, "{}", made.stderr);
     let first = Tool::new(&["--apply", "--plan", plan, "--format", "json"])
         .database(&db.url)
+        .status(0)
         .run();
-    assert_eq!(first.code(), 0, "{}", first.stderr);
     let run_id = first.run_id().unwrap();
 
     let again = Tool::new(&["--apply", "--plan", plan, "--format", "json"])
         .database(&db.url)
+        .status(0)
         .run();
-    assert_eq!(again.code(), 0, "{}", again.stderr);
     let log = events(again.stdout.as_bytes());
     let skipped: Vec<&Value> = log.of("skipped");
     assert_eq!(skipped.len(), 2, "{}", again.stdout);
@@ -456,19 +457,19 @@ async fn a_second_revert_names_the_revert_that_already_restored_each_element() {
     let db = TestDb::seeded(10).await;
     let applied = Tool::new(&["--apply", "--format", "json"])
         .database(&db.url)
+        .status(0)
         .run();
-    assert_eq!(applied.code(), 0, "{}", applied.stderr);
     let run_id = applied.run_id().unwrap();
     let reverted = Tool::new(&["revert", &run_id, "--apply", "--format", "json"])
         .database(&db.url)
+        .status(0)
         .run();
-    assert_eq!(reverted.code(), 0, "{}", reverted.stderr);
     let revert_id = reverted.run_id().unwrap();
 
     let again = Tool::new(&["revert", &run_id, "--dry-run"])
         .database(&db.url)
+        .status(0)
         .run();
-    assert_eq!(again.code(), 0, "{}", again.stderr);
     let conflicts: Vec<&str> = again
         .stdout
         .lines()

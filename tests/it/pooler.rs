@@ -33,7 +33,7 @@ async fn every_command_works_through_pgbouncer_in_session_and_transaction_mode()
         let db = TestDb::seeded(40).await;
         let original = agents(&db).await;
         let direct = tool(&db.url, &["--dry-run", "--format", "json"], &[]);
-        assert_eq!(direct.code(), 0, "{}", direct.stderr);
+        direct.exits(0);
         let expected = direct.flips();
         assert!(!expected.is_empty(), "the seed has flips");
 

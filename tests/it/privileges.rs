@@ -96,7 +96,7 @@ async fn roles_with_exactly_the_runbook_grants_run_every_command() {
     let reverter = as_user(&db.url, &role_with(&db, REVERT_APPLY).await);
 
     let dry = tool(&reader, &["--dry-run", "--format", "json"], &[]);
-    assert_eq!(dry.code(), 0, "{}", dry.stderr);
+    dry.exits(0);
     let flips = events(dry.stdout.as_bytes()).of("flip").len();
     assert!(flips > 0, "the seed has flips");
 
@@ -111,7 +111,7 @@ async fn roles_with_exactly_the_runbook_grants_run_every_command() {
         ],
         &[],
     );
-    assert_eq!(apply.code(), 0, "{}", apply.stderr);
+    apply.exits(0);
     let summary = events(apply.stdout.as_bytes()).pop().unwrap();
     assert_eq!(summary["written"], flips);
     let run_id = summary["run_id"].as_str().unwrap().to_owned();
@@ -141,7 +141,7 @@ async fn roles_with_exactly_the_runbook_grants_run_every_command() {
     .unwrap();
     for (url, readable) in [(&reader, false), (&as_user(&db.url, &identified), true)] {
         let done = tool(url, &["--dry-run", "--plan-out", plan_arg], &[]);
-        assert_eq!(done.code(), 0, "{}", done.stderr);
+        done.exits(0);
         let plan: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&plan_path).unwrap()).unwrap();
         assert_eq!(
@@ -152,7 +152,7 @@ async fn roles_with_exactly_the_runbook_grants_run_every_command() {
     }
 
     let revert_dry = tool(&auditor, &["revert", &run_id, "--dry-run"], &[]);
-    assert_eq!(revert_dry.code(), 0, "{}", revert_dry.stderr);
+    revert_dry.exits(0);
     let revert = tool(
         &reverter,
         &[
@@ -164,7 +164,7 @@ async fn roles_with_exactly_the_runbook_grants_run_every_command() {
         ],
         &[],
     );
-    assert_eq!(revert.code(), 0, "{}", revert.stderr);
+    revert.exits(0);
     assert_eq!(db.audit_rows().await.len(), 2 * flips);
 }
 
@@ -177,7 +177,7 @@ async fn a_role_missing_any_one_grant_stops_at_preflight_naming_it_and_its_fix()
         &["--apply", "--format", "json", "--max-flips", "100"],
         &[],
     );
-    assert_eq!(apply.code(), 0, "{}", apply.stderr);
+    apply.exits(0);
     let run_id = events(apply.stdout.as_bytes()).pop().unwrap()["run_id"]
         .as_str()
         .unwrap()
@@ -243,7 +243,7 @@ async fn an_identity_id_column_needs_usage_on_its_sequence() {
         &["--apply", "--max-flips", "100"],
         &[],
     );
-    assert_eq!(refused.code(), 4, "{}", refused.stderr);
+    refused.exits(4);
     assert!(
         refused
             .stderr
@@ -261,7 +261,7 @@ async fn an_identity_id_column_needs_usage_on_its_sequence() {
         &["--apply", "--max-flips", "100"],
         &[],
     );
-    assert_eq!(applied.code(), 0, "{}", applied.stderr);
+    applied.exits(0);
     assert!(!db.audit_rows().await.is_empty());
 }
 
@@ -342,7 +342,7 @@ async fn max_replica_lag_needs_pg_read_all_stats_at_preflight() {
     ];
     let before = db.dump().await;
     let refused = tool(&writer, &apply, &[]);
-    assert_eq!(refused.code(), 4, "{}", refused.stderr);
+    refused.exits(4);
     assert!(
         refused.stderr.contains("--max-replica-lag")
             && refused
@@ -355,13 +355,13 @@ async fn max_replica_lag_needs_pg_read_all_stats_at_preflight() {
     assert_eq!(db.dump().await, before);
 
     let dry = tool(&writer, &["--dry-run", "--max-replica-lag", "5s"], &[]);
-    assert_eq!(dry.code(), 0, "{}", dry.stderr);
+    dry.exits(0);
 
     sqlx::query(&format!("GRANT pg_read_all_stats TO {role}"))
         .execute(&db.pool)
         .await
         .unwrap();
     let done = tool(&writer, &apply, &[]);
-    assert_eq!(done.code(), 0, "{}", done.stderr);
+    done.exits(0);
     assert!(!db.audit_rows().await.is_empty());
 }

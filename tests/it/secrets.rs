@@ -180,6 +180,6 @@ fn the_password_never_appears_when_the_connection_fails() {
         ],
         None,
     );
-    assert_eq!(done.code(), 2, "{}", done.stderr);
+    done.exits(2);
     assert_no_secret("a usage error", &done.stderr);
 }

@@ -48,7 +48,7 @@ async fn a_standby_refuses_writes_at_preflight_and_its_plan_applies_on_the_prima
         &["--dry-run", "--format", "json", "--plan-out", plan_arg],
         &[],
     );
-    assert_eq!(dry.code(), 0, "{}", dry.stderr);
+    dry.exits(0);
     let plan: Value = serde_json::from_str(&std::fs::read_to_string(&plan_path).unwrap()).unwrap();
     assert_eq!(plan["target"]["standby"], true);
     assert_eq!(plan["target"]["port"], standby.port());
@@ -74,7 +74,7 @@ async fn a_standby_refuses_writes_at_preflight_and_its_plan_applies_on_the_prima
         ],
         &[],
     );
-    assert_eq!(apply.code(), 0, "{}", apply.stderr);
+    apply.exits(0);
     let log = events(apply.stdout.as_bytes());
     let summary = log.summary();
     assert_eq!(summary["written"], planned);
@@ -92,7 +92,7 @@ async fn a_standby_refuses_writes_at_preflight_and_its_plan_applies_on_the_prima
         &["--apply", "--plan", plan_arg],
         &[],
     );
-    assert_eq!(refused.code(), 2, "{}", refused.stderr);
+    refused.exits(2);
     assert!(refused.stderr.contains("(a standby)"), "{}", refused.stderr);
     std::fs::remove_dir_all(scratch).unwrap();
     pool.close().await;
@@ -114,7 +114,7 @@ async fn a_role_whose_transactions_are_read_only_stops_at_preflight() {
     let before = db.dump().await;
     let url = as_user(&db.url, &role);
     let done = tool(&url, &["--apply", "--max-flips", "100"], &[]);
-    assert_eq!(done.code(), 4, "{}", done.stderr);
+    done.exits(4);
     assert!(
         done.stderr.contains("this session is read-only")
             && done.stderr.contains("default_transaction_read_only"),
@@ -131,7 +131,7 @@ async fn a_role_whose_transactions_are_read_only_stops_at_preflight() {
 
     // Reading is what such a role is for.
     let dry = tool(&url, &["--dry-run"], &[]);
-    assert_eq!(dry.code(), 0, "{}", dry.stderr);
+    dry.exits(0);
 }
 
 /// RUNBOOK step 1 plans on a hot standby. There, replaying the primary's vacuum cancels any
@@ -160,7 +160,7 @@ async fn a_dry_run_on_a_standby_completes_while_the_primary_updates_and_vacuums(
         "100",
     ];
     let expected = tool(&on_primary, &args, &[]);
-    assert_eq!(expected.code(), 0, "{}", expected.stderr);
+    expected.exits(0);
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let churn = {
@@ -193,7 +193,7 @@ async fn a_dry_run_on_a_standby_completes_while_the_primary_updates_and_vacuums(
     let rounds = churn.await.unwrap();
     assert!(rounds > 0, "the primary never churned");
 
-    assert_eq!(planned.code(), 0, "{}", planned.stderr);
+    planned.exits(0);
     let flips = |log: &str| -> Vec<Value> {
         events(log.as_bytes())
             .of_any(&["flip", "summary"])
@@ -311,7 +311,7 @@ async fn a_chunk_a_standby_keeps_cancelling_fails_the_run_saying_what_to_change_
     let done = run.finish().await;
     log_lock.rollback().await.unwrap();
 
-    assert_eq!(done.code(), 1, "{}", done.stderr);
+    done.exits(1);
     let error = done.error_line();
     assert!(
         error.contains("nothing was written")
@@ -338,7 +338,7 @@ async fn an_apply_waits_while_a_standby_replays_further_behind_than_max_replica_
     let standby = EphemeralPostgres::start_standby_of(&mut primary).unwrap();
     let on_primary = primary.url("registry");
     let expected = tool(&on_primary, &["--dry-run", "--format", "json"], &[]);
-    assert_eq!(expected.code(), 0, "{}", expected.stderr);
+    expected.exits(0);
     let planned = events(expected.stdout.as_bytes()).of("flip").len();
     assert!(planned > 1, "the seed has flips for several batches");
 
@@ -414,7 +414,7 @@ async fn an_apply_waits_while_a_standby_replays_further_behind_than_max_replica_
         .await
         .unwrap();
     let done = run.finish().await;
-    assert_eq!(done.code(), 0, "{}", done.stderr);
+    done.exits(0);
     assert!(done.stderr.contains("writes resumed"), "{}", done.stderr);
     let summary = done.events().pop().unwrap();
     assert_eq!(summary["written"], planned, "{}", done.stdout);
@@ -440,7 +440,7 @@ async fn max_replica_lag_with_no_standby_writes_at_once() {
         ],
         &[],
     );
-    assert_eq!(done.code(), 0, "{}", done.stderr);
+    done.exits(0);
     assert!(
         done.stderr.contains("no standby streams from this server"),
         "{}",

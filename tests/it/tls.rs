@@ -199,7 +199,7 @@ fn dry_run(url: &str) -> Finished {
 
 /// The run completed and its log holds the seeded flips.
 fn assert_completed(done: &Finished) {
-    assert_eq!(done.code(), 0, "{}", done.stderr);
+    done.exits(0);
     for line in [
         "\n  bidcliq  https://bidcliq.example/mcp  buying -> sales",
         "\n  swivel  https://ads.swivel.example/a2a  buying -> sales",
@@ -218,7 +218,7 @@ fn assert_completed(done: &Finished) {
 /// The run stopped at the connection, said so once, and `reason` says why. A connection the
 /// TLS settings refuse is the operator's configuration: exit 2.
 fn assert_refused(done: &Finished, host: &str, reason: &str) {
-    assert_eq!(done.code(), 2, "{}", done.stderr);
+    done.exits(2);
     let target = format!("could not connect to '{host}:{}/{DATABASE}'", tls().port);
     assert!(done.stderr.contains(&target), "{}", done.stderr);
     assert!(done.stderr.contains(reason), "{}", done.stderr);

@@ -78,6 +78,8 @@ impl Drop for Scratch {
 /// settings from the test's own environment.
 pub struct Tool {
     command: Command,
+    /// The exit code the run must end with, checked as it ends (`status`).
+    status: Option<i32>,
 }
 
 impl Tool {
@@ -91,7 +93,17 @@ impl Tool {
             .env_remove("PGSSLROOTCERT")
             .env_remove("RUST_LOG")
             .stdin(Stdio::null());
-        Tool { command }
+        Tool {
+            command,
+            status: None,
+        }
+    }
+
+    /// The run must exit with `code`: however it is run, its end fails the test otherwise, with
+    /// the run's whole output.
+    pub fn status(mut self, code: i32) -> Tool {
+        self.status = Some(code);
+        self
     }
 
     pub fn database(mut self, url: &str) -> Tool {
@@ -157,6 +169,7 @@ impl Tool {
             stderr,
             started: Instant::now(),
             scratch: None,
+            status: self.status,
         }
     }
 }
@@ -168,6 +181,8 @@ pub struct ToolRun {
     pub started: Instant,
     /// The run's own log directory, when it has one.
     scratch: Option<Scratch>,
+    /// [`Tool::status`].
+    status: Option<i32>,
 }
 
 impl ToolRun {
@@ -227,6 +242,9 @@ impl ToolRun {
             elapsed: self.started.elapsed(),
         };
         drop(self.scratch.take());
+        if let Some(code) = self.status {
+            finished.exits(code);
+        }
         finished
     }
 }
@@ -268,6 +286,21 @@ impl Finished {
         self.events()
             .first_of("start")
             .and_then(|event| event["run_id"].as_str().map(str::to_owned))
+    }
+
+    /// Fails the test, showing the run's whole output, unless it exited with `code`; returns the
+    /// run for the checks that follow.
+    #[track_caller]
+    pub fn exits(&self, code: i32) -> &Finished {
+        assert_eq!(
+            self.status.code(),
+            Some(code),
+            "expected exit {code}, got {}\n--- stdout\n{}\n--- stderr\n{}",
+            self.describe(),
+            self.stdout,
+            self.stderr
+        );
+        self
     }
 
     pub fn describe(&self) -> String {
