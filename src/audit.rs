@@ -29,7 +29,7 @@ pub async fn history(config: &HistoryConfig, printer: &mut dyn Printer) -> Resul
     match &config.run_id {
         None => {
             for record in db::backfill_runs(&session.pool).await? {
-                printer.print(&Event::Run(record))?;
+                printer.print(&Event::Run(record.into()))?;
             }
         }
         Some(wanted) => {
@@ -38,7 +38,7 @@ pub async fn history(config: &HistoryConfig, printer: &mut dyn Printer) -> Resul
                 return Err(no_such_run(wanted));
             }
             for entry in entries {
-                printer.print(&Event::Row(entry))?;
+                printer.print(&Event::Row(entry.into()))?;
             }
         }
     }

@@ -127,3 +127,35 @@ pub(crate) fn optional_seconds<S: Serializer>(
         None => serializer.serialize_none(),
     }
 }
+
+/// What the crawler's own log says about a flip: how many of its rows for the url agree with the
+/// flip's new type, when the first and last of those were logged, and what its latest row saw.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CrawlerEvidence {
+    pub count: Option<u64>,
+    #[serde(serialize_with = "optional_seconds")]
+    pub first_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "optional_seconds")]
+    pub last_at: Option<DateTime<Utc>>,
+    pub last_inferred: Option<String>,
+    /// Why the log could not be read; the other fields are then null.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
+}
+
+impl CrawlerEvidence {
+    pub fn unavailable(why: &str) -> CrawlerEvidence {
+        CrawlerEvidence {
+            count: None,
+            first_at: None,
+            last_at: None,
+            last_inferred: None,
+            unavailable: Some(why.to_owned()),
+        }
+    }
+
+    /// Agreeing rows; none when the log could not be read.
+    pub fn agreeing(&self) -> u64 {
+        self.count.unwrap_or(0)
+    }
+}

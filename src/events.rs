@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::db::{AuditEntry, CrawlerEvidence, RunRecord, Target};
+use crate::db::{self, Target};
 pub(crate) use crate::domain::rfc3339;
+use crate::domain::CrawlerEvidence;
 pub use crate::domain::Mode;
 use crate::domain::{ProfileFlip, Transition};
 use crate::outcome::OutcomeReport;
@@ -38,9 +39,71 @@ pub enum Event {
     },
     Summary(Summary),
     /// `history`: one backfill run.
-    Run(RunRecord),
+    Run(HistoryRun),
     /// `history RUN_ID`: one audit row.
-    Row(AuditEntry),
+    Row(HistoryRow),
+}
+
+/// `history`: one backfill run, as the log says it (from the audit table's rows of the run).
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryRun {
+    pub run_id: String,
+    pub first_change: DateTime<Utc>,
+    pub last_change: DateTime<Utc>,
+    pub flips: i64,
+    pub profiles: i64,
+    /// The run this one reverted, when it was a revert.
+    pub reverts: Option<String>,
+}
+
+impl From<db::RunRecord> for HistoryRun {
+    fn from(record: db::RunRecord) -> HistoryRun {
+        HistoryRun {
+            run_id: record.run_id,
+            first_change: record.first_change,
+            last_change: record.last_change,
+            flips: record.flips,
+            profiles: record.profiles,
+            reverts: record.reverts,
+        }
+    }
+}
+
+/// `history RUN_ID`: one audit row, as the log says it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryRow {
+    pub id: i64,
+    pub run_id: Option<String>,
+    pub changed_at: DateTime<Utc>,
+    pub member_id: Option<String>,
+    pub agent_url: String,
+    pub old_type: Option<String>,
+    pub new_type: String,
+    pub notes: Option<serde_json::Value>,
+    /// How the text and Markdown logs name the row's profile: the slug its notes keep, else the
+    /// member id (JSON has both in the fields above).
+    #[serde(skip)]
+    pub profile: String,
+    /// The element the row changed, as its notes record it.
+    #[serde(skip)]
+    pub index: Option<u64>,
+}
+
+impl From<db::AuditEntry> for HistoryRow {
+    fn from(entry: db::AuditEntry) -> HistoryRow {
+        HistoryRow {
+            profile: entry.label(),
+            index: entry.index(),
+            id: entry.id,
+            run_id: entry.run_id,
+            changed_at: entry.changed_at,
+            member_id: entry.member_id,
+            agent_url: entry.agent_url,
+            old_type: entry.old_type,
+            new_type: entry.new_type,
+            notes: entry.notes,
+        }
+    }
 }
 
 /// The log header: what ran, against what, under which rule.

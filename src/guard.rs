@@ -194,7 +194,8 @@ pub(crate) fn transitions_refusal(refused: &[PlannedFlip]) -> Option<Refusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::{CrawlerEvidence, SnapshotRow};
+    use crate::db::SnapshotRow;
+    use crate::domain::CrawlerEvidence;
     use crate::domain::ProfileFlip;
     use crate::plan::Basis;
     use crate::resolver::Flip;

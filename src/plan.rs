@@ -9,7 +9,8 @@ use chrono::{DateTime, Utc};
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::db::{self, CrawlerEvidence, ProfileRow, SnapshotRow};
+use crate::db::{self, ProfileRow, SnapshotRow};
+use crate::domain::CrawlerEvidence;
 use crate::domain::ProfileFlip;
 use crate::events::FlipEvent;
 use crate::progress;
@@ -122,6 +123,16 @@ impl PlannedFlip {
     }
 }
 
+/// How many distinct profiles `flips` change: the one meaning of "profiles changed", for the
+/// plan file's counts and the run's summary alike.
+pub(crate) fn profiles_changed<'a>(flips: impl IntoIterator<Item = &'a PlannedFlip>) -> u64 {
+    let profiles: std::collections::BTreeSet<Uuid> = flips
+        .into_iter()
+        .map(|planned| planned.at.profile_id)
+        .collect();
+    crate::domain::count(profiles.len())
+}
+
 /// `items` in the order every log and plan file lists flips, so two logs of the same data diff
 /// cleanly; by reference, since a plan can hold thousands of flips.
 pub(crate) fn in_log_order<T>(items: &[T], flip: impl Fn(&T) -> &PlannedFlip) -> Vec<&T> {
@@ -134,7 +145,6 @@ pub(crate) fn in_log_order<T>(items: &[T], flip: impl Fn(&T) -> &PlannedFlip) ->
 pub(crate) struct Plan {
     pub(crate) flips: Vec<PlannedFlip>,
     pub(crate) profiles_scanned: u64,
-    pub(crate) profiles_changed: u64,
     pub(crate) malformed: u64,
     pub(crate) junk_elements: u64,
     /// Non-empty `inferred_type` values outside the rule's vocabulary, with their counts.
@@ -247,7 +257,6 @@ pub(crate) async fn plan(pool: &db::Pool, options: &PlanOptions<'_>) -> Result<P
         plan.profiles_scanned += part.profiles_scanned;
         plan.malformed += part.malformed;
         plan.junk_elements += part.junk_elements;
-        plan.profiles_changed += part.profiles_changed;
         plan.flips.extend(part.flips);
     }
     info!(
@@ -288,7 +297,6 @@ async fn walk(
         plan.profiles_scanned += chunk.scan.profiles;
         plan.malformed += chunk.scan.malformed;
         plan.junk_elements += chunk.scan.untouchable_elements;
-        plan.profiles_changed += chunk.profiles_changed;
         plan.flips.extend(chunk.flips);
         bar.inc(chunk.scan.profiles);
         if bar.length().is_some_and(|length| bar.position() > length) {
@@ -315,7 +323,6 @@ async fn walk(
 /// What one chunk found.
 struct ChunkPlan {
     scan: db::ChunkScan,
-    profiles_changed: u64,
     flips: Vec<PlannedFlip>,
 }
 
@@ -333,7 +340,6 @@ async fn plan_chunk(
         .record(job, db::backend_pid(&mut transaction).await?);
     let scan = db::plan_chunk(&mut transaction, from, through, chunk_size).await?;
     let mut found = ChunkPlan {
-        profiles_changed: 0,
         flips: Vec::new(),
         scan,
     };
@@ -346,7 +352,6 @@ async fn plan_chunk(
             if verdict.flips.is_empty() {
                 continue;
             }
-            found.profiles_changed += 1;
             let label = row.label();
             found.flips.extend(verdict.flips.into_iter().map(|flip| {
                 let probe = snapshots.get(&flip.url).cloned();

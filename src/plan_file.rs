@@ -12,7 +12,8 @@ use serde_json::Value;
 use tracing::warn;
 use uuid::Uuid;
 
-use crate::db::{self, CrawlerEvidence};
+use crate::db;
+use crate::domain::CrawlerEvidence;
 use crate::domain::ProfileFlip;
 use crate::error::Failure;
 use crate::events::{HoldReason, Rule, SkipReason};
@@ -185,8 +186,8 @@ impl PlanFile {
             target,
             counts: PlanCounts {
                 profiles_scanned: plan.profiles_scanned,
-                profiles_changed: plan.profiles_changed,
-                flips: plan.flips.len() as u64,
+                profiles_changed: crate::plan::profiles_changed(&plan.flips),
+                flips: crate::domain::count(plan.flips.len()),
                 malformed: plan.malformed,
             },
             flips: crate::plan::in_log_order(&plan.flips, |planned| planned)

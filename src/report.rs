@@ -8,10 +8,11 @@ use std::io::Write;
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 
-use crate::db::{AuditEntry, RunRecord};
 use crate::domain::Format;
 use crate::domain::Mode;
-use crate::events::{rfc3339, Event, FlipEvent, SkipReason, Start, Summary};
+use crate::events::{
+    rfc3339, Event, FlipEvent, HistoryRow, HistoryRun, SkipReason, Start, Summary,
+};
 use crate::plan::{Basis, Reviewed};
 
 /// Where a run sends its events.
@@ -322,7 +323,7 @@ fn rule_text(start: &Start) -> String {
     start.rule.short()
 }
 
-fn run_columns(run: &RunRecord) -> [String; 6] {
+fn run_columns(run: &HistoryRun) -> [String; 6] {
     [
         run.run_id.clone(),
         rfc3339(&run.first_change),
@@ -333,13 +334,12 @@ fn run_columns(run: &RunRecord) -> [String; 6] {
     ]
 }
 
-fn row_columns(row: &AuditEntry) -> [String; 5] {
+fn row_columns(row: &HistoryRow) -> [String; 5] {
     [
         rfc3339(&row.changed_at),
-        row.label(),
+        row.profile.clone(),
         row.agent_url.clone(),
-        row.index()
-            .map_or("?".to_owned(), |index| index.to_string()),
+        row.index.map_or("?".to_owned(), |index| index.to_string()),
         format!(
             "{} -> {}",
             row.old_type.as_deref().unwrap_or("(none)"),

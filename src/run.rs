@@ -2,7 +2,6 @@
 //! it found, and the one place its ending is decided. The backfill and `revert` differ only in
 //! how they plan and how a locked row is rechecked.
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -112,11 +111,10 @@ impl Dispositions {
             .iter()
             .chain(self.held.iter().map(|held| &held.planned))
             .collect();
-        let profiles: BTreeSet<Uuid> = found.iter().map(|planned| planned.at.profile_id).collect();
         let mut summary = Summary {
             plan_complete: census.complete,
             profiles_scanned: census.profiles_scanned,
-            profiles_changed: count(profiles.len()),
+            profiles_changed: crate::plan::profiles_changed(found.iter().copied()),
             flips: count(found.len()),
             to_write: count(self.to_write.len()),
             held: count(self.held.len()),

@@ -5,14 +5,13 @@ use std::collections::HashMap;
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use uuid::Uuid;
 
 use super::{Pool, Transaction};
-use crate::domain::ProfileFlip;
+use crate::domain::{CrawlerEvidence, ProfileFlip};
 
 /// One backfill run as `history` lists it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct RunRecord {
     pub run_id: String,
     pub first_change: DateTime<Utc>,
@@ -39,7 +38,7 @@ pub(crate) async fn backfill_runs(pool: &Pool) -> Result<Vec<RunRecord>> {
 }
 
 /// One audit row of a backfill run.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct AuditEntry {
     pub id: i64,
     pub run_id: Option<String>,
@@ -51,7 +50,6 @@ pub struct AuditEntry {
     pub notes: Option<serde_json::Value>,
     /// `notes.from` as JSON text, read apart so a revert restores it exactly however deep it
     /// nests.
-    #[serde(skip)]
     pub from_json: Option<String>,
 }
 
@@ -110,32 +108,8 @@ pub(crate) struct CrawlerRow {
     pub changed_at: DateTime<Utc>,
 }
 
-/// What the crawler's own log says about a flip: how many of its rows for the url agree with the
-/// flip's new type, when the first and last of those were logged, and what its latest row saw.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct CrawlerEvidence {
-    pub count: Option<u64>,
-    #[serde(serialize_with = "crate::domain::optional_seconds")]
-    pub first_at: Option<DateTime<Utc>>,
-    #[serde(serialize_with = "crate::domain::optional_seconds")]
-    pub last_at: Option<DateTime<Utc>>,
-    pub last_inferred: Option<String>,
-    /// Why the log could not be read; the other fields are then null.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub unavailable: Option<String>,
-}
-
+/// Built here, where the crawler's rows are read.
 impl CrawlerEvidence {
-    pub fn unavailable(why: &str) -> CrawlerEvidence {
-        CrawlerEvidence {
-            count: None,
-            first_at: None,
-            last_at: None,
-            last_inferred: None,
-            unavailable: Some(why.to_owned()),
-        }
-    }
-
     /// `rows` in the order they were logged.
     pub(crate) fn for_flip(rows: &[CrawlerRow], to: &str) -> CrawlerEvidence {
         let agreeing: Vec<&CrawlerRow> = rows.iter().filter(|row| row.new_type == to).collect();
@@ -146,11 +120,6 @@ impl CrawlerEvidence {
             last_inferred: rows.last().map(|row| row.new_type.clone()),
             unavailable: None,
         }
-    }
-
-    /// Agreeing rows; none when the log could not be read.
-    pub fn agreeing(&self) -> u64 {
-        self.count.unwrap_or(0)
     }
 }
 

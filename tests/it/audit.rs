@@ -96,6 +96,24 @@ async fn revert_restores_what_still_holds_and_leaves_conflicts() {
     assert_eq!(by_id(&applied)["profiles"], 2);
     assert_eq!(by_id(&applied)["reverts"], Value::Null);
     assert_eq!(by_id(&revert_run)["reverts"], applied.as_str());
+    // The wire shape of `history`'s events, key by key (the log is a contract).
+    let keys = |event: &Value| -> Vec<String> {
+        let mut keys: Vec<String> = event.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        keys
+    };
+    assert_eq!(
+        keys(&by_id(&applied)),
+        [
+            "event",
+            "first_change",
+            "flips",
+            "last_change",
+            "profiles",
+            "reverts",
+            "run_id"
+        ]
+    );
 
     let (one, rows) = history(&db, &[&applied]).await;
     one.unwrap();
@@ -105,6 +123,23 @@ async fn revert_restores_what_still_holds_and_leaves_conflicts() {
         .collect();
     assert_eq!(rows.len(), 2);
     assert!(urls.contains(&BIDCLIQ_URL) && urls.contains(&SWIVEL_URL));
+    assert_eq!(
+        keys(&rows[0]),
+        [
+            "agent_url",
+            "changed_at",
+            "event",
+            "id",
+            "member_id",
+            "new_type",
+            "notes",
+            "old_type",
+            "run_id"
+        ]
+    );
+    assert_eq!(rows[0]["event"], "row");
+    assert_eq!(rows[0]["run_id"], applied.as_str());
+    assert_eq!(rows[0]["old_type"], "buying");
 }
 
 /// The case: a JSON `null` type and a missing `type` key come back as they were, and the
