@@ -7,7 +7,6 @@
 
 use std::ffi::CString;
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -115,6 +114,176 @@ impl EphemeralPostgres {
         Ok(server)
     }
 
+    /// Starts the server process on the existing cluster and waits until it accepts connections.
+    fn launch(&mut self) -> Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join("server.log"))
+            .context("could not open the server log")?;
+        if let Some(RunAs { uid, gid }) = self.run_as {
+            std::os::unix::fs::chown(self.root.join("server.log"), Some(uid), Some(gid))
+                .context("could not hand the server log to the postgres user")?;
+        }
+        let mut postgres = Command::new(self.bin.join("postgres"));
+        postgres
+            .arg("-D")
+            .arg(self.root.join("data"))
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-k")
+            .arg(&self.root)
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            // Durability is worthless for a cluster that is deleted at the end.
+            .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+            .args(["-c", "full_page_writes=off", "-c", "max_connections=200"])
+            .args(["-c", "shared_buffers=256MB", "-c", "max_wal_size=4GB"])
+            .args(self.settings.iter().flat_map(|setting| ["-c", setting]))
+            .current_dir(&self.root)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("could not share the server log")?)
+            .stderr(log);
+        let parent = libc::pid_t::try_from(std::process::id())
+            .context("this process id does not fit a pid_t")?;
+        unsafe {
+            postgres.pre_exec(move || {
+                // Runs after the uid switch, which would otherwise clear the death signal.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        as_user(&mut postgres, self.run_as);
+
+        // The death signal fires when the *thread* that forked the server ends, so the server is
+        // forked from a keeper thread that lives exactly as long as the server does.
+        let (started_tx, started_rx) = mpsc::channel();
+        let (exited_tx, exited) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("postgres-keeper".into())
+            .spawn(move || match postgres.spawn() {
+                Ok(mut child) => {
+                    let pid = libc::pid_t::try_from(child.id()).map_err(|_| {
+                        std::io::Error::other("the server's pid does not fit a pid_t")
+                    });
+                    let _ = started_tx.send(pid);
+                    let _ = child.wait();
+                    let _ = exited_tx.send(());
+                }
+                Err(error) => {
+                    let _ = started_tx.send(Err(error));
+                }
+            })
+            .context("could not start the postgres keeper thread")?;
+        self.pid = started_rx
+            .recv()
+            .context("postgres keeper thread vanished")?
+            .map_err(|error| launch_error(error, &self.bin.join("postgres"), self.run_as))?;
+        self.exited = exited;
+        self.stopped = false;
+        self.wait_ready()
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if self.exited.try_recv().is_ok() {
+                self.stopped = true;
+                bail!("postgres exited during start-up: {}", self.log_tail());
+            }
+            if self.postmaster_ready() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("postgres did not become ready in time: {}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether this server has marked itself ready in `postmaster.pid`, as `pg_ctl start --wait`
+    /// checks it: every version since 10 writes the status there, so no client binary (the npm
+    /// builds ship no `pg_isready`) is needed. The pid must match, or a file left by a killed
+    /// predecessor on this cluster could read as ready.
+    fn postmaster_ready(&self) -> bool {
+        let Ok(contents) = fs::read_to_string(self.root.join("data").join("postmaster.pid")) else {
+            return false;
+        };
+        let lines: Vec<&str> = contents.lines().collect();
+        lines.first().map(|line| line.trim()) == Some(self.pid.to_string().as_str())
+            && lines.get(7).map(|line| line.trim()) == Some("ready")
+    }
+
+    fn log_tail(&self) -> String {
+        let log = fs::read_to_string(self.root.join("server.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().rev().take(5).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A URL for `database` as the trusted superuser over loopback TCP.
+    pub fn url(&self, database: &str) -> String {
+        self.url_as(SUPERUSER, database)
+    }
+
+    /// The URL of `database` as `role` (the throwaway server trusts every local user).
+    pub(crate) fn url_as(&self, role: &str, database: &str) -> String {
+        format!(
+            "postgres://{role}@127.0.0.1:{}/{database}?sslmode=disable",
+            self.port
+        )
+    }
+
+    /// Fast shutdown, then the directory is removed. Dropping does the same.
+    pub fn stop(mut self) -> Result<()> {
+        self.shutdown()
+    }
+
+    /// Fast shutdown (SIGINT); SIGKILL if the server is still there after the timeout.
+    fn signal_and_wait(&mut self) -> Result<()> {
+        if self.stopped {
+            return Ok(());
+        }
+        self.stopped = true;
+        unsafe {
+            libc::kill(self.pid, libc::SIGINT);
+        }
+        if self.exited.recv_timeout(STOP_TIMEOUT).is_err() {
+            unsafe {
+                libc::kill(self.pid, libc::SIGKILL);
+            }
+            self.exited.recv_timeout(STOP_TIMEOUT).map_err(|_| {
+                anyhow!(
+                    "postgres (pid {}) did not exit even after SIGKILL",
+                    self.pid
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        self.signal_and_wait()?;
+        if self.root.exists() {
+            fs::remove_dir_all(&self.root)
+                .with_context(|| format!("could not remove {:?}", self.root))?;
+        }
+        Ok(())
+    }
+}
+
+/// What only the tests and the benchmark need: a standby, a restart, the server's directory and
+/// process. Behind the `test-support` feature, which the package's dev-dependency on itself
+/// turns on: the shipped build does not compile it, so no shipped code can call it.
+#[cfg(feature = "test-support")]
+impl EphemeralPostgres {
     /// A hot standby of `primary`: a cluster copied with `pg_basebackup -R` (streaming
     /// replication from the primary's loopback port), started on a port of its own with the same
     /// settings. Its data is the primary's, read-only, kept current by streaming. Server-only
@@ -191,6 +360,7 @@ impl EphemeralPostgres {
                 String::from_utf8_lossy(&copied.stderr).trim()
             );
         }
+        use std::io::Write as _;
         let data = self.root.join("data");
         fs::write(data.join("standby.signal"), "").context("could not write standby.signal")?;
         let mut auto_conf = fs::OpenOptions::new()
@@ -210,125 +380,11 @@ impl EphemeralPostgres {
         Ok(())
     }
 
-    /// Starts the server process on the existing cluster and waits until it accepts connections.
-    fn launch(&mut self) -> Result<()> {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.root.join("server.log"))
-            .context("could not open the server log")?;
-        if let Some(RunAs { uid, gid }) = self.run_as {
-            std::os::unix::fs::chown(self.root.join("server.log"), Some(uid), Some(gid))
-                .context("could not hand the server log to the postgres user")?;
-        }
-        let mut postgres = Command::new(self.bin.join("postgres"));
-        postgres
-            .arg("-D")
-            .arg(self.root.join("data"))
-            .arg("-p")
-            .arg(self.port.to_string())
-            .arg("-k")
-            .arg(&self.root)
-            .args(["-c", "listen_addresses=127.0.0.1"])
-            // Durability is worthless for a cluster that is deleted at the end.
-            .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
-            .args(["-c", "full_page_writes=off", "-c", "max_connections=200"])
-            .args(["-c", "shared_buffers=256MB", "-c", "max_wal_size=4GB"])
-            .args(self.settings.iter().flat_map(|setting| ["-c", setting]))
-            .current_dir(&self.root)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().context("could not share the server log")?)
-            .stderr(log);
-        let parent = libc::pid_t::try_from(std::process::id())
-            .context("this process id does not fit a pid_t")?;
-        unsafe {
-            postgres.pre_exec(move || {
-                // Runs after the uid switch, which would otherwise clear the death signal.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::getppid() != parent {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
-        as_user(&mut postgres, self.run_as);
-
-        // The death signal fires when the *thread* that forked the server ends, so the server is
-        // forked from a keeper thread that lives exactly as long as the server does.
-        let (started_tx, started_rx) = mpsc::channel();
-        let (exited_tx, exited) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("postgres-keeper".into())
-            .spawn(move || match postgres.spawn() {
-                Ok(mut child) => {
-                    let pid = libc::pid_t::try_from(child.id()).map_err(|_| {
-                        std::io::Error::other("the server's pid does not fit a pid_t")
-                    });
-                    let _ = started_tx.send(pid);
-                    let _ = child.wait();
-                    let _ = exited_tx.send(());
-                }
-                Err(error) => {
-                    let _ = started_tx.send(Err(error));
-                }
-            })
-            .context("could not start the postgres keeper thread")?;
-        self.pid = started_rx
-            .recv()
-            .context("postgres keeper thread vanished")?
-            .map_err(|error| launch_error(error, &self.bin.join("postgres"), self.run_as))?;
-        self.exited = exited;
-        self.stopped = false;
-        self.wait_ready()
-    }
-
     /// A fast shutdown followed by a start on the same cluster and port, as
     /// `pg_ctl restart -m fast` would do: open sessions are terminated.
     pub fn restart(&mut self) -> Result<()> {
         self.signal_and_wait()?;
         self.launch()
-    }
-
-    fn wait_ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if self.exited.try_recv().is_ok() {
-                self.stopped = true;
-                bail!("postgres exited during start-up: {}", self.log_tail());
-            }
-            if self.postmaster_ready() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("postgres did not become ready in time: {}", self.log_tail());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Whether this server has marked itself ready in `postmaster.pid`, as `pg_ctl start --wait`
-    /// checks it: every version since 10 writes the status there, so no client binary (the npm
-    /// builds ship no `pg_isready`) is needed. The pid must match, or a file left by a killed
-    /// predecessor on this cluster could read as ready.
-    fn postmaster_ready(&self) -> bool {
-        let Ok(contents) = fs::read_to_string(self.root.join("data").join("postmaster.pid")) else {
-            return false;
-        };
-        let lines: Vec<&str> = contents.lines().collect();
-        lines.first().map(|line| line.trim()) == Some(self.pid.to_string().as_str())
-            && lines.get(7).map(|line| line.trim()) == Some("ready")
-    }
-
-    fn log_tail(&self) -> String {
-        let log = fs::read_to_string(self.root.join("server.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().rev().take(5).collect();
-        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
     }
 
     /// Directory holding the cluster, the unix socket and the server log.
@@ -339,56 +395,6 @@ impl EphemeralPostgres {
     /// Server process id, for tests that restart or signal it.
     pub fn pid(&self) -> i32 {
         self.pid
-    }
-
-    /// A URL for `database` as the trusted superuser over loopback TCP.
-    pub fn url(&self, database: &str) -> String {
-        self.url_as(SUPERUSER, database)
-    }
-
-    /// The URL of `database` as `role` (the throwaway server trusts every local user).
-    pub(crate) fn url_as(&self, role: &str, database: &str) -> String {
-        format!(
-            "postgres://{role}@127.0.0.1:{}/{database}?sslmode=disable",
-            self.port
-        )
-    }
-
-    /// Fast shutdown, then the directory is removed. Dropping does the same.
-    pub fn stop(mut self) -> Result<()> {
-        self.shutdown()
-    }
-
-    /// Fast shutdown (SIGINT); SIGKILL if the server is still there after the timeout.
-    fn signal_and_wait(&mut self) -> Result<()> {
-        if self.stopped {
-            return Ok(());
-        }
-        self.stopped = true;
-        unsafe {
-            libc::kill(self.pid, libc::SIGINT);
-        }
-        if self.exited.recv_timeout(STOP_TIMEOUT).is_err() {
-            unsafe {
-                libc::kill(self.pid, libc::SIGKILL);
-            }
-            self.exited.recv_timeout(STOP_TIMEOUT).map_err(|_| {
-                anyhow!(
-                    "postgres (pid {}) did not exit even after SIGKILL",
-                    self.pid
-                )
-            })?;
-        }
-        Ok(())
-    }
-
-    fn shutdown(&mut self) -> Result<()> {
-        self.signal_and_wait()?;
-        if self.root.exists() {
-            fs::remove_dir_all(&self.root)
-                .with_context(|| format!("could not remove {:?}", self.root))?;
-        }
-        Ok(())
     }
 }
 
