@@ -10,9 +10,9 @@ use uuid::Uuid;
 
 use crate::config::{HistoryConfig, RevertConfig};
 use crate::db::{self, AuditEntry, Snapshots};
-use crate::domain::{Mode, ProfileFlip};
+use crate::domain::{Mode, ProfileFlip, SkipReason};
 use crate::error::Failure;
-use crate::events::{Event, SkipReason, Summary};
+use crate::events::{Event, Summary};
 use crate::guard::check_threshold;
 use crate::interrupt::StopSignal;
 use crate::plan::{parse_column, Basis, PlannedFlip, PlanningBackend, Restore, Reversal};

@@ -6,9 +6,9 @@ use tracing::info;
 
 use crate::config::{BackfillConfig, Guards};
 use crate::db::{self, Needs};
-use crate::domain::{count, Mode};
+use crate::domain::{count, Mode, SkipReason};
 use crate::error::Failure;
-use crate::events::{Event, SkipReason, Summary};
+use crate::events::{Event, Summary};
 use crate::guard::{
     check_threshold, held_refusal, not_allowed, transitions_refusal, HeldFlip, Holds,
 };
@@ -102,7 +102,7 @@ async fn plan_check_and_write(
     if let Some(path) = &config.plan_out {
         PlanFile::new(
             &plan,
-            &|planned| holds.reason(planned),
+            &|planned| holds.reason(planned).map(|hold| hold.reason),
             fingerprint,
             &run.run_id,
             run.started_at,

@@ -7,8 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::cli::{BackfillArgs, Cli, ConnectOpts, HistoryArgs, RevertArgs, RunOpts};
-use crate::domain::Mode;
-use crate::domain::{Format, Transition};
+use crate::domain::{Format, Mode, Transition};
 use crate::error::Failure;
 use crate::write::Pace;
 

@@ -6,7 +6,7 @@ use std::fmt;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 use uuid::Uuid;
 
 use crate::resolver::Flip;
@@ -157,5 +157,113 @@ impl CrawlerEvidence {
     /// Agreeing rows; none when the log could not be read.
     pub fn agreeing(&self) -> u64 {
         self.count.unwrap_or(0)
+    }
+}
+
+/// Why a flip is held: the rule found it, but something says the rule may be wrong about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldReason {
+    /// The snapshot, or the stored type, names a type this tool's rule does not know: the
+    /// server (and its crawler) may be newer than the port.
+    UnrecognisedInferredType,
+    /// The snapshot, or the stored type, names a type the server once accepted and has since
+    /// retired: the probe predates the retirement.
+    RetiredInferredType,
+    /// The snapshot behind the flip is older than `--max-probe-age`.
+    StaleProbe,
+    /// A reclassification with fewer agreeing crawler rows than `--min-corroboration`.
+    Uncorroborated,
+}
+
+impl HoldReason {
+    /// As JSON names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldReason::UnrecognisedInferredType => "unrecognised_inferred_type",
+            HoldReason::RetiredInferredType => "retired_inferred_type",
+            HoldReason::StaleProbe => "stale_probe",
+            HoldReason::Uncorroborated => "uncorroborated",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            HoldReason::UnrecognisedInferredType => {
+                "type unknown to this tool's rule; the server may be newer: stop"
+            }
+            HoldReason::RetiredInferredType => {
+                "type the server has retired; the probe predates the retirement: re-probe the \
+                 agent (the crawler's manual refresh) or follow the server and demote it"
+            }
+            HoldReason::StaleProbe => "probe older than --max-probe-age",
+            HoldReason::Uncorroborated => "fewer crawler rows agree than --min-corroboration",
+        }
+    }
+}
+
+/// Why a planned flip was not written, or a found flip was not planned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    /// The profile or its snapshot changed between plan and write; the flip no longer holds.
+    ChangedSincePlan,
+    /// The profile was deleted between plan and write.
+    ProfileGone,
+    /// Found while writing but absent from the plan; left for the next run.
+    Unplanned,
+    /// The batch kept hitting lock or statement timeouts and was rolled back.
+    NotWrittenTimeout,
+    /// `revert`: the element no longer carries the type the reverted run wrote.
+    ChangedSinceRun,
+    /// A reviewed flip whose element already carries the reviewed type: an earlier apply of the
+    /// same plan wrote it (its note names the run where the audit table may be read), or a
+    /// member or the server did.
+    AlreadyWritten,
+}
+
+impl SkipReason {
+    pub const ALL: [SkipReason; 6] = [
+        SkipReason::ChangedSincePlan,
+        SkipReason::ProfileGone,
+        SkipReason::Unplanned,
+        SkipReason::NotWrittenTimeout,
+        SkipReason::ChangedSinceRun,
+        SkipReason::AlreadyWritten,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::ChangedSincePlan => "changed_since_plan",
+            SkipReason::ProfileGone => "profile_gone",
+            SkipReason::Unplanned => "unplanned",
+            SkipReason::NotWrittenTimeout => "not_written_timeout",
+            SkipReason::ChangedSinceRun => "changed_since_run",
+            SkipReason::AlreadyWritten => "already_written",
+        }
+    }
+
+    /// What a skipped line says.
+    pub fn describe(self) -> &'static str {
+        match self {
+            SkipReason::ChangedSincePlan => "changed since plan, not written",
+            SkipReason::ProfileGone => "profile deleted since plan, not written",
+            SkipReason::Unplanned => "new since plan, not written; the next run will find it",
+            SkipReason::NotWrittenTimeout => "lock or statement timeout, not written; rerun",
+            SkipReason::ChangedSinceRun => "changed since that run, conflict left alone",
+            SkipReason::AlreadyWritten => "already written, not written again",
+        }
+    }
+
+    /// How the summary counts it.
+    pub(crate) fn summary_label(self) -> &'static str {
+        match self {
+            SkipReason::ChangedSincePlan => "skipped (changed since plan)",
+            SkipReason::ProfileGone => "skipped (profile deleted)",
+            SkipReason::Unplanned => "new since plan (not written)",
+            SkipReason::NotWrittenTimeout => "skipped (timeout)",
+            SkipReason::ChangedSinceRun => "conflicts (changed since run)",
+            SkipReason::AlreadyWritten => "skipped (already written)",
+        }
     }
 }

@@ -7,28 +7,44 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 
 use crate::config::Guards;
-use crate::domain::{count, Transition};
-use crate::events::{Event, Held, HoldReason};
+use crate::domain::{count, HoldReason, Transition};
+use crate::events::{Event, Held};
 use crate::outcome::Refusal;
 use crate::plan::PlannedFlip;
 use crate::plan_file::PlanFile;
 use crate::resolver::{is_valid_agent_type, retirement_of, UNKNOWN_TYPE};
 
+/// Why a guard holds a flip back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Hold {
+    pub(crate) reason: HoldReason,
+    /// The type outside the rule's vocabulary behind an `unrecognised_inferred_type` or
+    /// `retired_inferred_type` hold.
+    pub(crate) inferred_type: Option<String>,
+}
+
+impl Hold {
+    fn because(reason: HoldReason) -> Hold {
+        Hold {
+            reason,
+            inferred_type: None,
+        }
+    }
+}
+
 /// A flip the rule found and a guard holds back.
 #[derive(Debug, Clone)]
 pub(crate) struct HeldFlip {
     pub(crate) planned: PlannedFlip,
-    pub(crate) reason: HoldReason,
-    /// The type outside the rule's vocabulary, for `unrecognised_inferred_type`.
-    pub(crate) inferred_type: Option<String>,
+    pub(crate) hold: Hold,
 }
 
 impl HeldFlip {
     pub(crate) fn event(&self, now: DateTime<Utc>) -> Event {
         Event::Held(Held {
             flip: self.planned.event(now),
-            reason: self.reason,
-            inferred_type: self.inferred_type.clone(),
+            reason: self.hold.reason,
+            inferred_type: self.hold.inferred_type.clone(),
         })
     }
 }
@@ -44,15 +60,15 @@ pub(crate) struct Holds<'a> {
 }
 
 impl Holds<'_> {
-    /// Why `planned` is held back, if it is, and the unrecognised type behind it.
-    pub(crate) fn reason(&self, planned: &PlannedFlip) -> Option<(HoldReason, Option<String>)> {
+    /// Why `planned` is held back, if it is.
+    pub(crate) fn reason(&self, planned: &PlannedFlip) -> Option<Hold> {
         let inferred = planned
             .probe()
             .and_then(|probe| probe.inferred_type.as_deref());
         if let Some(inferred) =
             inferred.filter(|name| !name.is_empty() && !is_valid_agent_type(name))
         {
-            return Some((outside_vocabulary(inferred), Some(inferred.to_owned())));
+            return Some(outside_vocabulary(inferred));
         }
         if let Some(stored) = planned
             .at
@@ -61,12 +77,12 @@ impl Holds<'_> {
             .as_str()
             .filter(|stored| self.unrecognised_inferred_types.contains_key(*stored))
         {
-            return Some((outside_vocabulary(stored), Some(stored.to_owned())));
+            return Some(outside_vocabulary(stored));
         }
         if let (Some(max_age), Some(probe)) = (self.guards.max_probe_age, planned.probe()) {
             let limit = chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
             if self.now - probe.last_discovered > limit {
-                return Some((HoldReason::StaleProbe, None));
+                return Some(Hold::because(HoldReason::StaleProbe));
             }
         }
         if let Some(minimum) = self.guards.min_corroboration {
@@ -82,13 +98,13 @@ impl Holds<'_> {
                 .as_ref()
                 .map_or(0, |evidence| evidence.agreeing());
             if reclassification && agreeing < minimum {
-                return Some((HoldReason::Uncorroborated, None));
+                return Some(Hold::because(HoldReason::Uncorroborated));
             }
         }
         // A flip the reviewed plan marks held stays held, whatever guards this run has.
         self.reviewed
             .and_then(|reviewed| reviewed.held_reason(planned))
-            .map(|reason| (reason, None))
+            .map(Hold::because)
     }
 
     /// Splits `flips` into those that may be written and those a guard holds back.
@@ -98,11 +114,7 @@ impl Holds<'_> {
         for planned in flips {
             match self.reason(&planned) {
                 None => writable.push(planned),
-                Some((reason, inferred_type)) => held.push(HeldFlip {
-                    planned,
-                    reason,
-                    inferred_type,
-                }),
+                Some(hold) => held.push(HeldFlip { planned, hold }),
             }
         }
         (writable, held)
@@ -111,11 +123,14 @@ impl Holds<'_> {
 
 /// Why a type outside the rule's vocabulary holds a flip: one the server retired says the probe
 /// is older than the retirement; one never known says the server may be newer than the tool.
-fn outside_vocabulary(name: &str) -> HoldReason {
-    if retirement_of(name).is_some() {
-        HoldReason::RetiredInferredType
-    } else {
-        HoldReason::UnrecognisedInferredType
+fn outside_vocabulary(name: &str) -> Hold {
+    Hold {
+        reason: if retirement_of(name).is_some() {
+            HoldReason::RetiredInferredType
+        } else {
+            HoldReason::UnrecognisedInferredType
+        },
+        inferred_type: Some(name.to_owned()),
     }
 }
 
@@ -127,9 +142,9 @@ pub(crate) fn held_refusal(held: &[HeldFlip]) -> Option<Refusal> {
     let mut reasons: BTreeMap<HoldReason, Vec<String>> = BTreeMap::new();
     for flip in held {
         reasons
-            .entry(flip.reason)
+            .entry(flip.hold.reason)
             .or_default()
-            .extend(flip.inferred_type.clone());
+            .extend(flip.hold.inferred_type.clone());
     }
     let reasons = reasons
         .into_iter()
@@ -252,7 +267,7 @@ mod tests {
         let older = now - day - chrono::Duration::milliseconds(1);
         assert_eq!(
             holds.reason(&flip(json!("buying"), "sales", older)),
-            Some((HoldReason::StaleProbe, None))
+            Some(Hold::because(HoldReason::StaleProbe))
         );
     }
 
@@ -269,7 +284,7 @@ mod tests {
         let holds = holds(&guards, now, &none);
         assert_eq!(
             holds.reason(&flip(json!("buying"), "sales", now)),
-            Some((HoldReason::Uncorroborated, None))
+            Some(Hold::because(HoldReason::Uncorroborated))
         );
         for (from, to) in [(json!("unknown"), "sales"), (json!("buyer"), "unknown")] {
             assert_eq!(

@@ -10,8 +10,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::db::{self, ProfileRow, SnapshotRow};
-use crate::domain::CrawlerEvidence;
-use crate::domain::ProfileFlip;
+use crate::domain::{CrawlerEvidence, ProfileFlip};
 use crate::events::FlipEvent;
 use crate::progress;
 use crate::report::basis_note;

@@ -13,10 +13,9 @@ use tracing::warn;
 use uuid::Uuid;
 
 use crate::db;
-use crate::domain::CrawlerEvidence;
-use crate::domain::ProfileFlip;
+use crate::domain::{CrawlerEvidence, HoldReason, ProfileFlip, SkipReason};
 use crate::error::Failure;
-use crate::events::{HoldReason, Rule, SkipReason};
+use crate::events::Rule;
 use crate::plan::{Basis, Plan, PlannedFlip, Reviewed};
 use crate::resolver::Flip;
 use crate::VERSION;
@@ -170,9 +169,9 @@ impl PlanFlip {
 
 impl PlanFile {
     /// The plan as the reviewer reads it; `holds` says which flips a guard holds back.
-    pub(crate) fn new<H>(
+    pub(crate) fn new(
         plan: &Plan,
-        holds: &dyn Fn(&PlannedFlip) -> Option<(HoldReason, H)>,
+        holds: &dyn Fn(&PlannedFlip) -> Option<HoldReason>,
         target: Fingerprint,
         run_id: &str,
         created_at: DateTime<Utc>,
@@ -192,7 +191,7 @@ impl PlanFile {
             },
             flips: crate::plan::in_log_order(&plan.flips, |planned| planned)
                 .into_iter()
-                .map(|planned| PlanFlip::of(planned, holds(planned).map(|(reason, _)| reason)))
+                .map(|planned| PlanFlip::of(planned, holds(planned)))
                 .collect(),
             digest: None,
         }
@@ -395,7 +394,7 @@ mod tests {
     }
 
     fn plan_made(at: DateTime<Utc>, target: Fingerprint) -> PlanFile {
-        let holds_nothing = |_: &PlannedFlip| None::<(HoldReason, ())>;
+        let holds_nothing = |_: &PlannedFlip| None;
         PlanFile::new(&Plan::default(), &holds_nothing, target, "atb-x", at)
     }
 
@@ -419,7 +418,7 @@ mod tests {
             flips: vec![planned(0, "sales"), planned(3, "sales")],
             ..Plan::default()
         };
-        let holds_nothing = |_: &PlannedFlip| None::<(HoldReason, ())>;
+        let holds_nothing = |_: &PlannedFlip| None;
         let reviewed = PlanFile::new(
             &plan,
             &holds_nothing,

@@ -8,8 +8,7 @@ use std::io::Write;
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 
-use crate::domain::Format;
-use crate::domain::Mode;
+use crate::domain::{Format, Mode};
 use crate::events::{
     rfc3339, Event, FlipEvent, HistoryRow, HistoryRun, SkipReason, Start, Summary,
 };
@@ -199,7 +198,7 @@ fn flip_text(flip: &FlipEvent) -> String {
     )
 }
 
-fn held_reason_text(reason: crate::events::HoldReason, inferred: Option<&str>) -> String {
+fn held_reason_text(reason: crate::domain::HoldReason, inferred: Option<&str>) -> String {
     match inferred {
         Some(inferred) => format!("{}: '{}'", reason.describe(), printable(inferred)),
         None => reason.describe().to_owned(),

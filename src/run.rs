@@ -13,9 +13,9 @@ use uuid::Uuid;
 
 use crate::config::ConnectConfig;
 use crate::db;
-use crate::domain::{count, Mode};
+use crate::domain::{count, Mode, SkipReason};
 use crate::error::{exit_code, render, Failure};
-use crate::events::{Event, Rule, SkipReason, Skipped, Start, Summary};
+use crate::events::{Event, Rule, Skipped, Start, Summary};
 use crate::guard::HeldFlip;
 use crate::interrupt::StopSignal;
 use crate::outcome::{Ending, Outcome, Phase, Refusal, Stop};

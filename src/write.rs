@@ -11,8 +11,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::db::{self, FlipWrite, Snapshots};
-use crate::domain::ProfileFlip;
-use crate::events::SkipReason;
+use crate::domain::{ProfileFlip, SkipReason};
 use crate::interrupt::StopSignal;
 use crate::plan::{parse_column, Basis, PlannedFlip, Restore};
 use crate::resolver::{is_depth_summary, AgentsColumn, Flip};
