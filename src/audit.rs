@@ -2,6 +2,7 @@
 //! path, threshold and log as the backfill.
 
 use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
 
 use anyhow::{Context, Result};
 use serde_json::Value;
@@ -12,38 +13,42 @@ use crate::config::{HistoryConfig, RevertConfig};
 use crate::db::{self, AuditEntry, Snapshots};
 use crate::domain::{Mode, ProfileFlip, SkipReason};
 use crate::error::Failure;
-use crate::events::{Event, Summary};
+use crate::events::{Event, HistoryRow, HistoryRun, Summary};
 use crate::guard::check_threshold;
 use crate::interrupt::StopSignal;
 use crate::plan::{parse_column, Basis, PlannedFlip, PlanningBackend, Restore, Reversal};
-use crate::report::Printer;
+use crate::report::history::Listing;
+use crate::report::{self, Printer};
 use crate::resolver::{bounded_type, type_label, AgentsColumn, Flip};
 use crate::run::{open_session, skipped_event, Census, Dispositions, Run};
 use crate::write::Recheck;
 
-/// `history [RUN_ID]`: the runs in `type_reclassification_log`, or one run's rows.
-/// It only reads: no run id, no write run, no summary.
-pub async fn history(config: &HistoryConfig, printer: &mut dyn Printer) -> Result<()> {
+/// `history [RUN_ID]`: the runs in `type_reclassification_log`, or one run's rows, printed by
+/// the history printer in `report::history`. It only reads: no run id, no write run, no summary.
+pub async fn history(config: &HistoryConfig, out: &mut (dyn Write + Send)) -> Result<()> {
     let session = open_session(&config.connect, "agent-type-backfill history").await?;
     db::preflight(&session.pool, db::Needs::ReadAudit).await?;
-    match &config.run_id {
-        None => {
-            for record in db::backfill_runs(&session.pool).await? {
-                printer.print(&Event::Run(record.into()))?;
-            }
-        }
+    let listing = match &config.run_id {
+        None => Listing::Runs(
+            db::backfill_runs(&session.pool)
+                .await?
+                .into_iter()
+                .map(HistoryRun::from)
+                .collect(),
+        ),
         Some(wanted) => {
             let entries = db::run_entries(&session.pool, wanted).await?;
             if entries.is_empty() {
                 return Err(no_such_run(wanted));
             }
-            for entry in entries {
-                printer.print(&Event::Row(entry.into()))?;
+            Listing::Rows {
+                run_id: wanted.clone(),
+                rows: entries.into_iter().map(HistoryRow::from).collect(),
             }
         }
-    }
+    };
     session.pool.close().await;
-    printer.finish()
+    report::history::print(config.format, out, &listing)
 }
 
 fn no_such_run(run_id: &str) -> anyhow::Error {

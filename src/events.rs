@@ -38,10 +38,6 @@ pub enum Event {
         duration_ms: u64,
     },
     Summary(Summary),
-    /// `history`: one backfill run.
-    Run(HistoryRun),
-    /// `history RUN_ID`: one audit row.
-    Row(HistoryRow),
 }
 
 /// `history`: one backfill run, as the log says it (from the audit table's rows of the run).

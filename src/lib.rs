@@ -71,8 +71,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Some(Command::History(args)) => {
             let config = HistoryConfig::from_cli(&args)?;
-            let mut printer = report::printer(config.format, &mut stdout);
-            audit::history(&config, printer.as_mut()).await
+            audit::history(&config, &mut stdout).await
         }
         None => {
             let config = BackfillConfig::from_cli(&cli.backfill)?;

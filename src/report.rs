@@ -9,18 +9,14 @@ use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 
 use crate::domain::{Format, Mode};
-use crate::events::{
-    rfc3339, Event, FlipEvent, HistoryRow, HistoryRun, SkipReason, Start, Summary,
-};
+use crate::events::{rfc3339, Event, FlipEvent, SkipReason, Start, Summary};
 use crate::plan::{Basis, Reviewed};
+
+pub mod history;
 
 /// Where a run sends its events.
 pub trait Printer: Send {
     fn print(&mut self, event: &Event) -> Result<()>;
-    /// After the last event: what a format closes with (the `history` footers).
-    fn finish(&mut self) -> Result<()> {
-        Ok(())
-    }
 }
 
 /// The printer for `format`, writing to `out`.
@@ -322,31 +318,6 @@ fn rule_text(start: &Start) -> String {
     start.rule.short()
 }
 
-fn run_columns(run: &HistoryRun) -> [String; 6] {
-    [
-        run.run_id.clone(),
-        rfc3339(&run.first_change),
-        rfc3339(&run.last_change),
-        run.flips.to_string(),
-        run.profiles.to_string(),
-        run.reverts.clone().unwrap_or_else(|| "-".to_owned()),
-    ]
-}
-
-fn row_columns(row: &HistoryRow) -> [String; 5] {
-    [
-        rfc3339(&row.changed_at),
-        row.profile.clone(),
-        row.agent_url.clone(),
-        row.index.map_or("?".to_owned(), |index| index.to_string()),
-        format!(
-            "{} -> {}",
-            row.old_type.as_deref().unwrap_or("(none)"),
-            row.new_type
-        ),
-    ]
-}
-
 fn plural(count: usize, one: &str, many: &str) -> String {
     format!("{count} {}", if count == 1 { one } else { many })
 }
@@ -354,21 +325,14 @@ fn plural(count: usize, one: &str, many: &str) -> String {
 /// The text log: a header, one line per flip, then a summary.
 pub(crate) struct TextPrinter<'w> {
     out: &'w mut (dyn Write + Send),
-    /// A run log rather than a `history` listing.
-    started: bool,
     reverting: bool,
-    runs: Option<usize>,
-    rows: Option<(usize, String)>,
 }
 
 impl<'w> TextPrinter<'w> {
     pub fn new(out: &'w mut (dyn Write + Send)) -> Self {
         TextPrinter {
             out,
-            started: false,
             reverting: false,
-            runs: None,
-            rows: None,
         }
     }
 
@@ -379,24 +343,12 @@ impl<'w> TextPrinter<'w> {
     fn field(&mut self, name: &str, value: &str) -> Result<()> {
         self.line(&format!("{:<12} {value}", format!("{name}:")))
     }
-
-    fn runs_header(&mut self) -> Result<()> {
-        if self.runs.is_none() {
-            self.line(&format!(
-                "{:<31}  {:<20}  {:<20}  {:>6}  {:>8}  reverts",
-                "run id", "first change", "last change", "flips", "profiles"
-            ))?;
-            self.runs = Some(0);
-        }
-        Ok(())
-    }
 }
 
 impl Printer for TextPrinter<'_> {
     fn print(&mut self, event: &Event) -> Result<()> {
         match event {
             Event::Start(start) => {
-                self.started = true;
                 self.reverting = start.reverts.is_some();
                 self.line(&format!("{} {}", start.tool, start.version))?;
                 self.field("mode", start.mode.as_str())?;
@@ -462,42 +414,7 @@ impl Printer for TextPrinter<'_> {
                 }
                 Ok(())
             }
-            Event::Run(run) => {
-                self.runs_header()?;
-                *self.runs.get_or_insert(0) += 1;
-                let [id, first, last, flips, profiles, reverts] = run_columns(run);
-                self.line(&format!(
-                    "{id:<31}  {first:<20}  {last:<20}  {flips:>6}  {profiles:>8}  {reverts}"
-                ))
-            }
-            Event::Row(row) => {
-                let rows = self
-                    .rows
-                    .get_or_insert_with(|| (0, row.run_id.clone().unwrap_or_default()));
-                rows.0 += 1;
-                let [at, label, url, index, change] = row_columns(row);
-                self.line(&format!(
-                    "{at}  {}  {}  {index}  {}",
-                    printable(&label),
-                    printable(&url),
-                    printable(&change)
-                ))
-            }
         }
-    }
-
-    fn finish(&mut self) -> Result<()> {
-        if !self.started && self.rows.is_none() {
-            // A `history` listing, perhaps of no runs at all.
-            self.runs_header()?;
-        }
-        if let Some(count) = self.runs {
-            self.line(&plural(count, "run", "runs"))?;
-        }
-        if let Some((count, run_id)) = self.rows.take() {
-            self.line(&format!("{} in run {run_id}", plural(count, "row", "rows")))?;
-        }
-        Ok(())
     }
 }
 
@@ -665,29 +582,6 @@ impl Printer for MarkdownPrinter<'_> {
                     }
                 }
                 Ok(())
-            }
-            Event::Run(run) => {
-                self.table(
-                    "Runs",
-                    &[
-                        "run id",
-                        "first change",
-                        "last change",
-                        "flips",
-                        "profiles",
-                        "reverts",
-                    ],
-                )?;
-                let cells = run_columns(run).map(|text| cell(&text));
-                self.row(&cells)
-            }
-            Event::Row(row) => {
-                self.table(
-                    "Audit rows",
-                    &["changed at", "profile", "url", "index", "change"],
-                )?;
-                let cells = row_columns(row).map(|text| cell(&text));
-                self.row(&cells)
             }
         }
     }

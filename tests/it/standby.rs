@@ -9,6 +9,7 @@ use crate::common::{events, TestDb, Tool, HANG};
 use agent_type_backfill::support::ephemeral::EphemeralPostgres;
 use serde_json::Value;
 use sqlx::Connection;
+use std::time::Duration;
 
 #[tokio::test]
 async fn a_standby_refuses_writes_at_preflight_and_its_plan_applies_on_the_primary() {
@@ -206,14 +207,31 @@ async fn a_dry_run_on_a_standby_completes_while_the_primary_updates_and_vacuums(
             .collect()
     };
     assert_eq!(flips(&planned.stdout), flips(&expected.stdout));
-    let mut standby_db = sqlx::PgConnection::connect(&on_standby).await.unwrap();
-    let conflicts: i64 = sqlx::query_scalar(
-        "SELECT confl_snapshot + confl_lock + confl_bufferpin + confl_deadlock \
-         FROM pg_stat_database_conflicts WHERE datname = 'registry'",
-    )
-    .fetch_one(&mut standby_db)
-    .await
-    .unwrap();
+    // Replay of the primary's last vacuum may still cancel this query (or end its session) as it
+    // cancels the tool's: read the figure again on a new connection, as the tool would retry.
+    let mut conflicts = None;
+    for _ in 0..50 {
+        let read = async {
+            let mut standby_db = sqlx::PgConnection::connect(&on_standby).await?;
+            sqlx::query_scalar::<_, i64>(
+                "SELECT confl_snapshot + confl_lock + confl_bufferpin + confl_deadlock \
+                 FROM pg_stat_database_conflicts WHERE datname = 'registry'",
+            )
+            .fetch_one(&mut standby_db)
+            .await
+        };
+        match read.await {
+            Ok(count) => {
+                conflicts = Some(count);
+                break;
+            }
+            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("40001") => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("could not read the standby's conflicts: {error}"),
+        }
+    }
+    let conflicts = conflicts.expect("replay cancelled 50 reads of the standby's conflicts");
     eprintln!(
         "[standby] {rounds} update+vacuum rounds on the primary; {conflicts} recovery conflicts \
          cancelled queries on the standby; {} chunk retries",

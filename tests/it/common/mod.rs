@@ -464,8 +464,7 @@ pub async fn history(flags: &[&str], url: &str, out: &mut Vec<u8>) -> anyhow::Re
         unreachable!("parsed a history command line")
     };
     let config = HistoryConfig::from_cli(&args).unwrap();
-    let mut printer = report::printer(config.format, out);
-    agent_type_backfill::audit::history(&config, printer.as_mut()).await
+    agent_type_backfill::audit::history(&config, out).await
 }
 
 /// A `--format json` run log read by event kind: the one place a test names the `event` key.
