@@ -355,6 +355,24 @@ async fn apply_over_a_malformed_corpus_writes_only_the_types_the_rule_flips() {
         .sum();
     let total_flips: usize = expected.values().map(Vec::len).sum();
 
+    // The plan a reviewer reads first: its counts must be the run's.
+    let scratch = common::Scratch::new();
+    let plan_path = scratch.arg("plan.json");
+    execute(
+        &args(&[
+            "--dry-run",
+            "--max-flips",
+            "1000000",
+            "--plan-out",
+            &plan_path,
+        ]),
+        &db.url,
+        &mut Vec::new(),
+    )
+    .await
+    .expect("the dry-run completes over every malformed kind");
+    let planned = agent_type_backfill::plan_file::PlanFile::read(plan_path.as_ref()).unwrap();
+
     let mut log = Vec::new();
     let summary = execute(
         &args(&["--apply", "--max-flips", "1000000", "--format", "json"]),
@@ -375,9 +393,17 @@ async fn apply_over_a_malformed_corpus_writes_only_the_types_the_rule_flips() {
         (summary.skipped, summary.unplanned, summary.aborted),
         (0, 0, false)
     );
+    // Profiles with several flips among them: each is counted once, in the summary and in the
+    // plan file alike.
+    let changed = expected.values().filter(|flips| !flips.is_empty()).count();
+    assert!(
+        changed < total_flips,
+        "the corpus has a profile with two flips"
+    );
+    assert_eq!(summary.profiles_changed, changed as u64);
     assert_eq!(
-        summary.profiles_changed,
-        expected.values().filter(|flips| !flips.is_empty()).count() as u64
+        (planned.counts.profiles_changed, planned.counts.flips),
+        (changed as u64, total_flips as u64)
     );
 
     let after = rows(&db).await;
