@@ -42,7 +42,7 @@ pub enum Event {
 
 /// `history`: one backfill run, as the log says it (from the audit table's rows of the run).
 #[derive(Debug, Clone, Serialize)]
-pub struct HistoryRun {
+pub(crate) struct HistoryRun {
     pub run_id: String,
     pub first_change: DateTime<Utc>,
     pub last_change: DateTime<Utc>,
@@ -67,7 +67,7 @@ impl From<db::RunRecord> for HistoryRun {
 
 /// `history RUN_ID`: one audit row, as the log says it.
 #[derive(Debug, Clone, Serialize)]
-pub struct HistoryRow {
+pub(crate) struct HistoryRow {
     pub id: i64,
     pub run_id: Option<String>,
     pub changed_at: DateTime<Utc>,

@@ -12,7 +12,7 @@ use crate::domain::{Format, Mode};
 use crate::events::{rfc3339, Event, FlipEvent, SkipReason, Start, Summary};
 use crate::plan::{Basis, Reviewed};
 
-pub mod history;
+pub(crate) mod history;
 
 /// Where a run sends its events.
 pub trait Printer: Send {

@@ -13,7 +13,7 @@ use crate::events::{HistoryRow, HistoryRun};
 
 /// What `history` lists.
 #[derive(Debug, Clone)]
-pub enum Listing {
+pub(crate) enum Listing {
     /// Every backfill run in the audit table, newest first.
     Runs(Vec<HistoryRun>),
     /// The audit rows of one run, in the order they were written.
@@ -32,7 +32,7 @@ enum Line<'a> {
 }
 
 /// Prints `listing` in `format`.
-pub fn print(format: Format, out: &mut (dyn Write + Send), listing: &Listing) -> Result<()> {
+pub(crate) fn print(format: Format, out: &mut (dyn Write + Send), listing: &Listing) -> Result<()> {
     match format {
         Format::Text => text(out, listing),
         Format::Json => json(out, listing),
