@@ -650,7 +650,8 @@ mod tests {
     }
 
     /// Without a system identifier, host, port and database each decide alone; a plan exactly
-    /// `--plan-max-age` old still applies. Both were survivors of the mutation run.
+    /// `--plan-max-age` old still applies: dropping any part of the match, or making the limit
+    /// exclusive, fails here.
     #[test]
     fn each_part_of_the_target_decides_and_the_age_limit_is_inclusive() {
         let now = Utc::now();

@@ -738,7 +738,7 @@ mod tests {
 
     /// Brackets after a string count again: an escaped quote does not end the string, an
     /// escaped backslash does not escape the closing quote. Each case fails when one arm of the
-    /// string state machine is dropped (survivors of the mutation run).
+    /// string state machine is dropped.
     #[test]
     fn nesting_depth_counts_again_after_strings_with_escapes() {
         assert_eq!(nesting_depth(r#"[{"a":"x\"]]","b":[[1]]}]"#), 4);

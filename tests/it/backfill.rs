@@ -875,8 +875,9 @@ async fn crawler_evidence_without_select_on_the_log_is_unavailable_and_cannot_be
     assert!(out.is_empty());
 }
 
-/// Regression (issue 11): a stored type nested deeper than the resolver keeps whole was audited
-/// as its summary, and revert wrote the summary back. Both now keep the value exactly.
+/// A stored type nested deeper than the resolver keeps whole is audited, and reverted, as the
+/// exact value it was: auditing its summary made revert write the summary back (a regression
+/// once).
 #[tokio::test]
 async fn a_deeply_nested_type_is_audited_and_reverted_exactly() {
     let db = TestDb::new().await;

@@ -458,14 +458,8 @@ async fn a_chunk_the_server_cancels_mid_pass_is_read_again_and_counted_once() {
     let done = run.finish().await;
 
     done.exits(0);
-    assert!(
-        done.stderr.contains("retrying in a new snapshot")
-            && done
-                .stderr
-                .contains("canceling statement due to user request"),
-        "{}",
-        done.stderr
-    );
+    done.stderr_has("retrying in a new snapshot")
+        .stderr_has("canceling statement due to user request");
     assert_eq!(planned(&done.events()), undisturbed);
 }
 

@@ -13,7 +13,7 @@ fn with_password(url: &str, password: &str) -> String {
 #[test]
 fn missing_database_url_is_a_usage_error_naming_it() {
     let done = Tool::new(&["--dry-run"]).status(2).run();
-    assert!(done.stderr.contains("DATABASE_URL"), "{}", done.stderr);
+    done.stderr_has("DATABASE_URL");
     assert!(done.stdout.is_empty());
 }
 
@@ -23,23 +23,19 @@ fn mode_is_required_and_exclusive() {
         .database("postgres://localhost/x")
         .status(2)
         .run();
-    assert!(neither.stderr.contains("--dry-run"), "{}", neither.stderr);
+    neither.stderr_has("--dry-run");
     let both = Tool::new(&["--dry-run", "--apply"])
         .database("postgres://localhost/x")
         .status(2)
         .run();
-    assert!(
-        both.stderr.contains("cannot be used with"),
-        "{}",
-        both.stderr
-    );
+    both.stderr_has("cannot be used with");
 }
 
 #[test]
 fn unparseable_url_is_a_usage_error_that_does_not_echo_it() {
     let url = "postgres://backfill:Sup3rSecret@db.internal:notaport/registry";
     let done = Tool::new(&["--dry-run"]).database(url).status(2).run();
-    assert!(done.stderr.contains("DATABASE_URL"), "{}", done.stderr);
+    done.stderr_has("DATABASE_URL");
     assert!(!done.stderr.contains("Sup3rSecret"), "{}", done.stderr);
 }
 
@@ -47,12 +43,7 @@ fn unparseable_url_is_a_usage_error_that_does_not_echo_it() {
 fn unreachable_server_is_a_configuration_error_without_the_password() {
     let url = "postgres://backfill:Sup3rSecret@127.0.0.1:1/registry?connect_timeout=2";
     let done = Tool::new(&["--dry-run"]).database(url).status(2).run();
-    assert!(
-        done.stderr
-            .contains("could not connect to '127.0.0.1:1/registry'"),
-        "{}",
-        done.stderr
-    );
+    done.stderr_has("could not connect to '127.0.0.1:1/registry'");
     assert!(!done.stderr.contains("Sup3rSecret"));
     assert_eq!(
         done.stderr.matches("error:").count(),
@@ -119,13 +110,7 @@ async fn json_apply_then_threshold_abort_then_idempotent_rerun() {
         .database(&db.url)
         .status(3)
         .run();
-    assert!(
-        aborted
-            .stderr
-            .contains("more than --max-flips 1: nothing was written"),
-        "{}",
-        aborted.stderr
-    );
+    aborted.stderr_has("more than --max-flips 1: nothing was written");
     let log = events(aborted.stdout.as_bytes());
     assert_eq!(log.of("flip").len(), 2);
     assert_eq!(log.last().unwrap()["aborted"], true);
@@ -184,12 +169,7 @@ async fn preflight_failure_exits_4() {
         .await
         .unwrap();
     let done = Tool::new(&["--dry-run"]).database(&db.url).status(4).run();
-    assert!(
-        done.stderr
-            .contains("table 'agent_capabilities_snapshot' is missing"),
-        "{}",
-        done.stderr
-    );
+    done.stderr_has("table 'agent_capabilities_snapshot' is missing");
     assert!(done.stdout.is_empty());
 }
 
@@ -255,12 +235,7 @@ fn failed_rehearsal_leaves_nothing_behind() {
         .env("PG_BIN", bin.to_str().unwrap())
         .status(1)
         .run();
-    assert!(
-        done.stderr
-            .contains("error: could not create the rehearsal database"),
-        "{}",
-        done.stderr
-    );
+    done.stderr_has("error: could not create the rehearsal database");
     let leftovers = scratch.leftovers("bin");
     assert!(
         leftovers.is_empty(),
@@ -415,14 +390,10 @@ async fn expect_database_mismatch_exits_2_before_reading() {
         .database(&db.url)
         .status(2)
         .run();
-    assert!(
-        done.stderr.contains(&format!(
-            "connected to database '{}' but --expect-database is 'registry_prod'",
-            db.name
-        )),
-        "{}",
-        done.stderr
-    );
+    done.stderr_has(&format!(
+        "connected to database '{}' but --expect-database is 'registry_prod'",
+        db.name
+    ));
     assert!(done.stdout.is_empty(), "nothing read, nothing reported");
     assert!(db.audit_rows().await.is_empty());
 
@@ -504,11 +475,7 @@ async fn transitions_not_allowed_are_listed_and_nothing_is_written() {
         "{}",
         refused.stdout
     );
-    assert!(
-        refused.stderr.contains("(buying:sales)"),
-        "{}",
-        refused.stderr
-    );
+    refused.stderr_has("(buying:sales)");
     assert_eq!(db.dump().await, before);
 
     // The spelling every document uses, pasted through a real shell: no `>` to redirect.
@@ -610,7 +577,7 @@ async fn plan_out_with_apply_is_a_usage_error() {
         .database(&db.url)
         .status(2)
         .run();
-    assert!(done.stderr.contains("--plan-out"), "{}", done.stderr);
+    done.stderr_has("--plan-out");
     assert!(done.stdout.is_empty(), "{}", done.stdout);
     assert!(!path.exists());
     assert_eq!(db.dump().await, before);

@@ -1,6 +1,7 @@
 //! What stops a run from writing what it should not: the `--max-flips` boundary for the backfill
 //! and for `revert`, a dry-run that cannot write even without its READ ONLY transaction, and the
-//! `buying` carve-out end to end. Each test is named for the mutant of issue 13 it kills.
+//! `buying` carve-out end to end. Each test is named for the boundary it holds, so an off-by-one
+//! or a dropped condition fails the one test that says which.
 
 use crate::common;
 use crate::common::Log;

@@ -77,14 +77,8 @@ async fn the_password_file_is_read_as_libpq_reads_it() {
     );
     let done = tool(&url, &["--dry-run"], &[("PGPASSFILE", file_arg)]);
     assert_eq!(done.code(), 2, "the first match wins: {}", done.stderr);
-    assert!(
-        done.stderr.contains("password authentication failed")
-            && done
-                .stderr
-                .contains(&format!("the password came from the line of '{file_arg}'")),
-        "{}",
-        done.stderr
-    );
+    done.stderr_has("password authentication failed")
+        .stderr_has(&format!("the password came from the line of '{file_arg}'"));
     assert!(!done.stderr.contains(PASSWORD), "{}", done.stderr);
 
     // A file the group or others may read (or write) is ignored, with libpq's one warning.
@@ -196,13 +190,9 @@ async fn a_socket_target_is_shown_as_its_socket_directory() {
     );
     let done = tool(&missing_url, &["--dry-run"], &[]);
     done.exits(2);
-    assert!(
-        done.stderr.contains(&format!(
-            "could not connect to '{}/.s.PGSQL.{port}/registry'",
-            missing.display()
-        )),
-        "{}",
-        done.stderr
-    );
+    done.stderr_has(&format!(
+        "could not connect to '{}/.s.PGSQL.{port}/registry'",
+        missing.display()
+    ));
     assert!(!done.stderr.contains("localhost"), "{}", done.stderr);
 }

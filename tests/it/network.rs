@@ -186,8 +186,7 @@ fn assert_silent_error(run: &Silenced, written: &str) {
 #[tokio::test]
 async fn a_link_frozen_before_connect_ends_the_run_at_connect_timeout() {
     let (db, _) = registry().await;
-    let (host, port) = host_port(&db.url);
-    let proxy = Proxy::start(&host, port).await;
+    let proxy = Proxy::to(&db.url).await;
     proxy.set(Fault::Freeze);
     let run = run_silenced(dry_run(&through(&proxy.url_for(&db.url))), &proxy).await;
     assert_eq!(run.code, 1, "{}", run.stderr);
@@ -203,8 +202,7 @@ async fn a_link_frozen_before_connect_ends_the_run_at_connect_timeout() {
 #[tokio::test]
 async fn a_link_frozen_during_the_planning_statement_ends_the_dry_run() {
     let (db, flips) = registry().await;
-    let (host, port) = host_port(&db.url);
-    let proxy = Proxy::start(&host, port).await;
+    let proxy = Proxy::to(&db.url).await;
     proxy.after("v.verdict = 'may flip'", 0, Fault::Freeze);
     let run = run_silenced(dry_run(&through(&proxy.url_for(&db.url))), &proxy).await;
     assert_silent_error(&run, "nothing was written");
@@ -216,8 +214,7 @@ async fn a_link_frozen_during_the_planning_statement_ends_the_dry_run() {
 #[tokio::test]
 async fn a_link_frozen_during_the_candidate_reads_ends_the_dry_run() {
     let (db, _) = registry().await;
-    let (host, port) = host_port(&db.url);
-    let proxy = Proxy::start(&host, port).await;
+    let proxy = Proxy::to(&db.url).await;
     // The second page of candidates: the first went through.
     proxy.after("WHERE id = ANY($1) ORDER BY id\0", 1, Fault::Freeze);
     let run = run_silenced(dry_run(&through(&proxy.url_for(&db.url))), &proxy).await;
@@ -244,8 +241,7 @@ async fn a_link_frozen_after_begin_or_inside_the_settings_leaves_no_session_in_a
         ),
     ] {
         let (db, _) = registry().await;
-        let (host, port) = host_port(&db.url);
-        let proxy = Proxy::start(&host, port).await;
+        let proxy = Proxy::to(&db.url).await;
         proxy.after(moment, 0, Fault::Freeze);
         let run = run_silenced(dry_run(&through(&proxy.url_for(&db.url))), &proxy).await;
         assert_silent_error(&run, says);
@@ -261,8 +257,7 @@ async fn a_link_frozen_after_begin_or_inside_the_settings_leaves_no_session_in_a
 #[tokio::test]
 async fn a_link_frozen_inside_a_write_batch_rolls_it_back_and_a_rerun_converges() {
     let (db, flips) = registry().await;
-    let (host, port) = host_port(&db.url);
-    let proxy = Proxy::start(&host, port).await;
+    let proxy = Proxy::to(&db.url).await;
     proxy.after("FOR UPDATE", 2, Fault::Freeze);
     let run = run_silenced(apply(&through(&proxy.url_for(&db.url))), &proxy).await;
     assert_silent_error(&run, "was not committed");
@@ -288,8 +283,7 @@ async fn a_link_frozen_inside_a_write_batch_rolls_it_back_and_a_rerun_converges(
 #[tokio::test]
 async fn a_link_frozen_at_commit_says_the_batch_may_be_committed_and_a_rerun_converges() {
     let (db, flips) = registry().await;
-    let (host, port) = host_port(&db.url);
-    let proxy = Proxy::start(&host, port).await;
+    let proxy = Proxy::to(&db.url).await;
     proxy.after("COMMIT", 1, Fault::Freeze);
     let run = run_silenced(apply(&through(&proxy.url_for(&db.url))), &proxy).await;
     assert_silent_error(&run, "may or may not have been committed");
@@ -318,8 +312,7 @@ async fn assert_eq_written(stderr: &str, db: &TestDb) {
 #[tokio::test]
 async fn a_link_reset_inside_a_write_batch_fails_at_once_and_a_rerun_converges() {
     let (db, flips) = registry().await;
-    let (host, port) = host_port(&db.url);
-    let proxy = Proxy::start(&host, port).await;
+    let proxy = Proxy::to(&db.url).await;
     proxy.after("FOR UPDATE", 1, Fault::Reset);
     let run = run_silenced(apply(&through(&proxy.url_for(&db.url))), &proxy).await;
     assert_eq!(run.code, 1, "{}", run.stderr);
@@ -336,8 +329,7 @@ async fn a_link_reset_inside_a_write_batch_fails_at_once_and_a_rerun_converges()
 #[tokio::test]
 async fn a_slow_link_still_completes_the_run() {
     let (db, flips) = registry().await;
-    let (host, port) = host_port(&db.url);
-    let proxy = Proxy::start(&host, port).await;
+    let proxy = Proxy::to(&db.url).await;
     proxy.after("FOR UPDATE", 0, Fault::Slow(Duration::from_millis(20)));
     let done = apply(&through(&proxy.url_for(&db.url)))
         .spawn()
@@ -355,8 +347,7 @@ async fn a_signal_on_a_frozen_link_still_ends_the_run_by_itself() {
         ("FOR UPDATE", apply as fn(&str) -> Tool),
     ] {
         let (db, flips) = registry().await;
-        let (host, port) = host_port(&db.url);
-        let proxy = Proxy::start(&host, port).await;
+        let proxy = Proxy::to(&db.url).await;
         proxy.after(pattern, 0, Fault::Freeze);
         let run = tool(&through(&proxy.url_for(&db.url))).spawn();
         let faulted = proxy.faulted().await;
@@ -396,8 +387,7 @@ async fn a_signal_on_a_frozen_link_still_ends_the_run_by_itself() {
 async fn the_tool_sets_tcp_keepalives_unless_the_url_turns_them_off() {
     for (parameters, expected) in [("", true), ("&keepalives=0", false)] {
         let (db, _) = registry().await;
-        let (host, port) = host_port(&db.url);
-        let proxy = Proxy::start(&host, port).await;
+        let proxy = Proxy::to(&db.url).await;
         proxy.after("FOR UPDATE", 0, Fault::Freeze);
         let url = format!("{}{parameters}", through(&proxy.url_for(&db.url)));
         let run = apply(&url).spawn();
@@ -447,8 +437,7 @@ fn timers_of_connections_to(port: u16) -> Vec<u32> {
 #[tokio::test]
 async fn a_frozen_link_behind_pgbouncer_in_transaction_mode_ends_the_run_and_a_rerun_converges() {
     let (db, flips) = registry().await;
-    let (host, port) = host_port(&db.url);
-    let proxy = Proxy::start(&host, port).await;
+    let proxy = Proxy::to(&db.url).await;
     let bouncer = PgBouncer::start(
         "127.0.0.1",
         proxy.port,
@@ -468,7 +457,7 @@ async fn a_frozen_link_behind_pgbouncer_in_transaction_mode_ends_the_run_and_a_r
     assert_eq!(audit_count(&db).await, flips);
 }
 
-/// Issue 20: the tool's settings stay in their transaction. Through PgBouncer in transaction
+/// The tool's settings stay in their transaction. Through PgBouncer in transaction
 /// mode, every server session the tool used carries the server's defaults once the run is done.
 #[tokio::test]
 async fn the_tools_settings_do_not_outlive_its_transactions_through_pgbouncer() {
@@ -515,21 +504,16 @@ async fn the_tools_settings_do_not_outlive_its_transactions_through_pgbouncer() 
     }
 }
 
-/// Issue 20: the read-back compares the values. A pooler that rewrites the tool's SET (here the
+/// The settings' read-back compares the values. A pooler that rewrites the tool's SET (here the
 /// proxy turns `jit` back on) stops the run with exit 1 naming the setting, before any write.
 #[tokio::test]
 async fn a_setting_the_server_does_not_keep_stops_the_run_naming_it() {
     let (db, flips) = registry().await;
-    let (host, port) = host_port(&db.url);
-    let proxy = Proxy::start(&host, port).await;
+    let proxy = Proxy::to(&db.url).await;
     proxy.rewrite("'jit', 'off', true", "'jit', 'on' , true");
     let done = apply(&proxy.url_for(&db.url)).spawn().finish().await;
     done.exits(1);
-    assert!(
-        done.stderr.contains("jit is 'on', expected 'off'"),
-        "{}",
-        done.stderr
-    );
+    done.stderr_has("jit is 'on', expected 'off'");
     let _: Vec<Value> = done.events();
     assert_eq!(audit_count(&db).await, 0);
     assert_eq!(flips_left(&db.url).await, flips);

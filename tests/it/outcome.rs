@@ -221,11 +221,7 @@ async fn a_second_signal_abandons_the_batch_in_flight_and_still_reports() {
         message.contains("twice; the batch in flight was rolled back; 1 of 2 written"),
         "{message}"
     );
-    assert!(
-        done.stderr.contains("the batch in flight was rolled back"),
-        "{}",
-        done.stderr
-    );
+    done.stderr_has("the batch in flight was rolled back");
     assert_eq!(audit_count(&db).await, 1, "what the summary says committed");
 }
 
@@ -244,11 +240,7 @@ async fn a_batch_that_times_out_after_a_signal_is_not_retried_and_says_so() {
     let done = run.finish().await;
     drop(holder);
     done.exits(130);
-    assert!(
-        done.stderr.contains("not retried: stopping"),
-        "{}",
-        done.stderr
-    );
+    done.stderr_has("not retried: stopping");
     assert!(!done.stderr.contains("; retrying"), "{}", done.stderr);
     assert_eq!(audit_count(&db).await, 0);
     assert!(
@@ -353,11 +345,7 @@ fn a_url_that_is_not_postgresql_is_refused_before_connecting() {
         .database("postgress://backfill@db.example/registry")
         .status(2)
         .run();
-    assert!(
-        done.stderr.contains("starts with 'postgress://'"),
-        "{}",
-        done.stderr
-    );
+    done.stderr_has("starts with 'postgress://'");
 }
 
 /// A wrong password and a database that does not exist are configuration too.
@@ -369,7 +357,7 @@ async fn a_wrong_database_or_password_is_a_configuration_error() {
         .database(&no_such_database)
         .status(2)
         .run();
-    assert!(done.stderr.contains("no_such_database"), "{}", done.stderr);
+    done.stderr_has("no_such_database");
 }
 
 /// `--help` prints the code's exit-code table, and README and RUNBOOK agree with it.

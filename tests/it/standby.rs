@@ -94,7 +94,7 @@ async fn a_standby_refuses_writes_at_preflight_and_its_plan_applies_on_the_prima
         &[],
     );
     refused.exits(2);
-    assert!(refused.stderr.contains("(a standby)"), "{}", refused.stderr);
+    refused.stderr_has("(a standby)");
     std::fs::remove_dir_all(scratch).unwrap();
     pool.close().await;
 }
@@ -116,12 +116,8 @@ async fn a_role_whose_transactions_are_read_only_stops_at_preflight() {
     let url = as_user(&db.url, &role);
     let done = tool(&url, &["--apply", "--max-flips", "100"], &[]);
     done.exits(4);
-    assert!(
-        done.stderr.contains("this session is read-only")
-            && done.stderr.contains("default_transaction_read_only"),
-        "{}",
-        done.stderr
-    );
+    done.stderr_has("this session is read-only")
+        .stderr_has("default_transaction_read_only");
     assert!(
         !done.stderr.contains("point DATABASE_URL"),
         "{}",
@@ -433,7 +429,7 @@ async fn an_apply_waits_while_a_standby_replays_further_behind_than_max_replica_
         .unwrap();
     let done = run.finish().await;
     done.exits(0);
-    assert!(done.stderr.contains("writes resumed"), "{}", done.stderr);
+    done.stderr_has("writes resumed");
     let summary = done.events().pop().unwrap();
     assert_eq!(summary["written"], planned, "{}", done.stdout);
     assert_eq!(audited().await, i64::try_from(planned).unwrap());
@@ -459,11 +455,7 @@ async fn max_replica_lag_with_no_standby_writes_at_once() {
         &[],
     );
     done.exits(0);
-    assert!(
-        done.stderr.contains("no standby streams from this server"),
-        "{}",
-        done.stderr
-    );
+    done.stderr_has("no standby streams from this server");
     let summary = events(done.stdout.as_bytes()).pop().unwrap();
     assert!(summary["written"].as_u64().unwrap() > 0, "{}", done.stdout);
     assert_eq!(

@@ -220,8 +220,8 @@ fn assert_completed(done: &Finished) {
 fn assert_refused(done: &Finished, host: &str, reason: &str) {
     done.exits(2);
     let target = format!("could not connect to '{host}:{}/{DATABASE}'", tls().port);
-    assert!(done.stderr.contains(&target), "{}", done.stderr);
-    assert!(done.stderr.contains(reason), "{}", done.stderr);
+    done.stderr_has(&target);
+    done.stderr_has(reason);
     assert_eq!(
         done.stderr.matches("error:").count(),
         1,

@@ -1,5 +1,5 @@
-//! The write path changes one key of one element and nothing else. Pins the mutation-run
-//! survivor "the UPDATE writes the resolver's whole array": the resolver rewrites a `null` or
+//! The write path changes one key of one element and nothing else, so an UPDATE that wrote the
+//! resolver's whole array fails here: the resolver rewrites a `null` or
 //! missing `type` of an element it does not flip to "unknown" under an unclassified snapshot, so
 //! writing its array would silently rewrite the other agents of every flipped profile.
 

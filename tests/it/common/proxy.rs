@@ -51,6 +51,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// A proxy in front of the server `url` points at (`url_for` then routes a URL through it).
+    pub async fn to(url: &str) -> Proxy {
+        let (host, port) = super::deployment::host_port(url);
+        Proxy::start(&host, port).await
+    }
+
     /// Starts forwarding 127.0.0.1:`port` to `server_host`:`server_port`.
     pub async fn start(server_host: &str, server_port: u16) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

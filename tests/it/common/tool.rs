@@ -303,6 +303,18 @@ impl Finished {
         self
     }
 
+    /// Fails the test, showing its stderr, unless stderr contains `needle`; returns the run for
+    /// the checks that follow.
+    #[track_caller]
+    pub fn stderr_has(&self, needle: &str) -> &Finished {
+        assert!(
+            self.stderr.contains(needle),
+            "stderr lacks {needle:?}:\n{}",
+            self.stderr
+        );
+        self
+    }
+
     pub fn describe(&self) -> String {
         match (self.status.code(), self.status.signal()) {
             (Some(code), _) => format!("exit {code}"),
