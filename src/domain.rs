@@ -267,3 +267,22 @@ impl SkipReason {
         }
     }
 }
+
+/// Where the tool is connected, as printed in the run log header. Never holds the password.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "host={} port={} database={} user={}",
+            self.host, self.port, self.database, self.user
+        )
+    }
+}

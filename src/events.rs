@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::db::{self, Target};
+use crate::db;
 pub(crate) use crate::domain::rfc3339;
-use crate::domain::{CrawlerEvidence, ProfileFlip, Transition};
+use crate::domain::{CrawlerEvidence, ProfileFlip, Target, Transition};
 // The vocabulary the log speaks, defined in `domain` and named here for the log's readers.
 pub use crate::domain::{HoldReason, Mode, SkipReason};
 use crate::outcome::OutcomeReport;

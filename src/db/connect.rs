@@ -5,32 +5,13 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
 
 use super::deadline::{Deadlines, Transaction};
 use super::{network, pgpass};
+pub use crate::domain::Target;
 use crate::error::Failure;
-
-/// Where the tool is connected, as printed in the run log header. Never holds the password.
-#[derive(Debug, Clone, Serialize)]
-pub struct Target {
-    pub host: String,
-    pub port: u16,
-    pub database: String,
-    pub user: String,
-}
-
-impl std::fmt::Display for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "host={} port={} database={} user={}",
-            self.host, self.port, self.database, self.user
-        )
-    }
-}
 
 pub struct Session {
     pub pool: Pool,
