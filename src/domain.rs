@@ -1,6 +1,8 @@
-//! The words every layer shares (what a run does, how it prints, a type change), defined here so
-//! that neither the command line, the log nor the guards depend on one another for them. This
-//! module depends on nothing else in the crate but the rule's [`Flip`].
+//! The words every layer shares (what a run does, how it prints, a type change, what names a
+//! flip, why one is held or skipped, what the crawler says of it, where the tool is connected),
+//! defined here so that neither the command line, the log, the guards nor the database layer
+//! depend on one another for them. This module depends on nothing else in the crate but the
+//! rule's [`Flip`].
 
 use std::fmt;
 

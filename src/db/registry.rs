@@ -117,9 +117,10 @@ pub struct ChunkScan {
 /// its `= ANY` keys itself (and walks the btree in key order), so a `DISTINCT` here sorted the
 /// same urls twice; dropping it took a chunk from 0.86-1.01 s to 0.78-0.83 s (psql, 20,000
 /// profiles at 1,000,000, warm), and the rows found are the same whatever plan the server picks,
-/// since `agent_url` is the snapshot table's key. Looking each agent up by its own subquery, as this statement did before, walked
-/// the btree from its root once per agent in random order and took about 1.6 times as long per
-/// chunk (measured with psql at 1,000,000 profiles; README "Performance"). A hash join against
+/// since `agent_url` is the snapshot table's key. Looking each agent up by its own subquery, as
+/// this statement did before, walked the btree from its root once per agent in random order and
+/// took about 1.6 times as long per chunk (measured with psql at 1,000,000 profiles; README
+/// "Performance"). A hash join against
 /// the whole snapshot table would be faster still at small sizes, but its work would grow with
 /// that table again.
 ///
