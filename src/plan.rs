@@ -125,7 +125,7 @@ impl PlannedFlip {
 /// How many distinct profiles `flips` change: the one meaning of "profiles changed", for the
 /// plan file's counts and the run's summary alike.
 pub(crate) fn profiles_changed<'a>(flips: impl IntoIterator<Item = &'a PlannedFlip>) -> u64 {
-    let profiles: std::collections::BTreeSet<Uuid> = flips
+    let profiles: BTreeSet<Uuid> = flips
         .into_iter()
         .map(|planned| planned.at.profile_id)
         .collect();
@@ -503,5 +503,33 @@ pub fn parse_column(row: &ProfileRow) -> Result<AgentsColumn> {
         None => Ok(AgentsColumn::Malformed),
         Some(text) => AgentsColumn::parse(text)
             .with_context(|| format!("could not parse agents of profile '{}'", row.id)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resolver::Flip;
+
+    fn planned(profile: u128, index: usize) -> PlannedFlip {
+        let flip = Flip {
+            index,
+            url: format!("https://{profile}-{index}.example/mcp"),
+            from: serde_json::json!("buying"),
+            to: "sales".to_owned(),
+        };
+        PlannedFlip::new(
+            ProfileFlip::new(Uuid::from_u128(profile), format!("p{profile}"), flip),
+            Basis::NoSnapshot,
+        )
+    }
+
+    /// Three flips in two profiles change two profiles, in whatever order they come.
+    #[test]
+    fn profiles_changed_counts_each_profile_once() {
+        let flips = [planned(1, 0), planned(2, 0), planned(1, 3)];
+        assert_eq!(profiles_changed(&flips), 2);
+        assert_eq!(profiles_changed(flips.iter().rev()), 2);
+        assert_eq!(profiles_changed(&[]), 0);
     }
 }
