@@ -111,6 +111,11 @@ pub fn count(len: usize) -> u64 {
     u64::try_from(len).unwrap_or(u64::MAX)
 }
 
+/// A duration in whole milliseconds, as logs print one; saturating, like [`count`].
+pub(crate) fn millis(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// A timestamp as the log, the plan file and the audit notes print it: whole seconds, `Z`.
 pub(crate) fn rfc3339(at: &DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Secs, true)

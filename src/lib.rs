@@ -25,8 +25,6 @@ mod run;
 pub mod support;
 mod write;
 
-pub use plan::parse_column;
-
 use std::io::Write;
 
 use anyhow::{Context, Result};

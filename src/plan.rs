@@ -249,10 +249,9 @@ pub(crate) async fn plan(pool: &db::Pool, options: &PlanOptions<'_>) -> Result<P
     });
     let parts = futures_util::future::try_join_all(ranges).await?;
     bar.finish_and_clear();
-    let (mut chunks, mut candidates) = (0, 0);
-    for (part, part_chunks, part_candidates) in parts {
-        chunks += part_chunks;
-        candidates += part_candidates;
+    let mut pass = Pass::default();
+    for (part, walked) in parts {
+        pass.add(&walked);
         plan.profiles_scanned += part.profiles_scanned;
         plan.malformed += part.malformed;
         plan.junk_elements += part.junk_elements;
@@ -260,8 +259,21 @@ pub(crate) async fn plan(pool: &db::Pool, options: &PlanOptions<'_>) -> Result<P
     }
     info!(
         profiles = plan.profiles_scanned,
-        candidates, chunks, jobs, "server pass complete"
+        candidates = pass.candidates,
+        chunks = pass.chunks,
+        jobs,
+        slowest_statement_ms = crate::domain::millis(pass.slowest),
+        "server pass complete"
     );
+    if pass.slowest > options.statement_timeout / 2 {
+        warn!(
+            "the slowest chunk statement took {}ms, more than half of --statement-timeout {}ms: \
+             a colder cache or a larger registry may reach it; lower --chunk-size (now {})",
+            crate::domain::millis(pass.slowest),
+            crate::domain::millis(options.statement_timeout),
+            options.chunk_size
+        );
+    }
     info!(
         profiles = plan.profiles_scanned,
         flips = plan.flips.len(),
@@ -270,8 +282,25 @@ pub(crate) async fn plan(pool: &db::Pool, options: &PlanOptions<'_>) -> Result<P
     Ok(plan)
 }
 
+/// How the server pass went, for the log on stderr: how many chunks and candidate profiles, and
+/// the slowest chunk statement, the one `--statement-timeout` has to cover.
+#[derive(Debug, Default, Clone, Copy)]
+struct Pass {
+    chunks: u64,
+    candidates: usize,
+    slowest: Duration,
+}
+
+impl Pass {
+    fn add(&mut self, other: &Pass) {
+        self.chunks += other.chunks;
+        self.candidates += other.candidates;
+        self.slowest = self.slowest.max(other.slowest);
+    }
+}
+
 /// One job: the chunks of the key range `first..=last` in key order, one after the other; what
-/// they found, how many chunks there were and how many candidate profiles they named.
+/// they found, and how the pass went.
 async fn walk(
     pool: &db::Pool,
     options: &PlanOptions<'_>,
@@ -279,10 +308,10 @@ async fn walk(
     (first, last): (u128, u128),
     chunk_size: usize,
     bar: &indicatif::ProgressBar,
-) -> Result<(Plan, u64, usize)> {
+) -> Result<(Plan, Pass)> {
     let through = Uuid::from_u128(last);
     let mut plan = Plan::default();
-    let (mut chunks, mut candidates) = (0u64, 0);
+    let mut pass = Pass::default();
     let mut from = Some(Uuid::from_u128(first));
     while let Some(start) = from {
         let chunk = retried(
@@ -291,8 +320,11 @@ async fn walk(
             || plan_chunk(pool, options, job, (start, through), chunk_size),
         )
         .await?;
-        chunks += 1;
-        candidates += chunk.scan.candidates.len();
+        pass.add(&Pass {
+            chunks: 1,
+            candidates: chunk.scan.candidates.len(),
+            slowest: chunk.took,
+        });
         plan.profiles_scanned += chunk.scan.profiles;
         plan.malformed += chunk.scan.malformed;
         plan.junk_elements += chunk.scan.untouchable_elements;
@@ -316,12 +348,14 @@ async fn walk(
             _ => None,
         };
     }
-    Ok((plan, chunks, candidates))
+    Ok((plan, pass))
 }
 
 /// What one chunk found.
 struct ChunkPlan {
     scan: db::ChunkScan,
+    /// How long the chunk statement ran (the server's part of the chunk).
+    took: Duration,
     flips: Vec<PlannedFlip>,
 }
 
@@ -337,8 +371,10 @@ async fn plan_chunk(
     options
         .backend
         .record(job, db::backend_pid(&mut transaction).await?);
+    let started = std::time::Instant::now();
     let scan = db::plan_chunk(&mut transaction, from, through, chunk_size).await?;
     let mut found = ChunkPlan {
+        took: started.elapsed(),
         flips: Vec::new(),
         scan,
     };
@@ -455,7 +491,7 @@ where
         warn!(
             attempt = attempts,
             of = CHUNK_ATTEMPTS,
-            retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+            retry_in_ms = crate::domain::millis(wait),
             "{what} was cancelled by the server ({}); retrying in a new snapshot",
             crate::error::render(&error)
         );
@@ -498,7 +534,7 @@ pub(crate) async fn attach_evidence(
     Ok(())
 }
 
-pub fn parse_column(row: &ProfileRow) -> Result<AgentsColumn> {
+pub(crate) fn parse_column(row: &ProfileRow) -> Result<AgentsColumn> {
     match &row.agents {
         None => Ok(AgentsColumn::Malformed),
         Some(text) => AgentsColumn::parse(text)

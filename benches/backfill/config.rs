@@ -26,6 +26,8 @@ pub(crate) struct Config {
     pub(crate) apply_rounds: usize,
     pub(crate) bin: PathBuf,
     pub(crate) diagnose: Vec<Vec<String>>,
+    /// BENCH_BOUNDS=0 skips the lower bounds of a keyset plan (runs.rs `BOUNDS`).
+    pub(crate) bounds: bool,
 }
 
 pub(crate) fn env_or<T: FromStr>(name: &str, default: T) -> Result<T>
@@ -89,6 +91,7 @@ impl Config {
                 .map(|prefix| prefix.split_whitespace().map(str::to_owned).collect())
                 .filter(|prefix: &Vec<String>| !prefix.is_empty())
                 .collect(),
+            bounds: env_or("BENCH_BOUNDS", 1u8)? != 0,
         })
     }
 

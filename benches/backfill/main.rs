@@ -8,7 +8,8 @@
 //! BENCH_SWEEP_ROUNDS (2), BENCH_C_EVERY (1 = every profile), BENCH_C_ROUNDS, BENCH_APPLY_FLIPS
 //! (1000), BENCH_APPLY_ROUNDS (3), BENCH_BIN (binary to time), BENCH_DIAGNOSE (command prefixes
 //! separated by ';', e.g. "perf record -e cpu-clock -a -g -o /tmp/a.data --": one extra dry-run at
-//! N under each, reported apart from the figures).
+//! N under each, reported apart from the figures), BENCH_BOUNDS (1; 0 skips the lower bounds of
+//! a plan in chunks by key, run each round beside (a) and (b)).
 
 // Ratios, rates and MiB of counts far below 2^52, for a printed report: the rounding is the point.
 #![allow(clippy::cast_precision_loss)]
@@ -253,6 +254,8 @@ async fn bench(
     let mut b_jit_off_runs = Vec::new();
     let mut c_runs = Vec::new();
     let mut c_prepared = None;
+    let chunk = config.chunk_size.unwrap_or(TOOL_DEFAULT_CHUNK);
+    let mut bound_runs: Vec<Vec<BoundRun>> = BOUNDS.iter().map(|_| Vec::new()).collect();
     for round in 1..=config.rounds {
         log.note(format!("round {round}: (a) dry-run"));
         let a = run_tool(tool, &url_n, &dry_run_args(config, None), None).await?;
@@ -276,6 +279,19 @@ async fn bench(
             secs(b_jit_off.wall)
         ));
         b_jit_off_runs.push(b_jit_off);
+        if config.bounds {
+            for ((name, sql), runs) in BOUNDS.iter().zip(bound_runs.iter_mut()) {
+                let bound = run_bound(&url_n, sql, chunk, TOOL_DEFAULT_JOBS, cpu).await?;
+                ensure!(
+                    bound.profiles == a.summary["profiles_scanned"].as_u64().unwrap_or_default(),
+                    "{name} read {} profiles, the dry-run {}",
+                    bound.profiles,
+                    a.summary["profiles_scanned"]
+                );
+                log.note(format!("round {round}: {name} {:.2}s", secs(bound.wall)));
+                runs.push(bound);
+            }
+        }
         if round <= config.c_rounds {
             log.note(format!(
                 "round {round}: (c) script pattern, every {}th profile",
@@ -330,7 +346,7 @@ async fn bench(
     )?;
     writeln!(
         out,
-        "round | (a) wall s | (a) in-tool s | (a) peak RSS MiB | (a) client CPU s (user+sys) | (a) server CPU s | (b) wall s | (b) server CPU s | (b') jit off wall s | (c) s"
+        "round | (a) wall s | (a) in-tool s | (a) peak RSS MiB | (a) client CPU s (user+sys) | (a) server CPU s | (a) slowest statement s | (b) wall s | (b) server CPU s | (b') jit off wall s | (c) s"
     )?;
     for (index, ((a, b), b_jit_off)) in a_runs.iter().zip(&b_runs).zip(&b_jit_off_runs).enumerate()
     {
@@ -356,7 +372,7 @@ async fn bench(
         });
         writeln!(
             out,
-            "{:>5} | {:>10.2} | {:>13.2} | {:>16.1} | {:>7.2} ({:.2}+{:.2}) | {:>16.2} | {:>10.2} | {:>16.2} | {:>18.2} | {c}",
+            "{:>5} | {:>10.2} | {:>13.2} | {:>16.1} | {:>7.2} ({:.2}+{:.2}) | {:>16.2} | {:>23} | {:>10.2} | {:>16.2} | {:>18.2} | {c}",
             index + 1,
             secs(a.wall),
             a.internal_ms.unwrap_or_default() as f64 / 1000.0,
@@ -365,6 +381,8 @@ async fn bench(
             secs(a.user),
             secs(a.system),
             secs(a.server),
+            a.slowest_statement
+                .map_or("-".to_owned(), |slowest| format!("{:.3}", secs(slowest))),
             secs(b.wall),
             secs(b.server),
             secs(b_jit_off.wall),
@@ -416,16 +434,40 @@ async fn bench(
         })
     )?;
 
-    log.note("anatomy: the tool's statements called without the binary");
-    let batch = config.batch_size.unwrap_or(TOOL_DEFAULT_BATCH);
-    let chunk = config.chunk_size.unwrap_or(TOOL_DEFAULT_CHUNK);
-    let anatomy = anatomy(&url_n, batch, chunk, cpu).await?;
+    if config.bounds {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "-- lower bounds: the least a plan in chunks of {chunk} profiles by key must do, {TOOL_DEFAULT_JOBS} jobs as the tool runs them (benches/backfill/runs.rs BOUNDS) --"
+        )?;
+        writeln!(
+            out,
+            "bound | wall s per round | server CPU s per round | slowest statement s | median / floor (b) median"
+        )?;
+        for ((name, _), runs) in BOUNDS.iter().zip(&bound_runs) {
+            let list = |value: &dyn Fn(&BoundRun) -> String| {
+                runs.iter().map(value).collect::<Vec<_>>().join(", ")
+            };
+            let bound_med = median(&runs.iter().map(|run| secs(run.wall)).collect::<Vec<_>>());
+            writeln!(
+                out,
+                "{name} | {} | {} | {:.3} | {:.2}",
+                list(&|run| format!("{:.2}", secs(run.wall))),
+                list(&|run| format!("{:.2}", secs(run.server))),
+                secs(runs.iter().map(|run| run.slowest).max().unwrap_or_default()),
+                bound_med / b_med,
+            )?;
+        }
+        writeln!(
+            out,
+            "(a) the dry-run itself | median / floor (b) median {:.2}",
+            a_med / b_med
+        )?;
+    }
+    log.note("plans of one chunk and of the floor");
     writeln!(out)?;
-    writeln!(
-        out,
-        "-- anatomy of (a): the tool's own statements (src/db/) called from the bench, batch {batch}, chunks of {chunk}, one READ ONLY REPEATABLE READ transaction each --"
-    )?;
-    for line in anatomy {
+    writeln!(out, "-- plans --")?;
+    for line in plans(&url_n, chunk).await? {
         writeln!(out, "{line}")?;
     }
 
@@ -544,15 +586,23 @@ async fn bench(
     let verdict = |met: bool| if met { "MET" } else { "NOT MET" };
     writeln!(
         out,
-        "dry-run <= 1.5x floor:             a/b = {a_over_b:.2} (per round: {})  {}",
+        "dry-run <= floor (issue 19):       a/b = {a_over_b:.2} (per round: {})  {}",
         a_runs
             .iter()
             .zip(&b_runs)
             .map(|(a, b)| format!("{:.2}", secs(a.wall) / secs(b.wall)))
             .collect::<Vec<_>>()
             .join(", "),
-        verdict(a_over_b <= 1.5)
+        verdict(a_over_b <= 1.0)
     )?;
+    if let Some(lookups) = bound_runs.last().filter(|runs| !runs.is_empty()) {
+        let bound_med = median(&lookups.iter().map(|run| secs(run.wall)).collect::<Vec<_>>());
+        writeln!(
+            out,
+            "  no plan in chunks by key can go below bound (3): {:.2}x the floor here",
+            bound_med / b_med
+        )?;
+    }
     writeln!(
         out,
         "  the same against the floor with jit off (the tool's own setting): a/b' = {:.2}",

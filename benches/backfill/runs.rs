@@ -48,6 +48,8 @@ pub(crate) struct ToolRun {
     pub(crate) system: Duration,
     pub(crate) server: Duration,
     pub(crate) internal_ms: Option<u64>,
+    /// The slowest planning chunk statement, as the tool itself reports it on stderr.
+    pub(crate) slowest_statement: Option<Duration>,
     pub(crate) summary: Value,
     pub(crate) flips: FlipSet,
 }
@@ -138,9 +140,20 @@ pub(crate) async fn run_tool(
         system: nanos("system_ns"),
         server: server_cpu,
         internal_ms: summary["duration_ms"].as_u64(),
+        slowest_statement: slowest_statement(&stderr),
         summary,
         flips,
     })
+}
+
+/// `slowest_statement_ms=N` from the tool's "server pass complete" line on stderr.
+fn slowest_statement(stderr: &str) -> Option<Duration> {
+    let line = stderr
+        .lines()
+        .find(|line| line.contains("server pass complete"))?;
+    let (_, after) = line.split_once("slowest_statement_ms=")?;
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok().map(Duration::from_millis)
 }
 
 pub(crate) fn dry_run_args(config: &Config, batch: Option<u32>) -> Vec<String> {
@@ -338,90 +351,156 @@ pub(crate) async fn run_script(
     })
 }
 
-pub(crate) const TOOL_DEFAULT_BATCH: u32 = 1000;
-
-/// The tool's default `--chunk-size`; BENCH_CHUNK_SIZE overrides it for the anatomy below.
+/// The tool's default `--chunk-size`; BENCH_CHUNK_SIZE overrides it for the lower bounds too.
 pub(crate) const TOOL_DEFAULT_CHUNK: usize = 20_000;
 
-/// Where a dry-run's time goes: the tool's own statements (`db::plan_chunk` over every chunk,
-/// then the candidate pages), called from the bench each chunk in its own READ ONLY REPEATABLE
-/// READ transaction as the tool runs them, each statement timed, plus the plans of one chunk and
-/// of the floor. The slowest single statement is what `--statement-timeout` has to cover.
-pub(crate) async fn anatomy(
+/// The tool's default `--plan-jobs`: the lower bounds walk the key space with as many.
+pub(crate) const TOOL_DEFAULT_JOBS: usize = 2;
+
+/// The least any plan in chunks of profiles by key must do, measured the way the tool plans
+/// (`jobs` connections, each walking its share of the key space in chunks of `chunk_size`, each
+/// chunk in its own READ ONLY REPEATABLE READ transaction, `jit = off`), in three steps that each
+/// add one piece of the tool's chunk statement: (1) read the chunk's rows by key, (2) also take
+/// their `agents` apart into urls, (3) also look those urls up in the snapshot table's key. The
+/// tool's statement adds the rule, the counts and the candidates on top of (3), so (3) against
+/// the floor says how close any keyset plan can come to one hash join over the whole registry.
+pub(crate) const BOUNDS: [(&str, &str); 3] = [
+    (
+        "(1) read each chunk's rows by key",
+        "SELECT count(*), max(id::text)::uuid, count(agents) FROM ( \
+             SELECT id, agents FROM member_profiles WHERE id BETWEEN $1 AND $3 ORDER BY id LIMIT $2 \
+         ) p",
+    ),
+    (
+        "(2) + take their agents apart into urls",
+        "WITH p AS MATERIALIZED ( \
+             SELECT id, agents FROM member_profiles WHERE id BETWEEN $1 AND $3 ORDER BY id LIMIT $2 \
+         ), u AS MATERIALIZED ( \
+             SELECT e ->> 'url' AS url FROM p CROSS JOIN LATERAL jsonb_array_elements( \
+                 CASE WHEN jsonb_typeof(p.agents) = 'array' THEN p.agents ELSE '[]' END) e \
+             WHERE jsonb_typeof(e -> 'url') = 'string' \
+         ) \
+         SELECT (SELECT count(*) FROM p), (SELECT max(id::text)::uuid FROM p), \
+                (SELECT count(url) FROM u)",
+    ),
+    (
+        "(3) + look the urls up in agent_capabilities_snapshot",
+        "WITH p AS MATERIALIZED ( \
+             SELECT id, agents FROM member_profiles WHERE id BETWEEN $1 AND $3 ORDER BY id LIMIT $2 \
+         ), u AS MATERIALIZED ( \
+             SELECT e ->> 'url' AS url FROM p CROSS JOIN LATERAL jsonb_array_elements( \
+                 CASE WHEN jsonb_typeof(p.agents) = 'array' THEN p.agents ELSE '[]' END) e \
+             WHERE jsonb_typeof(e -> 'url') = 'string' \
+         ) \
+         SELECT (SELECT count(*) FROM p), (SELECT max(id::text)::uuid FROM p), \
+                (SELECT count(inferred_type) FROM agent_capabilities_snapshot \
+                 WHERE agent_url = ANY (ARRAY(SELECT url FROM u)))",
+    ),
+];
+
+/// One lower bound of [`BOUNDS`] over the whole registry: wall time, server CPU, the slowest
+/// single statement, and the profiles read (which must be all of them).
+pub(crate) struct BoundRun {
+    pub(crate) wall: Duration,
+    pub(crate) server: Duration,
+    pub(crate) slowest: Duration,
+    pub(crate) profiles: u64,
+}
+
+pub(crate) async fn run_bound(
     url: &str,
-    batch: u32,
+    sql: &'static str,
     chunk_size: usize,
+    jobs: usize,
     cpu: &ServerCpu,
-) -> Result<Vec<String>> {
-    use agent_type_backfill::resolver::{SELF_DECLARED_TYPE, UNKNOWN_TYPE, VALID_AGENT_TYPES};
-    use agent_type_backfill::{db, parse_column};
+) -> Result<BoundRun> {
     let options = sqlx::postgres::PgConnectOptions::from_str(url)?.options([("jit", "off")]);
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(options)
-        .await?;
-    let deadlines = db::Deadlines::new(None, Duration::from_secs(3600));
-    let read_only = Some("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY");
+    let mut connections = Vec::new();
+    for _ in 0..jobs {
+        connections.push(PgConnection::connect_with(&options).await?);
+    }
     let before = cpu.reaped()?;
     let started = Instant::now();
-    let (mut profiles, mut malformed, mut candidates, mut untouchable) = (0, 0, 0, 0);
-    let (mut chunks, mut pages) = (0, 0);
-    let (mut chunk_time, mut pages_time) = (Duration::ZERO, Duration::ZERO);
-    let mut slowest = Duration::ZERO;
-    let mut from = Some(Uuid::nil());
+    // The tool's split of the key space (src/plan.rs): job k walks the k-th of `jobs` equal
+    // ranges of uuids.
+    let step = u128::MAX / jobs as u128;
+    let walks = connections
+        .into_iter()
+        .enumerate()
+        .map(|(job, connection)| {
+            let first = step * job as u128;
+            let last = if job + 1 == jobs {
+                u128::MAX
+            } else {
+                first + step - 1
+            };
+            walk_bound(connection, sql, chunk_size, first, last)
+        });
+    let walked = futures_util::future::try_join_all(walks).await?;
+    let wall = started.elapsed();
+    cpu.settle().await;
+    Ok(BoundRun {
+        wall,
+        server: cpu.reaped()?.saturating_sub(before),
+        slowest: walked
+            .iter()
+            .map(|(_, slowest)| *slowest)
+            .max()
+            .unwrap_or_default(),
+        profiles: walked.iter().map(|(profiles, _)| profiles).sum(),
+    })
+}
+
+/// One job of [`run_bound`]; closes its connection so its backend's CPU is counted.
+async fn walk_bound(
+    mut connection: PgConnection,
+    sql: &'static str,
+    chunk_size: usize,
+    first: u128,
+    last: u128,
+) -> Result<(u64, Duration)> {
+    let (mut profiles, mut slowest) = (0u64, Duration::ZERO);
+    let mut from = Some(first);
     while let Some(start) = from {
-        let mut transaction =
-            db::Transaction::begin_on(pool.acquire().await?, deadlines, read_only).await?;
+        sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut connection)
+            .await?;
         let step = Instant::now();
-        let scan = db::plan_chunk(&mut transaction, start, Uuid::max(), chunk_size).await?;
-        let took = step.elapsed();
-        chunk_time += took;
-        slowest = slowest.max(took);
-        chunks += 1;
-        profiles += scan.profiles;
-        malformed += scan.malformed;
-        untouchable += scan.untouchable_elements;
-        candidates += scan.candidates.len();
-        for ids in scan.candidates.chunks(batch as usize) {
-            let step = Instant::now();
-            let rows = db::profiles_by_id(&mut transaction, ids).await?;
-            let columns = rows.iter().map(parse_column).collect::<Result<Vec<_>>>()?;
-            db::snapshots_for(&mut transaction, &columns).await?;
-            let took = step.elapsed();
-            pages_time += took;
-            slowest = slowest.max(took);
-            pages += 1;
-        }
-        transaction.rollback().await?;
-        from = match scan.last_id {
-            Some(last) if scan.profiles >= chunk_size as u64 => {
-                last.as_u128().checked_add(1).map(Uuid::from_u128)
+        let row = sqlx::query(sql)
+            .bind(Uuid::from_u128(start))
+            .bind(i64::try_from(chunk_size)?)
+            .bind(Uuid::from_u128(last))
+            .persistent(false)
+            .fetch_one(&mut connection)
+            .await
+            .with_context(|| format!("lower bound {sql:?}"))?;
+        slowest = slowest.max(step.elapsed());
+        sqlx::query("ROLLBACK").execute(&mut connection).await?;
+        let read: i64 = row.get(0);
+        let last_id: Option<Uuid> = row.get(1);
+        profiles += u64::try_from(read)?;
+        from = match last_id {
+            Some(id) if read >= i64::try_from(chunk_size)? => {
+                id.as_u128().checked_add(1).filter(|next| *next <= last)
             }
             _ => None,
         };
     }
-    let wall = started.elapsed();
-    cpu.settle().await;
-    let server = cpu.reaped()?.saturating_sub(before);
-    let mut lines = vec![
-        format!(
-            "all statements: wall {:.2}s | server CPU {:.2}s | slowest single statement {:.3}s",
-            secs(wall),
-            secs(server),
-            secs(slowest)
-        ),
-        format!(
-            "  {chunks} chunks of {chunk_size} ({profiles} profiles, {malformed} malformed, \
-             {candidates} candidates, {untouchable} untouchable elements) {:>6.2}s",
-            secs(chunk_time)
-        ),
-        format!(
-            "  {pages} candidate pages (rows by id, lean parse, snapshots)  {:>6.2}s",
-            secs(pages_time)
-        ),
-    ];
-    let mut transaction =
-        db::Transaction::begin_on(pool.acquire().await?, deadlines, read_only).await?;
+    connection.close().await?;
+    Ok((profiles, slowest))
+}
+
+/// The plans behind the figures: `EXPLAIN (ANALYZE, BUFFERS)` of the tool's first chunk (its own
+/// statement, `db::PLAN_CHUNK`, as the tool runs it) and `EXPLAIN` of the floor.
+pub(crate) async fn plans(url: &str, chunk_size: usize) -> Result<Vec<String>> {
+    use agent_type_backfill::db;
+    use agent_type_backfill::resolver::{SELF_DECLARED_TYPE, UNKNOWN_TYPE, VALID_AGENT_TYPES};
+    let mut lines = Vec::new();
+    let options = sqlx::postgres::PgConnectOptions::from_str(url)?.options([("jit", "off")]);
+    let mut connection = PgConnection::connect_with(&options).await?;
+    sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut connection)
+        .await?;
     let explain: Vec<String> =
         sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, BUFFERS) {}", db::PLAN_CHUNK))
             .bind(&VALID_AGENT_TYPES[..])
@@ -430,9 +509,11 @@ pub(crate) async fn anatomy(
             .bind(Uuid::nil())
             .bind(i64::try_from(chunk_size)?)
             .bind(Uuid::max())
-            .fetch_all(&mut transaction)
+            .persistent(false)
+            .fetch_all(&mut connection)
             .await?;
-    transaction.rollback().await?;
+    sqlx::query("ROLLBACK").execute(&mut connection).await?;
+    connection.close().await?;
     lines.push(
         "EXPLAIN (ANALYZE, BUFFERS) of the first chunk (jit off, as the tool runs it):".into(),
     );
@@ -441,7 +522,6 @@ pub(crate) async fn anatomy(
             .into_iter()
             .map(|line| format!("    {}", clip(&line))),
     );
-    pool.close().await;
 
     let mut connection = PgConnection::connect(url).await?;
     let explain: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {FLOOR_SQL}"))

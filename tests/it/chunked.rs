@@ -492,3 +492,40 @@ async fn a_chunk_past_the_statement_timeout_on_every_attempt_fails_the_run_sayin
     assert_eq!(done.stderr.matches("retrying in a new snapshot").count(), 4);
     assert!(!done.stdout.contains("\"summary\""), "{}", done.stdout);
 }
+
+#[tokio::test]
+async fn a_chunk_statement_past_half_the_statement_timeout_is_warned_about_with_what_to_change() {
+    let db = consistent_with_stale(&[(0.5, "middle")]).await;
+    // The chunk statement is the first of the run to lock member_profiles: it waits here, so it
+    // runs for at least as long as the lock is held, and finishes well inside the timeout.
+    let mut blocker = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE member_profiles IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let run = Tool::new(&[
+        "--dry-run",
+        "--chunk-size",
+        "500",
+        "--lock-timeout",
+        "60s",
+        "--statement-timeout",
+        "10s",
+    ])
+    .database(&db.url)
+    .spawn();
+    waiting_tool_session(&db).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    blocker.rollback().await.unwrap();
+    let done = run.finish().await;
+
+    done.exits(0)
+        .stderr_has("the slowest chunk statement took")
+        .stderr_has("more than half of --statement-timeout 10000ms")
+        .stderr_has("lower --chunk-size (now 500)");
+    assert!(
+        !done.stderr.contains("retrying"),
+        "the chunk ran past the timeout instead of near it: {}",
+        done.stderr
+    );
+}
