@@ -357,6 +357,19 @@ pub(crate) const TOOL_DEFAULT_CHUNK: usize = 20_000;
 /// The tool's default `--plan-jobs`: the lower bounds walk the key space with as many.
 pub(crate) const TOOL_DEFAULT_JOBS: usize = 2;
 
+/// The chunk's rows (`p`) and the urls of their agents (`u`), for bounds (2) and (3).
+macro_rules! chunk_urls {
+    () => {
+        "WITH p AS MATERIALIZED ( \
+             SELECT id, agents FROM member_profiles WHERE id BETWEEN $1 AND $3 ORDER BY id LIMIT $2 \
+         ), u AS MATERIALIZED ( \
+             SELECT e ->> 'url' AS url FROM p CROSS JOIN LATERAL jsonb_array_elements( \
+                 CASE WHEN jsonb_typeof(p.agents) = 'array' THEN p.agents ELSE '[]' END) e \
+             WHERE jsonb_typeof(e -> 'url') = 'string' \
+         ) "
+    };
+}
+
 /// The least any plan in chunks of profiles by key must do, measured the way the tool plans
 /// (`jobs` connections, each walking its share of the key space in chunks of `chunk_size`, each
 /// chunk in its own READ ONLY REPEATABLE READ transaction, `jit = off`), in three steps that each
@@ -373,28 +386,20 @@ pub(crate) const BOUNDS: [(&str, &str); 3] = [
     ),
     (
         "(2) + take their agents apart into urls",
-        "WITH p AS MATERIALIZED ( \
-             SELECT id, agents FROM member_profiles WHERE id BETWEEN $1 AND $3 ORDER BY id LIMIT $2 \
-         ), u AS MATERIALIZED ( \
-             SELECT e ->> 'url' AS url FROM p CROSS JOIN LATERAL jsonb_array_elements( \
-                 CASE WHEN jsonb_typeof(p.agents) = 'array' THEN p.agents ELSE '[]' END) e \
-             WHERE jsonb_typeof(e -> 'url') = 'string' \
-         ) \
-         SELECT (SELECT count(*) FROM p), (SELECT max(id::text)::uuid FROM p), \
-                (SELECT count(url) FROM u)",
+        concat!(
+            chunk_urls!(),
+            "SELECT (SELECT count(*) FROM p), (SELECT max(id::text)::uuid FROM p), \
+                    (SELECT count(url) FROM u)"
+        ),
     ),
     (
         "(3) + look the urls up in agent_capabilities_snapshot",
-        "WITH p AS MATERIALIZED ( \
-             SELECT id, agents FROM member_profiles WHERE id BETWEEN $1 AND $3 ORDER BY id LIMIT $2 \
-         ), u AS MATERIALIZED ( \
-             SELECT e ->> 'url' AS url FROM p CROSS JOIN LATERAL jsonb_array_elements( \
-                 CASE WHEN jsonb_typeof(p.agents) = 'array' THEN p.agents ELSE '[]' END) e \
-             WHERE jsonb_typeof(e -> 'url') = 'string' \
-         ) \
-         SELECT (SELECT count(*) FROM p), (SELECT max(id::text)::uuid FROM p), \
-                (SELECT count(inferred_type) FROM agent_capabilities_snapshot \
-                 WHERE agent_url = ANY (ARRAY(SELECT url FROM u)))",
+        concat!(
+            chunk_urls!(),
+            "SELECT (SELECT count(*) FROM p), (SELECT max(id::text)::uuid FROM p), \
+                    (SELECT count(inferred_type) FROM agent_capabilities_snapshot \
+                     WHERE agent_url = ANY (ARRAY(SELECT url FROM u)))"
+        ),
     ),
 ];
 

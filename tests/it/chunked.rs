@@ -463,22 +463,27 @@ async fn a_chunk_the_server_cancels_mid_pass_is_read_again_and_counted_once() {
     assert_eq!(planned(&done.events()), undisturbed);
 }
 
-#[tokio::test]
-async fn a_chunk_past_the_statement_timeout_on_every_attempt_fails_the_run_saying_what_to_change() {
-    let db = consistent_with_stale(&[(0.5, "middle")]).await;
-    let _blocker = hold_the_log(&db).await;
-    let done = Tool::new(&[
+/// A dry-run in chunks of 500 that waits on locks for as long as `statement_timeout` lets it.
+fn waiting_dry_run(db: &TestDb, statement_timeout: &str) -> Tool {
+    Tool::new(&[
         "--dry-run",
         "--chunk-size",
         "500",
         "--lock-timeout",
         "60s",
         "--statement-timeout",
-        "300ms",
+        statement_timeout,
     ])
     .database(&db.url)
-    .status(1)
-    .run_within(Duration::from_secs(120));
+}
+
+#[tokio::test]
+async fn a_chunk_past_the_statement_timeout_on_every_attempt_fails_the_run_saying_what_to_change() {
+    let db = consistent_with_stale(&[(0.5, "middle")]).await;
+    let _blocker = hold_the_log(&db).await;
+    let done = waiting_dry_run(&db, "300ms")
+        .status(1)
+        .run_within(Duration::from_secs(120));
     let error = done.error_line();
     assert!(
         error.contains("nothing was written")
@@ -503,17 +508,7 @@ async fn a_chunk_statement_past_half_the_statement_timeout_is_warned_about_with_
         .execute(&mut *blocker)
         .await
         .unwrap();
-    let run = Tool::new(&[
-        "--dry-run",
-        "--chunk-size",
-        "500",
-        "--lock-timeout",
-        "60s",
-        "--statement-timeout",
-        "10s",
-    ])
-    .database(&db.url)
-    .spawn();
+    let run = waiting_dry_run(&db, "10s").spawn();
     waiting_tool_session(&db).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     blocker.rollback().await.unwrap();
