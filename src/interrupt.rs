@@ -51,8 +51,7 @@ static AFTER_SIGNAL_MS: AtomicU64 = AtomicU64::new(0);
 /// Sets the longest the run may take to end after the first signal: the batch in flight or the
 /// cancel of the planning statement, then closing the connections, all within their deadlines.
 pub(crate) fn bound_after_signal(limit: Duration) {
-    let millis = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
-    AFTER_SIGNAL_MS.store(millis, Ordering::SeqCst);
+    AFTER_SIGNAL_MS.store(crate::domain::millis(limit), Ordering::SeqCst);
 }
 
 /// Tells a run that it has been asked to stop, by what, and whether twice.

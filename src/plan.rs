@@ -336,15 +336,11 @@ async fn walk(
         // A short chunk is the end of the range; the next chunk starts just above this one's
         // last id (uuids compare as their bytes, as big-endian u128 do).
         from = match chunk.scan.last_id {
-            Some(last_id)
-                if chunk.scan.profiles >= u64::try_from(chunk_size).unwrap_or(u64::MAX) =>
-            {
-                last_id
-                    .as_u128()
-                    .checked_add(1)
-                    .filter(|next| *next <= last)
-                    .map(Uuid::from_u128)
-            }
+            Some(last_id) if chunk.scan.profiles >= crate::domain::count(chunk_size) => last_id
+                .as_u128()
+                .checked_add(1)
+                .filter(|next| *next <= last)
+                .map(Uuid::from_u128),
             _ => None,
         };
     }
@@ -438,7 +434,7 @@ async fn unrecognised_inferred_types(
             *counts.entry(name).or_insert(0) += count;
         }
         match chunk.last_url {
-            Some(last) if chunk.snapshots >= u64::try_from(limit).unwrap_or(u64::MAX) => {
+            Some(last) if chunk.snapshots >= crate::domain::count(limit) => {
                 after = Some(last);
             }
             _ => return Ok(counts),

@@ -4,7 +4,6 @@
 use std::io::Write;
 
 use anyhow::{ensure, Context, Result};
-use sqlx::postgres::PgPoolOptions;
 
 use crate::backfill;
 use crate::cli::RehearseArgs;
@@ -44,23 +43,9 @@ async fn rehearse_on(
     args: &RehearseArgs,
     out: &mut (dyn Write + Send),
 ) -> Result<()> {
-    let admin = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&server.url("postgres"))
-        .await
-        .context("could not connect to the rehearsal server")?;
-    sqlx::query("CREATE DATABASE registry")
-        .execute(&admin)
+    let pool = seed::create_registry(server, "registry")
         .await
         .context("could not create the rehearsal database")?;
-    admin.close().await;
-
-    let url = server.url("registry");
-    let pool = PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&url)
-        .await
-        .context("could not connect to the rehearsal database")?;
     crate::support::MIGRATOR
         .run(&pool)
         .await
@@ -92,16 +77,11 @@ async fn rehearse_on(
         writeln!(out).context("could not write to stdout")?;
     }
 
-    let audit_rows: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM type_reclassification_log WHERE source = 'backfill_script'",
-    )
-    .fetch_one(&pool)
-    .await
-    .context("could not count audit rows")?;
+    let audit_rows = seed::backfill_audit_rows(&pool).await?;
     pool.close().await;
     let (dry, apply, rerun) = (&summaries[0], &summaries[1], &summaries[2]);
     ensure!(
-        dry.flips == apply.written && i64::try_from(apply.written).ok() == Some(audit_rows) && rerun.flips == 0,
+        dry.flips == apply.written && apply.written == audit_rows && rerun.flips == 0,
         "rehearsal failed: dry-run planned {}, apply wrote {}, audit has {audit_rows} rows, re-run found {}",
         dry.flips,
         apply.written,

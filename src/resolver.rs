@@ -476,7 +476,7 @@ pub(crate) fn is_depth_summary(value: &Value) -> bool {
         .get("nested_json_summary")
         .and_then(|summary| summary.get("depth"))
         .and_then(Value::as_u64)
-        .is_some_and(|depth| depth > MAX_TYPE_DEPTH as u64)
+        .is_some_and(|depth| usize::try_from(depth).map_or(true, |depth| depth > MAX_TYPE_DEPTH))
         && value.as_object().is_some_and(|object| object.len() == 1)
 }
 

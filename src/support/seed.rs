@@ -3,7 +3,10 @@
 
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
+
+use super::ephemeral::EphemeralPostgres;
 use uuid::Uuid;
 
 /// The agent URLs of the known stale profiles: sales agents stored as 'buying'.
@@ -325,6 +328,37 @@ pub async fn seed_rehearsal(pool: &PgPool, ordinary: usize) -> Result<()> {
     let (profiles, snapshots) = named_fixtures();
     insert(pool, &profiles, &snapshots).await?;
     seed_bulk(pool, BulkSpec::consistent(ordinary, 20_261_126)).await
+}
+
+/// A new database `name` on the throwaway `server`, and a pool of two connections to it.
+pub(crate) async fn create_registry(server: &EphemeralPostgres, name: &str) -> Result<PgPool> {
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&server.url("postgres"))
+        .await
+        .context("could not connect to the throwaway server")?;
+    // A database name cannot be a bind parameter; `name` is the caller's constant.
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .with_context(|| format!("could not create database '{name}'"))?;
+    admin.close().await;
+    PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&server.url(name))
+        .await
+        .with_context(|| format!("could not connect to database '{name}'"))
+}
+
+/// The audit rows the tool's runs wrote: what an apply must have added, one per flip.
+pub(crate) async fn backfill_audit_rows(pool: &PgPool) -> Result<u64> {
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM type_reclassification_log WHERE source = 'backfill_script'",
+    )
+    .fetch_one(pool)
+    .await
+    .context("could not count audit rows")?;
+    u64::try_from(rows).context("the server counted fewer than no rows")
 }
 
 pub async fn seed_bulk(pool: &PgPool, spec: BulkSpec) -> Result<()> {
