@@ -22,7 +22,9 @@ use std::process::{Command, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use agent_type_backfill::resolver::{diff_flips, resolve_agents};
+use agent_type_backfill::resolver::{
+    diff_flips, resolve_agents, SELF_DECLARED_TYPE, UNKNOWN_TYPE, VALID_AGENT_TYPES,
+};
 use agent_type_backfill::support::ephemeral::EphemeralPostgres;
 use agent_type_backfill::support::seed::{seed_bulk, BulkSpec};
 use agent_type_backfill::support::MIGRATOR;
@@ -39,8 +41,18 @@ type FlipSet = BTreeSet<FlipKey>;
 const BIG_MAX_FLIPS: &str = "100000000";
 const APPLY_MAX_FLIPS: &str = "100000";
 
-/// The resolve rule and the flip rule of src/resolver.rs, evaluated inside the server.
-const FLOOR_SQL: &str = r#"
+/// The resolve rule and the flip rule of src/resolver.rs, evaluated inside the server, with the
+/// rule's vocabulary spliced in from the resolver's own constants as literals, as a DBA would type
+/// them.
+static FLOOR_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let vocabulary = format!("'{{{}}}'::text[]", VALID_AGENT_TYPES.join(","));
+    FLOOR_TEMPLATE
+        .replace("{VOCABULARY}", &vocabulary)
+        .replace("{SELF_DECLARED}", SELF_DECLARED_TYPE)
+        .replace("{UNKNOWN}", UNKNOWN_TYPE)
+});
+
+const FLOOR_TEMPLATE: &str = r#"
 WITH elements AS (
     SELECT p.id, e.ord - 1 AS idx, e.elem
     FROM member_profiles p
@@ -50,20 +62,20 @@ WITH elements AS (
     WHERE jsonb_typeof(e.elem) = 'object' AND jsonb_typeof(e.elem -> 'url') = 'string'
 ), resolved AS (
     SELECT x.id, x.idx, x.elem ->> 'url' AS url,
-           coalesce(nullif(x.elem -> 'type', 'null'::jsonb), '"unknown"'::jsonb) AS from_type,
+           coalesce(nullif(x.elem -> 'type', 'null'::jsonb), '"{UNKNOWN}"'::jsonb) AS from_type,
            CASE
                WHEN s.agent_url IS NOT NULL THEN
                    CASE
                        WHEN s.inferred_type = ANY (
-                           '{brand,rights,measurement,governance,creative,sales,buying,signals,unknown}'::text[]
+                           {VOCABULARY}
                        ) THEN s.inferred_type
-                       WHEN x.elem -> 'type' = '"buying"'::jsonb THEN 'buying'
-                       ELSE 'unknown'
+                       WHEN x.elem -> 'type' = '"{SELF_DECLARED}"'::jsonb THEN '{SELF_DECLARED}'
+                       ELSE '{UNKNOWN}'
                    END
                WHEN jsonb_typeof(x.elem -> 'type') = 'string'
                     AND NOT (x.elem ->> 'type') = ANY (
-                        '{brand,rights,measurement,governance,creative,sales,buying,signals,unknown}'::text[]
-                    ) THEN 'unknown'
+                        {VOCABULARY}
+                    ) THEN '{UNKNOWN}'
            END AS to_type
     FROM elements x
     LEFT JOIN agent_capabilities_snapshot s ON s.agent_url = x.elem ->> 'url'
@@ -735,7 +747,8 @@ async fn bench_apply(
     // removes the flip without touching member_profiles.
     let trimmed = sqlx::query(&format!(
         "UPDATE agent_capabilities_snapshot SET inferred_type = 'buying' \
-         WHERE agent_url IN (SELECT url FROM ({FLOOR_SQL}) f ORDER BY id, idx OFFSET $1)"
+         WHERE agent_url IN (SELECT url FROM ({}) f ORDER BY id, idx OFFSET $1)",
+        *FLOOR_SQL
     ))
     .bind(i64::try_from(config.apply_flips)?)
     .execute(&mut tpl)

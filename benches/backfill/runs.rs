@@ -211,7 +211,7 @@ pub(crate) async fn run_floor_with(
     let mut connection = PgConnection::connect_with(&options).await?;
     let before = server.reaped()?;
     let started = Instant::now();
-    let rows = sqlx::query(FLOOR_SQL)
+    let rows = sqlx::query(&FLOOR_SQL)
         .fetch_all(&mut connection)
         .await
         .context("the floor query failed")?;
@@ -529,7 +529,7 @@ pub(crate) async fn plans(url: &str, chunk_size: usize) -> Result<Vec<String>> {
     );
 
     let mut connection = PgConnection::connect(url).await?;
-    let explain: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {FLOOR_SQL}"))
+    let explain: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {}", *FLOOR_SQL))
         .fetch_all(&mut connection)
         .await?;
     lines.push("EXPLAIN of the floor query (b), server defaults:".into());
