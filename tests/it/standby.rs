@@ -463,3 +463,81 @@ async fn max_replica_lag_with_no_standby_writes_at_once() {
         summary["written"].as_u64().unwrap()
     );
 }
+
+/// Logical replication is not a standby: a subscription's walsender, bound to a database, is
+/// listed in `pg_stat_replication` beside the physical standbys, but it does not serve reads of
+/// the registry, so `--max-replica-lag` does not wait on it (nor name it as watched).
+#[tokio::test]
+async fn max_replica_lag_does_not_watch_a_logical_replication_subscriber() {
+    let mut primary = EphemeralPostgres::start_with(&[("wal_level", "logical")]).unwrap();
+    let pool = registry_on(&primary, 10).await;
+    for statement in [
+        "CREATE TABLE ping (n int PRIMARY KEY)",
+        "CREATE PUBLICATION atb_pub FOR TABLE ping",
+        // Made apart: a subscription on the same server would wait on its own slot's creation.
+        "SELECT pg_create_logical_replication_slot('atb_sub', 'pgoutput')",
+    ] {
+        sqlx::query(statement).execute(&pool).await.unwrap();
+    }
+    let mut admin = sqlx::PgConnection::connect(&primary.url("postgres"))
+        .await
+        .unwrap();
+    sqlx::query("CREATE DATABASE subscriber")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let mut subscriber = sqlx::PgConnection::connect(&primary.url("subscriber"))
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE ping (n int PRIMARY KEY)")
+        .execute(&mut subscriber)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "CREATE SUBSCRIPTION atb_sub CONNECTION '{}' PUBLICATION atb_pub \
+         WITH (create_slot = false, slot_name = 'atb_sub')",
+        primary
+            .url("registry")
+            .replace("postgres://", "postgresql://")
+    ))
+    .execute(&mut subscriber)
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    while sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'atb_sub' \
+         AND state = 'streaming'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap()
+        == 0
+    {
+        assert!(started.elapsed() < HANG, "the subscription never streamed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let done = tool(
+        &primary.url("registry"),
+        &[
+            "--apply",
+            "--format",
+            "json",
+            "--max-flips",
+            "100",
+            "--max-replica-lag",
+            "1s",
+        ],
+        &[],
+    );
+    done.exits(0)
+        .stderr_has("no standby streams from this server");
+    assert!(!done.stderr.contains("atb_sub"), "{}", done.stderr);
+
+    sqlx::query("DROP SUBSCRIPTION atb_sub")
+        .execute(&mut subscriber)
+        .await
+        .unwrap();
+    pool.close().await;
+    primary.stop().unwrap();
+}
