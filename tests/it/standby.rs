@@ -469,7 +469,7 @@ async fn max_replica_lag_with_no_standby_writes_at_once() {
 /// the registry, so `--max-replica-lag` does not wait on it (nor name it as watched).
 #[tokio::test]
 async fn max_replica_lag_does_not_watch_a_logical_replication_subscriber() {
-    let mut primary = EphemeralPostgres::start_with(&[("wal_level", "logical")]).unwrap();
+    let primary = EphemeralPostgres::start_with(&[("wal_level", "logical")]).unwrap();
     let pool = registry_on(&primary, 10).await;
     for statement in [
         "CREATE TABLE ping (n int PRIMARY KEY)",
