@@ -13,7 +13,7 @@ use crate::config::{HistoryConfig, RevertConfig};
 use crate::db::{self, AuditEntry, Snapshots};
 use crate::dispositions::{Census, Disposition, Dispositions};
 use crate::domain::{Mode, ProfileFlip, SkipReason};
-use crate::error::Failure;
+use crate::error::{Failure, Usage};
 use crate::events::{HistoryRow, HistoryRun, Summary};
 use crate::interrupt::StopSignal;
 use crate::plan::{parse_column, Basis, PlannedFlip, PlanningBackend, Restore, Reversal};
@@ -52,10 +52,9 @@ pub async fn history(config: &HistoryConfig, out: &mut (dyn Write + Send)) -> Re
 }
 
 fn no_such_run(run_id: &str) -> anyhow::Error {
-    Failure::Usage(format!(
-        "no audit rows with run id '{run_id}' and source 'backfill_script': list the runs with \
-         'agent-type-backfill history'"
-    ))
+    Failure::Usage(Usage::NoSuchRun {
+        run_id: run_id.to_owned(),
+    })
     .into()
 }
 

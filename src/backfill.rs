@@ -8,7 +8,7 @@ use crate::config::{BackfillConfig, Guards};
 use crate::db::{self, Needs};
 use crate::dispositions::{Census, Disposition, Dispositions};
 use crate::domain::{Mode, SkipReason};
-use crate::error::Failure;
+use crate::error::{Failure, Preflight};
 use crate::events::{Event, Summary};
 use crate::guard::Holds;
 use crate::interrupt::StopSignal;
@@ -216,13 +216,13 @@ async fn name_earlier_writes(
 async fn evidence_access(session: &db::Session, guards: &Guards) -> Result<EvidenceAccess> {
     match db::audit_log_unreadable(&session.pool).await? {
         None => Ok(EvidenceAccess::Readable),
-        Some(why) if guards.min_corroboration.is_some() => Err(Failure::Preflight(format!(
-            "preflight failed, nothing was read or written: --min-corroboration reads the \
-             crawler's rows in type_reclassification_log, but there is {why}: GRANT SELECT ON \
-             type_reclassification_log TO {}, or run without --min-corroboration",
-            session.target.user
-        ))
-        .into()),
+        Some(why) if guards.min_corroboration.is_some() => {
+            Err(Failure::Preflight(Preflight::CrawlerLogUnreadable {
+                why,
+                user: session.target.user.clone(),
+            })
+            .into())
+        }
         Some(why) => Ok(EvidenceAccess::Unavailable(why)),
     }
 }

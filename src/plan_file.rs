@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::db;
 use crate::dispositions::{Census, Disposition, Dispositions};
 use crate::domain::{CrawlerEvidence, HoldReason, ProfileFlip, SkipReason};
-use crate::error::Failure;
+use crate::error::{Failure, Usage};
 use crate::events::Rule;
 use crate::plan::{Basis, PlannedFlip, Reviewed};
 use crate::resolver::Flip;
@@ -141,7 +141,7 @@ pub struct PlanFile {
 }
 
 /// How a digest names its algorithm.
-const DIGEST_PREFIX: &str = "sha256:";
+pub(crate) const DIGEST_PREFIX: &str = "sha256:";
 
 /// The digest of a plan's content: SHA-256 over its canonical form, the JSON value without its
 /// `digest` key, printed compact with object keys sorted (serde_json's map is ordered). So
@@ -223,26 +223,25 @@ impl PlanFile {
 
     pub fn read(path: &Path) -> Result<PlanFile> {
         let text = std::fs::read_to_string(path).map_err(|error| {
-            Failure::Usage(format!(
-                "could not read the plan '{}': {error}",
-                path.display()
-            ))
+            Failure::Usage(Usage::PlanUnreadable {
+                path: path.to_owned(),
+                cause: error.to_string(),
+            })
         })?;
         let not_a_plan = |error: serde_json::Error| {
-            Failure::Usage(format!(
-                "'{}' is not a plan written by --plan-out: {error}",
-                path.display()
-            ))
+            Failure::Usage(Usage::NotAPlan {
+                path: path.to_owned(),
+                cause: error.to_string(),
+            })
         };
         let content: Value = serde_json::from_str(&text).map_err(not_a_plan)?;
         check_digest(path, &content)?;
         let plan: PlanFile = serde_json::from_value(content).map_err(not_a_plan)?;
         if plan.format != FORMAT {
-            return Err(Failure::Usage(format!(
-                "'{}' has plan format '{}', this tool reads '{FORMAT}'",
-                path.display(),
-                plan.format
-            ))
+            return Err(Failure::Usage(Usage::PlanFormat {
+                path: path.to_owned(),
+                format: plan.format,
+            })
             .into());
         }
         Ok(plan)
@@ -264,30 +263,19 @@ impl PlanFile {
         max_age: Duration,
     ) -> Result<()> {
         if !self.target.admits(here) {
-            let standby_hint = if self.target.standby {
-                " (a plan made on a standby applies on its primary only when both \
-                 system_identifiers are readable: GRANT EXECUTE ON FUNCTION pg_control_system() \
-                 to the user on the primary)"
-            } else {
-                ""
-            };
-            return Err(Failure::Usage(format!(
-                "the plan was made on {} but this is {}: nothing was written; make a new plan \
-                 with --dry-run --plan-out against this database{standby_hint}",
-                describe(&self.target),
-                describe(here)
-            ))
+            return Err(Failure::Usage(Usage::PlanElsewhere {
+                made_on: Box::new(self.target.clone()),
+                here: Box::new(here.clone()),
+            })
             .into());
         }
         let age = now - self.created_at;
         let limit = chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
         if age > limit {
-            return Err(Failure::Usage(format!(
-                "the plan is {} old, more than --plan-max-age {}: nothing was written; make a \
-                 new plan with --dry-run --plan-out",
-                crate::report::precise_age(age),
-                crate::report::precise_age(limit)
-            ))
+            return Err(Failure::Usage(Usage::PlanTooOld {
+                age,
+                max_age: limit,
+            })
             .into());
         }
         Ok(())
@@ -309,24 +297,20 @@ fn check_digest(path: &Path, content: &Value) -> Result<()> {
         }
         Some(Value::String(written)) if written.starts_with(DIGEST_PREFIX) => written,
         Some(other) => {
-            return Err(Failure::Usage(format!(
-                "the plan '{}' has digest {other}, not a '{DIGEST_PREFIX}' digest written by \
-                 --plan-out: nothing was read or written; make a new plan with --dry-run \
-                 --plan-out",
-                path.display()
-            ))
+            return Err(Failure::Usage(Usage::PlanDigestMalformed {
+                path: path.to_owned(),
+                digest: other.clone(),
+            })
             .into())
         }
     };
     let actual = digest_of(content);
     if *written != actual {
-        return Err(Failure::Usage(format!(
-            "the plan '{}' was changed after --plan-out wrote it: its content digests to {actual}, \
-             not the {written} it was written with: nothing was read or written; a reviewed plan \
-             is applied only as written: make a new plan with --dry-run --plan-out (narrow what \
-             is written with --allow-transition or --max-flips, which the log records)",
-            path.display()
-        ))
+        return Err(Failure::Usage(Usage::PlanChanged {
+            path: path.to_owned(),
+            actual,
+            written: written.clone(),
+        })
         .into());
     }
     Ok(())
@@ -374,18 +358,19 @@ pub(crate) fn hold_to_review(
     dispositions
 }
 
-fn describe(target: &Fingerprint) -> String {
-    format!(
-        "host={} port={} database={} system_identifier={}{}",
-        target.host,
-        target.port,
-        target.database,
-        target
-            .system_identifier
-            .as_deref()
-            .unwrap_or("(unreadable)"),
-        if target.standby { " (a standby)" } else { "" }
-    )
+/// The database a plan was made on, as a refusal names it.
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "host={} port={} database={} system_identifier={}{}",
+            self.host,
+            self.port,
+            self.database,
+            self.system_identifier.as_deref().unwrap_or("(unreadable)"),
+            if self.standby { " (a standby)" } else { "" }
+        )
+    }
 }
 
 #[cfg(test)]

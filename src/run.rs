@@ -14,7 +14,7 @@ use crate::config::ConnectConfig;
 use crate::db;
 use crate::dispositions::{Census, Disposition, Dispositions};
 use crate::domain::{Mode, SkipReason};
-use crate::error::{exit_code, render, Failure};
+use crate::error::{exit_code, render, Failure, Usage};
 use crate::events::{Event, Rule, Start, Summary};
 use crate::interrupt::StopSignal;
 use crate::outcome::{Ending, Outcome, Phase, Refusal, Stop};
@@ -349,11 +349,10 @@ pub(crate) async fn open_session(
     let session = db::connect(&connect.url, &settings).await?;
     if let Some(expected) = &connect.expect_database {
         if *expected != session.target.database {
-            return Err(Failure::Usage(format!(
-                "connected to database '{}' but --expect-database is '{expected}': nothing \
-                 was read; check DATABASE_URL",
-                session.target.database
-            ))
+            return Err(Failure::Usage(Usage::WrongDatabase {
+                connected: session.target.database.clone(),
+                expected: expected.clone(),
+            })
             .into());
         }
     }
