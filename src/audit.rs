@@ -11,16 +11,16 @@ use uuid::Uuid;
 
 use crate::config::{HistoryConfig, RevertConfig};
 use crate::db::{self, AuditEntry, Snapshots};
+use crate::dispositions::{Census, Disposition, Dispositions};
 use crate::domain::{Mode, ProfileFlip, SkipReason};
-use crate::error::Failure;
-use crate::events::{Event, HistoryRow, HistoryRun, Summary};
-use crate::guard::check_threshold;
+use crate::error::{Failure, Usage};
+use crate::events::{HistoryRow, HistoryRun, Summary};
 use crate::interrupt::StopSignal;
 use crate::plan::{parse_column, Basis, PlannedFlip, PlanningBackend, Restore, Reversal};
 use crate::report::history::Listing;
 use crate::report::{self, Printer};
 use crate::resolver::{bounded_type, type_label, AgentsColumn, Flip};
-use crate::run::{open_session, skipped_event, Census, Dispositions, Run};
+use crate::run::{open_session, Run};
 use crate::write::Recheck;
 
 /// `history [RUN_ID]`: the runs in `type_reclassification_log`, or one run's rows, printed by
@@ -52,10 +52,9 @@ pub async fn history(config: &HistoryConfig, out: &mut (dyn Write + Send)) -> Re
 }
 
 fn no_such_run(run_id: &str) -> anyhow::Error {
-    Failure::Usage(format!(
-        "no audit rows with run id '{run_id}' and source 'backfill_script': list the runs with \
-         'agent-type-backfill history'"
-    ))
+    Failure::Usage(Usage::NoSuchRun {
+        run_id: run_id.to_owned(),
+    })
     .into()
 }
 
@@ -119,30 +118,13 @@ async fn plan_and_write(
 ) -> Result<()> {
     let pool = run.session.pool.clone();
     let planning = plan_revert(&pool, &config.reverted_run, entries);
-    let (flips, conflicts, profiles) = run.plan(planning, &PlanningBackend::default()).await?;
-    run.print_flips(
-        &flips,
-        |planned| planned,
-        |planned, now| Event::Flip(planned.event(now)),
-    )?;
-    let conflicts: Vec<(PlannedFlip, SkipReason)> = conflicts
-        .into_iter()
-        .map(|planned| (planned, SkipReason::ChangedSinceRun))
-        .collect();
-    run.print_flips(&conflicts, |(planned, _)| planned, skipped_event)?;
+    let (dispositions, profiles) = run.plan(planning, &PlanningBackend::default()).await?;
     run.census = Census {
         complete: true,
         profiles_scanned: profiles,
         ..Census::default()
     };
-    run.refusals = check_threshold(flips.len(), config.run.max_flips)
-        .into_iter()
-        .collect();
-    run.dispositions = Dispositions {
-        to_write: flips,
-        departed: conflicts,
-        ..Dispositions::default()
-    };
+    run.list_plan(dispositions)?;
     let recheck = StillCarriesFrom {
         reverts: config.reverted_run.clone(),
     };
@@ -175,13 +157,13 @@ impl Restorable {
     }
 }
 
-/// Splits the run's audit rows into restorable flips and conflicts, against current data in one
-/// read-only snapshot. Returns them with the number of profiles the run touched.
+/// The run's audit rows as flips to restore and conflicts (departed, `changed_since_run`),
+/// against current data in one read-only snapshot, with the number of profiles the run touched.
 async fn plan_revert(
     pool: &db::Pool,
     reverted: &str,
     entries: &[AuditEntry],
-) -> Result<(Vec<PlannedFlip>, Vec<PlannedFlip>, u64)> {
+) -> Result<(Dispositions, u64)> {
     let ids: BTreeSet<Uuid> = entries
         .iter()
         .filter_map(|entry| match Restorable::of(entry) {
@@ -202,8 +184,7 @@ async fn plan_revert(
         .collect::<Result<_>>()?;
 
     let mut legacy_unknown = 0usize;
-    let mut flips = Vec::new();
-    let mut conflicts = Vec::new();
+    let mut dispositions = Dispositions::default();
     for entry in entries {
         // The stored value exactly as the run found it, however deep; the log shows it as the
         // resolver would.
@@ -237,18 +218,24 @@ async fn plan_revert(
             && columns
                 .get(&profile_id)
                 .is_some_and(|column| column.carries(&planned.at.flip));
-        if holds {
-            flips.push(planned);
+        let disposition = if holds {
+            Disposition::ToWrite
         } else {
-            conflicts.push(planned);
-        }
+            Disposition::Departed(SkipReason::ChangedSinceRun)
+        };
+        dispositions.push(planned, disposition);
     }
-    if !conflicts.is_empty() {
+    let conflict = |disposition: &Disposition| *disposition != Disposition::ToWrite;
+    if dispositions.count(conflict) > 0 {
         let restored = db::restored_by(pool, reverted).await?;
-        for conflict in &mut conflicts {
-            if let (Some(revert), Basis::Reverts(reversal)) =
-                (restored.get(&conflict.at.element()), &mut conflict.basis)
-            {
+        for fate in dispositions.iter_mut() {
+            if !conflict(&fate.disposition) {
+                continue;
+            }
+            if let (Some(revert), Basis::Reverts(reversal)) = (
+                restored.get(&fate.planned.at.element()),
+                &mut fate.planned.basis,
+            ) {
                 reversal.restored_by = Some(revert.clone());
             }
         }
@@ -262,7 +249,7 @@ async fn plan_revert(
              \"unknown\" there; it cannot know which it was"
         );
     }
-    Ok((flips, conflicts, crate::domain::count(ids.len())))
+    Ok((dispositions, crate::domain::count(ids.len())))
 }
 
 /// How the log shows a restored absent `type` key.

@@ -6,12 +6,11 @@ use tracing::info;
 
 use crate::config::{BackfillConfig, Guards};
 use crate::db::{self, Needs};
-use crate::domain::{count, Mode, SkipReason};
-use crate::error::Failure;
+use crate::dispositions::{Census, Disposition, Dispositions};
+use crate::domain::{Mode, SkipReason};
+use crate::error::{Failure, Preflight};
 use crate::events::{Event, Summary};
-use crate::guard::{
-    check_threshold, held_refusal, not_allowed, transitions_refusal, HeldFlip, Holds,
-};
+use crate::guard::Holds;
 use crate::interrupt::StopSignal;
 use crate::plan::{
     self, Basis, EvidenceAccess, PlanOptions, PlannedFlip, PlanningBackend, Reviewed,
@@ -19,7 +18,7 @@ use crate::plan::{
 use crate::plan_file::{hold_to_review, Fingerprint, PlanFile};
 use crate::report::Printer;
 use crate::resolver::{AgentsColumn, Flip};
-use crate::run::{skipped_event, Census, Dispositions, Run};
+use crate::run::Run;
 use crate::write::ResolveAgain;
 
 /// Runs the backfill `config` describes, printing its log to `printer`, stopping between
@@ -93,73 +92,59 @@ async fn plan_check_and_write(
         junk_elements: plan.junk_elements,
         unrecognised_inferred_types: plan.unrecognised_inferred_types.clone(),
     };
+    // 3. Hold what a guard distrusts, and check `--allow-transition` on the rest; a reviewed
+    // plan keeps only its own flips. Every flip the plan found gets its one disposition.
     let holds = Holds {
         guards: &config.guards,
+        leave_held: config.leave_held,
         unrecognised_inferred_types: &plan.unrecognised_inferred_types,
         now: run.started_at,
         reviewed,
     };
+    let planned_flips = plan.flips.len();
+    let found = std::mem::take(&mut plan.flips);
+    let mut dispositions = match reviewed {
+        Some(reviewed) => hold_to_review(found, reviewed, |planned| holds.disposition(planned)),
+        None => {
+            let mut dispositions = Dispositions::default();
+            for planned in found {
+                let disposition = holds.disposition(&planned);
+                dispositions.push(planned, disposition);
+            }
+            dispositions
+        }
+    };
     if let Some(path) = &config.plan_out {
         PlanFile::new(
-            &plan,
-            &|planned| holds.reason(planned).map(|hold| hold.reason),
+            &dispositions,
+            &run.census,
             fingerprint,
             &run.run_id,
             run.started_at,
         )
         .write(path)?;
-        info!(path = %path.display(), flips = plan.flips.len(), "plan written");
+        info!(path = %path.display(), flips = planned_flips, "plan written");
     }
-    let planned_flips = plan.flips.len();
-    let found = std::mem::take(&mut plan.flips);
-    let (kept, mut departures) = match reviewed {
-        Some(reviewed) => hold_to_review(found, reviewed),
-        None => (found, Vec::new()),
-    };
-    name_earlier_writes(&run.session.pool, &mut departures, evidence_readable).await?;
+    name_earlier_writes(&run.session.pool, &mut dispositions, evidence_readable).await?;
 
-    // 3. Hold what a guard distrusts, then check the limits on the rest. The log lists the flips
-    // to write, then those held, then those the review left, then those not allowed; the plan
-    // file's line follows every list.
-    let (writable, held) = holds.split(kept);
-    run.print_flips(
-        &writable,
-        |planned| planned,
-        |planned, now| Event::Flip(planned.event(now)),
-    )?;
-    run.print_flips(&held, |held| &held.planned, HeldFlip::event)?;
-    run.print_flips(&departures, |(planned, _)| planned, skipped_event)?;
-    let refused = not_allowed(&writable, &config.guards.allow_transitions);
-    run.print_flips(
-        &refused,
-        |planned| planned,
-        |planned, now| Event::NotAllowed(planned.event(now)),
-    )?;
+    // The log lists the flips to write, then those held, then those the review left, then those
+    // not allowed; the plan file's line follows every list. The limits are checked on the list
+    // as it stands.
+    run.list_plan(dispositions)?;
     if let Some(path) = &config.plan_out {
         run.print(Event::PlanWritten {
             path: path.display().to_string(),
             flips: planned_flips,
         })?;
     }
-    // `--leave-held` (only with a reviewed plan): the held flips are listed and left unwritten.
-    run.refusals = [
-        held_refusal(&held).filter(|_| !config.leave_held),
-        transitions_refusal(&refused),
-        check_threshold(writable.len(), config.run.max_flips),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    let left_held = config.leave_held.then(|| count(held.len()));
-    run.dispositions = Dispositions {
-        to_write: writable,
-        held,
-        not_allowed: count(refused.len()),
-        departed: departures,
-        ..Dispositions::default()
-    };
 
-    // 4. Write (an apply nothing refused); the report is the run's conclusion.
+    // 4. Write (an apply nothing refused); the report is the run's conclusion. `--leave-held`
+    // (only with a reviewed plan): the held flips are listed and left unwritten, and the audit
+    // notes say how many.
+    let left_held = config.leave_held.then(|| {
+        run.dispositions
+            .count(|disposition| matches!(disposition, Disposition::LeftHeld(_)))
+    });
     run.write(config.run.pace(), &ResolveAgain { left_held })
         .await
 }
@@ -170,13 +155,15 @@ async fn plan_check_and_write(
 /// backfill run that wrote it.
 async fn name_earlier_writes(
     pool: &db::Pool,
-    departures: &mut [(PlannedFlip, SkipReason)],
+    dispositions: &mut Dispositions,
     audit_readable: bool,
 ) -> Result<()> {
-    let ids: Vec<uuid::Uuid> = departures
+    const CHANGED: Disposition = Disposition::Departed(SkipReason::ChangedSincePlan);
+    const ALREADY: Disposition = Disposition::Departed(SkipReason::AlreadyWritten);
+    let ids: Vec<uuid::Uuid> = dispositions
         .iter()
-        .filter(|(_, reason)| *reason == SkipReason::ChangedSincePlan)
-        .map(|(planned, _)| planned.at.profile_id)
+        .filter(|fate| fate.disposition == CHANGED)
+        .map(|fate| fate.planned.at.profile_id)
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
@@ -203,23 +190,23 @@ async fn name_earlier_writes(
             .is_some_and(|column| column.carries(&target))
     };
     let mut done = Vec::new();
-    for (planned, reason) in departures.iter_mut() {
-        if *reason == SkipReason::ChangedSincePlan && carries_target(planned) {
-            *reason = SkipReason::AlreadyWritten;
-            planned.basis = Basis::Reviewed(Reviewed::AlreadyCarried);
-            done.push(planned.at.clone());
+    for fate in dispositions.iter_mut() {
+        if fate.disposition == CHANGED && carries_target(&fate.planned) {
+            fate.disposition = ALREADY;
+            fate.planned.basis = Basis::Reviewed(Reviewed::AlreadyCarried);
+            done.push(fate.planned.at.clone());
         }
     }
     if !audit_readable || done.is_empty() {
         return Ok(());
     }
     let written = db::written_by(pool, &done).await?;
-    for (planned, reason) in departures.iter_mut() {
-        if *reason != SkipReason::AlreadyWritten {
+    for fate in dispositions.iter_mut() {
+        if fate.disposition != ALREADY {
             continue;
         }
-        if let Some(run_id) = written.get(&planned.at.element()) {
-            planned.basis = Basis::Reviewed(Reviewed::WrittenBy(run_id.clone()));
+        if let Some(run_id) = written.get(&fate.planned.at.element()) {
+            fate.planned.basis = Basis::Reviewed(Reviewed::WrittenBy(run_id.clone()));
         }
     }
     Ok(())
@@ -229,13 +216,13 @@ async fn name_earlier_writes(
 async fn evidence_access(session: &db::Session, guards: &Guards) -> Result<EvidenceAccess> {
     match db::audit_log_unreadable(&session.pool).await? {
         None => Ok(EvidenceAccess::Readable),
-        Some(why) if guards.min_corroboration.is_some() => Err(Failure::Preflight(format!(
-            "preflight failed, nothing was read or written: --min-corroboration reads the \
-             crawler's rows in type_reclassification_log, but there is {why}: GRANT SELECT ON \
-             type_reclassification_log TO {}, or run without --min-corroboration",
-            session.target.user
-        ))
-        .into()),
+        Some(why) if guards.min_corroboration.is_some() => {
+            Err(Failure::Preflight(Preflight::CrawlerLogUnreadable {
+                why,
+                user: session.target.user.clone(),
+            })
+            .into())
+        }
         Some(why) => Ok(EvidenceAccess::Unavailable(why)),
     }
 }

@@ -8,7 +8,7 @@ use clap::Parser;
 
 use crate::cli::{BackfillArgs, Cli, ConnectOpts, HistoryArgs, RevertArgs, RunOpts};
 use crate::domain::{Format, Mode, Transition};
-use crate::error::Failure;
+use crate::error::{Failure, Usage};
 use crate::write::Pace;
 
 /// Where to connect and how each statement is bounded.
@@ -23,9 +23,10 @@ pub struct ConnectConfig {
 
 impl ConnectConfig {
     fn from_cli(connect: &ConnectOpts) -> Result<ConnectConfig, Failure> {
-        let url = connect.database_url.clone().ok_or_else(|| {
-            Failure::Usage("no database given: set DATABASE_URL or pass --database-url".to_owned())
-        })?;
+        let url = connect
+            .database_url
+            .clone()
+            .ok_or(Failure::Usage(Usage::NoDatabase))?;
         Ok(ConnectConfig {
             url,
             expect_database: connect.expect_database.clone(),
@@ -116,12 +117,7 @@ impl BackfillConfig {
     pub fn from_cli(args: &BackfillArgs) -> Result<BackfillConfig, Failure> {
         let mode = args.mode.mode();
         if args.leave_held && args.plan.is_none() {
-            return Err(Failure::Usage(
-                "--leave-held needs --plan FILE: the held flips must have been reviewed; make \
-                 a plan with --dry-run --plan-out, review it, then --apply --plan FILE \
-                 --leave-held"
-                    .to_owned(),
-            ));
+            return Err(Failure::Usage(Usage::LeaveHeldWithoutPlan));
         }
         Ok(BackfillConfig {
             connect: ConnectConfig::from_cli(&args.connect)?,

@@ -209,6 +209,25 @@ impl HoldReason {
     }
 }
 
+/// Why a guard holds a flip back: the reason, and the type outside the rule's vocabulary behind
+/// an `unrecognised_inferred_type` or `retired_inferred_type` hold. Its JSON fields are the held
+/// line's `reason` and `inferred_type`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Hold {
+    pub reason: HoldReason,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inferred_type: Option<String>,
+}
+
+impl Hold {
+    pub(crate) fn because(reason: HoldReason) -> Hold {
+        Hold {
+            reason,
+            inferred_type: None,
+        }
+    }
+}
+
 /// Why a planned flip was not written, or a found flip was not planned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]

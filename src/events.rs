@@ -10,7 +10,7 @@ use crate::db;
 pub(crate) use crate::domain::rfc3339;
 use crate::domain::{CrawlerEvidence, ProfileFlip, Target, Transition};
 // The vocabulary the log speaks, defined in `domain` and named here for the log's readers.
-pub use crate::domain::{HoldReason, Mode, SkipReason};
+pub use crate::domain::{Hold, HoldReason, Mode, SkipReason};
 use crate::outcome::OutcomeReport;
 use crate::resolver::{RULE_COMMIT, RULE_FILE, RULE_FUNCTION, RULE_REPOSITORY, VALID_AGENT_TYPES};
 
@@ -21,12 +21,21 @@ pub enum Event {
     Start(Start),
     /// A flip the run will write (an apply) or would write (a dry-run).
     Flip(FlipEvent),
-    /// A flip the rule found that a guard will not let anyone write.
-    Held(Held),
+    /// A flip the rule found that a guard will not let anyone write, and the guard's hold.
+    Held {
+        #[serde(flatten)]
+        flip: FlipEvent,
+        #[serde(flatten)]
+        hold: Hold,
+    },
     /// A flip whose transition `--allow-transition` does not list.
     NotAllowed(FlipEvent),
     /// A flip that was planned or found but not written, and why.
-    Skipped(Skipped),
+    Skipped {
+        #[serde(flatten)]
+        flip: FlipEvent,
+        reason: SkipReason,
+    },
     PlanWritten {
         path: String,
         flips: usize,
@@ -170,23 +179,6 @@ pub struct FlipEvent {
     pub probe_note: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Held {
-    #[serde(flatten)]
-    pub flip: FlipEvent,
-    pub reason: HoldReason,
-    /// For `unrecognised_inferred_type`: the type outside this tool's vocabulary.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub inferred_type: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Skipped {
-    #[serde(flatten)]
-    pub flip: FlipEvent,
-    pub reason: SkipReason,
-}
-
 /// The last event of a run.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
@@ -246,5 +238,84 @@ impl Summary {
         } else {
             self.skipped += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resolver::Flip;
+    use serde_json::{json, Value};
+
+    fn flip() -> FlipEvent {
+        let flip = Flip {
+            index: 1,
+            url: "https://acme.example/mcp".into(),
+            from: json!("buying"),
+            to: "sales".into(),
+        };
+        FlipEvent {
+            at: ProfileFlip::new(uuid::Uuid::nil(), "acme", flip),
+            probed_at: None,
+            discovery_error: false,
+            oauth_required: false,
+            crawler_disagreements: None,
+            probe_note: "no snapshot".into(),
+        }
+    }
+
+    /// A held and a skipped line are the flip's own fields with the hold's or the reason's beside
+    /// them, flat, under their `event` tag; an inferred type is present only when there is one.
+    #[test]
+    fn held_and_skipped_lines_carry_the_flip_flat_with_their_reason() {
+        let line = |event: Event| serde_json::to_value(event).unwrap();
+        let flip_fields = json!({
+            "profile_id": "00000000-0000-0000-0000-000000000000",
+            "profile": "acme",
+            "index": 1,
+            "url": "https://acme.example/mcp",
+            "from": "buying",
+            "to": "sales",
+            "probed_at": null,
+            "discovery_error": false,
+            "oauth_required": false,
+        });
+        let with = |extra: Value| {
+            let mut expected = flip_fields.clone();
+            expected
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            expected
+        };
+        let held = Hold {
+            reason: HoldReason::UnrecognisedInferredType,
+            inferred_type: Some("retail_media".into()),
+        };
+        assert_eq!(
+            line(Event::Held {
+                flip: flip(),
+                hold: held
+            }),
+            with(json!({
+                "event": "held",
+                "reason": "unrecognised_inferred_type",
+                "inferred_type": "retail_media",
+            }))
+        );
+        assert_eq!(
+            line(Event::Held {
+                flip: flip(),
+                hold: Hold::because(HoldReason::StaleProbe)
+            }),
+            with(json!({"event": "held", "reason": "stale_probe"}))
+        );
+        assert_eq!(
+            line(Event::Skipped {
+                flip: flip(),
+                reason: SkipReason::ProfileGone
+            }),
+            with(json!({"event": "skipped", "reason": "profile_gone"}))
+        );
     }
 }

@@ -7,51 +7,18 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 
 use crate::config::Guards;
-use crate::domain::{count, HoldReason, Transition};
-use crate::events::{Event, Held};
+use crate::dispositions::{Disposition, Dispositions};
+use crate::domain::{count, Hold, HoldReason, Transition};
 use crate::outcome::Refusal;
 use crate::plan::PlannedFlip;
 use crate::plan_file::PlanFile;
 use crate::resolver::{is_valid_agent_type, retirement_of, UNKNOWN_TYPE};
 
-/// Why a guard holds a flip back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Hold {
-    pub(crate) reason: HoldReason,
-    /// The type outside the rule's vocabulary behind an `unrecognised_inferred_type` or
-    /// `retired_inferred_type` hold.
-    pub(crate) inferred_type: Option<String>,
-}
-
-impl Hold {
-    fn because(reason: HoldReason) -> Hold {
-        Hold {
-            reason,
-            inferred_type: None,
-        }
-    }
-}
-
-/// A flip the rule found and a guard holds back.
-#[derive(Debug, Clone)]
-pub(crate) struct HeldFlip {
-    pub(crate) planned: PlannedFlip,
-    pub(crate) hold: Hold,
-}
-
-impl HeldFlip {
-    pub(crate) fn event(&self, now: DateTime<Utc>) -> Event {
-        Event::Held(Held {
-            flip: self.planned.event(now),
-            reason: self.hold.reason,
-            inferred_type: self.hold.inferred_type.clone(),
-        })
-    }
-}
-
-/// What decides whether a flip is held.
+/// What decides whether a flip is held, and whether one that is not may be written.
 pub(crate) struct Holds<'a> {
     pub(crate) guards: &'a Guards,
+    /// `--leave-held`: a held flip is left unwritten instead of refusing the run.
+    pub(crate) leave_held: bool,
     /// Every non-empty inferred type outside the vocabulary, from the snapshot table.
     pub(crate) unrecognised_inferred_types: &'a BTreeMap<String, u64>,
     pub(crate) now: DateTime<Utc>,
@@ -107,17 +74,16 @@ impl Holds<'_> {
             .map(Hold::because)
     }
 
-    /// Splits `flips` into those that may be written and those a guard holds back.
-    pub(crate) fn split(&self, flips: Vec<PlannedFlip>) -> (Vec<PlannedFlip>, Vec<HeldFlip>) {
-        let mut writable = Vec::new();
-        let mut held = Vec::new();
-        for planned in flips {
-            match self.reason(&planned) {
-                None => writable.push(planned),
-                Some(hold) => held.push(HeldFlip { planned, hold }),
-            }
+    /// What the guards and `--allow-transition` make of `planned`: held (or left held), not
+    /// allowed, or to write. Held flips are not checked against `--allow-transition`: they are
+    /// never written anyway.
+    pub(crate) fn disposition(&self, planned: &PlannedFlip) -> Disposition {
+        match self.reason(planned) {
+            Some(hold) if self.leave_held => Disposition::LeftHeld(hold),
+            Some(hold) => Disposition::Held(hold),
+            None if !allowed(planned, &self.guards.allow_transitions) => Disposition::NotAllowed,
+            None => Disposition::ToWrite,
         }
-        (writable, held)
     }
 }
 
@@ -134,17 +100,34 @@ fn outside_vocabulary(name: &str) -> Hold {
     }
 }
 
-/// Any held flip refuses the whole plan: nothing is written.
-pub(crate) fn held_refusal(held: &[HeldFlip]) -> Option<Refusal> {
-    if held.is_empty() {
-        return None;
-    }
+/// Every limit and guard that refuses the plan of `dispositions`, in the order the outcome names
+/// them; the run writes nothing when any does.
+pub(crate) fn refusals(dispositions: &Dispositions, max_flips: usize) -> Vec<Refusal> {
+    [
+        held_refusal(dispositions),
+        transitions_refusal(dispositions),
+        check_threshold(dispositions.count(Disposition::set_out), max_flips),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// Any held flip refuses the whole plan: nothing is written. A flip left held refuses nothing.
+fn held_refusal(dispositions: &Dispositions) -> Option<Refusal> {
+    let mut held = 0;
     let mut reasons: BTreeMap<HoldReason, Vec<String>> = BTreeMap::new();
-    for flip in held {
-        reasons
-            .entry(flip.hold.reason)
-            .or_default()
-            .extend(flip.hold.inferred_type.clone());
+    for fate in dispositions.iter() {
+        if let Disposition::Held(hold) = &fate.disposition {
+            held += 1;
+            reasons
+                .entry(hold.reason)
+                .or_default()
+                .extend(hold.inferred_type.clone());
+        }
+    }
+    if held == 0 {
+        return None;
     }
     let reasons = reasons
         .into_iter()
@@ -158,52 +141,41 @@ pub(crate) fn held_refusal(held: &[HeldFlip]) -> Option<Refusal> {
             }
         })
         .collect();
-    Some(Refusal::Held {
-        held: count(held.len()),
-        reasons,
-    })
+    Some(Refusal::Held { held, reasons })
 }
 
 /// More flips than `--max-flips`: the run writes nothing.
-pub(crate) fn check_threshold(flips: usize, max_flips: usize) -> Option<Refusal> {
-    (flips > max_flips).then(|| Refusal::TooManyFlips {
-        flips: count(flips),
-        max_flips: count(max_flips),
-    })
+fn check_threshold(flips: u64, max_flips: usize) -> Option<Refusal> {
+    let max_flips = count(max_flips);
+    (flips > max_flips).then_some(Refusal::TooManyFlips { flips, max_flips })
 }
 
-/// The flips whose transition `--allow-transition` does not list; none when it lists nothing.
-pub(crate) fn not_allowed(flips: &[PlannedFlip], allowed: &[Transition]) -> Vec<PlannedFlip> {
-    if allowed.is_empty() {
-        return Vec::new();
-    }
-    flips
-        .iter()
-        .filter(|planned| {
-            let from = planned.at.flip.stored_label();
-            !allowed
-                .iter()
-                .any(|allowed| allowed.from == from && allowed.to == planned.at.flip.to)
-        })
-        .cloned()
-        .collect()
+/// Whether `--allow-transition` lets `planned` be written: any transition when it lists none.
+fn allowed(planned: &PlannedFlip, allowed: &[Transition]) -> bool {
+    let from = planned.at.flip.stored_label();
+    allowed.is_empty()
+        || allowed
+            .iter()
+            .any(|allowed| allowed.from == from && allowed.to == planned.at.flip.to)
 }
 
 /// A plan holding a transition `--allow-transition` does not list is written not at all.
-pub(crate) fn transitions_refusal(refused: &[PlannedFlip]) -> Option<Refusal> {
-    if refused.is_empty() {
+fn transitions_refusal(dispositions: &Dispositions) -> Option<Refusal> {
+    let mut transitions: Vec<Transition> = dispositions
+        .iter()
+        .filter(|fate| fate.disposition == Disposition::NotAllowed)
+        .map(|fate| {
+            let flip = &fate.planned.at.flip;
+            Transition::new(flip.stored_label(), flip.to.clone())
+        })
+        .collect();
+    if transitions.is_empty() {
         return None;
     }
-    let mut transitions: Vec<Transition> = refused
-        .iter()
-        .map(|planned| Transition::new(planned.at.flip.stored_label(), planned.at.flip.to.clone()))
-        .collect();
+    let flips = count(transitions.len());
     transitions.sort();
     transitions.dedup();
-    Some(Refusal::NotAllowed {
-        flips: count(refused.len()),
-        transitions,
-    })
+    Some(Refusal::NotAllowed { flips, transitions })
 }
 
 #[cfg(test)]
@@ -243,6 +215,7 @@ mod tests {
     ) -> Holds<'a> {
         Holds {
             guards,
+            leave_held: false,
             unrecognised_inferred_types: none,
             now,
             reviewed: None,
@@ -295,5 +268,58 @@ mod tests {
         }
         // A missing or null stored type reads as "unknown", and a non-string one is no type.
         assert_eq!(holds.reason(&flip(json!(3), "sales", now)), None);
+    }
+
+    /// A held flip refuses the plan, naming its reason and type; one left held refuses nothing.
+    /// A flip not allowed refuses it and counts against `--max-flips`, as a flip to write does; a
+    /// held one does not count.
+    #[test]
+    fn the_refusals_read_each_flips_disposition() {
+        let now = Utc::now();
+        let planned = |to: &str| flip(json!("buying"), to, now);
+        let retail = Hold {
+            reason: HoldReason::UnrecognisedInferredType,
+            inferred_type: Some("retail_media".into()),
+        };
+        let mut left = Dispositions::default();
+        left.push(planned("sales"), Disposition::ToWrite);
+        left.push(planned("sales"), Disposition::LeftHeld(retail.clone()));
+        assert_eq!(refusals(&left, 1), []);
+        assert_eq!(
+            refusals(&left, 0),
+            [Refusal::TooManyFlips {
+                flips: 1,
+                max_flips: 0
+            }]
+        );
+
+        let mut refused = Dispositions::default();
+        refused.push(planned("sales"), Disposition::ToWrite);
+        refused.push(planned("creative"), Disposition::NotAllowed);
+        refused.push(planned("sales"), Disposition::Held(retail));
+        refused.push(
+            planned("sales"),
+            Disposition::Held(Hold::because(HoldReason::StaleProbe)),
+        );
+        assert_eq!(
+            refusals(&refused, 1),
+            [
+                Refusal::Held {
+                    held: 2,
+                    reasons: vec![
+                        "unrecognised_inferred_type 'retail_media'".into(),
+                        "stale_probe".into()
+                    ]
+                },
+                Refusal::NotAllowed {
+                    flips: 1,
+                    transitions: vec![Transition::new("buying", "creative")]
+                },
+                Refusal::TooManyFlips {
+                    flips: 2,
+                    max_flips: 1
+                },
+            ]
+        );
     }
 }

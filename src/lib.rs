@@ -9,6 +9,7 @@ pub mod backfill;
 pub mod cli;
 pub mod config;
 pub mod db;
+mod dispositions;
 pub mod domain;
 pub mod error;
 pub mod events;

@@ -13,10 +13,11 @@ use tracing::warn;
 use uuid::Uuid;
 
 use crate::db;
+use crate::dispositions::{Census, Disposition, Dispositions};
 use crate::domain::{CrawlerEvidence, HoldReason, ProfileFlip, SkipReason};
-use crate::error::Failure;
+use crate::error::{Failure, Usage};
 use crate::events::Rule;
-use crate::plan::{Basis, Plan, PlannedFlip, Reviewed};
+use crate::plan::{Basis, PlannedFlip, Reviewed};
 use crate::resolver::Flip;
 use crate::VERSION;
 
@@ -140,7 +141,7 @@ pub struct PlanFile {
 }
 
 /// How a digest names its algorithm.
-const DIGEST_PREFIX: &str = "sha256:";
+pub(crate) const DIGEST_PREFIX: &str = "sha256:";
 
 /// The digest of a plan's content: SHA-256 over its canonical form, the JSON value without its
 /// `digest` key, printed compact with object keys sorted (serde_json's map is ordered). So
@@ -168,14 +169,16 @@ impl PlanFlip {
 }
 
 impl PlanFile {
-    /// The plan as the reviewer reads it; `holds` says which flips a guard holds back.
+    /// The plan as the reviewer reads it: the flips the plan found, each marked with the guard
+    /// that holds it, counted as the run's summary counts them.
     pub(crate) fn new(
-        plan: &Plan,
-        holds: &dyn Fn(&PlannedFlip) -> Option<HoldReason>,
+        dispositions: &Dispositions,
+        census: &Census,
         target: Fingerprint,
         run_id: &str,
         created_at: DateTime<Utc>,
     ) -> PlanFile {
+        let found = dispositions.found();
         PlanFile {
             format: FORMAT.to_owned(),
             tool_version: VERSION.to_owned(),
@@ -184,14 +187,19 @@ impl PlanFile {
             rule: Some(Rule::ported()),
             target,
             counts: PlanCounts {
-                profiles_scanned: plan.profiles_scanned,
-                profiles_changed: crate::plan::profiles_changed(&plan.flips),
-                flips: crate::domain::count(plan.flips.len()),
-                malformed: plan.malformed,
+                profiles_scanned: census.profiles_scanned,
+                profiles_changed: crate::plan::profiles_changed(
+                    found.iter().map(|fate| &fate.planned),
+                ),
+                flips: crate::domain::count(found.len()),
+                malformed: census.malformed,
             },
-            flips: crate::plan::in_log_order(&plan.flips, |planned| planned)
-                .into_iter()
-                .map(|planned| PlanFlip::of(planned, holds(planned)))
+            flips: found
+                .iter()
+                .map(|fate| {
+                    let held = fate.disposition.hold().map(|hold| hold.reason);
+                    PlanFlip::of(&fate.planned, held)
+                })
                 .collect(),
             digest: None,
         }
@@ -215,26 +223,25 @@ impl PlanFile {
 
     pub fn read(path: &Path) -> Result<PlanFile> {
         let text = std::fs::read_to_string(path).map_err(|error| {
-            Failure::Usage(format!(
-                "could not read the plan '{}': {error}",
-                path.display()
-            ))
+            Failure::Usage(Usage::PlanUnreadable {
+                path: path.to_owned(),
+                cause: error.to_string(),
+            })
         })?;
         let not_a_plan = |error: serde_json::Error| {
-            Failure::Usage(format!(
-                "'{}' is not a plan written by --plan-out: {error}",
-                path.display()
-            ))
+            Failure::Usage(Usage::NotAPlan {
+                path: path.to_owned(),
+                cause: error.to_string(),
+            })
         };
         let content: Value = serde_json::from_str(&text).map_err(not_a_plan)?;
         check_digest(path, &content)?;
         let plan: PlanFile = serde_json::from_value(content).map_err(not_a_plan)?;
         if plan.format != FORMAT {
-            return Err(Failure::Usage(format!(
-                "'{}' has plan format '{}', this tool reads '{FORMAT}'",
-                path.display(),
-                plan.format
-            ))
+            return Err(Failure::Usage(Usage::PlanFormat {
+                path: path.to_owned(),
+                format: plan.format,
+            })
             .into());
         }
         Ok(plan)
@@ -256,30 +263,19 @@ impl PlanFile {
         max_age: Duration,
     ) -> Result<()> {
         if !self.target.admits(here) {
-            let standby_hint = if self.target.standby {
-                " (a plan made on a standby applies on its primary only when both \
-                 system_identifiers are readable: GRANT EXECUTE ON FUNCTION pg_control_system() \
-                 to the user on the primary)"
-            } else {
-                ""
-            };
-            return Err(Failure::Usage(format!(
-                "the plan was made on {} but this is {}: nothing was written; make a new plan \
-                 with --dry-run --plan-out against this database{standby_hint}",
-                describe(&self.target),
-                describe(here)
-            ))
+            return Err(Failure::Usage(Usage::PlanElsewhere {
+                made_on: Box::new(self.target.clone()),
+                here: Box::new(here.clone()),
+            })
             .into());
         }
         let age = now - self.created_at;
         let limit = chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
         if age > limit {
-            return Err(Failure::Usage(format!(
-                "the plan is {} old, more than --plan-max-age {}: nothing was written; make a \
-                 new plan with --dry-run --plan-out",
-                crate::report::precise_age(age),
-                crate::report::precise_age(limit)
-            ))
+            return Err(Failure::Usage(Usage::PlanTooOld {
+                age,
+                max_age: limit,
+            })
             .into());
         }
         Ok(())
@@ -301,35 +297,33 @@ fn check_digest(path: &Path, content: &Value) -> Result<()> {
         }
         Some(Value::String(written)) if written.starts_with(DIGEST_PREFIX) => written,
         Some(other) => {
-            return Err(Failure::Usage(format!(
-                "the plan '{}' has digest {other}, not a '{DIGEST_PREFIX}' digest written by \
-                 --plan-out: nothing was read or written; make a new plan with --dry-run \
-                 --plan-out",
-                path.display()
-            ))
+            return Err(Failure::Usage(Usage::PlanDigestMalformed {
+                path: path.to_owned(),
+                digest: other.clone(),
+            })
             .into())
         }
     };
     let actual = digest_of(content);
     if *written != actual {
-        return Err(Failure::Usage(format!(
-            "the plan '{}' was changed after --plan-out wrote it: its content digests to {actual}, \
-             not the {written} it was written with: nothing was read or written; a reviewed plan \
-             is applied only as written: make a new plan with --dry-run --plan-out (narrow what \
-             is written with --allow-transition or --max-flips, which the log records)",
-            path.display()
-        ))
+        return Err(Failure::Usage(Usage::PlanChanged {
+            path: path.to_owned(),
+            actual,
+            written: written.clone(),
+        })
         .into());
     }
     Ok(())
 }
 
-/// Keeps only the fresh flips that the reviewed plan holds exactly; returns the others: reviewed
-/// flips that no longer hold, and new flips nobody reviewed. Neither kind is written.
+/// The fresh flips against the reviewed plan: one the reviewed plan holds exactly is left to
+/// `dispose` (the guards); a new flip nobody reviewed, and a reviewed flip that no longer holds,
+/// depart, never written.
 pub(crate) fn hold_to_review(
     fresh: Vec<PlannedFlip>,
     reviewed: &PlanFile,
-) -> (Vec<PlannedFlip>, Vec<(PlannedFlip, SkipReason)>) {
+    dispose: impl Fn(&PlannedFlip) -> Disposition,
+) -> Dispositions {
     let by_element: HashMap<(Uuid, usize), usize> = reviewed
         .flips
         .iter()
@@ -337,8 +331,7 @@ pub(crate) fn hold_to_review(
         .map(|(position, flip)| (flip.at.element(), position))
         .collect();
     let mut matched = vec![false; reviewed.flips.len()];
-    let mut kept = Vec::new();
-    let mut departures = Vec::new();
+    let mut dispositions = Dispositions::default();
     for planned in fresh {
         let reviewed_position = by_element
             .get(&planned.at.element())
@@ -347,9 +340,10 @@ pub(crate) fn hold_to_review(
         match reviewed_position {
             Some(position) => {
                 matched[position] = true;
-                kept.push(planned);
+                let disposition = dispose(&planned);
+                dispositions.push(planned, disposition);
             }
-            None => departures.push((planned, SkipReason::Unplanned)),
+            None => dispositions.push(planned, Disposition::Departed(SkipReason::Unplanned)),
         }
     }
     for (flip, _) in reviewed
@@ -359,23 +353,24 @@ pub(crate) fn hold_to_review(
         .filter(|(_, hit)| !**hit)
     {
         let planned = PlannedFlip::new(flip.at.clone(), Basis::Reviewed(Reviewed::InPlan));
-        departures.push((planned, SkipReason::ChangedSincePlan));
+        dispositions.push(planned, Disposition::Departed(SkipReason::ChangedSincePlan));
     }
-    (kept, departures)
+    dispositions
 }
 
-fn describe(target: &Fingerprint) -> String {
-    format!(
-        "host={} port={} database={} system_identifier={}{}",
-        target.host,
-        target.port,
-        target.database,
-        target
-            .system_identifier
-            .as_deref()
-            .unwrap_or("(unreadable)"),
-        if target.standby { " (a standby)" } else { "" }
-    )
+/// The database a plan was made on, as a refusal names it.
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "host={} port={} database={} system_identifier={}{}",
+            self.host,
+            self.port,
+            self.database,
+            self.system_identifier.as_deref().unwrap_or("(unreadable)"),
+            if self.standby { " (a standby)" } else { "" }
+        )
+    }
 }
 
 #[cfg(test)]
@@ -394,8 +389,8 @@ mod tests {
     }
 
     fn plan_made(at: DateTime<Utc>, target: Fingerprint) -> PlanFile {
-        let holds_nothing = |_: &PlannedFlip| None;
-        PlanFile::new(&Plan::default(), &holds_nothing, target, "atb-x", at)
+        let nothing = Dispositions::default();
+        PlanFile::new(&nothing, &Census::default(), target, "atb-x", at)
     }
 
     /// Two reviewed flips in one profile are told apart by their element: each fresh flip finds
@@ -414,37 +409,59 @@ mod tests {
                 Basis::NoSnapshot,
             )
         };
-        let plan = Plan {
-            flips: vec![planned(0, "sales"), planned(3, "sales")],
-            ..Plan::default()
-        };
-        let holds_nothing = |_: &PlannedFlip| None;
+        let mut plan = Dispositions::default();
+        plan.push(planned(0, "sales"), Disposition::ToWrite);
+        plan.push(planned(3, "sales"), Disposition::ToWrite);
         let reviewed = PlanFile::new(
             &plan,
-            &holds_nothing,
+            &Census::default(),
             fingerprint(None, "registry"),
             "atb-x",
             Utc::now(),
         );
+        let fates = |dispositions: &Dispositions| -> Vec<(usize, String, Disposition)> {
+            dispositions
+                .iter()
+                .map(|fate| {
+                    let flip = &fate.planned.at.flip;
+                    (flip.index, flip.to.clone(), fate.disposition.clone())
+                })
+                .collect()
+        };
+        let to_write = |_: &PlannedFlip| Disposition::ToWrite;
 
-        let (kept, departures) =
-            hold_to_review(vec![planned(0, "sales"), planned(3, "sales")], &reviewed);
-        assert_eq!(kept.len(), 2);
-        assert!(departures.is_empty(), "{departures:?}");
-
-        let (kept, departures) =
-            hold_to_review(vec![planned(0, "sales"), planned(3, "creative")], &reviewed);
-        let kept: Vec<usize> = kept.iter().map(|planned| planned.at.flip.index).collect();
-        assert_eq!(kept, [0]);
-        let departed: Vec<(usize, &str, SkipReason)> = departures
-            .iter()
-            .map(|(planned, reason)| (planned.at.flip.index, planned.at.flip.to.as_str(), *reason))
-            .collect();
+        let dispositions = hold_to_review(
+            vec![planned(0, "sales"), planned(3, "sales")],
+            &reviewed,
+            to_write,
+        );
         assert_eq!(
-            departed,
+            fates(&dispositions),
             [
-                (3, "creative", SkipReason::Unplanned),
-                (3, "sales", SkipReason::ChangedSincePlan)
+                (0, "sales".to_owned(), Disposition::ToWrite),
+                (3, "sales".to_owned(), Disposition::ToWrite)
+            ]
+        );
+
+        let dispositions = hold_to_review(
+            vec![planned(0, "sales"), planned(3, "creative")],
+            &reviewed,
+            to_write,
+        );
+        assert_eq!(
+            fates(&dispositions),
+            [
+                (0, "sales".to_owned(), Disposition::ToWrite),
+                (
+                    3,
+                    "creative".to_owned(),
+                    Disposition::Departed(SkipReason::Unplanned)
+                ),
+                (
+                    3,
+                    "sales".to_owned(),
+                    Disposition::Departed(SkipReason::ChangedSincePlan)
+                )
             ]
         );
     }

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 
 use crate::domain::{Format, Mode};
-use crate::events::{rfc3339, Event, FlipEvent, SkipReason, Start, Summary};
+use crate::events::{rfc3339, Event, FlipEvent, Hold, SkipReason, Start, Summary};
 use crate::plan::{Basis, Reviewed};
 
 pub(crate) mod history;
@@ -194,10 +194,10 @@ fn flip_text(flip: &FlipEvent) -> String {
     )
 }
 
-fn held_reason_text(reason: crate::domain::HoldReason, inferred: Option<&str>) -> String {
-    match inferred {
-        Some(inferred) => format!("{}: '{}'", reason.describe(), printable(inferred)),
-        None => reason.describe().to_owned(),
+fn hold_text(hold: &Hold) -> String {
+    match &hold.inferred_type {
+        Some(inferred) => format!("{}: '{}'", hold.reason.describe(), printable(inferred)),
+        None => hold.reason.describe().to_owned(),
     }
 }
 
@@ -372,16 +372,16 @@ impl Printer for TextPrinter<'_> {
                 self.line("flips:")
             }
             Event::Flip(flip) => self.line(&format!("  {}", flip_text(flip))),
-            Event::Held(held) => self.line(&format!(
+            Event::Held { flip, hold } => self.line(&format!(
                 "  held  {}  [{}]",
-                flip_text(&held.flip),
-                held_reason_text(held.reason, held.inferred_type.as_deref())
+                flip_text(flip),
+                hold_text(hold)
             )),
             Event::NotAllowed(flip) => self.line(&format!("  not allowed  {}", flip_text(flip))),
-            Event::Skipped(skipped) => self.line(&format!(
+            Event::Skipped { flip, reason } => self.line(&format!(
                 "  skipped  {}  [{}]",
-                flip_text(&skipped.flip),
-                skipped.reason.describe()
+                flip_text(flip),
+                reason.describe()
             )),
             Event::PlanWritten { path, flips } => {
                 self.field("plan file", &format!("{} ({flips} flips)", printable(path)))
@@ -535,22 +535,21 @@ impl Printer for MarkdownPrinter<'_> {
                 self.table("Flips", &FLIP_COLUMNS)?;
                 self.flip_row(flip, None)
             }
-            Event::Held(held) => {
+            Event::Held { flip, hold } => {
                 let mut columns = FLIP_COLUMNS.to_vec();
                 columns.push("held because");
                 self.table("Held (never written)", &columns)?;
-                let reason = held_reason_text(held.reason, held.inferred_type.as_deref());
-                self.flip_row(&held.flip, Some(cell(&reason)))
+                self.flip_row(flip, Some(cell(&hold_text(hold))))
             }
             Event::NotAllowed(flip) => {
                 self.table("Not allowed by --allow-transition", &FLIP_COLUMNS)?;
                 self.flip_row(flip, None)
             }
-            Event::Skipped(skipped) => {
+            Event::Skipped { flip, reason } => {
                 let mut columns = FLIP_COLUMNS.to_vec();
                 columns.push("not written because");
                 self.table("Skipped", &columns)?;
-                self.flip_row(&skipped.flip, Some(cell(skipped.reason.describe())))
+                self.flip_row(flip, Some(cell(reason.describe())))
             }
             Event::PlanWritten { path, flips } => {
                 self.paragraph(&format!("Plan file: {} ({flips} flips)", cell(path)))

@@ -1,9 +1,8 @@
-//! One run of any command that may write: its id, clock, session and log, the fate of every flip
-//! it found, and the one place its ending is decided. The backfill and `revert` differ only in
-//! how they plan and how a locked row is rechecked.
+//! One run of any command that may write: its id, clock, session and log, what it found and the
+//! fate of every flip, and the one place its ending is decided. The backfill and `revert` differ
+//! only in how they plan and how a locked row is rechecked.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -13,13 +12,13 @@ use uuid::Uuid;
 
 use crate::config::ConnectConfig;
 use crate::db;
-use crate::domain::{count, Mode, SkipReason};
-use crate::error::{exit_code, render, Failure};
-use crate::events::{Event, Rule, Skipped, Start, Summary};
-use crate::guard::HeldFlip;
+use crate::dispositions::{Census, Disposition, Dispositions};
+use crate::domain::{Mode, SkipReason};
+use crate::error::{exit_code, render, Failure, Usage};
+use crate::events::{Event, Rule, Start, Summary};
 use crate::interrupt::StopSignal;
 use crate::outcome::{Ending, Outcome, Phase, Refusal, Stop};
-use crate::plan::{in_log_order, PlannedFlip, PlanningBackend};
+use crate::plan::PlanningBackend;
 use crate::report::Printer;
 use crate::write::{write, Ledger, Pace, Recheck, WriteOutcome};
 use crate::VERSION;
@@ -71,88 +70,6 @@ impl std::fmt::Display for PlanStopped {
 
 impl std::error::Error for PlanStopped {}
 
-/// What the plan says of the registry as a whole, beside its flips.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Census {
-    /// The plan finished: the counts below mean something.
-    pub(crate) complete: bool,
-    pub(crate) profiles_scanned: u64,
-    pub(crate) malformed: u64,
-    pub(crate) junk_elements: u64,
-    pub(crate) unrecognised_inferred_types: std::collections::BTreeMap<String, u64>,
-}
-
-/// The fate of every flip a run found, each flip in exactly one place. The log, the exit code and
-/// the summary are all read from here; [`Dispositions::summary`] is the one place a run's
-/// numbers are counted.
-#[derive(Debug, Default)]
-pub(crate) struct Dispositions {
-    /// Flips nothing holds back: written by an apply that nothing refused.
-    pub(crate) to_write: Vec<PlannedFlip>,
-    /// Flips a guard holds back: never written.
-    pub(crate) held: Vec<HeldFlip>,
-    /// How many of `to_write` `--allow-transition` does not list (the run is refused).
-    pub(crate) not_allowed: u64,
-    /// Found or planned, and left before the write, with why (a reviewed plan's departures, a
-    /// revert's conflicts): listed with the plan.
-    pub(crate) departed: Vec<(PlannedFlip, SkipReason)>,
-    /// Planned and not written by the write itself, with why (the locked recheck, timeouts):
-    /// listed after the write.
-    pub(crate) not_written: Vec<(PlannedFlip, SkipReason)>,
-    /// Flips written, as the batches that committed counted them.
-    pub(crate) written: u64,
-}
-
-impl Dispositions {
-    /// Every count of the run's summary, from the fates above.
-    fn summary(&self, census: &Census, ending: &Ending) -> Summary {
-        let found: Vec<&PlannedFlip> = self
-            .to_write
-            .iter()
-            .chain(self.held.iter().map(|held| &held.planned))
-            .collect();
-        let mut summary = Summary {
-            plan_complete: census.complete,
-            profiles_scanned: census.profiles_scanned,
-            profiles_changed: crate::plan::profiles_changed(found.iter().copied()),
-            flips: count(found.len()),
-            to_write: count(self.to_write.len()),
-            held: count(self.held.len()),
-            not_allowed: self.not_allowed,
-            malformed: census.malformed,
-            junk_elements: census.junk_elements,
-            unrecognised_inferred_types: census.unrecognised_inferred_types.clone(),
-            written: self.written,
-            aborted: matches!(ending.outcome, Outcome::Refused(_)),
-            interrupted_by: match ending.outcome {
-                Outcome::Interrupted { stop, .. } => Some(stop.name()),
-                _ => None,
-            },
-            mode: Some(ending.mode),
-            run_id: (ending.mode == Mode::Apply && self.written > 0).then(|| ending.run_id.clone()),
-            outcome: Some(ending.report()),
-            ..Summary::default()
-        };
-        for planned in found {
-            summary.count_transition(&planned.at.flip);
-        }
-        for (_, reason) in self.departed.iter().chain(&self.not_written) {
-            summary.count_skip(*reason);
-        }
-        summary
-    }
-
-    /// Flips whose batches kept timing out.
-    fn timed_out(&self) -> u64 {
-        count(
-            self.not_written
-                .iter()
-                .filter(|(_, reason)| *reason == SkipReason::NotWrittenTimeout)
-                .count(),
-        )
-    }
-}
-
 pub(crate) struct Run<'p> {
     pub(crate) mode: Mode,
     pub(crate) run_id: String,
@@ -162,15 +79,15 @@ pub(crate) struct Run<'p> {
     printer: &'p mut dyn Printer,
     pub(crate) stop: StopSignal,
     pub(crate) census: Census,
+    /// Every flip the run found and what became of it: the log, the refusals and the summary
+    /// read it.
     pub(crate) dispositions: Dispositions,
-    /// The limits and guards that refused the plan; the run writes nothing when any did.
-    pub(crate) refusals: Vec<Refusal>,
+    /// `--max-flips`, as the header says it.
+    max_flips: usize,
     /// Why the crawler's log cannot be read, said once in the header and once in the summary.
     crawler_log_unavailable: Option<String>,
-    /// What the write path has committed so far, read even when the write is abandoned.
-    ledger: Arc<Ledger>,
-    /// The write stopped early: by what, and whether the batch in flight was abandoned.
-    stopped: Option<(Stop, bool)>,
+    /// How a write that stopped early was interrupted.
+    stopped: Option<Outcome>,
     /// `--leave-held`, for the log header.
     pub(crate) leave_held: bool,
 }
@@ -203,9 +120,8 @@ impl<'p> Run<'p> {
             stop,
             census: Census::default(),
             dispositions: Dispositions::default(),
-            refusals: Vec::new(),
+            max_flips: 0,
             crawler_log_unavailable: None,
-            ledger: Arc::new(Ledger::default()),
             stopped: None,
             leave_held: false,
         })
@@ -237,21 +153,22 @@ impl<'p> Run<'p> {
             leave_held: self.leave_held,
         };
         self.crawler_log_unavailable = crawler_log.map(str::to_owned);
+        self.max_flips = max_flips;
         self.print(Event::Start(start))
     }
 
-    /// Prints `flips` in log order, each as `event` makes it, without copying them.
-    pub(crate) fn print_flips<T>(
-        &mut self,
-        flips: &[T],
-        key: impl Fn(&T) -> &PlannedFlip,
-        event: impl Fn(&T, DateTime<Utc>) -> Event,
-    ) -> Result<()> {
-        for flip in in_log_order(flips, key) {
-            let event = event(flip, self.started_at);
+    /// Takes the plan's `dispositions` as the run's and lists them.
+    pub(crate) fn list_plan(&mut self, dispositions: Dispositions) -> Result<()> {
+        self.dispositions = dispositions;
+        for event in self.dispositions.plan_lines(self.started_at) {
             self.printer.print(&event)?;
         }
         Ok(())
+    }
+
+    /// The limits and guards that refuse the plan; the run writes nothing when any does.
+    fn refusals(&self) -> Vec<Refusal> {
+        crate::guard::refusals(&self.dispositions, self.max_flips)
     }
 
     /// Plans, unless a signal (or a closed stdout) comes first: then the planning statement is
@@ -283,47 +200,61 @@ impl<'p> Run<'p> {
         u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Writes `dispositions.to_write`: only in an apply that nothing refused. A second signal
-    /// abandons the batch in flight; what had committed is still counted.
+    /// Writes the flips to write: only in an apply that nothing refused. A second signal
+    /// abandons the batch in flight; the flips of the batches that had committed are still
+    /// marked written, as they are when the write fails.
     pub(crate) async fn write(&mut self, pace: Pace, recheck: &dyn Recheck) -> Result<()> {
-        if !self.refusals.is_empty()
-            || self.mode != Mode::Apply
-            || self.dispositions.to_write.is_empty()
-        {
+        if !self.refusals().is_empty() || self.mode != Mode::Apply {
+            return Ok(());
+        }
+        let flips = self.dispositions.to_write();
+        if flips.is_empty() {
             return Ok(());
         }
         self.stop.enter(Phase::Write);
+        // Outside the write, so that an abandoned write still says what it committed.
+        let ledger = Ledger::default();
         let mut twice = self.stop.clone();
         let written = tokio::select! {
             written = write(
                 &self.session.pool,
-                &self.dispositions.to_write,
+                &flips,
                 pace,
                 recheck,
                 &self.run_id,
                 &self.stop,
-                &self.ledger,
+                &ledger,
             ) => Some(written),
             () = twice.wait_twice() => None,
         };
-        self.dispositions.written = self.ledger.written();
-        match written {
+        self.dispositions.mark_written(&ledger.committed());
+        let (stop, twice) = match written {
             Some(written) => {
                 let WriteOutcome {
-                    not_written,
+                    unwritten,
                     interrupted_by,
                 } = written?;
-                self.dispositions.not_written = not_written;
-                self.stopped = interrupted_by.map(|number| (Stop::from_number(number), false));
+                self.dispositions
+                    .mark_not_written(&unwritten.planned, unwritten.unplanned);
+                match interrupted_by {
+                    Some(number) => (Stop::from_number(number), false),
+                    None => return Ok(()),
+                }
             }
             None => {
                 let stop = self
                     .stop
                     .stop()
                     .unwrap_or(Stop::Signal(crate::outcome::SIGINT));
-                self.stopped = Some((stop, true));
+                (stop, true)
             }
-        }
+        };
+        self.stopped = Some(Outcome::Interrupted {
+            stop,
+            during: Phase::Write,
+            twice,
+            at_commit: twice && ledger.at_commit(),
+        });
         Ok(())
     }
 
@@ -331,8 +262,10 @@ impl<'p> Run<'p> {
     /// skipped lines and the summary in every format. `steps` is what the run's steps after the
     /// header came to.
     pub(crate) async fn conclude(mut self, steps: Result<()>) -> Result<Summary> {
-        // A write that failed still committed what the ledger counted.
-        self.dispositions.written = self.dispositions.written.max(self.ledger.written());
+        let refusals = self.refusals();
+        let timed_out = self.dispositions.count(|disposition| {
+            *disposition == Disposition::NotWritten(SkipReason::NotWrittenTimeout)
+        });
         let (outcome, error) = match steps {
             Err(error) => match error.downcast_ref::<PlanStopped>() {
                 Some(PlanStopped(stop)) => (
@@ -352,20 +285,12 @@ impl<'p> Run<'p> {
                     Some(error),
                 ),
             },
-            Ok(()) if !self.refusals.is_empty() => (Outcome::Refused(self.refusals.clone()), None),
-            Ok(()) => match self.stopped {
-                Some((stop, twice)) => (
-                    Outcome::Interrupted {
-                        stop,
-                        during: Phase::Write,
-                        twice,
-                        at_commit: twice && self.ledger.at_commit(),
-                    },
-                    None,
-                ),
-                None if self.dispositions.timed_out() > 0 => (
+            Ok(()) if !refusals.is_empty() => (Outcome::Refused(refusals), None),
+            Ok(()) => match self.stopped.take() {
+                Some(interrupted) => (interrupted, None),
+                None if timed_out > 0 => (
                     Outcome::TimedOut {
-                        not_written: self.dispositions.timed_out(),
+                        not_written: timed_out,
                     },
                     None,
                 ),
@@ -375,17 +300,22 @@ impl<'p> Run<'p> {
         let ending = Ending {
             outcome,
             mode: self.mode,
-            to_write: count(self.dispositions.to_write.len()),
-            written: self.dispositions.written,
+            to_write: self.dispositions.count(Disposition::set_out),
+            written: self
+                .dispositions
+                .count(|disposition| *disposition == Disposition::Written),
             run_id: self.run_id.clone(),
         };
 
-        let not_written = std::mem::take(&mut self.dispositions.not_written);
-        self.print_flips(&not_written, |(planned, _)| planned, skipped_event)?;
-        self.dispositions.not_written = not_written;
-        let mut summary = self.dispositions.summary(&self.census, &ending);
-        summary.duration_ms = self.elapsed_ms();
-        summary.crawler_log_unavailable = self.crawler_log_unavailable.clone();
+        for event in self.dispositions.write_lines(self.started_at) {
+            self.printer.print(&event)?;
+        }
+        let summary = self.dispositions.summary(
+            &self.census,
+            &ending,
+            self.elapsed_ms(),
+            self.crawler_log_unavailable.clone(),
+        );
         self.print(Event::Summary(summary.clone()))?;
         if tokio::time::timeout(CLOSE_LIMIT, self.session.pool.close())
             .await
@@ -405,17 +335,6 @@ impl<'p> Run<'p> {
     }
 }
 
-/// A skipped line of the log.
-pub(crate) fn skipped_event(
-    (planned, reason): &(PlannedFlip, SkipReason),
-    now: DateTime<Utc>,
-) -> Event {
-    Event::Skipped(Skipped {
-        flip: planned.event(now),
-        reason: *reason,
-    })
-}
-
 /// A session for the tool: a first connection checked with the operator's timeouts, then the
 /// pool, and the `--expect-database` guard. `history` uses it too, without a run.
 pub(crate) async fn open_session(
@@ -430,11 +349,10 @@ pub(crate) async fn open_session(
     let session = db::connect(&connect.url, &settings).await?;
     if let Some(expected) = &connect.expect_database {
         if *expected != session.target.database {
-            return Err(Failure::Usage(format!(
-                "connected to database '{}' but --expect-database is '{expected}': nothing \
-                 was read; check DATABASE_URL",
-                session.target.database
-            ))
+            return Err(Failure::Usage(Usage::WrongDatabase {
+                connected: session.target.database.clone(),
+                expected: expected.clone(),
+            })
             .into());
         }
     }

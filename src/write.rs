@@ -3,7 +3,8 @@
 //! audit rows, in one short transaction.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -70,25 +71,38 @@ impl Recheck for ResolveAgain {
     }
 }
 
+/// What the write's committed batches left unwritten.
+#[derive(Debug, Default)]
+pub(crate) struct Unwritten {
+    /// Flips to write that were not written, by element, with why.
+    pub(crate) planned: HashMap<(Uuid, usize), SkipReason>,
+    /// Flips the locked recheck found that the plan did not hold.
+    pub(crate) unplanned: Vec<PlannedFlip>,
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct WriteOutcome {
-    /// Planned flips not written and flips found that were not planned, with why.
-    pub(crate) not_written: Vec<(PlannedFlip, SkipReason)>,
+    pub(crate) unwritten: Unwritten,
     pub(crate) interrupted_by: Option<i32>,
 }
 
 /// What the write has committed, kept outside the write so that a run whose write is abandoned
-/// (a second signal) or fails (a lost connection) still says exactly what was written.
+/// (a second signal) or fails (a lost connection) still says exactly which flips were written.
 #[derive(Debug, Default)]
 pub(crate) struct Ledger {
-    written: AtomicU64,
+    /// The elements of the flips written by the batches that committed.
+    committed: Mutex<Vec<(Uuid, usize)>>,
     /// A batch has sent its COMMIT and not heard back: abandoned now, it may have committed.
     at_commit: AtomicBool,
 }
 
 impl Ledger {
-    pub(crate) fn written(&self) -> u64 {
-        self.written.load(Ordering::SeqCst)
+    pub(crate) fn committed(&self) -> Vec<(Uuid, usize)> {
+        // A panic elsewhere cannot make a committed batch uncommitted: the list stays true.
+        self.committed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub(crate) fn at_commit(&self) -> bool {
@@ -111,11 +125,11 @@ pub(crate) struct Pace {
 /// `wal_receiver_status_interval`, 10 s by default, and on every WAL it receives) updates its lag.
 const LAG_POLL: Duration = Duration::from_millis(500);
 
-/// Writes `flips` in batches at `pace`, one short transaction each, counting what commits in
+/// Writes `flips` in batches at `pace`, one short transaction each, recording what commits in
 /// `ledger`.
 pub(crate) async fn write(
     pool: &db::Pool,
-    flips: &[PlannedFlip],
+    flips: &[&PlannedFlip],
     pace: Pace,
     recheck: &dyn Recheck,
     run_id: &str,
@@ -128,7 +142,7 @@ pub(crate) async fn write(
         by_profile
             .entry(planned.at.profile_id)
             .or_default()
-            .push(planned);
+            .push(*planned);
     }
     let by_profile: Vec<(Uuid, Vec<&PlannedFlip>)> = by_profile.into_iter().collect();
     let bar = crate::progress::bar(by_profile.len(), "writing");
@@ -146,12 +160,16 @@ pub(crate) async fn write(
             }
         }
         match write_with_retries(pool, batch, pace.attempts, recheck, run_id, stop, ledger).await? {
-            Attempts::Written(not_written) => outcome.not_written.extend(not_written),
+            Attempts::Written(unwritten) => {
+                outcome.unwritten.planned.extend(unwritten.planned);
+                outcome.unwritten.unplanned.extend(unwritten.unplanned);
+            }
             Attempts::GaveUp => {
                 for planned in batch.iter().flat_map(|(_, flips)| flips) {
                     outcome
-                        .not_written
-                        .push(((*planned).clone(), SkipReason::NotWrittenTimeout));
+                        .unwritten
+                        .planned
+                        .insert(planned.at.element(), SkipReason::NotWrittenTimeout);
                 }
             }
             Attempts::Stopped(signal) => {
@@ -220,8 +238,8 @@ pub(crate) fn lag_text(lag: Duration) -> String {
 }
 
 enum Attempts {
-    /// The batch committed; these of its flips were not written, with why.
-    Written(Vec<(PlannedFlip, SkipReason)>),
+    /// The batch committed; what it did not write, with why.
+    Written(Unwritten),
     /// Every attempt hit a lock or statement timeout.
     GaveUp,
     /// A signal arrived: no new attempt was started.
@@ -240,7 +258,7 @@ async fn write_with_retries(
     let mut attempt = 1;
     loop {
         match write_batch(pool, batch, recheck, run_id, ledger).await {
-            Ok(not_written) => return Ok(Attempts::Written(not_written)),
+            Ok(unwritten) => return Ok(Attempts::Written(unwritten)),
             // A stop request that came while this batch waited: it rolled back whole, and no new
             // attempt starts.
             Err(error) if db::is_retryable(&error) && stop.raised().is_some() => {
@@ -280,7 +298,7 @@ async fn write_batch(
     recheck: &dyn Recheck,
     run_id: &str,
     ledger: &Ledger,
-) -> Result<Vec<(PlannedFlip, SkipReason)>> {
+) -> Result<Unwritten> {
     let ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
     let mut transaction = pool
         .begin()
@@ -303,13 +321,13 @@ async fn write_batch(
         .collect();
 
     let mut to_write = Vec::new();
-    let mut not_written = Vec::new();
+    let mut unwritten = Unwritten::default();
     for (id, planned_flips) in batch {
         let Some((label, column)) = current.get(id) else {
-            not_written.extend(
+            unwritten.planned.extend(
                 planned_flips
                     .iter()
-                    .map(|planned| ((*planned).clone(), SkipReason::ProfileGone)),
+                    .map(|planned| (planned.at.element(), SkipReason::ProfileGone)),
             );
             continue;
         };
@@ -323,17 +341,18 @@ async fn write_batch(
                         planned,
                     ));
                 }
-                None => not_written.push(((*planned).clone(), recheck.stale_reason())),
+                None => {
+                    unwritten
+                        .planned
+                        .insert(planned.at.element(), recheck.stale_reason());
+                }
             }
         }
-        not_written.extend(holding.into_iter().map(|flip| {
+        unwritten.unplanned.extend(holding.into_iter().map(|flip| {
             let probe = snapshots.get(&flip.url).cloned();
-            (
-                PlannedFlip::new(
-                    ProfileFlip::new(*id, label.clone(), flip),
-                    Basis::found(probe),
-                ),
-                SkipReason::Unplanned,
+            PlannedFlip::new(
+                ProfileFlip::new(*id, label.clone(), flip),
+                Basis::found(probe),
             )
         }));
     }
@@ -353,9 +372,11 @@ async fn write_batch(
     ledger.at_commit.store(false, Ordering::SeqCst);
     committed.context("could not commit a write batch")?;
     ledger
-        .written
-        .fetch_add(crate::domain::count(to_write.len()), Ordering::SeqCst);
-    Ok(not_written)
+        .committed
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .extend(to_write.iter().map(|written| written.at.element()));
+    Ok(unwritten)
 }
 
 fn flip_write(at: ProfileFlip, planned: &PlannedFlip) -> FlipWrite {

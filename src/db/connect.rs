@@ -11,7 +11,7 @@ use sqlx::{ConnectOptions, Connection, PgConnection, Row};
 use super::deadline::{Deadlines, Transaction};
 use super::{network, pgpass};
 pub use crate::domain::Target;
-use crate::error::Failure;
+use crate::error::{Failure, Usage};
 
 pub struct Session {
     pub pool: Pool,
@@ -168,9 +168,7 @@ pub(crate) fn parse_url(url: &str) -> Result<PgConnectOptions> {
     let for_sqlx = network::without_link_parameters(&libpq_form(url)?);
     let options = PgConnectOptions::from_str(&for_sqlx).map_err(|error| {
         let reason = redact(&redact(&error.to_string(), &for_sqlx), url);
-        Failure::Usage(format!(
-            "the database URL could not be parsed ({reason}): check DATABASE_URL or --database-url"
-        ))
+        Failure::Usage(Usage::UrlUnparsable { reason })
     })?;
     // sqlx reads the password file too, but keeps its escapes and falls back from PGPASSFILE to
     // ~/.pgpass; libpq does neither, and operators' files are written for libpq. sqlx sends an
@@ -197,18 +195,12 @@ pub(crate) fn parse_url(url: &str) -> Result<PgConnectOptions> {
 /// the tool, by naming `localhost` (sqlx's own default) in the authority.
 fn libpq_form(url: &str) -> Result<String> {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return Err(Failure::Usage(
-            "the database URL must start with postgres:// or postgresql://: check DATABASE_URL \
-             or --database-url"
-                .to_owned(),
-        )
-        .into());
+        return Err(Failure::Usage(Usage::UrlWithoutScheme).into());
     };
     if scheme != "postgres" && scheme != "postgresql" {
-        return Err(Failure::Usage(format!(
-            "the database URL starts with '{scheme}://', but only postgres:// and postgresql:// \
-             are PostgreSQL URLs: check DATABASE_URL or --database-url"
-        ))
+        return Err(Failure::Usage(Usage::UrlScheme {
+            scheme: scheme.to_owned(),
+        })
         .into());
     }
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
@@ -293,23 +285,24 @@ pub async fn connect(url: &str, settings: &SessionSettings) -> Result<Session> {
         },
         None => connecting.await,
     };
-    let first = match connected {
-        Ok(connection) => connection,
-        Err(error) => {
-            let hint = match error.as_database_error().and_then(|error| error.code()) {
-                Some(code) if code.starts_with("28") => password_hint(url, &options),
-                _ => String::new(),
-            };
-            // A host, port, password, database or TLS setting that does not connect is the
-            // operator's configuration: exit 2, so a script tells a typo from a crash.
-            return Err(
-                anyhow::anyhow!(redact(&error.to_string(), url)).context(Failure::Usage(format!(
-                    "could not connect to '{described}': check DATABASE_URL, the network and the \
-                 credentials{hint}"
-                ))),
-            );
-        }
-    };
+    let first =
+        match connected {
+            Ok(connection) => connection,
+            Err(error) => {
+                let hint = match error.as_database_error().and_then(|error| error.code()) {
+                    Some(code) if code.starts_with("28") => password_hint(url, &options),
+                    _ => String::new(),
+                };
+                // A host, port, password, database or TLS setting that does not connect is the
+                // operator's configuration: exit 2, so a script tells a typo from a crash.
+                return Err(anyhow::anyhow!(redact(&error.to_string(), url)).context(
+                    Failure::Usage(Usage::Unreachable {
+                        target: described,
+                        hint,
+                    }),
+                ));
+            }
+        };
     link.apply_to_sockets(options.get_port());
     let mut transaction = Transaction::begin_direct(first, deadlines)
         .await

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Result;
 
 use super::deadline::DEFAULT_CONNECT_TIMEOUT;
-use crate::error::Failure;
+use crate::error::{Failure, Usage};
 
 /// The URL query parameters read here and hidden from sqlx (which would warn about each).
 const LINK_PARAMETERS: [&str; 6] = [
@@ -184,9 +184,10 @@ fn query_pairs(url: &str) -> impl Iterator<Item = (&str, &str)> {
 
 fn integer(key: &str, value: &str) -> Result<i64> {
     value.trim().parse::<i64>().map_err(|_| {
-        Failure::Usage(format!(
-            "invalid integer value '{value}' for connection option '{key}': give a whole number"
-        ))
+        Failure::Usage(Usage::ConnectOption {
+            key: key.to_owned(),
+            value: value.to_owned(),
+        })
         .into()
     })
 }

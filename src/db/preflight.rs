@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use sqlx::Row;
 
 use super::Pool;
-use crate::error::Failure;
+use crate::error::{Failure, Preflight};
 
 /// A column the tool reads or writes, with the type it relies on (`None`: any type).
 type ColumnSpec = (&'static str, Option<&'static str>);
@@ -202,12 +202,7 @@ pub(crate) async fn preflight(pool: &Pool, needs: Needs) -> Result<()> {
         }
     }
     if !problems.is_empty() {
-        return Err(Failure::Preflight(format!(
-            "preflight failed, nothing was read or written: {}; point DATABASE_URL at the \
-             registry database",
-            problems.join("; ")
-        ))
-        .into());
+        return Err(Failure::Preflight(Preflight::Schema { problems }).into());
     }
 
     if needs.writes() {
@@ -288,11 +283,7 @@ pub(crate) async fn preflight(pool: &Pool, needs: Needs) -> Result<()> {
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(Failure::Preflight(format!(
-            "preflight failed, nothing was read or written: {}",
-            problems.join("; ")
-        ))
-        .into())
+        Err(Failure::Preflight(Preflight::Access { problems }).into())
     }
 }
 

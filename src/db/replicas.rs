@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use super::{Pool, Transaction};
-use crate::error::Failure;
+use crate::error::{Failure, Preflight};
 
 /// One physical standby streaming from this server and how far its replay is behind.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,13 +28,7 @@ pub(crate) async fn preflight_replica_lag(pool: &Pool) -> Result<Vec<StandbyLag>
     .await
     .context("could not check whether this user may read pg_stat_replication")?;
     if !may_read {
-        return Err(Failure::Preflight(format!(
-            "preflight failed, nothing was read or written: --max-replica-lag reads each \
-             standby's replay lag from pg_stat_replication, which shows it only to superusers \
-             and members of pg_read_all_stats, and user {role} is neither: run GRANT \
-             pg_monitor TO {role} (or pg_read_all_stats), or run without --max-replica-lag"
-        ))
-        .into());
+        return Err(Failure::Preflight(Preflight::ReplicaLagUnreadable { role }).into());
     }
     let standbys = lags_in(&mut transaction).await?;
     transaction

@@ -8,7 +8,7 @@ use std::time::Duration;
 use agent_type_backfill::config::BackfillConfig;
 use agent_type_backfill::db;
 use agent_type_backfill::error::exit_code;
-use agent_type_backfill::events::{Event, Held, HoldReason, Mode};
+use agent_type_backfill::events::{Event, FlipEvent, Hold, HoldReason, Mode};
 use agent_type_backfill::outcome::Refusal;
 use agent_type_backfill::support::seed::{
     self, NewProfile, NewSnapshot, BIDCLIQ_URL, NORTHWIND_URL, SWIVEL_URL,
@@ -673,22 +673,22 @@ async fn a_type_the_rule_does_not_know_holds_the_flip_and_writes_nothing() {
         let error = result.unwrap_err();
         assert_eq!(exit_code(&error), 3, "{error:#}");
         assert!(error.to_string().contains("retail_media"), "{error:#}");
-        let held: Vec<&Held> = events
+        let held: Vec<(&FlipEvent, &Hold)> = events
             .iter()
             .filter_map(|event| match event {
-                Event::Held(held) => Some(held),
+                Event::Held { flip, hold } => Some((flip, hold)),
                 _ => None,
             })
             .collect();
         let described: Vec<(&str, &str, &str, HoldReason, Option<&str>)> = held
             .iter()
-            .map(|held| {
+            .map(|(flip, hold)| {
                 (
-                    held.flip.at.profile.as_str(),
-                    held.flip.at.flip.from.as_str().unwrap(),
-                    held.flip.at.flip.to.as_str(),
-                    held.reason,
-                    held.inferred_type.as_deref(),
+                    flip.at.profile.as_str(),
+                    flip.at.flip.from.as_str().unwrap(),
+                    flip.at.flip.to.as_str(),
+                    hold.reason,
+                    hold.inferred_type.as_deref(),
                 )
             })
             .collect();
