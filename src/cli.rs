@@ -34,7 +34,7 @@ pub(crate) const VERSION_WITH_RULE: &str = concat!(
     long_about = "Loads every member_profiles row, runs the registry server's resolveAgentTypes \
 rule over its agents array against agent_capabilities_snapshot, and prints (--dry-run) or writes \
 (--apply) the disagreements, each audited in type_reclassification_log under one run id.",
-    after_help = format!("{}\n{EXAMPLES}", crate::outcome::exit_code_help()),
+    after_help = format!("{}\n{DURATIONS}\n\n{EXAMPLES}", crate::outcome::exit_code_help()),
     subcommand_negates_reqs = true,
     args_conflicts_with_subcommands = true
 )]
@@ -45,6 +45,13 @@ pub struct Cli {
     #[command(flatten)]
     pub backfill: BackfillArgs,
 }
+
+/// The grammar every DURATION flag takes (`parse_duration`), as `--help` states it.
+const DURATIONS: &str = "Durations: a number with a unit (ms, s, m or min, h, d, w, or sec, minutes, \
+hours, days, weeks),\n  \
+parts added up (1h30m) or a fraction (1.5h). Refused: a bare number (PostgreSQL would read it as\n  \
+milliseconds), months and years (their length varies), zero, and steps under 1ms. Timeouts go\n  \
+up to 2147483647ms (about 24d), ages up to 3650d.";
 
 /// The examples `--help` ends with, each a RUNBOOK step.
 const EXAMPLES: &str = "Examples (RUNBOOK.md):\n  \
@@ -305,41 +312,66 @@ pub(crate) fn parse_age(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
-/// Accepts `250ms`, `5s`, `2min`, `1h`, `7d`. A bare number is refused: PostgreSQL reads one as
-/// milliseconds and people as seconds.
+/// What a refused duration is told to look like.
+const DURATION_USAGE: &str =
+    "use a number with a unit: ms, s, m or min, h, d or w (e.g. 500ms, 5s, 2min, 1h30m, 7d)";
+
+/// Units whose length varies (humantime makes a month 30.44 days and a year 365.25), and `M`,
+/// one shift-key away from `m` for minutes: refused, so that an age means one thing.
+const VARYING_UNITS: [&str; 8] = ["M", "month", "months", "y", "yr", "yrs", "year", "years"];
+
+/// A duration in humantime's grammar (`250ms`, `5s`, `2min`, `1h30m`, `1.5h`, `7d`, `2w`, and
+/// the long forms such as `sec`, `hours`, `days`), the Rust command-line convention, with what
+/// an operator and PostgreSQL need on top. A bare number is refused: PostgreSQL reads one as
+/// milliseconds and people as seconds. Months and years are refused (see [`VARYING_UNITS`]), as
+/// are zero and anything finer than a millisecond, the unit PostgreSQL's timeouts are set in:
+/// `500us` would be sent as `0`, which turns the timeout off.
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
-    let usage = "use a whole number with a unit: ms, s, min, h or d (e.g. 500ms, 5s, 2min)";
     let trimmed = text.trim();
     if trimmed.starts_with('-') {
-        return Err(format!("'{text}' is negative: {usage}"));
+        return Err(format!("'{text}' is negative: {DURATION_USAGE}"));
     }
-    let split = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(trimmed.len());
-    let (digits, unit) = trimmed.split_at(split);
-    let amount: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{text}' is not a duration: {usage}"))?;
-    let per_unit: u64 = match unit.trim() {
-        "ms" => 1,
-        "s" => 1_000,
-        "min" | "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        "" => {
-            return Err(format!(
-                "'{text}' has no unit (PostgreSQL would read it as milliseconds): {usage}"
-            ))
-        }
-        _ => return Err(format!("'{text}' has an unknown unit: {usage}")),
+    let no_unit = || {
+        format!("'{text}' has no unit (PostgreSQL would read it as milliseconds): {DURATION_USAGE}")
     };
-    let millis = amount
-        .checked_mul(per_unit)
-        .ok_or_else(|| format!("'{text}' is too long a duration"))?;
-    if millis == 0 {
+    // humantime takes a lone `0` for zero; PostgreSQL would read it as milliseconds too.
+    if trimmed == "0" {
+        return Err(no_unit());
+    }
+    let duration = humantime::parse_duration(trimmed).map_err(|error| match error {
+        humantime::DurationError::UnknownUnit { unit, .. } if unit.is_empty() => {
+            if trimmed.contains(|c: char| c.is_alphabetic()) {
+                format!("'{text}' ends in a number with no unit: {DURATION_USAGE}")
+            } else {
+                no_unit()
+            }
+        }
+        humantime::DurationError::UnknownUnit { unit, .. } => {
+            format!("'{text}' has an unknown unit '{unit}': {DURATION_USAGE}")
+        }
+        humantime::DurationError::NumberOverflow => {
+            format!("'{text}' is too long a duration, or finer than a nanosecond")
+        }
+        _ => format!("'{text}' is not a duration: {DURATION_USAGE}"),
+    })?;
+    if let Some(unit) = trimmed
+        .split(|c: char| !c.is_alphabetic())
+        .find(|unit| VARYING_UNITS.contains(unit))
+    {
+        return Err(format!(
+            "'{text}' counts in '{unit}' (months or years), whose length varies: use days or \
+             weeks (e.g. 30d, 52w)"
+        ));
+    }
+    if duration.is_zero() {
         return Err(format!("'{text}' must be longer than zero"));
     }
-    Ok(Duration::from_millis(millis))
+    if duration.subsec_nanos() % 1_000_000 != 0 {
+        return Err(format!(
+            "'{text}' is finer than a millisecond, the smallest step PostgreSQL's timeouts take"
+        ));
+    }
+    Ok(duration)
 }
 
 /// A count of 0 or more, saying so when given anything else (`-1` included, which clap would
@@ -355,19 +387,98 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations_parse_in_the_units_operators_type() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert!(parse_duration("7").unwrap_err().contains("no unit"));
-        assert!(parse_duration("-1s").unwrap_err().contains("negative"));
-        assert!(parse_server_timeout("99999999999h").is_err());
+    fn durations_parse_in_humantimes_grammar_to_whole_milliseconds() {
+        let accepted = [
+            ("250ms", Duration::from_millis(250)),
+            ("5s", Duration::from_secs(5)),
+            ("5sec", Duration::from_secs(5)),
+            (" 5 s ", Duration::from_secs(5)),
+            ("2min", Duration::from_secs(120)),
+            ("2m", Duration::from_secs(120)),
+            ("2 minutes", Duration::from_secs(120)),
+            ("1h30m", Duration::from_secs(5400)),
+            ("1h 30min", Duration::from_secs(5400)),
+            ("1.5h", Duration::from_secs(5400)),
+            ("1.5s", Duration::from_millis(1500)),
+            ("48hours", Duration::from_secs(48 * 3600)),
+            ("7d", Duration::from_secs(7 * 86_400)),
+            ("7 days", Duration::from_secs(7 * 86_400)),
+            ("2w", Duration::from_secs(14 * 86_400)),
+            ("1000us", Duration::from_millis(1)),
+        ];
+        for (text, expected) in accepted {
+            assert_eq!(parse_duration(text), Ok(expected), "{text}");
+        }
+    }
+
+    #[test]
+    fn durations_refused_say_why_quoting_the_value() {
+        let refused = [
+            // PostgreSQL reads a bare number as milliseconds, people as seconds.
+            (
+                "7",
+                "has no unit (PostgreSQL would read it as milliseconds)",
+            ),
+            (
+                "0",
+                "has no unit (PostgreSQL would read it as milliseconds)",
+            ),
+            (
+                "1.5",
+                "has no unit (PostgreSQL would read it as milliseconds)",
+            ),
+            ("5s 3", "ends in a number with no unit"),
+            ("-1s", "is negative"),
+            ("-0s", "is negative"),
+            ("0s", "must be longer than zero"),
+            ("0h 0ms", "must be longer than zero"),
+            // `500us` would be sent to PostgreSQL as 0, no timeout at all.
+            ("500us", "finer than a millisecond"),
+            ("0.5ms", "finer than a millisecond"),
+            ("1.0005s", "finer than a millisecond"),
+            ("1M", "'M' (months or years), whose length varies"),
+            ("2months", "'months' (months or years)"),
+            ("1y", "'y' (months or years)"),
+            ("1d 1year", "'year' (months or years)"),
+            ("5 fortnights", "unknown unit 'fortnights'"),
+            ("5S", "unknown unit 'S'"),
+            ("fast", "is not a duration"),
+            ("", "is not a duration"),
+            ("99999999999999999999s", "too long a duration"),
+        ];
+        for (text, says) in refused {
+            let message = parse_duration(text).unwrap_err();
+            assert!(message.starts_with(&format!("'{text}' ")), "{message}");
+            assert!(message.contains(says), "{text}: {message}");
+        }
+    }
+
+    #[test]
+    fn timeouts_end_at_postgresqls_limit_and_ages_at_ten_years() {
         assert_eq!(parse_server_timeout("2147483647ms"), Ok(MAX_SERVER_TIMEOUT));
-        assert!(parse_server_timeout("2147483648ms").is_err());
-        assert!(parse_age("3651d").is_err());
-        assert_eq!(parse_duration("2min"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("fast").is_err());
-        assert!(parse_duration("5 fortnights").is_err());
+        assert_eq!(
+            parse_server_timeout("24d 20h 31m 23s 647ms"),
+            Ok(MAX_SERVER_TIMEOUT)
+        );
+        for text in ["2147483648ms", "25d", "99999999999h"] {
+            let message = parse_server_timeout(text).unwrap_err();
+            assert!(
+                message.starts_with(&format!("'{text}' is longer than PostgreSQL allows")),
+                "{message}"
+            );
+        }
+        assert_eq!(parse_age("3650d"), Ok(MAX_AGE));
+        assert!(parse_age("521w").is_ok());
+        for text in ["3651d", "522w"] {
+            let message = parse_age(text).unwrap_err();
+            assert_eq!(
+                message,
+                format!("'{text}' is longer than the 3650d this takes")
+            );
+        }
+        // The grammar's refusals hold for both.
+        assert!(parse_server_timeout("5").unwrap_err().contains("no unit"));
+        assert!(parse_age("1y").unwrap_err().contains("length varies"));
     }
 
     #[test]

@@ -307,6 +307,7 @@ fn configuration_mistakes_exit_2_with_one_line_that_says_what_is_allowed() {
         (&["--dry-run", "--max-flips", "-1"][..], "0 or more"),
         (&["--dry-run", "--lock-timeout", "-1s"][..], "negative"),
         (&["--dry-run", "--lock-timeout", "5"][..], "no unit"),
+        (&["--dry-run", "--max-probe-age", "1M"][..], "length varies"),
         (
             &["--dry-run", "--lock-timeout", "99999999999h"][..],
             "longer than PostgreSQL allows",
