@@ -1,36 +1,26 @@
 //! `revert` and `history` against a real PostgreSQL.
 
 use crate::common;
-use crate::common::Log;
 
 use agent_type_backfill::error::exit_code;
-use agent_type_backfill::events::Summary;
 use agent_type_backfill::support::seed::{self, NewProfile, NewSnapshot, BIDCLIQ_URL, SWIVEL_URL};
-use common::{args, events, execute, TestDb};
+use common::{backfill, json_lines, revert, TestDb};
 use serde_json::{json, Value};
 
+/// Applies the backfill; its run id.
 async fn apply(db: &TestDb) -> String {
-    let mut out = Vec::new();
-    execute(&args(&["--apply", "--format", "json"]), &db.url, &mut out)
-        .await
-        .unwrap();
-    events(&out)[0]["run_id"].as_str().unwrap().to_owned()
+    let (result, log) = backfill(&db.url, &["--apply"]).run().await;
+    result.unwrap();
+    log.run_id()
 }
 
-async fn revert(db: &TestDb, flags: &[&str]) -> (anyhow::Result<Summary>, Vec<Value>) {
-    let mut flags = flags.to_vec();
-    flags.extend_from_slice(&["--format", "json"]);
-    let mut out = Vec::new();
-    let result = common::revert(&flags, &db.url, &mut out).await;
-    (result, events(&out))
-}
-
+/// `history` in JSON: its result and its lines, which are not a run log's events.
 async fn history(db: &TestDb, flags: &[&str]) -> (anyhow::Result<()>, Vec<Value>) {
     let mut flags = flags.to_vec();
     flags.extend_from_slice(&["--format", "json"]);
     let mut out = Vec::new();
     let result = common::history(&flags, &db.url, &mut out).await;
-    (result, events(&out))
+    (result, json_lines(&out))
 }
 
 #[tokio::test]
@@ -39,29 +29,32 @@ async fn revert_restores_what_still_holds_and_leaves_conflicts() {
     let applied = apply(&db).await;
     // A member changes swivel's agent after the run: that element is no longer the run's to undo.
     db.member_sets_type("swivel", 1, "creative").await;
-    let after_member_edit = db.dump().await;
 
-    let (dry, log) = revert(&db, &[&applied, "--dry-run"]).await;
+    let (dry, log) = revert(&db.url, &[&applied, "--dry-run"])
+        .writes_nothing(&db)
+        .run()
+        .await;
     let dry = dry.unwrap();
     assert_eq!((dry.flips, dry.skipped, dry.written), (1, 1, 0));
-    assert_eq!(log[0]["reverts"], applied.as_str());
-    let flip = log.first_of("flip").unwrap();
+    assert_eq!(log.start().reverts.as_ref(), Some(&applied));
+    let [flip] = log.flips()[..] else {
+        panic!("one flip: {log:?}")
+    };
     assert_eq!(
-        (&flip["profile"], &flip["from"], &flip["to"]),
-        (&json!("bidcliq"), &json!("sales"), &json!("buying"))
+        (flip.profile.as_str(), &flip.from, flip.to.as_str()),
+        ("bidcliq", &json!("sales"), "buying")
     );
-    let conflict = log.first_of("skipped").unwrap();
-    assert_eq!(conflict["profile"], "swivel");
-    assert_eq!(conflict["reason"], "changed_since_run");
+    let [conflict] = log.skipped()[..] else {
+        panic!("one conflict: {log:?}")
+    };
     assert_eq!(
-        db.dump().await,
-        after_member_edit,
-        "a dry-run revert writes nothing"
+        (conflict.profile.as_str(), conflict.reason.as_str()),
+        ("swivel", "changed_since_run")
     );
 
-    let (applied_revert, log) = revert(&db, &[&applied, "--apply"]).await;
+    let (applied_revert, log) = revert(&db.url, &[&applied, "--apply"]).run().await;
     assert_eq!(applied_revert.unwrap().written, 1);
-    let revert_run = log[0]["run_id"].as_str().unwrap().to_owned();
+    let revert_run = log.run_id();
     assert_eq!(db.agents_of("bidcliq").await[0]["type"], "buying");
     assert_eq!(db.agents_of("swivel").await[1]["type"], "creative");
 
@@ -76,7 +69,7 @@ async fn revert_restores_what_still_holds_and_leaves_conflicts() {
     );
     assert_eq!(undo.notes.as_ref().unwrap()["reverts"], applied.as_str());
 
-    let (again, _) = revert(&db, &[&applied, "--apply"]).await;
+    let (again, _) = revert(&db.url, &[&applied, "--apply"]).run().await;
     let again = again.unwrap();
     assert_eq!(
         (again.flips, again.written, again.skipped),
@@ -218,19 +211,17 @@ async fn revert_restores_null_as_null_and_removes_a_type_key_that_was_absent() {
         (&json!("present"), &json!("unknown"))
     );
 
-    let (dry, log) = revert(&db, &[&applied, "--dry-run"]).await;
+    let (dry, log) = revert(&db.url, &[&applied, "--dry-run"]).run().await;
     assert_eq!(dry.unwrap().flips, 4);
     let to_of = |url: &str| {
-        log.of("flip")
-            .into_iter()
-            .find(|e| e["url"] == url)
-            .unwrap()["to"]
-            .clone()
+        let flips = log.flips();
+        let flip = flips.iter().find(|flip| flip.url == url).unwrap();
+        flip.to.clone()
     };
     assert_eq!(to_of("https://n1.example"), "null");
     assert_eq!(to_of("https://n2.example"), "(no type key)");
 
-    let (reverted, _) = revert(&db, &[&applied, "--apply"]).await;
+    let (reverted, _) = revert(&db.url, &[&applied, "--apply"]).run().await;
     assert_eq!(reverted.unwrap().written, 4);
     assert_eq!(db.agents_of("odd").await, agents);
     assert_eq!(
@@ -272,19 +263,18 @@ async fn revert_of_an_old_row_restores_unknown_and_says_it_cannot_tell() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let mut text = Vec::new();
-    common::revert(&[&applied, "--dry-run"], &db.url, &mut text)
-        .await
-        .unwrap();
-    let text = String::from_utf8(text).unwrap();
+    let (dry, text) = revert(&db.url, &[&applied, "--dry-run", "--format", "text"])
+        .run()
+        .await;
+    dry.unwrap();
     assert!(
-        text.contains("old row: \"unknown\" may have been no type key or null"),
-        "{text}"
+        text.text
+            .contains("old row: \"unknown\" may have been no type key or null"),
+        "{text:?}"
     );
-    let (reverted, log) = revert(&db, &[&applied, "--apply"]).await;
+    let (reverted, log) = revert(&db.url, &[&applied, "--apply"]).run().await;
     assert_eq!(reverted.unwrap().written, 1);
-    let flip = log.first_of("flip").unwrap();
-    assert_eq!(flip["to"], "unknown");
+    assert_eq!(log.flips()[0].to, "unknown");
     assert_eq!(
         db.agents_of("old").await,
         json!([{"url": "https://n1.example", "type": "unknown"}])
@@ -295,13 +285,16 @@ async fn revert_of_an_old_row_restores_unknown_and_says_it_cannot_tell() {
 async fn revert_is_held_to_the_threshold_and_unknown_runs_are_usage_errors() {
     let db = TestDb::seeded(5).await;
     let applied = apply(&db).await;
-    let before = db.dump().await;
-    let (refused, log) = revert(&db, &[&applied, "--apply", "--max-flips", "1"]).await;
+    let (refused, log) = revert(&db.url, &[&applied, "--apply", "--max-flips", "1"])
+        .writes_nothing(&db)
+        .run()
+        .await;
     assert_eq!(exit_code(&refused.unwrap_err()), 3);
-    assert_eq!(log.last().unwrap()["aborted"], true);
-    assert_eq!(db.dump().await, before);
+    assert!(log.summary().aborted);
 
-    let (unknown, _) = revert(&db, &["atb-19700101T000000Z-00000000", "--dry-run"]).await;
+    let (unknown, _) = revert(&db.url, &["atb-19700101T000000Z-00000000", "--dry-run"])
+        .run()
+        .await;
     let error = unknown.unwrap_err();
     assert_eq!(exit_code(&error), 2);
     assert!(format!("{error:#}").contains("'agent-type-backfill history'"));

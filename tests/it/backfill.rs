@@ -1,7 +1,6 @@
 //! The backfill against a real PostgreSQL: each test in its own database with migrations/ applied.
 
 use crate::common;
-use crate::common::Log;
 
 use std::time::Duration;
 
@@ -13,35 +12,19 @@ use agent_type_backfill::outcome::Refusal;
 use agent_type_backfill::support::seed::{
     self, NewProfile, NewSnapshot, BIDCLIQ_URL, NORTHWIND_URL, SWIVEL_URL,
 };
-use common::{args, events, execute, flip_events, TestDb};
+use common::{backfill, TestDb};
 use serde_json::{json, Value};
 use sqlx::Connection;
-
-async fn run(
-    db: &TestDb,
-    flags: &[&str],
-) -> (anyhow::Result<agent_type_backfill::events::Summary>, String) {
-    let mut out = Vec::new();
-    let result = execute(&args(flags), &db.url, &mut out).await;
-    (result, String::from_utf8(out).unwrap())
-}
 
 #[tokio::test]
 async fn known_stale_cases_bidcliq_and_swivel_are_exactly_the_flips() {
     let db = TestDb::seeded(200).await;
-    let (result, log) = run(&db, &["--dry-run", "--format", "json"]).await;
+    let (result, log) = backfill(&db.url, &["--dry-run"]).run().await;
     let summary = result.unwrap();
-    let flips = flip_events(&log);
-    let found: Vec<(&str, &str, &Value, &str)> = flips
-        .iter()
-        .map(|f| {
-            (
-                f["profile"].as_str().unwrap(),
-                f["url"].as_str().unwrap(),
-                &f["from"],
-                f["to"].as_str().unwrap(),
-            )
-        })
+    let found: Vec<(&str, &str, &Value, &str)> = log
+        .flips()
+        .into_iter()
+        .map(|f| (f.profile.as_str(), f.url.as_str(), &f.from, f.to.as_str()))
         .collect();
     let buying = json!("buying");
     let mut expected = vec![
@@ -59,9 +42,9 @@ async fn known_stale_cases_bidcliq_and_swivel_are_exactly_the_flips() {
         summary.malformed, 5,
         "NULL, JSON null, object, string and number rows"
     );
-    let swivel = flips.iter().find(|f| f["profile"] == "swivel").unwrap();
     assert_eq!(
-        swivel["index"], 1,
+        log.flip_of("swivel").index,
+        1,
         "index is the position in the agents array"
     );
 }
@@ -75,14 +58,13 @@ async fn apply_writes_the_two_flips_with_two_audit_rows_and_a_rerun_finds_none()
             .await
             .unwrap();
 
-    let (result, log) = run(&db, &["--apply", "--format", "json"]).await;
+    let (result, log) = backfill(&db.url, &["--apply"]).run().await;
     let summary = result.unwrap();
     assert_eq!((summary.flips, summary.written, summary.skipped), (2, 2, 0));
-    let all = events(log.as_bytes());
-    let run_id = all.start()["run_id"].as_str().unwrap();
-    let end = all.summary();
-    assert_eq!(end["run_id"], run_id);
-    assert_eq!(end["aborted"], false);
+    let run_id = log.run_id();
+    let run_id = run_id.as_str();
+    assert_eq!(log.summary().run_id.as_deref(), Some(run_id));
+    assert!(!log.summary().aborted);
 
     assert_eq!(db.agents_of("bidcliq").await[0]["type"], "sales");
     assert_eq!(db.agents_of("swivel").await[1]["type"], "sales");
@@ -129,33 +111,36 @@ async fn apply_writes_the_two_flips_with_two_audit_rows_and_a_rerun_finds_none()
         "only written profiles are touched"
     );
 
-    let before_rerun = db.dump().await;
-    let (rerun, _) = run(&db, &["--apply"]).await;
+    let (rerun, _) = backfill(&db.url, &["--apply"])
+        .writes_nothing(&db)
+        .run()
+        .await;
     let rerun = rerun.unwrap();
     assert_eq!((rerun.flips, rerun.written), (0, 0), "idempotent");
-    assert_eq!(db.dump().await, before_rerun);
 }
 
 #[tokio::test]
 async fn members_own_buying_agent_with_unclassified_snapshot_is_kept() {
     let db = TestDb::seeded(10).await;
-    let (result, log) = run(&db, &["--apply"]).await;
+    let (result, log) = backfill(&db.url, &["--apply"]).run().await;
     result.unwrap();
-    assert!(!log.contains(NORTHWIND_URL), "{log}");
+    assert!(!log.text.contains(NORTHWIND_URL), "{log:?}");
     assert_eq!(db.agents_of("northwind-media").await[0]["type"], "buying");
 }
 
 #[tokio::test]
 async fn dry_run_writes_nothing_and_its_transaction_refuses_writes() {
     let db = TestDb::seeded(100).await;
-    let before = db.dump().await;
-    let (result, log) = run(&db, &["--dry-run"]).await;
+    let (result, log) = backfill(&db.url, &["--dry-run", "--format", "text"])
+        .writes_nothing(&db)
+        .run()
+        .await;
     assert_eq!(result.unwrap().written, 0);
     assert!(
-        log.contains("  bidcliq  https://bidcliq.example/mcp  buying -> sales  (probed 30h ago)"),
-        "{log}"
+        log.text
+            .contains("  bidcliq  https://bidcliq.example/mcp  buying -> sales  (probed 30h ago)"),
+        "{log:?}"
     );
-    assert_eq!(db.dump().await, before);
 
     let settings = db::SessionSettings {
         application_name: "agent-type-backfill atb-read-only".to_owned(),
@@ -180,9 +165,11 @@ async fn dry_run_writes_nothing_and_its_transaction_refuses_writes() {
 #[tokio::test]
 async fn threshold_abort_prints_every_flip_and_writes_nothing() {
     let db = TestDb::seeded(100).await;
-    let before = db.dump().await;
     for mode in ["--apply", "--dry-run"] {
-        let (result, log) = run(&db, &[mode, "--max-flips", "1", "--format", "json"]).await;
+        let (result, log) = backfill(&db.url, &[mode, "--max-flips", "1"])
+            .writes_nothing(&db)
+            .run()
+            .await;
         let error = result.unwrap_err();
         assert_eq!(exit_code(&error), 3, "{error:#}");
         assert_eq!(
@@ -192,13 +179,13 @@ async fn threshold_abort_prints_every_flip_and_writes_nothing() {
                 max_flips: 1
             }]
         );
-        assert_eq!(flip_events(&log).len(), 2, "{mode} shows what would abort");
-        let summary = events(log.as_bytes()).pop().unwrap();
-        assert_eq!(summary["aborted"], true);
-        assert_eq!(summary["run_id"], Value::Null);
-        assert_eq!(db.dump().await, before, "{mode} wrote something");
+        assert_eq!(log.flips().len(), 2, "{mode} shows what would abort");
+        assert!(log.summary().aborted);
+        assert_eq!(log.summary().run_id, None);
     }
-    let (at_limit, _) = run(&db, &["--dry-run", "--max-flips", "2"]).await;
+    let (at_limit, _) = backfill(&db.url, &["--dry-run", "--max-flips", "2"])
+        .run()
+        .await;
     assert!(at_limit.is_ok(), "exactly --max-flips flips is allowed");
 }
 
@@ -232,7 +219,7 @@ async fn extra_keys_big_numbers_and_other_elements_are_preserved_exactly() {
         "{rest_before}"
     );
 
-    run(&db, &["--apply"]).await.0.unwrap();
+    backfill(&db.url, &["--apply"]).run().await.0.unwrap();
 
     assert_eq!(element_text(0).await, sibling_before);
     assert_eq!(stale_without_type(db.pool.clone()).await, rest_before);
@@ -258,10 +245,10 @@ async fn type_key_is_added_when_a_flipped_element_had_none() {
     )
     .await
     .unwrap();
-    let (result, log) = run(&db, &["--apply", "--format", "json"]).await;
+    let (result, log) = backfill(&db.url, &["--apply"]).run().await;
     result.unwrap();
     assert_eq!(
-        flip_events(&log)[0]["from"],
+        log.flip_of("typeless").from,
         "unknown",
         "a missing type reads as unknown"
     );
@@ -282,15 +269,16 @@ async fn preflight_failures_exit_4_before_anything_is_written() {
         .execute(&db.pool)
         .await
         .unwrap();
-    let before = db.dump_without_audit().await;
-    let (result, log) = run(&db, &["--apply"]).await;
+    let (result, log) = backfill(&db.url, &["--apply"])
+        .writes_nothing(&db)
+        .run()
+        .await;
     let error = result.unwrap_err();
     assert_eq!(exit_code(&error), 4);
     assert!(format!("{error:#}").contains("table 'type_reclassification_log' is missing"));
-    assert!(log.is_empty(), "no report before preflight passes: {log}");
-    assert_eq!(db.dump_without_audit().await, before);
+    assert!(log.is_empty(), "no report before preflight passes: {log:?}");
 
-    let (dry, _) = run(&db, &["--dry-run"]).await;
+    let (dry, _) = backfill(&db.url, &["--dry-run"]).run().await;
     assert_eq!(
         dry.unwrap().flips,
         2,
@@ -301,7 +289,7 @@ async fn preflight_failures_exit_4_before_anything_is_written() {
         .execute(&db.pool)
         .await
         .unwrap();
-    let (result, _) = run(&db, &["--dry-run"]).await;
+    let (result, _) = backfill(&db.url, &["--dry-run"]).run().await;
     let error = result.unwrap_err();
     assert_eq!(exit_code(&error), 4);
     assert!(format!("{error:#}").contains("column 'member_profiles.agents' is missing"));
@@ -330,17 +318,7 @@ async fn wait_for_blocked_writer(db: &TestDb) -> String {
 async fn profile_edited_between_plan_and_write_is_re_resolved_not_overwritten() {
     let db = TestDb::seeded(20).await;
     let mut holder = db.lock_profiles(&["bidcliq"]).await;
-    let url = db.url.clone();
-    let apply = tokio::spawn(async move {
-        let mut out = Vec::new();
-        let result = execute(
-            &args(&["--apply", "--format", "json", "--lock-timeout", "30s"]),
-            &url,
-            &mut out,
-        )
-        .await;
-        (result, out)
-    });
+    let apply = tokio::spawn(backfill(&db.url, &["--apply", "--lock-timeout", "30s"]).run());
     let application_name = wait_for_blocked_writer(&db).await;
     assert!(
         application_name.starts_with("agent-type-backfill atb-"),
@@ -357,7 +335,7 @@ async fn profile_edited_between_plan_and_write_is_re_resolved_not_overwritten() 
         .unwrap();
     sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
 
-    let (result, out) = apply.await.unwrap();
+    let (result, log) = apply.await.unwrap();
     let summary = result.unwrap();
     assert_eq!(
         (
@@ -368,15 +346,14 @@ async fn profile_edited_between_plan_and_write_is_re_resolved_not_overwritten() 
         ),
         (2, 1, 1, 1)
     );
-    let log = events(&out);
     let not_written: Vec<(&str, &str, &str)> = log
-        .of("skipped")
+        .skipped()
         .into_iter()
-        .map(|event| {
+        .map(|skipped| {
             (
-                event["profile"].as_str().unwrap(),
-                event["to"].as_str().unwrap(),
-                event["reason"].as_str().unwrap(),
+                skipped.profile.as_str(),
+                skipped.to.as_str(),
+                skipped.reason.as_str(),
             )
         })
         .collect();
@@ -402,12 +379,7 @@ async fn profile_edited_between_plan_and_write_is_re_resolved_not_overwritten() 
 async fn concurrent_edit_that_keeps_the_flip_is_written_without_losing_the_edit() {
     let db = TestDb::seeded(20).await;
     let mut holder = db.lock_profiles(&["bidcliq"]).await;
-    let url = db.url.clone();
-    let apply = tokio::spawn(async move {
-        let mut out = Vec::new();
-        let flags = ["--apply", "--lock-timeout", "30s"];
-        (execute(&args(&flags), &url, &mut out).await, out)
-    });
+    let apply = tokio::spawn(backfill(&db.url, &["--apply", "--lock-timeout", "30s"]).run());
     wait_for_blocked_writer(&db).await;
     sqlx::query(
         "UPDATE member_profiles SET agents = jsonb_set(agents, '{0,visits}', '41') WHERE slug = 'bidcliq'",
@@ -427,36 +399,27 @@ async fn concurrent_edit_that_keeps_the_flip_is_written_without_losing_the_edit(
 async fn lock_timeout_is_retried_then_reported_never_half_applied() {
     let db = TestDb::seeded(20).await;
     let holder = db.lock_profiles(&["bidcliq"]).await;
-    let before = db.dump().await;
-    let (result, out) = run(
-        &db,
-        &[
-            "--apply",
-            "--lock-timeout",
-            "100ms",
-            "--write-attempts",
-            "2",
-            "--format",
-            "json",
-        ],
-    )
-    .await;
+    let flags = [
+        "--apply",
+        "--lock-timeout",
+        "100ms",
+        "--write-attempts",
+        "2",
+    ];
+    // The batch rolled back whole.
+    let (result, log) = backfill(&db.url, &flags).writes_nothing(&db).run().await;
     let error = result.unwrap_err();
     assert_eq!(exit_code(&error), 1);
     assert!(
         format!("{error:#}").contains("2 planned flips were not written"),
         "{error:#}"
     );
-    let reasons: Vec<Value> = events(out.as_bytes())
-        .of("skipped")
+    let reasons: Vec<&str> = log
+        .skipped()
         .into_iter()
-        .map(|event| event["reason"].clone())
+        .map(|skipped| skipped.reason.as_str())
         .collect();
-    assert_eq!(
-        reasons,
-        [json!("not_written_timeout"), json!("not_written_timeout")]
-    );
-    assert_eq!(db.dump().await, before, "the batch rolled back whole");
+    assert_eq!(reasons, ["not_written_timeout", "not_written_timeout"]);
     holder.close().await.unwrap();
 
     // Released within the retry budget: the same command now finishes the job.
@@ -465,17 +428,14 @@ async fn lock_timeout_is_retried_then_reported_never_half_applied() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         holder.close().await.unwrap();
     });
-    let (result, _) = run(
-        &db,
-        &[
-            "--apply",
-            "--lock-timeout",
-            "100ms",
-            "--write-attempts",
-            "5",
-        ],
-    )
-    .await;
+    let flags = [
+        "--apply",
+        "--lock-timeout",
+        "100ms",
+        "--write-attempts",
+        "5",
+    ];
+    let (result, _) = backfill(&db.url, &flags).run().await;
     release.await.unwrap();
     assert_eq!(result.unwrap().written, 2);
     assert_eq!(db.audit_rows().await.len(), 2);
@@ -484,11 +444,15 @@ async fn lock_timeout_is_retried_then_reported_never_half_applied() {
 #[tokio::test]
 async fn batches_smaller_than_the_table_cover_every_profile_once() {
     let db = TestDb::seeded(95).await;
-    let (result, _) = run(&db, &["--apply", "--batch-size", "7"]).await;
+    let (result, _) = backfill(&db.url, &["--apply", "--batch-size", "7"])
+        .run()
+        .await;
     let summary = result.unwrap();
     assert_eq!(summary.profiles_scanned, 106);
     assert_eq!(summary.written, 2);
-    let (rerun, _) = run(&db, &["--dry-run", "--batch-size", "1"]).await;
+    let (rerun, _) = backfill(&db.url, &["--dry-run", "--batch-size", "1"])
+        .run()
+        .await;
     assert_eq!(rerun.unwrap().flips, 0);
 }
 
@@ -505,42 +469,28 @@ async fn stop_request_lets_the_batch_in_flight_commit_then_reports_and_exits_143
     let holder = db.lock_profiles(&[&first]).await;
     let stop = agent_type_backfill::interrupt::StopSignal::manual();
     let raise = stop.clone();
-    let url = db.url.clone();
-    let apply = tokio::spawn(async move {
-        let mut out = Vec::new();
-        let flags = [
-            "--apply",
-            "--batch-size",
-            "1",
-            "--lock-timeout",
-            "30s",
-            "--format",
-            "json",
-        ];
-        let result = common::execute_with(&args(&flags), &url, &mut out, stop).await;
-        (result, out)
-    });
+    let flags = ["--apply", "--batch-size", "1", "--lock-timeout", "30s"];
+    let apply = tokio::spawn(backfill(&db.url, &flags).stop(stop).run());
     wait_for_blocked_writer(&db).await;
     raise.raise(agent_type_backfill::interrupt::SIGTERM);
     holder.close().await.unwrap();
 
-    let (result, out) = apply.await.unwrap();
+    let (result, log) = apply.await.unwrap();
     let error = result.unwrap_err();
     assert_eq!(exit_code(&error), 143);
     assert!(
         format!("{error:#}").contains("1 of 2 written under run id"),
         "{error:#}"
     );
-    let summary = events(&out).pop().unwrap();
-    assert_eq!(summary["written"], 1);
-    assert_eq!(summary["interrupted_by"], "SIGTERM");
+    assert_eq!(log.summary().written, 1);
+    assert_eq!(log.summary().interrupted_by.as_deref(), Some("SIGTERM"));
     assert_eq!(
         db.audit_rows().await.len(),
         1,
         "the batch in flight committed whole"
     );
 
-    let (rerun, _) = run(&db, &["--apply"]).await;
+    let (rerun, _) = backfill(&db.url, &["--apply"]).run().await;
     let rerun = rerun.unwrap();
     assert_eq!(
         (rerun.flips, rerun.written),
@@ -570,22 +520,25 @@ async fn flip_lines_show_probe_age_and_warning_signs() {
         .await
         .unwrap();
 
-    let (result, log) = run(&db, &["--dry-run"]).await;
+    let (result, text) = backfill(&db.url, &["--dry-run", "--format", "text"])
+        .run()
+        .await;
     result.unwrap();
-    assert!(log.contains(
+    assert!(text.text.contains(
         "  probe-flags  https://stale.example  buying -> sales  (probed 3d ago, discovery error, needs OAuth)\n"
-    ), "{log}");
+    ), "{text:?}");
     assert!(
-        log.contains("  probe-flags  https://legacy.example  buyer -> unknown  (no snapshot)\n"),
-        "{log}"
+        text.text
+            .contains("  probe-flags  https://legacy.example  buyer -> unknown  (no snapshot)\n"),
+        "{text:?}"
     );
 
-    let (_, json_log) = run(&db, &["--dry-run", "--format", "json"]).await;
-    let flips = flip_events(&json_log);
-    assert_eq!(flips[0]["discovery_error"], true);
-    assert_eq!(flips[0]["oauth_required"], true);
-    assert!(flips[0]["probed_at"].is_string());
-    assert_eq!(flips[1]["probed_at"], Value::Null);
+    let (_, log) = backfill(&db.url, &["--dry-run"]).run().await;
+    let flips = log.flips();
+    assert!(flips[0].discovery_error);
+    assert!(flips[0].oauth_required);
+    assert!(flips[0].probed_at.is_some());
+    assert_eq!(flips[1].probed_at, None);
 }
 
 /// The tool's session settings go beside any options in the URL instead of replacing them:
@@ -730,21 +683,24 @@ async fn a_type_the_rule_does_not_know_holds_the_flip_and_writes_nothing() {
         );
         assert_eq!(db.dump().await, before, "{mode:?} wrote");
     }
-    let (result, log) = run(&db, &["--dry-run", "--format", "json"]).await;
+    let (result, log) = backfill(&db.url, &["--dry-run"]).run().await;
     assert_eq!(exit_code(&result.unwrap_err()), 3);
-    let held = events(log.as_bytes()).about("held", "retailer").clone();
+    let held = log.held_of("retailer");
     assert_eq!(
-        (held["reason"].as_str(), held["inferred_type"].as_str()),
-        (Some("unrecognised_inferred_type"), Some("retail_media"))
+        (held.reason.as_str(), held.inferred_type.as_deref()),
+        ("unrecognised_inferred_type", Some("retail_media"))
     );
-    let (_, text) = run(&db, &["--dry-run"]).await;
+    let (_, text) = backfill(&db.url, &["--dry-run", "--format", "text"])
+        .run()
+        .await;
     assert!(
-        text.contains("  held  retailer  https://retail.example/mcp  sales -> unknown  (probed 30h ago)  [type unknown to this tool's rule; the server may be newer: stop: 'retail_media']"),
-        "{text}"
+        text.text.contains("  held  retailer  https://retail.example/mcp  sales -> unknown  (probed 30h ago)  [type unknown to this tool's rule; the server may be newer: stop: 'retail_media']"),
+        "{text:?}"
     );
     assert!(
-        text.contains("unrecognised inferred types:    ctv 1, retail_media 1"),
-        "{text}"
+        text.text
+            .contains("unrecognised inferred types:    ctv 1, retail_media 1"),
+        "{text:?}"
     );
 }
 
@@ -752,22 +708,16 @@ async fn a_type_the_rule_does_not_know_holds_the_flip_and_writes_nothing() {
 #[tokio::test]
 async fn a_probe_older_than_max_probe_age_holds_its_flip() {
     let db = TestDb::seeded(5).await;
-    let before = db.dump().await;
-    let (result, log) = run(
-        &db,
-        &["--apply", "--max-probe-age", "24h", "--format", "json"],
-    )
-    .await;
+    let (result, log) = backfill(&db.url, &["--apply", "--max-probe-age", "24h"])
+        .writes_nothing(&db)
+        .run()
+        .await;
     assert_eq!(exit_code(&result.unwrap_err()), 3);
-    let events = events(log.as_bytes());
-    assert_eq!(events.about("held", "bidcliq")["reason"], "stale_probe");
-    assert_eq!(db.dump().await, before);
+    assert_eq!(log.held_of("bidcliq").reason, "stale_probe");
     // The fixtures were probed 30 hours ago: a two-day limit lets them through.
-    let (result, _) = run(
-        &db,
-        &["--apply", "--max-probe-age", "2d", "--format", "json"],
-    )
-    .await;
+    let (result, _) = backfill(&db.url, &["--apply", "--max-probe-age", "2d"])
+        .run()
+        .await;
     assert_eq!(result.unwrap().written, 2);
 }
 
@@ -782,23 +732,27 @@ async fn crawler_disagreements_are_shown_on_each_flip_and_can_be_demanded() {
     crawler_says(&db, SWIVEL_URL, "buying", "signals", 2).await;
     crawler_says(&db, "https://no-flip.example/mcp", "sales", "creative", 1).await;
 
-    let (result, log) = run(&db, &["--dry-run", "--format", "json"]).await;
+    let (result, planned) = backfill(&db.url, &["--dry-run"]).run().await;
     result.unwrap();
-    let planned = events(log.as_bytes());
-    let bidcliq = &planned.about("flip", "bidcliq")["crawler_disagreements"];
-    assert_eq!(bidcliq["count"], 3);
-    assert_eq!(bidcliq["last_inferred"], "sales");
-    let first =
-        chrono::DateTime::parse_from_rfc3339(bidcliq["first_at"].as_str().unwrap()).unwrap();
-    let last = chrono::DateTime::parse_from_rfc3339(bidcliq["last_at"].as_str().unwrap()).unwrap();
+    let evidence = |profile: &str| {
+        let flip = planned.flip_of(profile);
+        flip.crawler_disagreements.clone().unwrap()
+    };
+    let bidcliq = evidence("bidcliq");
+    assert_eq!(bidcliq.count, Some(3));
+    assert_eq!(bidcliq.last_inferred.as_deref(), Some("sales"));
+    let (first, last) = (bidcliq.first_at.unwrap(), bidcliq.last_at.unwrap());
     assert_eq!((last - first).num_days(), 8);
-    let swivel = &planned.about("flip", "swivel")["crawler_disagreements"];
+    let swivel = evidence("swivel");
     assert_eq!(
-        (swivel["count"].as_u64(), swivel["last_inferred"].as_str()),
+        (swivel.count, swivel.last_inferred.as_deref()),
         (Some(1), Some("signals"))
     );
 
-    let (_, text) = run(&db, &["--dry-run"]).await;
+    let (_, text) = backfill(&db.url, &["--dry-run", "--format", "text"])
+        .run()
+        .await;
+    let text = text.text;
     let since = (chrono::Utc::now() - chrono::Duration::days(9))
         .format("%Y-%m-%d")
         .to_string();
@@ -812,25 +766,16 @@ async fn crawler_disagreements_are_shown_on_each_flip_and_can_be_demanded() {
     assert!(text.contains("crawler last saw signals)"), "{text}");
 
     // Swivel has one agreeing row: not enough for two. Flips to or from unknown are untouched.
-    let before = db.dump().await;
-    let (result, log) = run(
-        &db,
-        &["--apply", "--min-corroboration", "2", "--format", "json"],
-    )
-    .await;
+    let (result, guarded) = backfill(&db.url, &["--apply", "--min-corroboration", "2"])
+        .writes_nothing(&db)
+        .run()
+        .await;
     assert_eq!(exit_code(&result.unwrap_err()), 3);
-    let guarded = events(log.as_bytes());
-    assert_eq!(guarded.about("held", "swivel")["reason"], "uncorroborated");
-    assert!(guarded
-        .of("held")
-        .iter()
-        .all(|event| event["to"] != "unknown"));
-    assert_eq!(db.dump().await, before);
-    let (result, _) = run(
-        &db,
-        &["--apply", "--min-corroboration", "1", "--format", "json"],
-    )
-    .await;
+    assert_eq!(guarded.held_of("swivel").reason, "uncorroborated");
+    assert!(guarded.held().iter().all(|held| held.to != "unknown"));
+    let (result, _) = backfill(&db.url, &["--apply", "--min-corroboration", "1"])
+        .run()
+        .await;
     assert_eq!(result.unwrap().written, 2);
 }
 
@@ -846,25 +791,22 @@ async fn crawler_evidence_without_select_on_the_log_is_unavailable_and_cannot_be
         sqlx::query(&statement).execute(&db.pool).await.unwrap();
     }
     let url = db.url.replacen("postgres@", &format!("{role}@"), 1);
-    let mut out = Vec::new();
-    execute(&args(&["--dry-run", "--format", "json"]), &url, &mut out)
-        .await
+    let (result, log) = backfill(&url, &["--dry-run"]).run().await;
+    result.unwrap();
+    let evidence = log
+        .flip_of("bidcliq")
+        .crawler_disagreements
+        .clone()
         .unwrap();
-    let events = events(&out);
-    let evidence = &events.about("flip", "bidcliq")["crawler_disagreements"];
     assert_eq!(
-        evidence["unavailable"],
-        "no SELECT privilege on type_reclassification_log"
+        evidence.unavailable.as_deref(),
+        Some("no SELECT privilege on type_reclassification_log")
     );
-    assert_eq!(evidence["count"], Value::Null);
-    let mut out = Vec::new();
-    let error = execute(
-        &args(&["--dry-run", "--min-corroboration", "1"]),
-        &url,
-        &mut out,
-    )
-    .await
-    .unwrap_err();
+    assert_eq!(evidence.count, None);
+    let (result, out) = backfill(&url, &["--dry-run", "--min-corroboration", "1"])
+        .run()
+        .await;
+    let error = result.unwrap_err();
     assert_eq!(exit_code(&error), 4, "{error:#}");
     assert!(
         error
@@ -906,12 +848,9 @@ async fn a_deeply_nested_type_is_audited_and_reverted_exactly() {
     )
     .await
     .unwrap();
-    let (result, log) = run(&db, &["--apply", "--format", "json"]).await;
+    let (result, log) = backfill(&db.url, &["--apply"]).run().await;
     assert_eq!(result.unwrap().written, 1);
-    let run_id = events(log.as_bytes())[0]["run_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let run_id = log.run_id();
     let (old_type, from_equal): (String, bool) = sqlx::query_as(
         "SELECT old_type, notes -> 'from' = $1::jsonb FROM type_reclassification_log WHERE run_id = $2",
     )
@@ -923,9 +862,10 @@ async fn a_deeply_nested_type_is_audited_and_reverted_exactly() {
     assert!(from_equal, "notes.from is not the stored value");
     assert_eq!(serde_json::from_str::<Value>(&old_type).unwrap(), deep);
 
-    let mut out = Vec::new();
-    common::revert(&[&run_id, "--apply", "--format", "json"], &db.url, &mut out)
+    common::revert(&db.url, &[&run_id, "--apply"])
+        .run()
         .await
+        .0
         .unwrap();
     let restored: bool =
         sqlx::query_scalar("SELECT agents = $1::jsonb FROM member_profiles WHERE slug = 'deep'")

@@ -4,13 +4,13 @@
 //! made during the pass show up as the README says; a chunk the server cancels is retried, and
 //! one it keeps cancelling ends the run with what to change.
 
-use crate::common::Log;
-use crate::common::{self, TestDb, Tool};
+use crate::common::{backfill, RunLog, TestDb, Tool};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use agent_type_backfill::db;
+use agent_type_backfill::domain::count;
 use agent_type_backfill::resolver::{diff_flips, resolve_agents};
 use agent_type_backfill::support::seed::{seed_bulk, BulkSpec};
 use serde_json::Value;
@@ -26,7 +26,19 @@ type FlipKey = (String, u64, String, String, String);
 #[derive(Debug, PartialEq)]
 struct Planned {
     flips: BTreeSet<FlipKey>,
-    counts: BTreeMap<&'static str, Value>,
+    counts: Counts,
+}
+
+/// The summary's counts of what the plan found.
+#[derive(Debug, PartialEq)]
+struct Counts {
+    profiles_scanned: u64,
+    profiles_changed: u64,
+    flips: u64,
+    held: u64,
+    malformed: u64,
+    junk_elements: u64,
+    unrecognised_inferred_types: BTreeMap<String, u64>,
 }
 
 /// A stored type as comparable text: the server writes 1e+21 as 1000000000000000000000.
@@ -37,33 +49,32 @@ fn stored_type(value: &Value) -> String {
     }
 }
 
-fn planned(log: &[Value]) -> Planned {
+fn planned(log: &RunLog) -> Planned {
+    let held = log.held().into_iter().map(|held| &held.flip);
     let flips = log
-        .of_any(&["flip", "held"])
+        .flips()
         .into_iter()
-        .map(|event| {
+        .chain(held)
+        .map(|flip| {
             (
-                event["profile"].as_str().unwrap().to_owned(),
-                event["index"].as_u64().unwrap(),
-                event["url"].as_str().unwrap().to_owned(),
-                stored_type(&event["from"]),
-                event["to"].as_str().unwrap().to_owned(),
+                flip.profile.clone(),
+                flip.index,
+                flip.url.clone(),
+                stored_type(&flip.from),
+                flip.to.clone(),
             )
         })
         .collect();
-    let summary = log.first_of("summary").expect("a summary");
-    let counts = [
-        "profiles_scanned",
-        "profiles_changed",
-        "flips",
-        "held",
-        "malformed",
-        "junk_elements",
-        "unrecognised_inferred_types",
-    ]
-    .into_iter()
-    .map(|name| (name, summary[name].clone()))
-    .collect();
+    let summary = log.summary();
+    let counts = Counts {
+        profiles_scanned: summary.profiles_scanned,
+        profiles_changed: summary.profiles_changed,
+        flips: summary.flips,
+        held: summary.held,
+        malformed: summary.malformed,
+        junk_elements: summary.junk_elements,
+        unrecognised_inferred_types: summary.unrecognised_inferred_types.clone(),
+    };
     Planned { flips, counts }
 }
 
@@ -71,25 +82,18 @@ fn planned(log: &[Value]) -> Planned {
 async fn dry_run(url: &str, chunk: usize, jobs: usize) -> Planned {
     let chunk = chunk.to_string();
     let jobs = jobs.to_string();
-    let args = common::args(&[
+    let flags = [
         "--dry-run",
-        "--format",
-        "json",
         "--max-flips",
         "1000000",
         "--chunk-size",
         &chunk,
         "--plan-jobs",
         &jobs,
-    ]);
-    let mut out = Vec::new();
+    ];
     // Held flips end a dry-run with an error (exit 3) after the complete log.
-    let result = common::execute(&args, url, &mut out).await;
-    let log = common::events(&out);
-    assert!(
-        result.is_ok() || log.first_of("held").is_some(),
-        "{result:?}"
-    );
+    let (result, log) = backfill(url, &flags).run().await;
+    assert!(result.is_ok() || !log.held().is_empty(), "{result:?}");
     planned(&log)
 }
 
@@ -217,8 +221,8 @@ async fn chunks_of_seven_plan_every_conformance_vector_as_the_unchunked_rule_doe
         assert_eq!(chunked.flips, expected, "vectors {members:?}");
         assert_eq!(chunked, whole, "vectors {members:?}");
         assert_eq!(
-            chunked.counts["profiles_scanned"],
-            members.len(),
+            chunked.counts.profiles_scanned,
+            count(members.len()),
             "vectors {members:?}"
         );
         checked += members.len();
@@ -259,7 +263,10 @@ async fn any_chunk_size_plans_a_generated_corpus_as_the_unchunked_rule_does() {
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    assert_eq!(whole.counts["profiles_scanned"], profiles);
+    assert_eq!(
+        whole.counts.profiles_scanned,
+        u64::try_from(profiles).unwrap()
+    );
     // 3 and 64 leave a short last chunk, 3011 divides nothing; the table's own size is one full
     // chunk followed by an empty one.
     let all = usize::try_from(profiles).unwrap();
@@ -371,29 +378,24 @@ async fn waiting_tool_session(db: &TestDb) -> i32 {
     panic!("the tool never waited on the lock");
 }
 
+/// A dry-run in chunks of 100 read one after another, that waits out the held crawler's log.
+const ONE_JOB_WAITING: [&str; 7] = [
+    "--dry-run",
+    "--chunk-size",
+    "100",
+    "--plan-jobs",
+    "1",
+    "--lock-timeout",
+    "60s",
+];
+
 #[tokio::test]
 async fn a_profile_edited_during_the_pass_is_seen_before_or_after_the_edit_never_twice() {
     // One job reads the chunks in key order. `middle` is the first flip, so its chunk is where the
     // plan stops; `late` is ahead of it.
     let db = consistent_with_stale(&[(0.25, "middle"), (0.9, "late")]).await;
     let blocker = hold_the_log(&db).await;
-    let url = db.url.clone();
-    let run = tokio::spawn(async move {
-        let args = common::args(&[
-            "--dry-run",
-            "--format",
-            "json",
-            "--chunk-size",
-            "100",
-            "--plan-jobs",
-            "1",
-            "--lock-timeout",
-            "60s",
-        ]);
-        let mut out = Vec::new();
-        common::execute(&args, &url, &mut out).await.unwrap();
-        planned(&common::events(&out))
-    });
+    let run = tokio::spawn(backfill(&db.url, &ONE_JOB_WAITING).run());
     waiting_tool_session(&db).await;
 
     let (first, last): (Uuid, Uuid) =
@@ -412,7 +414,9 @@ async fn a_profile_edited_during_the_pass_is_seen_before_or_after_the_edit_never
             .unwrap();
     }
     blocker.rollback().await.unwrap();
-    let plan = run.await.unwrap();
+    let (result, log) = run.await.unwrap();
+    result.unwrap();
+    let plan = planned(&log);
 
     let profiles: BTreeSet<&str> = plan.flips.iter().map(|flip| flip.0.as_str()).collect();
     // `middle`'s chunk read it before its delete; `ahead` was there when its chunk came; `behind`
@@ -420,8 +424,8 @@ async fn a_profile_edited_during_the_pass_is_seen_before_or_after_the_edit_never
     assert_eq!(profiles, BTreeSet::from(["ahead", "middle"]));
     // 2,002 at the start: `first` was read before its delete, `last` and `late` were gone, and
     // `ahead` is new.
-    assert_eq!(plan.counts["profiles_scanned"], 2001);
-    assert_eq!(plan.counts["profiles_changed"], 2);
+    assert_eq!(plan.counts.profiles_scanned, 2001);
+    assert_eq!(plan.counts.profiles_changed, 2);
 }
 
 #[tokio::test]
@@ -431,19 +435,9 @@ async fn a_chunk_the_server_cancels_mid_pass_is_read_again_and_counted_once() {
     assert_eq!(undisturbed.flips.len(), 2);
 
     let blocker = hold_the_log(&db).await;
-    let mut run = Tool::new(&[
-        "--dry-run",
-        "--format",
-        "json",
-        "--chunk-size",
-        "100",
-        "--plan-jobs",
-        "1",
-        "--lock-timeout",
-        "60s",
-    ])
-    .database(&db.url)
-    .spawn();
+    let mut run = Tool::new(&[&ONE_JOB_WAITING[..], &["--format", "json"]].concat())
+        .database(&db.url)
+        .spawn();
     let pid = waiting_tool_session(&db).await;
     let cancelled: bool = sqlx::query_scalar("SELECT pg_cancel_backend($1)")
         .bind(pid)
@@ -460,7 +454,7 @@ async fn a_chunk_the_server_cancels_mid_pass_is_read_again_and_counted_once() {
     done.exits(0);
     done.stderr_has("retrying in a new snapshot")
         .stderr_has("canceling statement due to user request");
-    assert_eq!(planned(&done.events()), undisturbed);
+    assert_eq!(planned(done.log()), undisturbed);
 }
 
 /// A dry-run in chunks of 500 that waits on locks for as long as `statement_timeout` lets it.

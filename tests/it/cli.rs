@@ -1,9 +1,8 @@
 //! End-to-end runs of the built binary: stdout, stderr, exit code and table contents.
 
 use crate::common;
-use crate::common::Log;
 
-use common::{events, Scratch, TestDb, Tool};
+use common::{Scratch, TestDb, Tool};
 
 /// The test URL with a password that trust authentication ignores but the tool must never echo.
 fn with_password(url: &str, password: &str) -> String {
@@ -56,11 +55,11 @@ fn unreachable_server_is_a_configuration_error_without_the_password() {
 #[tokio::test]
 async fn dry_run_text_log_has_header_flips_and_summary_and_no_password() {
     let db = TestDb::seeded(30).await;
-    let before = db.dump().await;
     let url = with_password(&db.url, "Sup3rSecret");
     let done = Tool::new(&["--dry-run"])
         .database(&url)
         .env("PGPASSWORD", "Sup3rSecret")
+        .writes_nothing(&db)
         .status(0)
         .run();
     let stdout = &done.stdout;
@@ -98,54 +97,42 @@ async fn dry_run_text_log_has_header_flips_and_summary_and_no_password() {
         );
     }
     assert!(!done.stderr.contains("bidcliq"), "flips go to stdout only");
-    assert_eq!(db.dump().await, before);
 }
 
 #[tokio::test]
 async fn json_apply_then_threshold_abort_then_idempotent_rerun() {
     let db = TestDb::seeded(30).await;
 
-    let before = db.dump().await;
     let aborted = Tool::new(&["--apply", "--max-flips", "1", "--format", "json"])
         .database(&db.url)
+        .writes_nothing(&db)
         .status(3)
         .run();
     aborted.stderr_has("more than --max-flips 1: nothing was written");
-    let log = events(aborted.stdout.as_bytes());
-    assert_eq!(log.of("flip").len(), 2);
-    assert_eq!(log.last().unwrap()["aborted"], true);
-    assert_eq!(db.dump().await, before, "a threshold abort writes nothing");
+    assert_eq!(aborted.log().flips().len(), 2);
+    assert!(aborted.log().summary().aborted);
 
     let applied = Tool::new(&["--apply", "--format", "json"])
         .database(&db.url)
         .status(0)
         .run();
-    let log = events(applied.stdout.as_bytes());
-    assert_eq!(log.start()["mode"], "apply");
-    assert_eq!(log.start()["target"]["database"], db.name.as_str());
-    let flip = log.iter().find(|e| e["profile"] == "bidcliq").unwrap();
-    for key in ["profile_id", "profile", "index", "url", "from", "to"] {
-        assert!(flip.get(key).is_some(), "flip event lacks {key}: {flip}");
-    }
-    assert_eq!(flip["from"], "buying");
+    let log = applied.log();
+    assert_eq!(log.start().mode, "apply");
+    assert_eq!(log.start().target.database, db.name);
+    // Read as the typed log, the flip has every field of one (profile_id, index, url...).
+    assert_eq!(log.flip_of("bidcliq").from, "buying");
     let summary = log.summary();
     assert_eq!(
-        (
-            summary["profiles_scanned"].as_u64(),
-            summary["profiles_changed"].as_u64()
-        ),
-        (Some(41), Some(2))
+        (summary.profiles_scanned, summary.profiles_changed),
+        (41, 2)
     );
-    assert_eq!(
-        (summary["flips"].as_u64(), summary["malformed"].as_u64()),
-        (Some(2), Some(5))
-    );
-    assert_eq!(summary["mode"], "apply");
-    assert_eq!(summary["run_id"], log[0]["run_id"]);
-    assert_eq!(summary["aborted"], false);
+    assert_eq!((summary.flips, summary.malformed), (2, 5));
+    assert_eq!(summary.mode.as_deref(), Some("apply"));
+    assert_eq!(summary.run_id, Some(log.run_id()));
+    assert!(!summary.aborted);
     let audited: i64 =
         sqlx::query_scalar("SELECT count(*) FROM type_reclassification_log WHERE run_id = $1")
-            .bind(summary["run_id"].as_str().unwrap())
+            .bind(log.run_id())
             .fetch_one(&db.pool)
             .await
             .unwrap();
@@ -156,9 +143,8 @@ async fn json_apply_then_threshold_abort_then_idempotent_rerun() {
         .database(&db.url)
         .status(0)
         .run();
-    let summary = events(rerun.stdout.as_bytes()).pop().unwrap();
-    assert_eq!(summary["flips"], 0);
-    assert_eq!(summary["run_id"], serde_json::Value::Null);
+    assert_eq!(rerun.log().summary().flips, 0);
+    assert_eq!(rerun.log().summary().run_id, None);
 }
 
 #[tokio::test]
@@ -464,9 +450,9 @@ async fn a_planning_pass_past_the_statement_timeout_names_the_flag_to_raise() {
 #[tokio::test]
 async fn transitions_not_allowed_are_listed_and_nothing_is_written() {
     let db = TestDb::seeded(5).await;
-    let before = db.dump().await;
     let refused = Tool::new(&["--apply", "--allow-transition", "buyer:unknown"])
         .database(&db.url)
+        .writes_nothing(&db)
         .status(3)
         .run();
     assert_eq!(
@@ -476,7 +462,6 @@ async fn transitions_not_allowed_are_listed_and_nothing_is_written() {
         refused.stdout
     );
     refused.stderr_has("(buying:sales)");
-    assert_eq!(db.dump().await, before);
 
     // The spelling every document uses, pasted through a real shell: no `>` to redirect.
     Tool::new(&["--apply", "--allow-transition", "buying:sales"])
@@ -540,10 +525,11 @@ fn version_names_the_commit_and_completions_and_man_page_render() {
 #[tokio::test]
 async fn sigint_while_a_batch_waits_on_a_lock_starts_no_new_attempt() {
     let db = TestDb::seeded(10).await;
-    let before = db.dump().await;
     let mut holder = db.lock_profiles(&["bidcliq"]).await;
+    // The batch rolls back whole.
     let run = Tool::new(&["--apply", "--lock-timeout", "1s", "--write-attempts", "20"])
         .database(&db.url)
+        .writes_nothing(&db)
         .spawn();
     assert!(
         tool_waits_on_a_lock(&db).await,
@@ -562,7 +548,6 @@ async fn sigint_while_a_batch_waits_on_a_lock_starts_no_new_attempt() {
         "took {waited:?}: {stderr}"
     );
     assert!(stdout.contains("interrupted by SIGINT"), "{stdout}");
-    assert_eq!(db.dump().await, before, "the batch rolled back whole");
 }
 
 /// Regression: `--plan-out` with `--apply` wrote every flip unreviewed (the operator meant
@@ -570,17 +555,16 @@ async fn sigint_while_a_batch_waits_on_a_lock_starts_no_new_attempt() {
 #[tokio::test]
 async fn plan_out_with_apply_is_a_usage_error() {
     let db = TestDb::seeded(5).await;
-    let before = db.dump().await;
     let scratch = Scratch::new();
     let path = scratch.join("plan.json");
     let done = Tool::new(&["--apply", "--plan-out", path.to_str().unwrap()])
         .database(&db.url)
+        .writes_nothing(&db)
         .status(2)
         .run();
     done.stderr_has("--plan-out");
     assert!(done.stdout.is_empty(), "{}", done.stdout);
     assert!(!path.exists());
-    assert_eq!(db.dump().await, before);
 }
 
 /// `agent-type-backfill man | head` used to exit 1 with "Broken pipe". A reader that has what it
@@ -712,30 +696,25 @@ async fn flips_are_listed_by_profile_then_index_and_counted_per_transition() {
     let json = Tool::new(&["--dry-run", "--format", "json"])
         .database(&db.url)
         .run();
-    let events = events(json.stdout.as_bytes());
-    let flips: Vec<(String, u64)> = events
-        .of("flip")
+    let log = json.log();
+    let flips: Vec<String> = log
+        .flips()
         .into_iter()
-        .map(|event| {
-            (
-                event["profile"].as_str().unwrap().to_owned(),
-                event["index"].as_u64().unwrap(),
-            )
-        })
+        .map(|flip| format!("{}{}", flip.profile, flip.index))
         .collect();
     assert_eq!(
-        flips
-            .iter()
-            .map(|(p, i)| format!("{p}{i}"))
-            .collect::<Vec<_>>(),
+        flips,
         ["alpha0", "alpha1", "mike0", "mike1", "zulu0", "zulu1"]
     );
-    let summary = events.last().unwrap();
     assert_eq!(
-        summary["transitions"],
-        json!({"buyer->unknown": 3, "buying->sales": 3})
+        log.summary().transitions,
+        [
+            ("buyer->unknown".to_owned(), 3),
+            ("buying->sales".to_owned(), 3)
+        ]
+        .into()
     );
-    assert_eq!(summary["held"], 0);
+    assert_eq!(log.summary().held, 0);
 }
 
 /// Regression: `--plan-max-age 1s` reported "the plan is 0m old, more than 0m". Durations in the
@@ -751,9 +730,9 @@ async fn a_plan_older_than_plan_max_age_says_both_ages_precisely() {
         .status(0)
         .run();
     tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
-    let before = db.dump().await;
     let stale = Tool::new(&["--apply", "--plan", path, "--plan-max-age", "1s"])
         .database(&db.url)
+        .writes_nothing(&db)
         .status(2)
         .run();
     let error = stale.error_line();
@@ -769,5 +748,4 @@ async fn a_plan_older_than_plan_max_age_says_both_ages_precisely() {
         .and_then(|age| age.parse().ok())
         .unwrap_or_else(|| panic!("no age in seconds: {error}"));
     assert!((2.0..10.0).contains(&age), "{error}");
-    assert_eq!(db.dump().await, before);
 }

@@ -6,39 +6,28 @@
 //! another session: the tool plans (a read-only snapshot, which the lock does not block), then
 //! waits on the lock; the test makes its change and commits, and the tool re-reads under it.
 
-use crate::common;
-use crate::common::Log;
-
+use crate::common::{backfill, revert, wait_for_blocked_tool, RunLog, Scratch, TestDb};
 use agent_type_backfill::error::exit_code;
 use agent_type_backfill::events::Summary;
 use agent_type_backfill::support::seed::{self, NewProfile, NewSnapshot, BIDCLIQ_URL, SWIVEL_URL};
-use common::{args, events, execute, revert_json, wait_for_blocked_tool, Scratch, TestDb};
 use serde_json::{json, Value};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-async fn run(db: &TestDb, flags: &[&str]) -> (anyhow::Result<Summary>, Vec<Value>) {
-    let mut all = flags.to_vec();
-    all.extend_from_slice(&["--format", "json"]);
-    let mut out = Vec::new();
-    let result = execute(&args(&all), &db.url, &mut out).await;
-    (result, events(&out))
-}
-
 /// `(event, profile, index, url, to, reason)` of every flip-shaped line, in log order.
-fn lines(log: &[Value]) -> Vec<(String, String, u64, String, String, String)> {
-    log.iter()
-        .filter(|event| event.get("url").is_some() && event.get("index").is_some())
-        .map(|event| {
-            let text = |key: &str| event[key].as_str().unwrap_or_default().to_owned();
-            (
-                text("event"),
-                text("profile"),
-                event["index"].as_u64().unwrap(),
-                text("url"),
-                text("to"),
-                text("reason"),
-            )
+fn lines(log: &RunLog) -> Vec<(&str, &str, u64, &str, &str, &str)> {
+    log.events()
+        .iter()
+        .filter_map(|event| {
+            let flip = event.flip()?;
+            Some((
+                event.kind(),
+                flip.profile.as_str(),
+                flip.index,
+                flip.url.as_str(),
+                flip.to.as_str(),
+                event.reason().unwrap_or_default(),
+            ))
         })
         .collect()
 }
@@ -66,20 +55,13 @@ async fn probe_now_says(db: &TestDb, url: &str, inferred: &str) {
         .unwrap();
 }
 
-/// Runs the backfill with `flags` (json) in the background while `holder` keeps the lock.
+/// Runs the backfill with `flags` in the background while `holder` keeps the lock.
 fn spawn_backfill(
     db: &TestDb,
     flags: &[&str],
-) -> tokio::task::JoinHandle<(anyhow::Result<Summary>, Vec<Value>)> {
-    let url = db.url.clone();
-    let mut all: Vec<String> = flags.iter().map(|flag| (*flag).to_owned()).collect();
-    all.extend(["--format", "json", "--lock-timeout", "120s"].map(str::to_owned));
-    tokio::spawn(async move {
-        let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        let mut out = Vec::new();
-        let result = execute(&args(&all), &url, &mut out).await;
-        (result, events(&out))
-    })
+) -> tokio::task::JoinHandle<(anyhow::Result<Summary>, RunLog)> {
+    let flags = [flags, &["--lock-timeout", "120s"]].concat();
+    tokio::spawn(backfill(&db.url, &flags).run())
 }
 
 const PAIR_A: &str = "https://pair-a.example/mcp";
@@ -114,30 +96,28 @@ async fn a_reviewed_flip_is_written_only_while_target_and_stored_type_are_as_rev
     let db = TestDb::seeded(10).await;
     let scratch = Scratch::new();
     let plan = &scratch.arg("plan.json");
-    let (dry, _) = run(&db, &["--dry-run", "--plan-out", plan]).await;
+    let (dry, _) = backfill(&db.url, &["--dry-run", "--plan-out", plan])
+        .run()
+        .await;
     assert_eq!(dry.unwrap().flips, 2);
     // After review: bidcliq's probe now infers another type (same element, same stored type, a
     // new target), and swivel's stored type changed to another legacy value with the same target.
     probe_now_says(&db, BIDCLIQ_URL, "creative").await;
     db.member_sets_type("swivel", 1, "buyer").await;
-    let before = db.dump().await;
 
-    let (applied, log) = run(&db, &["--apply", "--plan", plan]).await;
+    // Nothing unreviewed is written.
+    let (applied, log) = backfill(&db.url, &["--apply", "--plan", plan])
+        .writes_nothing(&db)
+        .run()
+        .await;
     let applied = applied.unwrap();
-    assert_eq!(applied.written, 0, "{log:#?}");
-    assert_eq!(db.dump().await, before, "nothing unreviewed was written");
+    assert_eq!(applied.written, 0, "{log:?}");
     let mut found = lines(&log);
     found.sort();
     assert_eq!(
         found
             .iter()
-            .map(|(event, profile, index, _, to, reason)| (
-                event.as_str(),
-                profile.as_str(),
-                *index,
-                to.as_str(),
-                reason.as_str()
-            ))
+            .map(|&(event, profile, index, _, to, reason)| (event, profile, index, to, reason))
             .collect::<Vec<_>>(),
         [
             ("skipped", "bidcliq", 0, "creative", "unplanned"),
@@ -154,7 +134,8 @@ async fn a_reviewed_flip_is_not_written_to_another_agent_at_its_index() {
     with_pair(&db).await;
     let scratch = Scratch::new();
     let plan = &scratch.arg("plan.json");
-    run(&db, &["--dry-run", "--plan-out", plan])
+    backfill(&db.url, &["--dry-run", "--plan-out", plan])
+        .run()
         .await
         .0
         .unwrap();
@@ -163,13 +144,15 @@ async fn a_reviewed_flip_is_not_written_to_another_agent_at_its_index() {
     set_agents(&mut holder, "pair", &pair_agents(PAIR_C)).await;
     commit(holder).await;
 
-    let (applied, log) = run(&db, &["--apply", "--plan", plan, "--max-flips", "10"]).await;
+    let (applied, log) = backfill(&db.url, &["--apply", "--plan", plan, "--max-flips", "10"])
+        .run()
+        .await;
     let applied = applied.unwrap();
     let agents = db.agents_of("pair").await;
     assert_eq!(
         (agents[0]["url"].as_str(), agents[0]["type"].as_str()),
         (Some(PAIR_C), Some("buying")),
-        "the reviewed flip was for {PAIR_A}, not the agent now at its index: {log:#?}"
+        "the reviewed flip was for {PAIR_A}, not the agent now at its index: {log:?}"
     );
     assert_eq!(agents[1]["type"], "sales", "the other reviewed flip holds");
     assert_eq!(
@@ -197,27 +180,29 @@ async fn a_flip_whose_target_changed_before_the_locked_write_is_reported_not_wri
 
     let (result, log) = apply.await.unwrap();
     let summary = result.unwrap();
-    assert_eq!(summary.written, 1, "{log:#?}");
+    assert_eq!(summary.written, 1, "{log:?}");
     assert_eq!(
         db.agents_of("bidcliq").await[0]["type"],
         "buying",
         "the log showed buying -> sales; buying -> creative was never shown"
     );
     assert_eq!(db.agents_of("swivel").await[1]["type"], "sales");
-    let skipped: Vec<(String, String, String)> = lines(&log)
+    let skipped: Vec<(&str, &str, &str)> = log
+        .skipped()
         .into_iter()
-        .filter(|line| line.0 == "skipped")
-        .map(|(_, profile, _, _, to, reason)| (profile, to, reason))
+        .map(|skipped| {
+            (
+                skipped.profile.as_str(),
+                skipped.to.as_str(),
+                skipped.reason.as_str(),
+            )
+        })
         .collect();
     assert_eq!(
         skipped,
         [
-            (
-                "bidcliq".into(),
-                "sales".into(),
-                "changed_since_plan".into()
-            ),
-            ("bidcliq".into(), "creative".into(), "unplanned".into()),
+            ("bidcliq", "sales", "changed_since_plan"),
+            ("bidcliq", "creative", "unplanned"),
         ]
     );
     let audit = db.audit_rows().await;
@@ -236,25 +221,23 @@ async fn an_element_replaced_before_the_locked_write_is_not_written_to() {
     commit(holder).await;
 
     let (result, log) = apply.await.unwrap();
-    assert_eq!(result.unwrap().written, 3, "{log:#?}");
+    assert_eq!(result.unwrap().written, 3, "{log:?}");
     let agents = db.agents_of("pair").await;
     assert_eq!(
         (agents[0]["url"].as_str(), agents[0]["type"].as_str()),
         (Some(PAIR_C), Some("buying")),
-        "{log:#?}"
+        "{log:?}"
     );
     assert_eq!(agents[1]["type"], "sales");
-    let pair: Vec<(u64, String, String)> = lines(&log)
+    let pair: Vec<(u64, &str, &str)> = log
+        .skipped()
         .into_iter()
-        .filter(|line| line.0 == "skipped" && line.1 == "pair")
-        .map(|(_, _, index, url, _, reason)| (index, url, reason))
+        .filter(|skipped| skipped.profile == "pair")
+        .map(|skipped| (skipped.index, skipped.url.as_str(), skipped.reason.as_str()))
         .collect();
     assert_eq!(
         pair,
-        [
-            (0, PAIR_A.into(), "changed_since_plan".into()),
-            (0, PAIR_C.into(), "unplanned".into()),
-        ]
+        [(0, PAIR_A, "changed_since_plan"), (0, PAIR_C, "unplanned")]
     );
 }
 
@@ -270,7 +253,7 @@ async fn a_reordered_array_gets_nothing_written_by_the_backfill_or_a_revert() {
     set_agents(&mut holder, "swivel", &reordered).await;
     commit(holder).await;
     let (result, log) = apply.await.unwrap();
-    assert_eq!(result.unwrap().written, 1, "bidcliq only: {log:#?}");
+    assert_eq!(result.unwrap().written, 1, "bidcliq only: {log:?}");
     assert_eq!(db.agents_of("swivel").await, reordered);
 
     // A revert: swivel's flip is written, then the array is reordered by its member with another
@@ -278,9 +261,9 @@ async fn a_reordered_array_gets_nothing_written_by_the_backfill_or_a_revert() {
     let mut holder = db.lock_profiles(&[]).await;
     set_agents(&mut holder, "swivel", &swivel).await;
     commit(holder).await;
-    let (applied, log) = run(&db, &["--apply"]).await;
-    assert_eq!(applied.unwrap().written, 1, "swivel: {log:#?}");
-    let run_id = log[0]["run_id"].as_str().unwrap().to_owned();
+    let (applied, log) = backfill(&db.url, &["--apply"]).run().await;
+    assert_eq!(applied.unwrap().written, 1, "swivel: {log:?}");
+    let run_id = log.run_id();
     let written = db.agents_of("swivel").await;
     assert_eq!(written[1]["type"], "sales");
     let mut impostor = written[1].clone();
@@ -289,33 +272,24 @@ async fn a_reordered_array_gets_nothing_written_by_the_backfill_or_a_revert() {
     let mut holder = db.lock_profiles(&[]).await;
     set_agents(&mut holder, "swivel", &member_reorder).await;
     commit(holder).await;
-    let (reverted, log) = revert_json(&db.url, &[&run_id, "--apply"]).await;
+    let (reverted, log) = revert(&db.url, &[&run_id, "--apply"]).run().await;
     reverted.unwrap();
-    assert_eq!(db.agents_of("swivel").await, member_reorder, "{log:#?}");
+    assert_eq!(db.agents_of("swivel").await, member_reorder, "{log:?}");
     assert!(log
-        .of("skipped")
-        .into_iter()
-        .any(|e| e["reason"] == "changed_since_run"));
+        .skipped()
+        .iter()
+        .any(|skipped| skipped.reason == "changed_since_run"));
 }
 
 #[tokio::test]
 async fn revert_rechecks_under_the_lock_and_keeps_a_members_edit_made_meanwhile() {
     let db = TestDb::seeded(10).await;
-    let (applied, log) = run(&db, &["--apply"]).await;
+    let (applied, log) = backfill(&db.url, &["--apply"]).run().await;
     assert_eq!(applied.unwrap().written, 2);
-    let run_id = log[0]["run_id"].as_str().unwrap().to_owned();
+    let run_id = log.run_id();
     let mut holder = db.lock_profiles(&["bidcliq"]).await;
-    let url = db.url.clone();
-    let flags = [
-        run_id.clone(),
-        "--apply".into(),
-        "--lock-timeout".into(),
-        "120s".into(),
-    ];
-    let revert = tokio::spawn(async move {
-        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        revert_json(&url, &flags).await
-    });
+    let flags = [&run_id, "--apply", "--lock-timeout", "120s"];
+    let revert = tokio::spawn(revert(&db.url, &flags).run());
     wait_for_blocked_tool(&db).await;
     // The member changes bidcliq's type after revert planned, before it could lock the row.
     sqlx::query(
@@ -329,16 +303,16 @@ async fn revert_rechecks_under_the_lock_and_keeps_a_members_edit_made_meanwhile(
 
     let (result, log) = revert.await.unwrap();
     let summary = result.unwrap();
-    assert_eq!(summary.written, 1, "{log:#?}");
+    assert_eq!(summary.written, 1, "{log:?}");
     assert_eq!(db.agents_of("bidcliq").await[0]["type"], "creative");
     assert_eq!(db.agents_of("swivel").await[1]["type"], "buying");
-    let conflicts: Vec<&Value> = log
-        .of("skipped")
+    let conflicts: Vec<&str> = log
+        .skipped()
         .into_iter()
-        .filter(|e| e["reason"] == "changed_since_run")
+        .filter(|skipped| skipped.reason == "changed_since_run")
+        .map(|skipped| skipped.profile.as_str())
         .collect();
-    assert_eq!(conflicts.len(), 1, "{log:#?}");
-    assert_eq!(conflicts[0]["profile"], "bidcliq");
+    assert_eq!(conflicts, ["bidcliq"], "{log:?}");
 }
 
 async fn log_row(
@@ -383,49 +357,49 @@ async fn only_the_crawlers_own_rows_corroborate_a_flip() {
         log_row(&db, url, "creative", "member_write", 0, json!({})).await;
     }
 
-    let (dry, log) = run(&db, &["--dry-run"]).await;
+    let (dry, log) = backfill(&db.url, &["--dry-run"]).run().await;
     dry.unwrap();
-    let evidence = |profile: &str| {
-        log.of("flip")
-            .into_iter()
-            .find(|e| e["profile"] == profile)
-            .unwrap_or_else(|| panic!("no flip for {profile}: {log:#?}"))["crawler_disagreements"]
-            .clone()
-    };
+    let evidence = |profile: &str| log.flip_of(profile).crawler_disagreements.clone().unwrap();
     let bidcliq = evidence("bidcliq");
-    assert_eq!(bidcliq["count"], 1, "{bidcliq}");
-    assert_eq!(bidcliq["first_at"], bidcliq["last_at"], "{bidcliq}");
-    assert_eq!(bidcliq["last_inferred"], "sales", "{bidcliq}");
-    let first =
-        chrono::DateTime::parse_from_rfc3339(bidcliq["first_at"].as_str().unwrap()).unwrap();
-    assert_eq!((chrono::Utc::now() - first.to_utc()).num_days(), 6);
+    assert_eq!(bidcliq.count, Some(1), "{bidcliq:?}");
+    assert_eq!(bidcliq.first_at, bidcliq.last_at, "{bidcliq:?}");
+    assert_eq!(
+        bidcliq.last_inferred.as_deref(),
+        Some("sales"),
+        "{bidcliq:?}"
+    );
+    let first = bidcliq.first_at.unwrap();
+    assert_eq!((chrono::Utc::now() - first).num_days(), 6);
     let swivel = evidence("swivel");
     assert_eq!(
         (
-            &swivel["count"],
-            &swivel["first_at"],
-            &swivel["last_at"],
-            &swivel["last_inferred"]
+            swivel.count,
+            swivel.first_at,
+            swivel.last_at,
+            swivel.last_inferred.as_deref()
         ),
-        (&json!(0), &Value::Null, &Value::Null, &Value::Null),
-        "{swivel}"
+        (Some(0), None, None, None),
+        "{swivel:?}"
     );
 
-    let before = db.dump().await;
-    let (refused, log) = run(&db, &["--apply", "--min-corroboration", "1"]).await;
+    let (refused, log) = backfill(&db.url, &["--apply", "--min-corroboration", "1"])
+        .writes_nothing(&db)
+        .run()
+        .await;
     assert_eq!(exit_code(&refused.unwrap_err()), 3);
-    let held: Vec<&Value> = log.of("held");
-    assert_eq!(held.len(), 1, "{log:#?}");
-    assert_eq!(
-        (&held[0]["profile"], &held[0]["reason"]),
-        (&json!("swivel"), &json!("uncorroborated"))
-    );
-    assert_eq!(db.dump().await, before, "nothing written");
-    let (refused, _) = run(&db, &["--apply", "--min-corroboration", "2"]).await;
+    let held: Vec<(&str, &str)> = log
+        .held()
+        .into_iter()
+        .map(|held| (held.profile.as_str(), held.reason.as_str()))
+        .collect();
+    assert_eq!(held, [("swivel", "uncorroborated")], "{log:?}");
+    let (refused, _) = backfill(&db.url, &["--apply", "--min-corroboration", "2"])
+        .writes_nothing(&db)
+        .run()
+        .await;
     assert_eq!(
         exit_code(&refused.unwrap_err()),
         3,
         "bidcliq has one crawler row"
     );
-    assert_eq!(db.dump().await, before, "nothing written");
 }

@@ -4,25 +4,16 @@
 //! or a dropped condition fails the one test that says which.
 
 use crate::common;
-use crate::common::Log;
 
 use agent_type_backfill::domain::Transition;
 use agent_type_backfill::error::exit_code;
 use agent_type_backfill::events::Summary;
 use agent_type_backfill::outcome::Refusal;
 use agent_type_backfill::support::seed::{self, NewProfile, NewSnapshot};
-use common::{args, events, execute, revert_json as revert, Scratch, TestDb, Tool};
+use common::{backfill, revert, Scratch, TestDb, Tool};
 use serde_json::{json, Value};
 use sqlx::Connection;
 use uuid::Uuid;
-
-async fn backfill(url: &str, flags: &[&str]) -> (anyhow::Result<Summary>, Vec<Value>) {
-    let mut out = Vec::new();
-    let mut all = flags.to_vec();
-    all.extend(["--format", "json"]);
-    let result = execute(&args(&all), url, &mut out).await;
-    (result, events(&out))
-}
 
 fn assert_threshold_abort(result: anyhow::Result<Summary>, flips: usize, max_flips: usize) {
     let error = result.unwrap_err();
@@ -40,16 +31,19 @@ fn assert_threshold_abort(result: anyhow::Result<Summary>, flips: usize, max_fli
 #[tokio::test]
 async fn apply_at_exactly_max_flips_writes_and_one_over_writes_nothing() {
     let db = TestDb::seeded(20).await;
-    let before = db.dump().await;
-    let (over, log) = backfill(&db.url, &["--apply", "--max-flips", "1"]).await;
+    let (over, log) = backfill(&db.url, &["--apply", "--max-flips", "1"])
+        .writes_nothing(&db)
+        .run()
+        .await;
     assert_threshold_abort(over, 2, 1);
-    assert_eq!(log.last().unwrap()["aborted"], true);
-    assert_eq!(db.dump().await, before, "an aborted apply writes nothing");
+    assert!(log.summary().aborted);
 
-    let (at_limit, log) = backfill(&db.url, &["--apply", "--max-flips", "2"]).await;
+    let (at_limit, log) = backfill(&db.url, &["--apply", "--max-flips", "2"])
+        .run()
+        .await;
     let summary = at_limit.unwrap();
     assert_eq!((summary.flips, summary.written), (2, 2));
-    assert_eq!(log.last().unwrap()["aborted"], false);
+    assert!(!log.summary().aborted);
     assert_eq!(db.audit_rows().await.len(), 2);
     assert_eq!(db.agents_of("bidcliq").await[0]["type"], "sales");
 }
@@ -57,17 +51,20 @@ async fn apply_at_exactly_max_flips_writes_and_one_over_writes_nothing() {
 #[tokio::test]
 async fn revert_at_exactly_max_flips_writes_and_one_over_writes_nothing() {
     let db = TestDb::seeded(20).await;
-    let (applied, log) = backfill(&db.url, &["--apply"]).await;
+    let (applied, log) = backfill(&db.url, &["--apply"]).run().await;
     assert_eq!(applied.unwrap().written, 2);
-    let run_id = log.last().unwrap()["run_id"].as_str().unwrap().to_owned();
-    let before = db.dump().await;
+    let run_id = log.summary().run_id.clone().unwrap();
 
-    let (over, log) = revert(&db.url, &[&run_id, "--apply", "--max-flips", "1"]).await;
+    let (over, log) = revert(&db.url, &[&run_id, "--apply", "--max-flips", "1"])
+        .writes_nothing(&db)
+        .run()
+        .await;
     assert_threshold_abort(over, 2, 1);
-    assert_eq!(log.last().unwrap()["run_id"], Value::Null);
-    assert_eq!(db.dump().await, before, "an aborted revert writes nothing");
+    assert_eq!(log.summary().run_id, None);
 
-    let (at_limit, _) = revert(&db.url, &[&run_id, "--apply", "--max-flips", "2"]).await;
+    let (at_limit, _) = revert(&db.url, &[&run_id, "--apply", "--max-flips", "2"])
+        .run()
+        .await;
     assert_eq!(at_limit.unwrap().written, 2);
     assert_eq!(db.audit_rows().await.len(), 4);
     assert_eq!(db.agents_of("bidcliq").await[0]["type"], "buying");
@@ -115,17 +112,17 @@ async fn dry_run_as_a_select_only_role_succeeds_and_leaves_every_row_version_alo
     assert_ne!(reader_url, db.url, "the test URL names the postgres user");
 
     let before = row_versions(&db).await;
-    let (as_reader, log) = backfill(&reader_url, &["--dry-run"]).await;
+    let (as_reader, log) = backfill(&reader_url, &["--dry-run"]).run().await;
     let summary = as_reader.unwrap();
     assert_eq!((summary.flips, summary.written), (2, 0));
-    assert_eq!(log[0]["target"]["user"], reader.as_str());
+    assert_eq!(log.start().target.user, reader);
 
-    let (as_owner, _) = backfill(&db.url, &["--dry-run"]).await;
+    let (as_owner, _) = backfill(&db.url, &["--dry-run"]).run().await;
     assert_eq!(as_owner.unwrap().flips, 2);
     assert_eq!(row_versions(&db).await, before, "a dry-run wrote a row");
 
     // The same user with the apply: preflight refuses before anything is read.
-    let (apply, _) = backfill(&reader_url, &["--apply"]).await;
+    let (apply, _) = backfill(&reader_url, &["--apply"]).run().await;
     assert_eq!(exit_code(&apply.unwrap_err()), 4);
     assert_eq!(row_versions(&db).await, before);
 }
@@ -174,35 +171,21 @@ fn self_declared_buying_agents_are_kept_by_the_resolver_and_never_read_by_the_pr
     let done = Tool::new(&["--apply", "--format", "json"])
         .database(&db.url)
         .env("RUST_LOG", "agent_type_backfill=info")
+        .status(0)
         .run();
-    let (stdout, stderr) = (done.stdout, done.stderr);
-    assert_eq!(done.status.code(), Some(0), "{stdout}\n{stderr}");
-    let flips: Vec<(Value, Value, Value, Value)> = events(stdout.as_bytes())
-        .of("flip")
+    let flips: Vec<(&str, u64, &Value, &str)> = done
+        .log()
+        .flips()
         .into_iter()
-        .map(|f| {
-            (
-                f["profile"].clone(),
-                f["index"].clone(),
-                f["from"].clone(),
-                f["to"].clone(),
-            )
-        })
+        .map(|f| (f.profile.as_str(), f.index, &f.from, f.to.as_str()))
         .collect();
     assert_eq!(
         flips,
-        [(
-            json!("mixed-buyer"),
-            json!(1),
-            json!("buying"),
-            json!("sales")
-        )],
+        [("mixed-buyer", 1, &json!("buying"), "sales")],
         "only the stale element flips; the self-declared buying agent is kept"
     );
-    assert!(
-        stderr.contains("server pass complete profiles=2 candidates=1"),
-        "the prefilter reads only the profile with a flip:\n{stderr}"
-    );
+    // The prefilter reads only the profile with a flip.
+    done.stderr_has("server pass complete profiles=2 candidates=1");
 
     let (mixed, alone, audit) = runtime.block_on(async {
         (
@@ -228,9 +211,11 @@ fn self_declared_buying_agents_are_kept_by_the_resolver_and_never_read_by_the_pr
 #[tokio::test]
 async fn allow_transition_needs_both_ends_of_every_flip() {
     let db = TestDb::seeded(10).await;
-    let before = db.dump().await;
     for allowed in ["buying->signals", "buyer->sales"] {
-        let (refused, log) = backfill(&db.url, &["--apply", "--allow-transition", allowed]).await;
+        let (refused, log) = backfill(&db.url, &["--apply", "--allow-transition", allowed])
+            .writes_nothing(&db)
+            .run()
+            .await;
         let error = refused.unwrap_err();
         assert_eq!(exit_code(&error), 3, "{allowed}: {error:#}");
         assert_eq!(
@@ -243,11 +228,12 @@ async fn allow_transition_needs_both_ends_of_every_flip() {
         );
         // Messages spell a transition FROM:TO, which no shell mangles.
         assert!(format!("{error:#}").contains("(buying:sales)"), "{error:#}");
-        let listed = log.of("not_allowed").len();
+        let listed = log.not_allowed().len();
         assert_eq!(listed, 2, "{allowed}: every refused flip is listed");
-        assert_eq!(db.dump().await, before, "{allowed} wrote something");
     }
-    let (allowed, _) = backfill(&db.url, &["--apply", "--allow-transition", "buying->sales"]).await;
+    let (allowed, _) = backfill(&db.url, &["--apply", "--allow-transition", "buying->sales"])
+        .run()
+        .await;
     assert_eq!(allowed.unwrap().written, 2);
 }
 
@@ -258,12 +244,14 @@ async fn apply_with_a_plan_counts_only_the_profiles_it_keeps() {
     let db = TestDb::seeded(10).await;
     let scratch = Scratch::new();
     let plan = &scratch.arg("plan.json");
-    let (dry, _) = backfill(&db.url, &["--dry-run", "--plan-out", plan]).await;
+    let (dry, _) = backfill(&db.url, &["--dry-run", "--plan-out", plan])
+        .run()
+        .await;
     assert_eq!(dry.unwrap().profiles_changed, 2);
     // swivel's agent changes after review: its reviewed flip no longer holds, and the new one
     // (creative -> sales) was never reviewed.
     db.member_sets_type("swivel", 1, "creative").await;
-    let (applied, _) = backfill(&db.url, &["--apply", "--plan", plan]).await;
+    let (applied, _) = backfill(&db.url, &["--apply", "--plan", plan]).run().await;
     let summary = applied.unwrap();
     assert_eq!(
         (
@@ -277,23 +265,13 @@ async fn apply_with_a_plan_counts_only_the_profiles_it_keeps() {
     );
 }
 
-/// The binary against `url` with `flags`, info logging on stderr: (exit code, stdout, stderr).
-fn run_binary(url: &str, flags: &[&str]) -> (i32, String, String) {
-    let done = Tool::new(flags)
-        .database(url)
-        .env("RUST_LOG", "agent_type_backfill=info")
-        // A run that retries for ever fails the test instead of hanging it.
-        .run_within(std::time::Duration::from_secs(30));
-    (done.code(), done.stdout, done.stderr)
-}
-
 /// Only lock and statement timeouts, deadlocks and serialization failures are retried: any other
 /// error in a batch ends the run at once with that error, instead of being retried or reported
 /// as a timeout.
 #[test]
 fn an_error_that_is_not_a_timeout_ends_the_run_without_retrying() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (db, before) = runtime.block_on(async {
+    let db = runtime.block_on(async {
         let db = TestDb::seeded(10).await;
         for statement in [
             "CREATE FUNCTION refuse_write() RETURNS trigger LANGUAGE plpgsql AS \
@@ -303,23 +281,28 @@ fn an_error_that_is_not_a_timeout_ends_the_run_without_retrying() {
         ] {
             sqlx::query(statement).execute(&db.pool).await.unwrap();
         }
-        let before = db.dump().await;
-        (db, before)
+        db
     });
-    let (code, stdout, stderr) = run_binary(
-        &db.url,
-        &["--apply", "--write-attempts", "4", "--format", "json"],
-    );
-    assert_eq!(code, 1, "{stdout}\n{stderr}");
-    assert!(
-        stderr.contains("error: could not update member_profiles")
-            && stderr.contains("registry frozen for maintenance"),
-        "{stderr}"
-    );
-    assert!(!stderr.contains("retrying"), "{stderr}");
-    assert!(!stdout.contains("not_written_timeout"), "{stdout}");
-    assert_eq!(runtime.block_on(db.dump()), before);
+    let done = Tool::new(&["--apply", "--write-attempts", "4", "--format", "json"])
+        .database(&db.url)
+        .env("RUST_LOG", "agent_type_backfill=info")
+        .writes_nothing(&db)
+        .status(1)
+        // A run that retries for ever fails the test instead of hanging it.
+        .run_within(RETRY_BOUND);
+    done.stderr_has("error: could not update member_profiles")
+        .stderr_has("registry frozen for maintenance");
+    assert!(!done.stderr.contains("retrying"), "{}", done.stderr);
+    let timed_out = done
+        .log()
+        .skipped()
+        .into_iter()
+        .filter(|skipped| skipped.reason == "not_written_timeout");
+    assert_eq!(timed_out.count(), 0, "{:?}", done.log());
 }
+
+/// Longer than any of these runs retries, far shorter than a hang.
+const RETRY_BOUND: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// `--write-attempts N` tries a batch that keeps hitting the lock timeout exactly N times.
 #[test]
@@ -327,33 +310,30 @@ fn write_attempts_is_the_number_of_tries_not_retries() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let db = runtime.block_on(TestDb::seeded(10));
     let holder = runtime.block_on(db.lock_profiles(&["bidcliq"]));
-    let (code, stdout, stderr) = run_binary(
-        &db.url,
-        &[
-            "--apply",
-            "--lock-timeout",
-            "100ms",
-            "--write-attempts",
-            "3",
-            "--format",
-            "json",
-        ],
-    );
-    assert_eq!(code, 1, "{stdout}\n{stderr}");
-    let summary = events(stdout.as_bytes()).pop().unwrap();
+    let flags = [
+        "--apply",
+        "--lock-timeout",
+        "100ms",
+        "--write-attempts",
+        "3",
+    ];
+    let done = Tool::new(&[&flags[..], &["--format", "json"]].concat())
+        .database(&db.url)
+        .env("RUST_LOG", "agent_type_backfill=info")
+        .status(1)
+        .run_within(RETRY_BOUND);
+    let summary = done.log().summary();
     assert_eq!(
-        (&summary["written"], &summary["skipped"]),
-        (&json!(0), &json!(2)),
+        (summary.written, summary.skipped),
+        (0, 2),
         "both flips share the batch that timed out"
     );
+    let stderr = &done.stderr;
     assert_eq!(stderr.matches("; retrying").count(), 2, "{stderr}");
     assert_eq!(stderr.matches("giving up on it").count(), 1, "{stderr}");
     // The error says what the summary says: nothing was written.
-    assert!(
-        stderr.contains("2 planned flips were not written because their batches kept hitting")
-            && stderr.contains("; nothing was written: rerun the same command to finish"),
-        "{stderr}"
-    );
+    done.stderr_has("2 planned flips were not written because their batches kept hitting")
+        .stderr_has("; nothing was written: rerun the same command to finish");
     runtime.block_on(holder.close()).unwrap();
 }
 
@@ -381,9 +361,11 @@ async fn a_retired_type_is_held_with_re_probe_advice_and_a_never_known_one_with_
         )
         .await
         .unwrap();
-        let before = db.dump().await;
 
-        let (refused, log) = backfill(&db.url, &["--apply"]).await;
+        let (refused, log) = backfill(&db.url, &["--apply"])
+            .writes_nothing(&db)
+            .run()
+            .await;
         let error = refused.unwrap_err();
         assert_eq!(exit_code(&error), 3);
         let message = format!("{error:#}");
@@ -392,23 +374,21 @@ async fn a_retired_type_is_held_with_re_probe_advice_and_a_never_known_one_with_
             "{message}"
         );
         assert!(!message.contains(not_advice), "{message}");
-        let held: Vec<&Value> = log.of("held");
         assert!(
-            held.iter()
-                .any(|e| e["reason"] == reason && e["inferred_type"] == inferred),
-            "{held:?}"
+            log.held().iter().any(
+                |held| held.reason == reason && held.inferred_type.as_deref() == Some(inferred)
+            ),
+            "{log:?}"
         );
-        assert_eq!(db.dump().await, before);
 
         for format in ["text", "markdown"] {
-            let mut out = Vec::new();
-            let result =
-                execute(&args(&["--dry-run", "--format", format]), &db.url, &mut out).await;
+            let (result, out) = backfill(&db.url, &["--dry-run", "--format", format])
+                .run()
+                .await;
             assert_eq!(exit_code(&result.unwrap_err()), 3);
-            let out = String::from_utf8(out).unwrap();
             assert!(
-                out.contains(advice) && !out.contains(not_advice),
-                "{format}: {out}"
+                out.text.contains(advice) && !out.text.contains(not_advice),
+                "{format}: {out:?}"
             );
         }
     }

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use crate::common::deployment::{registry_on, tool};
-use crate::common::{events, Scratch};
+use crate::common::Scratch;
 use agent_type_backfill::support::ephemeral::EphemeralPostgres;
 
 /// A password with both characters a password file must escape.
@@ -172,10 +172,7 @@ async fn a_socket_target_is_shown_as_its_socket_directory() {
         &[],
     );
     json.exits(0);
-    assert_eq!(
-        events(json.stdout.as_bytes())[0]["target"]["host"],
-        socket.as_str()
-    );
+    assert_eq!(json.log().start().target.host, socket);
     let written: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
     assert_eq!(written["target"]["host"], socket.as_str());

@@ -3,10 +3,8 @@
 //! not written at the locked write. And a Markdown ticket keeps held flips out of "Flips", and a
 //! revert's Markdown summary counts its conflicts.
 
-use crate::common;
-
+use crate::common::{backfill, revert, wait_for_blocked_tool, RunLog, Scratch, TestDb};
 use agent_type_backfill::support::seed::{self, NewProfile, NewSnapshot};
-use common::{args, events, execute, wait_for_blocked_tool, Scratch, TestDb};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -72,9 +70,9 @@ fn listed(format: &str, out: &str) -> Vec<(String, (String, usize))> {
     let mut found = Vec::new();
     match format {
         "json" => {
-            for event in events(out.as_bytes()) {
-                if let Some(url) = event["url"].as_str() {
-                    found.push((common::kind(&event).to_owned(), element(url)));
+            for event in RunLog::new(out).events() {
+                if let Some(flip) = event.flip() {
+                    found.push((event.kind().to_owned(), element(&flip.url)));
                 }
             }
         }
@@ -148,9 +146,8 @@ async fn flips_held_flips_and_the_plan_file_are_in_log_order_in_every_format() {
             "--plan-out",
             plan.to_str().unwrap(),
         ];
-        let mut out = Vec::new();
-        let result = execute(&args(&flags), &db.url, &mut out).await;
-        let out = String::from_utf8(out).unwrap();
+        let (result, out) = backfill(&db.url, &flags).run().await;
+        let out = out.text;
         assert!(result.is_err(), "held flips refuse the run: {out}");
         let found = listed(format, &out);
         assert_eq!(
@@ -180,23 +177,18 @@ async fn flips_not_written_at_the_locked_write_are_listed_in_log_order_in_every_
     for format in FORMATS {
         let db = registry().await;
         let mut holder = db.lock_profiles(&SLUGS).await;
-        let url = db.url.clone();
-        let apply = tokio::spawn(async move {
-            let flags = [
-                "--apply",
-                "--max-flips",
-                "100",
-                "--batch-size",
-                "2",
-                "--lock-timeout",
-                "120s",
-                "--format",
-                format,
-            ];
-            let mut out = Vec::new();
-            let result = execute(&args(&flags), &url, &mut out).await;
-            (result, String::from_utf8(out).unwrap())
-        });
+        let flags = [
+            "--apply",
+            "--max-flips",
+            "100",
+            "--batch-size",
+            "2",
+            "--lock-timeout",
+            "120s",
+            "--format",
+            format,
+        ];
+        let apply = tokio::spawn(backfill(&db.url, &flags).run());
         wait_for_blocked_tool(&db).await;
         // Every probe now says creative: each planned flip changed, each element has a new one.
         sqlx::query("UPDATE agent_capabilities_snapshot SET inferred_type = 'creative'")
@@ -205,6 +197,7 @@ async fn flips_not_written_at_the_locked_write_are_listed_in_log_order_in_every_
             .unwrap();
         sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
         let (result, out) = apply.await.unwrap();
+        let out = out.text;
         assert_eq!(result.unwrap().written, 0, "{out}");
         let skipped = of_kind(&listed(format, &out), "skipped");
         let expected: Vec<(String, usize)> = in_log_order(&SLUGS)
@@ -219,9 +212,8 @@ async fn flips_not_written_at_the_locked_write_are_listed_in_log_order_in_every_
 async fn a_markdown_ticket_lists_as_flips_exactly_what_would_be_written() {
     let db = registry().await;
     let flags = ["--apply", "--max-probe-age", "2d", "--format", "markdown"];
-    let mut out = Vec::new();
-    let result = execute(&args(&flags), &db.url, &mut out).await;
-    let out = String::from_utf8(out).unwrap();
+    let (result, out) = backfill(&db.url, &flags).run().await;
+    let out = out.text;
     assert!(result.is_err(), "held flips refuse the apply");
     let found = listed("markdown", &out);
     let fresh: Vec<&str> = SLUGS.iter().copied().filter(|s| !OLD.contains(s)).collect();
@@ -235,9 +227,8 @@ async fn a_markdown_ticket_lists_as_flips_exactly_what_would_be_written() {
 
     // Without the guard every flip is writable, and the ticket's Flips are what the apply writes.
     let flags = ["--apply", "--max-flips", "100", "--format", "markdown"];
-    let mut out = Vec::new();
-    let summary = execute(&args(&flags), &db.url, &mut out).await.unwrap();
-    let out = String::from_utf8(out).unwrap();
+    let (summary, out) = backfill(&db.url, &flags).run().await;
+    let (summary, out) = (summary.unwrap(), out.text);
     let flips = of_kind(&listed("markdown", &out), "flip");
     assert_eq!(flips, in_log_order(&SLUGS), "{out}");
     assert_eq!(summary.written, flips.len() as u64);
@@ -254,26 +245,20 @@ fn conflicts_row(out: &str) -> Option<String> {
 #[tokio::test]
 async fn a_reverts_markdown_summary_counts_its_conflicts() {
     let db = registry().await;
-    let mut out = Vec::new();
-    let flags = ["--apply", "--max-flips", "100", "--format", "json"];
-    execute(&args(&flags), &db.url, &mut out).await.unwrap();
-    let run_id = events(&out)[0]["run_id"].as_str().unwrap().to_owned();
+    let (applied, log) = backfill(&db.url, &["--apply", "--max-flips", "100"])
+        .run()
+        .await;
+    applied.unwrap();
+    let run_id = log.run_id();
     // Members change three of the fifteen elements since the run.
     db.member_sets_type("kilo", 0, "creative").await;
     db.member_sets_type("zulu", 2, "signals").await;
     db.member_sets_type("alpha", 1, "brand").await;
     for mode in ["--dry-run", "--apply"] {
-        let mut out = Vec::new();
-        let flags = [
-            run_id.as_str(),
-            mode,
-            "--max-flips",
-            "100",
-            "--format",
-            "markdown",
-        ];
-        common::revert(&flags, &db.url, &mut out).await.unwrap();
-        let out = String::from_utf8(out).unwrap();
+        let flags = [&run_id, mode, "--max-flips", "100", "--format", "markdown"];
+        let (reverted, out) = revert(&db.url, &flags).run().await;
+        reverted.unwrap();
+        let out = out.text;
         assert_eq!(
             conflicts_row(&out).as_deref(),
             Some("| conflicts (changed since run) | 3 |"),

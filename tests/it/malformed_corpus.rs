@@ -6,7 +6,7 @@ use crate::common;
 use std::collections::{BTreeMap, HashMap};
 
 use agent_type_backfill::support::seed::{self, NewProfile, NewSnapshot, BIDCLIQ_URL, SWIVEL_URL};
-use common::{args, execute, TestDb};
+use common::{backfill, TestDb};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -358,29 +358,27 @@ async fn apply_over_a_malformed_corpus_writes_only_the_types_the_rule_flips() {
     // The plan a reviewer reads first: its counts must be the run's.
     let scratch = common::Scratch::new();
     let plan_path = scratch.arg("plan.json");
-    execute(
-        &args(&[
+    backfill(
+        &db.url,
+        &[
             "--dry-run",
             "--max-flips",
             "1000000",
             "--plan-out",
             &plan_path,
-        ]),
-        &db.url,
-        &mut Vec::new(),
+        ],
     )
+    .run()
     .await
+    .0
     .expect("the dry-run completes over every malformed kind");
     let planned = agent_type_backfill::plan_file::PlanFile::read(plan_path.as_ref()).unwrap();
 
-    let mut log = Vec::new();
-    let summary = execute(
-        &args(&["--apply", "--max-flips", "1000000", "--format", "json"]),
-        &db.url,
-        &mut log,
-    )
-    .await
-    .expect("the run completes over every malformed kind");
+    let summary = backfill(&db.url, &["--apply", "--max-flips", "1000000"])
+        .run()
+        .await
+        .0
+        .expect("the run completes over every malformed kind");
     assert_eq!(summary.profiles_scanned, before.len() as u64);
     assert_eq!(
         summary.malformed, malformed as u64,
@@ -465,10 +463,7 @@ async fn apply_over_a_malformed_corpus_writes_only_the_types_the_rule_flips() {
     );
 
     // Nothing the rule would still change may be left behind.
-    let mut log = Vec::new();
-    let rerun = execute(&args(&["--dry-run", "--format", "json"]), &db.url, &mut log)
-        .await
-        .unwrap();
+    let rerun = backfill(&db.url, &["--dry-run"]).run().await.0.unwrap();
     assert_eq!((rerun.flips, rerun.malformed), (0, malformed as u64));
 }
 

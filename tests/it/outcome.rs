@@ -4,11 +4,8 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use serde_json::Value;
-
 use crate::cli::{hold_the_snapshot_table, tool_waits_on_a_lock};
-use crate::common::Log;
-use crate::common::{events, TestDb, Tool, BIN};
+use crate::common::{TestDb, Tool, BIN};
 
 /// `count` profiles, each with one `buying` agent whose snapshot infers `sales`: one flip each.
 async fn add_buying_profiles(db: &TestDb, count: i32) {
@@ -163,11 +160,12 @@ async fn a_timed_out_plan_still_ends_the_log_with_its_outcome_in_every_format() 
         let last = last.unwrap_or_default();
         match format {
             "json" => {
-                let log = events(done.stdout.as_bytes());
-                let summary = log.summary();
-                assert_eq!(summary["outcome"]["kind"], "failed");
-                assert_eq!(summary["outcome"]["exit_code"], 1);
-                assert_eq!(summary["plan_complete"], false);
+                let log = done.log();
+                assert_eq!(
+                    (log.outcome().kind.as_str(), log.outcome().exit_code),
+                    ("failed", 1)
+                );
+                assert!(!log.summary().plan_complete);
             }
             "markdown" => assert!(last.starts_with("| duration |"), "{}", done.stdout),
             _ => assert!(last.starts_with("  duration:"), "{}", done.stdout),
@@ -212,11 +210,10 @@ async fn a_second_signal_abandons_the_batch_in_flight_and_still_reports() {
     let done = run.finish().await;
     drop(holder);
     done.exits(130);
-    let log = events(done.stdout.as_bytes());
-    let summary = log.summary();
-    assert_eq!(summary["outcome"]["kind"], "interrupted");
-    assert_eq!(summary["written"], 1, "{}", done.stdout);
-    let message = summary["outcome"]["message"].as_str().unwrap();
+    let log = done.log();
+    assert_eq!(log.outcome().kind, "interrupted");
+    assert_eq!(log.summary().written, 1, "{log:?}");
+    let message = &log.outcome().message;
     assert!(
         message.contains("twice; the batch in flight was rolled back; 1 of 2 written"),
         "{message}"
@@ -269,18 +266,15 @@ async fn a_refusal_names_each_limit_with_its_numbers() {
     .database(&db.url)
     .status(3)
     .run();
-    let summary = events(done.stdout.as_bytes()).pop().unwrap();
+    let summary = done.log().summary();
     assert_eq!(
-        summary["outcome"]["refused_by"],
-        serde_json::json!(["held", "not_allowed", "max_flips"])
+        done.log().outcome().refused_by,
+        ["held", "not_allowed", "max_flips"]
     );
-    assert_eq!(
-        (&summary["flips"], &summary["to_write"], &summary["held"]),
-        (&Value::from(3), &Value::from(2), &Value::from(1))
-    );
+    assert_eq!((summary.flips, summary.to_write, summary.held), (3, 2, 1));
     // Held flips are not checked against --allow-transition: they are never written anyway.
-    assert_eq!(summary["not_allowed"], 2);
-    let message = summary["outcome"]["message"].as_str().unwrap();
+    assert_eq!(summary.not_allowed, 2);
+    let message = &done.log().outcome().message;
     assert!(
         message.contains("2 flips to write, more than --max-flips 1")
             && message.contains("1 flip held")
@@ -417,15 +411,16 @@ async fn a_reviewed_plan_applied_again_says_its_flips_are_already_written_and_by
         .database(&db.url)
         .status(0)
         .run();
-    let log = events(again.stdout.as_bytes());
-    let skipped: Vec<&Value> = log.of("skipped");
-    assert_eq!(skipped.len(), 2, "{}", again.stdout);
-    for event in &skipped {
-        assert_eq!(event["reason"], "already_written", "{event}");
-    }
-    let summary = log.last().unwrap();
-    assert_eq!(summary["skipped_by_reason"]["already_written"], 2);
-    assert_eq!(summary["written"], 0);
+    let log = again.log();
+    let reasons: Vec<&str> = log
+        .skipped()
+        .iter()
+        .map(|skipped| skipped.reason.as_str())
+        .collect();
+    assert_eq!(reasons, ["already_written", "already_written"], "{log:?}");
+    let summary = log.summary();
+    assert_eq!(summary.skipped_by_reason["already_written"], 2);
+    assert_eq!(summary.written, 0);
     let text = Tool::new(&["--apply", "--plan", plan])
         .database(&db.url)
         .run();

@@ -1,22 +1,12 @@
 //! Reviewed plans: `--dry-run --plan-out` and `--apply --plan`, against a real PostgreSQL.
 
 use crate::common;
-use crate::common::Log;
 
 use agent_type_backfill::error::exit_code;
-use agent_type_backfill::events::Summary;
 use agent_type_backfill::plan_file::PlanFile;
 use agent_type_backfill::support::seed::{self, NewProfile, BIDCLIQ_URL, SWIVEL_URL};
-use common::{args, events, execute, Scratch, TestDb};
+use common::{backfill, Scratch, TestDb};
 use serde_json::{json, Value};
-
-async fn run(db: &TestDb, flags: &[&str]) -> (anyhow::Result<Summary>, Vec<Value>) {
-    let mut all = flags.to_vec();
-    all.extend_from_slice(&["--format", "json"]);
-    let mut out = Vec::new();
-    let result = execute(&args(&all), &db.url, &mut out).await;
-    (result, events(&out))
-}
 
 #[tokio::test]
 async fn reviewed_plan_records_the_flips_and_an_apply_writes_exactly_them() {
@@ -25,16 +15,11 @@ async fn reviewed_plan_records_the_flips_and_an_apply_writes_exactly_them() {
     let path = scratch.arg("plan.json");
     // Trust authentication ignores the password; the tool must still never write it anywhere.
     let url_with_password = db.url.replacen("postgres@", "postgres:Sup3rSecret@", 1);
-    let mut out = Vec::new();
-    let dry = execute(
-        &args(&["--dry-run", "--format", "json", "--plan-out", &path]),
-        &url_with_password,
-        &mut out,
-    )
-    .await;
-    let log = events(&out);
+    let (dry, log) = backfill(&url_with_password, &["--dry-run", "--plan-out", &path])
+        .run()
+        .await;
     assert_eq!(dry.unwrap().flips, 2);
-    assert!(log.of("plan_written").into_iter().any(|e| e["flips"] == 2));
+    assert_eq!(log.plan_written().map(|written| written.flips), Some(2));
 
     let plan = PlanFile::read(path.as_ref()).unwrap();
     assert_eq!(plan.target.database, db.name);
@@ -49,15 +34,14 @@ async fn reviewed_plan_records_the_flips_and_an_apply_writes_exactly_them() {
     assert!(plan.flips.iter().all(|f| f.last_discovered.is_some()));
     assert!(!std::fs::read_to_string(&path).unwrap().contains("password"));
 
-    let mut out = Vec::new();
-    let applied = execute(
-        &args(&["--apply", "--plan", &path]),
+    let (applied, log) = backfill(
         &url_with_password,
-        &mut out,
+        &["--apply", "--plan", &path, "--format", "text"],
     )
-    .await
-    .unwrap();
-    assert!(!String::from_utf8(out).unwrap().contains("Sup3rSecret"));
+    .run()
+    .await;
+    let applied = applied.unwrap();
+    assert!(!log.text.contains("Sup3rSecret"));
     assert_eq!((applied.flips, applied.written), (2, 2));
     let audit = db.audit_rows().await;
     assert_eq!(audit.len(), 2);
@@ -71,7 +55,8 @@ async fn apply_with_plan_writes_only_what_still_holds_and_lists_the_rest() {
     let db = TestDb::seeded(20).await;
     let scratch = Scratch::new();
     let path = scratch.arg("plan.json");
-    run(&db, &["--dry-run", "--plan-out", &path])
+    backfill(&db.url, &["--dry-run", "--plan-out", &path])
+        .run()
         .await
         .0
         .unwrap();
@@ -85,7 +70,7 @@ async fn apply_with_plan_writes_only_what_still_holds_and_lists_the_rest() {
     };
     seed::insert(&db.pool, &[newcomer], &[]).await.unwrap();
 
-    let (applied, log) = run(&db, &["--apply", "--plan", &path]).await;
+    let (applied, log) = backfill(&db.url, &["--apply", "--plan", &path]).run().await;
     let applied = applied.unwrap();
     assert_eq!(
         (
@@ -97,23 +82,18 @@ async fn apply_with_plan_writes_only_what_still_holds_and_lists_the_rest() {
         (1, 1, 1, 2),
         "bidcliq's reviewed flip no longer holds; its new flip and the newcomer were not reviewed"
     );
-    let mut departures: Vec<(String, String)> = log
-        .of("skipped")
+    let mut departures: Vec<(&str, &str)> = log
+        .skipped()
         .into_iter()
-        .map(|e| {
-            (
-                e["profile"].as_str().unwrap().to_owned(),
-                e["reason"].as_str().unwrap().to_owned(),
-            )
-        })
+        .map(|skipped| (skipped.profile.as_str(), skipped.reason.as_str()))
         .collect();
     departures.sort();
     assert_eq!(
         departures,
         [
-            ("bidcliq".to_owned(), "changed_since_plan".to_owned()),
-            ("bidcliq".to_owned(), "unplanned".to_owned()),
-            ("newcomer".to_owned(), "unplanned".to_owned()),
+            ("bidcliq", "changed_since_plan"),
+            ("bidcliq", "unplanned"),
+            ("newcomer", "unplanned"),
         ]
     );
     let audit = db.audit_rows().await;
@@ -128,22 +108,24 @@ async fn plans_for_another_database_or_too_old_are_refused_with_nothing_written(
     let other = TestDb::seeded(5).await;
     let scratch = Scratch::new();
     let path = scratch.arg("plan.json");
-    run(&made_on, &["--dry-run", "--plan-out", &path])
+    backfill(&made_on.url, &["--dry-run", "--plan-out", &path])
+        .run()
         .await
         .0
         .unwrap();
 
-    let before = other.dump().await;
-    let (refused, log) = run(&other, &["--apply", "--plan", &path]).await;
+    let (refused, log) = backfill(&other.url, &["--apply", "--plan", &path])
+        .writes_nothing(&other)
+        .run()
+        .await;
     let error = refused.unwrap_err();
     assert_eq!(exit_code(&error), 2);
     assert!(format!("{error:#}").contains(&format!("database={}", made_on.name)));
     assert!(log.is_empty(), "refused before anything was read");
-    assert_eq!(other.dump().await, before);
 
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let flags = ["--apply", "--plan", &path, "--plan-max-age", "10ms"];
-    let (too_old, _) = run(&made_on, &flags).await;
+    let (too_old, _) = backfill(&made_on.url, &flags).run().await;
     let error = too_old.unwrap_err();
     assert_eq!(exit_code(&error), 2);
     assert!(
@@ -151,7 +133,12 @@ async fn plans_for_another_database_or_too_old_are_refused_with_nothing_written(
         "{error:#}"
     );
 
-    let (over, _) = run(&made_on, &["--apply", "--plan", &path, "--max-flips", "1"]).await;
+    let (over, _) = backfill(
+        &made_on.url,
+        &["--apply", "--plan", &path, "--max-flips", "1"],
+    )
+    .run()
+    .await;
     assert_eq!(
         exit_code(&over.unwrap_err()),
         3,
@@ -167,13 +154,14 @@ async fn a_flip_held_in_the_reviewed_plan_stays_held_in_its_apply() {
     let db = TestDb::seeded(5).await;
     let scratch = Scratch::new();
     let path = scratch.arg("plan.json");
-    let (dry, log) = run(
-        &db,
+    let (dry, log) = backfill(
+        &db.url,
         &["--dry-run", "--max-probe-age", "24h", "--plan-out", &path],
     )
+    .run()
     .await;
     assert_eq!(exit_code(&dry.unwrap_err()), 3);
-    assert_eq!(log.of("held").len(), 2);
+    assert_eq!(log.held().len(), 2);
     let plan = PlanFile::read(path.as_ref()).unwrap();
     assert!(
         plan.flips.iter().all(|f| f.held.is_some()),
@@ -188,13 +176,14 @@ async fn a_flip_held_in_the_reviewed_plan_stays_held_in_its_apply() {
     );
     assert!(text.contains("\"crawler_disagreements\": {"), "{text}");
 
-    let before = db.dump().await;
-    let (applied, log) = run(&db, &["--apply", "--plan", &path]).await;
+    let (applied, log) = backfill(&db.url, &["--apply", "--plan", &path])
+        .writes_nothing(&db)
+        .run()
+        .await;
     assert_eq!(exit_code(&applied.unwrap_err()), 3);
-    let held: Vec<&Value> = log.of("held");
-    assert_eq!(held.len(), 2, "{log:#?}");
-    assert!(held.iter().all(|e| e["reason"] == "stale_probe"));
-    assert_eq!(db.dump().await, before);
+    let held = log.held();
+    assert_eq!(held.len(), 2, "{log:?}");
+    assert!(held.iter().all(|held| held.reason == "stale_probe"));
 }
 
 /// A reviewed plan is applied only as `--plan-out` wrote it: a flip removed, a flip added or a
@@ -206,7 +195,8 @@ async fn an_edited_plan_is_refused_and_a_reformatted_one_applies() {
     let db = TestDb::seeded(20).await;
     let scratch = Scratch::new();
     let path = scratch.arg("plan.json");
-    run(&db, &["--dry-run", "--plan-out", &path])
+    backfill(&db.url, &["--dry-run", "--plan-out", &path])
+        .run()
         .await
         .0
         .unwrap();
@@ -217,7 +207,6 @@ async fn an_edited_plan_is_refused_and_a_reformatted_one_applies() {
         .is_some_and(|digest| digest.starts_with("sha256:") && digest.len() == 7 + 64));
 
     let edited = scratch.arg("plan.edited.json");
-    let before = db.dump().await;
     type Edit = (&'static str, fn(&mut Value));
     let edits: [Edit; 4] = [
         ("a flip removed", |plan| {
@@ -239,7 +228,10 @@ async fn an_edited_plan_is_refused_and_a_reformatted_one_applies() {
         let mut plan = original.clone();
         edit(&mut plan);
         std::fs::write(&edited, serde_json::to_string_pretty(&plan).unwrap()).unwrap();
-        let (refused, log) = run(&db, &["--apply", "--plan", &edited]).await;
+        let (refused, log) = backfill(&db.url, &["--apply", "--plan", &edited])
+            .writes_nothing(&db)
+            .run()
+            .await;
         let error = refused.unwrap_err();
         assert_eq!(exit_code(&error), 2, "{what}: {error:#}");
         let message = format!("{error:#}");
@@ -249,13 +241,14 @@ async fn an_edited_plan_is_refused_and_a_reformatted_one_applies() {
             "{what}: {message}"
         );
         assert!(log.is_empty(), "{what}: refused before anything was read");
-        assert_eq!(db.dump().await, before, "{what}: nothing written");
     }
 
     // Compact, one line, keys in serde_json's sorted order: only the formatting differs.
     std::fs::write(&edited, original.to_string()).unwrap();
     assert_ne!(std::fs::read_to_string(&edited).unwrap(), written);
-    let (applied, _) = run(&db, &["--apply", "--plan", &edited]).await;
+    let (applied, _) = backfill(&db.url, &["--apply", "--plan", &edited])
+        .run()
+        .await;
     assert_eq!(applied.unwrap().written, 2);
 }
 
@@ -282,9 +275,10 @@ async fn leave_held_writes_exactly_the_reviewed_flips_that_are_not_held() {
     .unwrap();
     let scratch = Scratch::new();
     let path = scratch.arg("plan.json");
-    let (dry, _) = run(&db, &["--dry-run", "--plan-out", &path]).await;
+    let (dry, _) = backfill(&db.url, &["--dry-run", "--plan-out", &path])
+        .run()
+        .await;
     assert_eq!(exit_code(&dry.unwrap_err()), 3);
-    let before = db.dump().await;
 
     let no_plan = agent_type_backfill::config::BackfillConfig::from_cli(&common::args(&[
         "--apply",
@@ -296,25 +290,27 @@ async fn leave_held_writes_exactly_the_reviewed_flips_that_are_not_held() {
         no_plan.to_string().contains("--leave-held needs --plan"),
         "{no_plan}"
     );
-    let (without, _) = run(&db, &["--apply", "--plan", &path]).await;
+    // Without --leave-held nothing is written.
+    let (without, _) = backfill(&db.url, &["--apply", "--plan", &path])
+        .writes_nothing(&db)
+        .run()
+        .await;
     assert_eq!(exit_code(&without.unwrap_err()), 3);
-    assert_eq!(
-        db.dump().await,
-        before,
-        "without --leave-held nothing is written"
-    );
 
-    let (left, log) = run(&db, &["--apply", "--plan", &path, "--leave-held"]).await;
+    let (left, log) = backfill(&db.url, &["--apply", "--plan", &path, "--leave-held"])
+        .run()
+        .await;
     let left = left.unwrap();
     assert_eq!((left.flips, left.held, left.written), (3, 1, 2));
-    let held: Vec<&Value> = log.of("held");
-    assert_eq!(held.len(), 1);
+    let [held] = log.held()[..] else {
+        panic!("one held flip: {log:?}")
+    };
     assert_eq!(
-        (&held[0]["url"], &held[0]["reason"]),
-        (&json!(url), &json!("retired_inferred_type"))
+        (held.url.as_str(), held.reason.as_str()),
+        (url, "retired_inferred_type")
     );
-    assert_eq!(log.last().unwrap()["held"], 1);
-    assert_eq!(log[0]["leave_held"], true, "the header records it");
+    assert_eq!(log.summary().held, 1);
+    assert!(log.start().leave_held, "the header records it");
     assert_eq!(db.agents_of("old-probe").await[0]["type"], "sales");
     let audit = db.audit_rows().await;
     let urls: Vec<&str> = audit.iter().map(|row| row.agent_url.as_str()).collect();

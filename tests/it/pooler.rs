@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
+use agent_type_backfill::domain::count;
+
 use crate::cli::{hold_the_snapshot_table, tool_sessions_left, tool_waits_on_a_lock};
 use crate::common::deployment::{host_port, tool, via, PgBouncer, PoolMode};
-use crate::common::Log;
-use crate::common::{events, Scratch, TestDb, Tool};
-use serde_json::Value;
+use crate::common::{json_lines, Scratch, TestDb, Tool};
 use sqlx::{Connection, PgConnection};
 
 const MODES: [PoolMode; 2] = [PoolMode::Session, PoolMode::Transaction];
@@ -34,7 +34,7 @@ async fn every_command_works_through_pgbouncer_in_session_and_transaction_mode()
         let original = agents(&db).await;
         let direct = tool(&db.url, &["--dry-run", "--format", "json"], &[]);
         direct.exits(0);
-        let expected = direct.flips();
+        let expected = direct.log().flips();
         assert!(!expected.is_empty(), "the seed has flips");
 
         let (_bouncer, url) = bouncer_for(&db, mode);
@@ -47,7 +47,7 @@ async fn every_command_works_through_pgbouncer_in_session_and_transaction_mode()
             &[],
         );
         assert_eq!(dry.code(), 0, "{mode:?}: {}", dry.stderr);
-        assert_eq!(dry.flips(), expected, "{mode:?}");
+        assert_eq!(dry.log().flips(), expected, "{mode:?}");
 
         let max = expected.len().to_string();
         let apply = tool(
@@ -64,23 +64,23 @@ async fn every_command_works_through_pgbouncer_in_session_and_transaction_mode()
             &[],
         );
         assert_eq!(apply.code(), 0, "{mode:?}: {}", apply.stderr);
-        let summary = apply.summary();
-        assert_eq!(summary["written"], expected.len(), "{mode:?}");
-        let run_id = summary["run_id"].as_str().unwrap().to_owned();
+        let summary = apply.log().summary();
+        assert_eq!(summary.written, count(expected.len()), "{mode:?}");
+        let run_id = apply.log().run_id();
         assert_eq!(db.audit_rows().await.len(), expected.len());
 
         let again = tool(&url, &["--dry-run", "--format", "json"], &[]);
         assert_eq!(again.code(), 0, "{mode:?}: {}", again.stderr);
-        assert_eq!(again.summary()["flips"], 0);
+        assert_eq!(again.log().summary().flips, 0);
 
         let history = tool(&url, &["history", "--format", "json"], &[]);
         assert_eq!(history.code(), 0, "{mode:?}: {}", history.stderr);
-        let runs = events(history.stdout.as_bytes());
+        let runs = json_lines(history.stdout.as_bytes());
         assert_eq!(runs.len(), 1);
         assert_eq!(runs[0]["run_id"], run_id.as_str());
         let rows = tool(&url, &["history", &run_id, "--format", "json"], &[]);
         assert_eq!(rows.code(), 0, "{mode:?}: {}", rows.stderr);
-        assert_eq!(events(rows.stdout.as_bytes()).len(), expected.len());
+        assert_eq!(json_lines(rows.stdout.as_bytes()).len(), expected.len());
 
         let revert_dry = tool(
             &url,
@@ -88,7 +88,7 @@ async fn every_command_works_through_pgbouncer_in_session_and_transaction_mode()
             &[],
         );
         assert_eq!(revert_dry.code(), 0, "{mode:?}: {}", revert_dry.stderr);
-        assert_eq!(revert_dry.flips().len(), expected.len());
+        assert_eq!(revert_dry.log().flips().len(), expected.len());
         let revert = tool(
             &url,
             &[
@@ -103,7 +103,7 @@ async fn every_command_works_through_pgbouncer_in_session_and_transaction_mode()
             &[],
         );
         assert_eq!(revert.code(), 0, "{mode:?}: {}", revert.stderr);
-        assert_eq!(revert.summary()["written"], expected.len());
+        assert_eq!(revert.log().summary().written, count(expected.len()));
         assert_eq!(
             agents(&db).await,
             original,
@@ -144,16 +144,12 @@ async fn a_locked_row_is_given_up_after_lock_timeout_through_pgbouncer() {
         .finish()
         .await;
         assert_eq!(apply.code(), 1, "{mode:?}: {}", apply.stderr);
-        let skipped: Vec<Value> = events(apply.stdout.as_bytes())
-            .of("skipped")
-            .into_iter()
-            .cloned()
-            .collect();
+        let skipped = apply.log().skipped();
         assert!(!skipped.is_empty(), "{mode:?}: {}", apply.stdout);
         assert!(
             skipped
                 .iter()
-                .all(|event| event["reason"] == "not_written_timeout"),
+                .all(|skipped| skipped.reason == "not_written_timeout"),
             "{mode:?}: {}",
             apply.stdout
         );

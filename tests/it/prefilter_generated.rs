@@ -7,14 +7,11 @@
 //! narrowing's SQL directly, so the check survives a rewrite of how planning is done: what the
 //! log lists (as flips or held) must be exactly what the pure resolver finds profile by profile.
 
-use crate::common;
-use crate::common::Log;
-
 use std::collections::{BTreeSet, HashMap};
 
+use crate::common::{backfill, TestDb};
 use agent_type_backfill::resolver::{type_label, AgentsColumn};
 use agent_type_backfill::support::seed::{self, NewProfile, NewSnapshot, Rng};
-use common::{args, events, execute, TestDb};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -176,24 +173,21 @@ async fn the_tool_lists_every_flip_the_resolver_finds_on_generated_registries() 
         .await
         .unwrap();
 
-    let mut out = Vec::new();
     // Held flips refuse the run; its log still lists every flip found.
-    let _ = execute(
-        &args(&["--dry-run", "--format", "json", "--max-flips", "100000"]),
-        &db.url,
-        &mut out,
-    )
-    .await;
-    let log = events(&out);
+    let (_, log) = backfill(&db.url, &["--dry-run", "--max-flips", "100000"])
+        .run()
+        .await;
+    let held = log.held().into_iter().map(|held| &held.flip);
     let listed: BTreeSet<(String, u64, String, String)> = log
-        .of_any(&["flip", "held"])
+        .flips()
         .into_iter()
-        .map(|event| {
+        .chain(held)
+        .map(|flip| {
             (
-                event["profile"].as_str().unwrap().to_owned(),
-                event["index"].as_u64().unwrap(),
-                type_label(&event["from"]),
-                event["to"].as_str().unwrap().to_owned(),
+                flip.profile.clone(),
+                flip.index,
+                type_label(&flip.from),
+                flip.to.clone(),
             )
         })
         .collect();
@@ -208,9 +202,9 @@ async fn the_tool_lists_every_flip_the_resolver_finds_on_generated_registries() 
     // An out-of-vocabulary stored type equal to its probe's out-of-vocabulary inference is
     // demoted to unknown by the rule, and the vocabulary guard holds it.
     let held = |profile: &str| {
-        log.of("held").iter().any(|event| {
-            event["profile"] == profile && event["reason"] == "unrecognised_inferred_type"
-        })
+        log.held()
+            .iter()
+            .any(|held| held.profile == profile && held.reason == "unrecognised_inferred_type")
     };
     let (s, p) = (
         stored_types()

@@ -2,9 +2,10 @@
 //! role missing any one of them stops at preflight (exit 4) naming the privilege and its GRANT,
 //! with nothing read or written.
 
+use agent_type_backfill::domain::count;
+
 use crate::common::deployment::{as_user, tool};
-use crate::common::Log;
-use crate::common::{events, Scratch, TestDb};
+use crate::common::{Scratch, TestDb, Tool};
 
 /// Each GRANT of RUNBOOK.md, by what it gives, with the role written `backfill` as there.
 const SELECT_PROFILES: &str = "GRANT SELECT ON member_profiles TO backfill;";
@@ -97,7 +98,7 @@ async fn roles_with_exactly_the_runbook_grants_run_every_command() {
 
     let dry = tool(&reader, &["--dry-run", "--format", "json"], &[]);
     dry.exits(0);
-    let flips = events(dry.stdout.as_bytes()).of("flip").len();
+    let flips = dry.log().flips().len();
     assert!(flips > 0, "the seed has flips");
 
     let apply = tool(
@@ -112,9 +113,8 @@ async fn roles_with_exactly_the_runbook_grants_run_every_command() {
         &[],
     );
     apply.exits(0);
-    let summary = events(apply.stdout.as_bytes()).pop().unwrap();
-    assert_eq!(summary["written"], flips);
-    let run_id = summary["run_id"].as_str().unwrap().to_owned();
+    assert_eq!(apply.log().summary().written, count(flips));
+    let run_id = apply.log().run_id();
     assert_eq!(db.audit_rows().await.len(), flips);
 
     for history in [vec!["history"], vec!["history", run_id.as_str()]] {
@@ -178,10 +178,7 @@ async fn a_role_missing_any_one_grant_stops_at_preflight_naming_it_and_its_fix()
         &[],
     );
     apply.exits(0);
-    let run_id = events(apply.stdout.as_bytes()).pop().unwrap()["run_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let run_id = apply.log().run_id();
     let before = db.dump().await;
     let commands: Vec<(Vec<&str>, &[&str])> = vec![
         (vec!["--dry-run"], DRY_RUN),
@@ -334,14 +331,15 @@ async fn max_replica_lag_needs_pg_read_all_stats_at_preflight() {
         "--max-replica-lag",
         "5s",
     ];
-    let before = db.dump().await;
-    let refused = tool(&writer, &apply, &[]);
-    refused.exits(4);
+    let refused = Tool::new(&apply)
+        .database(&writer)
+        .writes_nothing(&db)
+        .status(4)
+        .run();
     refused
         .stderr_has("--max-replica-lag")
         .stderr_has(&format!("GRANT pg_monitor TO {role}"));
     assert!(refused.stdout.is_empty(), "{}", refused.stdout);
-    assert_eq!(db.dump().await, before);
 
     let dry = tool(&writer, &["--dry-run", "--max-replica-lag", "5s"], &[]);
     dry.exits(0);

@@ -6,7 +6,7 @@
 use crate::common;
 
 use agent_type_backfill::support::seed::{self, NewProfile, NewSnapshot};
-use common::{args, events, execute, TestDb};
+use common::{backfill, revert, TestDb};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
@@ -132,52 +132,35 @@ async fn apply_then_revert_returns_every_profile_exactly_as_stored() {
 
     let scratch = common::Scratch::new();
     let plan_arg = &scratch.arg("plan.json");
-    let max = ["--max-flips", "100000"];
-    let mut out = Vec::new();
-    let dry = execute(
-        &args(&[&["--dry-run", "--plan-out", plan_arg], &max[..]].concat()),
+    let max = "100000";
+    let (dry, _) = backfill(
         &db.url,
-        &mut out,
+        &["--dry-run", "--plan-out", plan_arg, "--max-flips", max],
     )
+    .run()
     .await;
     assert!(
         dry.is_err(),
         "the corpus holds flips (unrecognised and retired types)"
     );
-    let mut out = Vec::new();
-    let applied = execute(
-        &args(
-            &[
-                &[
-                    "--apply",
-                    "--plan",
-                    plan_arg,
-                    "--leave-held",
-                    "--format",
-                    "json",
-                ],
-                &max[..],
-            ]
-            .concat(),
-        ),
-        &db.url,
-        &mut out,
-    )
-    .await
-    .unwrap();
+    let flags = [
+        "--apply",
+        "--plan",
+        plan_arg,
+        "--leave-held",
+        "--max-flips",
+        max,
+    ];
+    let (applied, log) = backfill(&db.url, &flags).run().await;
+    let applied = applied.unwrap();
     assert!(applied.written > 500 && applied.held > 0, "{applied:?}");
     assert_ne!(profiles_text(&db).await, before);
-    let run_id = events(&out)[0]["run_id"].as_str().unwrap().to_owned();
+    let run_id = log.run_id();
 
-    let mut out = Vec::new();
-    let reverted = common::revert(
-        &[&run_id, "--apply", "--max-flips", "100000"],
-        &db.url,
-        &mut out,
-    )
-    .await
-    .unwrap();
-    assert_eq!(reverted.written, applied.written);
+    let (reverted, _) = revert(&db.url, &[&run_id, "--apply", "--max-flips", max])
+        .run()
+        .await;
+    assert_eq!(reverted.unwrap().written, applied.written);
 
     let after = profiles_text(&db).await;
     let changed: Vec<_> = before

@@ -6,7 +6,7 @@
 
 use crate::common;
 
-use common::{events, Finished, Scratch, TestDb, Tool};
+use common::{Finished, Scratch, TestDb, Tool};
 
 /// Percent-encoded in the URL; the tool decodes it before sending it, so both spellings are
 /// searched for. Trust authentication ignores it, which is why every command still connects.
@@ -113,10 +113,7 @@ async fn the_password_never_appears_in_any_output_of_any_command() {
         Some(&url),
         0,
     );
-    let run_id = events(apply.stdout.as_bytes()).last().unwrap()["run_id"]
-        .as_str()
-        .expect("the apply wrote under a run id")
-        .to_owned();
+    let run_id = (apply.log().summary().run_id.clone()).expect("the apply wrote under a run id");
     for format in ["text", "json"] {
         checked(&["history", &run_id, "--format", format], Some(&url), 0);
         checked(
@@ -138,7 +135,7 @@ async fn the_password_never_appears_in_any_output_of_any_command() {
         6,
         "apply, revert and re-apply each wrote 2 rows"
     );
-    assert_no_secret("the audit table", &db.dump().await);
+    assert_no_secret("the tables", db.dump().await.rows());
 }
 
 #[test]

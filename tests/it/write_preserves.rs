@@ -3,11 +3,8 @@
 //! missing `type` of an element it does not flip to "unknown" under an unclassified snapshot, so
 //! writing its array would silently rewrite the other agents of every flipped profile.
 
-use crate::common;
-use crate::common::Log;
-
+use crate::common::{backfill, revert, TestDb};
 use agent_type_backfill::support::seed::{self, NewProfile, NewSnapshot};
-use common::{args, events, execute, TestDb};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -88,16 +85,14 @@ async fn flipped_profile_keeps_null_and_missing_types_unknown_keys_and_numbers_b
         "the expectation is the stored text with one value replaced"
     );
 
-    let mut out = Vec::new();
-    let summary = execute(&args(&["--apply", "--format", "json"]), &db.url, &mut out)
-        .await
-        .unwrap();
-    let flips: Vec<(serde_json::Value, serde_json::Value)> = events(&out)
-        .of("flip")
+    let (summary, log) = backfill(&db.url, &["--apply"]).run().await;
+    let summary = summary.unwrap();
+    let flips: Vec<(u64, &str)> = log
+        .flips()
         .into_iter()
-        .map(|event| (event["index"].clone(), event["to"].clone()))
+        .map(|flip| (flip.index, flip.to.as_str()))
         .collect();
-    assert_eq!(flips, [(json!(0), json!("sales"))], "one flip planned");
+    assert_eq!(flips, [(0, "sales")], "one flip planned");
     assert_eq!((summary.flips, summary.written), (1, 1));
 
     let after = agents_text(&db, id).await;
@@ -140,7 +135,7 @@ async fn flipped_profile_keeps_null_and_missing_types_unknown_keys_and_numbers_b
 
     // The revert restores the original bytes, too.
     let run_id = db.audit_rows().await[0].run_id.clone().unwrap();
-    let (reverted, _) = common::revert_json(&db.url, &[&run_id, "--apply"]).await;
+    let (reverted, _) = revert(&db.url, &[&run_id, "--apply"]).run().await;
     let reverted = reverted.unwrap();
     assert_eq!(reverted.written, 1);
     assert_eq!(

@@ -2,16 +2,19 @@
 //! DATABASE_URL), and a fresh database with `migrations/` applied for every test.
 
 pub mod deployment;
+mod in_process;
+pub mod log;
 pub mod proxy;
 mod tool;
 
+pub use in_process::{backfill, revert};
+pub use log::{Event, RunLog};
 pub use tool::{Finished, Scratch, Tool, ToolRun, BIN, HANG};
 
 use std::sync::{Mutex, OnceLock};
 
 use agent_type_backfill::cli::{BackfillArgs, Cli, Command};
-use agent_type_backfill::config::{BackfillConfig, HistoryConfig, RevertConfig};
-use agent_type_backfill::events::Summary;
+use agent_type_backfill::config::{BackfillConfig, HistoryConfig};
 use agent_type_backfill::interrupt::StopSignal;
 use agent_type_backfill::report;
 use agent_type_backfill::support::ephemeral::EphemeralPostgres;
@@ -249,39 +252,10 @@ impl TestDb {
         db
     }
 
-    /// Every row of the tables, in a stable order, as text: compare before and after.
-    pub async fn dump(&self) -> String {
-        self.dump_tables(&[
-            ("member_profiles", "id"),
-            ("agent_capabilities_snapshot", "agent_url"),
-            ("type_reclassification_log", "id"),
-            ("organizations", "workos_organization_id"),
-        ])
-        .await
-    }
-
-    /// [`TestDb::dump`] for a database whose audit table was dropped.
-    pub async fn dump_without_audit(&self) -> String {
-        self.dump_tables(&[
-            ("member_profiles", "id"),
-            ("agent_capabilities_snapshot", "agent_url"),
-            ("organizations", "workos_organization_id"),
-        ])
-        .await
-    }
-
-    async fn dump_tables(&self, tables: &[(&str, &str)]) -> String {
-        let mut dump = String::new();
-        for (table, order) in tables {
-            let rows: Option<String> = sqlx::query_scalar(&format!(
-                "SELECT string_agg(t::text, E'\\n' ORDER BY {order}) FROM {table} t"
-            ))
-            .fetch_one(&self.pool)
-            .await
-            .unwrap();
-            dump.push_str(&format!("-- {table}\n{}\n", rows.unwrap_or_default()));
-        }
-        dump
+    /// Every row of the tables a run could write: compare before and after, or let the builders
+    /// do it ([`Tool::writes_nothing`], [`InProcess::writes_nothing`]).
+    pub async fn dump(&self) -> Dump {
+        Dump::of(&self.url).await
     }
 
     /// A connection holding `FOR UPDATE` on the profiles with these slugs, in an open
@@ -351,6 +325,89 @@ impl Drop for TestDb {
     }
 }
 
+/// Every row of the tables a run could write (a table that does not exist says so), in a
+/// stable order, as text.
+#[derive(PartialEq, Eq)]
+pub struct Dump(String);
+
+/// The tables, each with the key that orders its rows.
+const DUMPED: [(&str, &str); 4] = [
+    ("member_profiles", "id"),
+    ("agent_capabilities_snapshot", "agent_url"),
+    ("type_reclassification_log", "id"),
+    ("organizations", "workos_organization_id"),
+];
+
+impl Dump {
+    /// The database at `url` now, over a connection of its own.
+    pub async fn of(url: &str) -> Dump {
+        let mut connection = PgConnection::connect(url).await.unwrap();
+        let mut dump = String::new();
+        for (table, order) in DUMPED {
+            let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+                .bind(table)
+                .fetch_one(&mut connection)
+                .await
+                .unwrap();
+            if !exists {
+                dump.push_str(&format!("-- {table} (no such table)\n"));
+                continue;
+            }
+            let rows: Option<String> = sqlx::query_scalar(&format!(
+                "SELECT string_agg(t::text, E'\\n' ORDER BY {order}) FROM {table} t"
+            ))
+            .fetch_one(&mut connection)
+            .await
+            .unwrap();
+            dump.push_str(&format!("-- {table}\n{}\n", rows.unwrap_or_default()));
+        }
+        connection.close().await.unwrap();
+        Dump(dump)
+    }
+
+    /// Every row, as text.
+    pub fn rows(&self) -> &str {
+        &self.0
+    }
+
+    /// [`Dump::of`] from code that cannot await (the binary's builder): on a thread and a
+    /// runtime of its own.
+    pub fn now(url: &str) -> Dump {
+        let url = url.to_owned();
+        std::thread::spawn(move || block_on(Dump::of(&url)))
+            .join()
+            .expect("dump the database")
+    }
+
+    /// Fails the test unless `after` is this dump, listing the rows that went (`-`) and came
+    /// (`+`), then `what` changed them.
+    #[track_caller]
+    pub fn assert_same(&self, after: &Dump, what: &str) {
+        if self == after {
+            return;
+        }
+        let (before, after): (Vec<&str>, Vec<&str>) =
+            (self.0.lines().collect(), after.0.lines().collect());
+        let mut changes = String::new();
+        for line in before.iter().filter(|line| !after.contains(line)) {
+            changes.push_str(&format!("- {line}\n"));
+        }
+        for line in after.iter().filter(|line| !before.contains(line)) {
+            changes.push_str(&format!("+ {line}\n"));
+        }
+        panic!(
+            "the run was to write nothing, and changed these rows:\n{changes}--- the run\n{what}"
+        );
+    }
+}
+
+/// The dump itself, so a failing `assert_eq!` of two dumps shows their rows.
+impl std::fmt::Debug for Dump {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Every row of `type_reclassification_log`, in the order written.
 pub async fn audit_rows(pool: &PgPool) -> Vec<AuditRow> {
     sqlx::query_as::<_, AuditRow>(
@@ -395,65 +452,18 @@ pub fn args(flags: &[&str]) -> BackfillArgs {
         .backfill
 }
 
-/// The config a command line gives, for `url`.
-pub fn config(args: &BackfillArgs, url: &str) -> BackfillConfig {
-    let mut args = args.clone();
-    args.connect.database_url = Some(url.to_owned());
-    BackfillConfig::from_cli(&args).expect("a database url is set")
-}
-
-/// Runs the backfill the flags describe against `url`, its log in the flags' format into `out`.
-pub async fn execute(args: &BackfillArgs, url: &str, out: &mut Vec<u8>) -> anyhow::Result<Summary> {
-    execute_with(args, url, out, StopSignal::never()).await
-}
-
-/// [`execute`], stopping when `stop` fires.
-pub async fn execute_with(
-    args: &BackfillArgs,
-    url: &str,
-    out: &mut Vec<u8>,
-    stop: StopSignal,
-) -> anyhow::Result<Summary> {
-    let config = config(args, url);
-    let mut printer = report::printer(config.run.format, out);
-    agent_type_backfill::backfill::execute(&config, printer.as_mut(), stop).await
-}
-
-/// Runs the backfill `config` describes and keeps its log as typed events, in memory.
+/// Runs the backfill `config` describes and keeps its log as the crate's own typed events, in
+/// memory, before any printer renders them.
 pub async fn record(
     config: &BackfillConfig,
 ) -> (
-    anyhow::Result<Summary>,
+    anyhow::Result<agent_type_backfill::events::Summary>,
     Vec<agent_type_backfill::events::Event>,
 ) {
     let mut recorder = report::Recorder::default();
     let result =
         agent_type_backfill::backfill::execute(config, &mut recorder, StopSignal::never()).await;
     (result, recorder.events)
-}
-
-/// `revert` with these flags (after `revert`) against `url`; its log into `out`.
-pub async fn revert(flags: &[&str], url: &str, out: &mut Vec<u8>) -> anyhow::Result<Summary> {
-    let mut argv = vec!["agent-type-backfill", "revert", "--database-url", url];
-    argv.extend_from_slice(flags);
-    let Some(Command::Revert(args)) = Cli::try_parse_from(argv).unwrap().command else {
-        unreachable!("parsed a revert command line")
-    };
-    let config = RevertConfig::from_cli(&args).unwrap();
-    let mut printer = report::printer(config.run.format, out);
-    agent_type_backfill::audit::revert(&config, printer.as_mut(), StopSignal::never()).await
-}
-
-/// `revert` with these flags (`--format json` added) against `url`: its result and its events.
-pub async fn revert_json(
-    url: &str,
-    flags: &[&str],
-) -> (anyhow::Result<Summary>, Vec<serde_json::Value>) {
-    let mut flags = flags.to_vec();
-    flags.extend_from_slice(&["--format", "json"]);
-    let mut out = Vec::new();
-    let result = revert(&flags, url, &mut out).await;
-    (result, events(&out))
 }
 
 /// `history` with these flags (after `history`) against `url`; its log into `out`.
@@ -467,74 +477,9 @@ pub async fn history(flags: &[&str], url: &str, out: &mut Vec<u8>) -> anyhow::Re
     agent_type_backfill::audit::history(&config, out).await
 }
 
-/// A `--format json` run log read by event kind: the one place a test names the `event` key.
-pub trait Log {
-    /// The events of one kind, in log order.
-    fn of(&self, kind: &str) -> Vec<&serde_json::Value>;
-    /// The events of any of these kinds, in log order.
-    fn of_any(&self, kinds: &[&str]) -> Vec<&serde_json::Value>;
-    /// The first event of this kind.
-    fn first_of(&self, kind: &str) -> Option<&serde_json::Value>;
-    /// The header, which every log starts with.
-    fn start(&self) -> &serde_json::Value;
-    /// The summary, which every complete log ends with.
-    fn summary(&self) -> &serde_json::Value;
-    /// The one event of this kind for this profile.
-    fn about(&self, kind: &str, profile: &str) -> &serde_json::Value;
-}
-
-/// An event's kind: `flip`, `held`, `summary`...
-pub fn kind(event: &serde_json::Value) -> &str {
-    event["event"].as_str().unwrap_or_default()
-}
-
-impl Log for [serde_json::Value] {
-    fn of(&self, wanted: &str) -> Vec<&serde_json::Value> {
-        self.iter().filter(|event| kind(event) == wanted).collect()
-    }
-
-    fn of_any(&self, kinds: &[&str]) -> Vec<&serde_json::Value> {
-        self.iter()
-            .filter(|event| kinds.contains(&kind(event)))
-            .collect()
-    }
-
-    fn first_of(&self, wanted: &str) -> Option<&serde_json::Value> {
-        self.iter().find(|event| kind(event) == wanted)
-    }
-
-    fn start(&self) -> &serde_json::Value {
-        match self.first() {
-            Some(start) if kind(start) == "start" => start,
-            _ => panic!("the log does not start with its header: {self:#?}"),
-        }
-    }
-
-    fn summary(&self) -> &serde_json::Value {
-        match self.last() {
-            Some(summary) if kind(summary) == "summary" => summary,
-            _ => panic!("the log does not end with a summary: {self:#?}"),
-        }
-    }
-
-    fn about(&self, wanted: &str, profile: &str) -> &serde_json::Value {
-        self.iter()
-            .find(|event| kind(event) == wanted && event["profile"] == profile)
-            .unwrap_or_else(|| panic!("no {wanted} event for {profile}: {self:#?}"))
-    }
-}
-
-/// The `flip` events of a `--format json` run log, owned, to compare one run's with another's.
-pub fn flip_events(json_log: &str) -> Vec<serde_json::Value> {
-    events(json_log.as_bytes())
-        .of("flip")
-        .into_iter()
-        .cloned()
-        .collect()
-}
-
-/// Parses a `--format json` run log into its events.
-pub fn events(output: &[u8]) -> Vec<serde_json::Value> {
+/// JSON lines as they are, for what the typed [`RunLog`] does not read (`history`'s lines) and
+/// for checks of the wire's exact shape.
+pub fn json_lines(output: &[u8]) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(output)
         .lines()
         .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))

@@ -8,10 +8,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
-use super::Log;
 use uuid::Uuid;
+
+use super::{Dump, RunLog, TestDb};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_agent-type-backfill");
 
@@ -80,6 +79,8 @@ pub struct Tool {
     command: Command,
     /// The exit code the run must end with, checked as it ends (`status`).
     status: Option<i32>,
+    /// The database the run must leave as it was, checked as it ends (`writes_nothing`).
+    unchanged: Option<String>,
 }
 
 impl Tool {
@@ -96,6 +97,7 @@ impl Tool {
         Tool {
             command,
             status: None,
+            unchanged: None,
         }
     }
 
@@ -103,6 +105,13 @@ impl Tool {
     /// the run's whole output.
     pub fn status(mut self, code: i32) -> Tool {
         self.status = Some(code);
+        self
+    }
+
+    /// The run must leave every row of `db` as it was: however it is run, its end fails the test
+    /// otherwise, showing the rows it changed and the run's whole output.
+    pub fn writes_nothing(mut self, db: &TestDb) -> Tool {
+        self.unchanged = Some(db.url.clone());
         self
     }
 
@@ -155,6 +164,10 @@ impl Tool {
 
     /// Starts the run in the background, logging into `scratch` as `tag.stdout`, `tag.stderr`.
     pub fn spawn_into(mut self, scratch: &Scratch, tag: &str) -> ToolRun {
+        let unchanged = self.unchanged.map(|url| {
+            let before = Dump::now(&url);
+            (url, before)
+        });
         let stdout = scratch.0.join(format!("{tag}.stdout"));
         let stderr = scratch.0.join(format!("{tag}.stderr"));
         let child = self
@@ -170,6 +183,7 @@ impl Tool {
             started: Instant::now(),
             scratch: None,
             status: self.status,
+            unchanged,
         }
     }
 }
@@ -183,6 +197,8 @@ pub struct ToolRun {
     scratch: Option<Scratch>,
     /// [`Tool::status`].
     status: Option<i32>,
+    /// [`Tool::writes_nothing`]: the database's url, and its rows as the run started.
+    unchanged: Option<(String, Dump)>,
 }
 
 impl ToolRun {
@@ -235,15 +251,28 @@ impl ToolRun {
     }
 
     fn finished(&mut self, status: ExitStatus) -> Finished {
+        let stdout = std::fs::read_to_string(&self.stdout).unwrap();
+        // A line cut short by SIGKILL is not part of the log.
+        let complete = stdout.rfind('\n').map_or("", |end| &stdout[..=end]);
         let finished = Finished {
+            log: RunLog::new(complete),
             status,
-            stdout: std::fs::read_to_string(&self.stdout).unwrap(),
             stderr: std::fs::read_to_string(&self.stderr).unwrap(),
+            stdout,
             elapsed: self.started.elapsed(),
         };
         drop(self.scratch.take());
         if let Some(code) = self.status {
             finished.exits(code);
+        }
+        if let Some((url, before)) = &self.unchanged {
+            let what = format!(
+                "{}\n--- stdout\n{}\n--- stderr\n{}",
+                finished.describe(),
+                finished.stdout,
+                finished.stderr
+            );
+            before.assert_same(&Dump::now(url), &what);
         }
         finished
     }
@@ -254,6 +283,8 @@ pub struct Finished {
     pub stdout: String,
     pub stderr: String,
     pub elapsed: Duration,
+    /// The complete lines of stdout, as a run log.
+    log: RunLog,
 }
 
 impl Finished {
@@ -264,28 +295,17 @@ impl Finished {
             .unwrap_or_else(|| panic!("died of a signal: {}\n{}", self.describe(), self.stderr))
     }
 
-    /// The JSON run log; a line cut short by SIGKILL is ignored.
-    pub fn events(&self) -> Vec<Value> {
-        self.stdout
-            .lines()
-            .filter_map(|line| serde_json::from_str(line).ok())
-            .collect()
+    /// The run log (of a `--format json` run) as typed events.
+    pub fn log(&self) -> &RunLog {
+        &self.log
     }
 
-    /// The `flip` events of the JSON run log.
-    pub fn flips(&self) -> Vec<Value> {
-        super::flip_events(&self.stdout)
-    }
-
-    /// The summary the JSON run log ends with.
-    pub fn summary(&self) -> Value {
-        self.events().summary().clone()
-    }
-
+    /// The audit run id of a JSON log that got as far as its header.
     pub fn run_id(&self) -> Option<String> {
-        self.events()
-            .first_of("start")
-            .and_then(|event| event["run_id"].as_str().map(str::to_owned))
+        match self.log.events().first() {
+            Some(super::Event::Start(start)) => Some(start.run_id.clone()),
+            _ => None,
+        }
     }
 
     /// Fails the test, showing the run's whole output, unless it exited with `code`; returns the
@@ -338,4 +358,16 @@ impl Finished {
         );
         errors[0].to_owned()
     }
+}
+
+/// [`Tool::writes_nothing`] is an expectation that can fail: a run that writes fails it.
+#[test]
+#[should_panic(expected = "the run was to write nothing, and changed these rows:\n- (")]
+fn a_binary_apply_that_writes_fails_writes_nothing() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = runtime.block_on(TestDb::seeded(0));
+    Tool::new(&["--apply"])
+        .database(&db.url)
+        .writes_nothing(&db)
+        .run();
 }

@@ -97,7 +97,7 @@ impl FaultFixture {
         let left = match faulted.run_id() {
             Some(run_id) => {
                 assert_no_problems(
-                    &unplanned_audit_rows(&faulted.events(), &state.audit, &run_id),
+                    &unplanned_audit_rows(faulted.log(), &state.audit, &run_id),
                     context,
                 );
                 assert!(
@@ -132,7 +132,7 @@ impl FaultFixture {
         let state = load_state(&pool).await;
         if let Some(run_id) = rerun.run_id() {
             assert_no_problems(
-                &unplanned_audit_rows(&rerun.events(), &state.audit, &run_id),
+                &unplanned_audit_rows(rerun.log(), &state.audit, &run_id),
                 &format!("{context}: re-run"),
             );
         }

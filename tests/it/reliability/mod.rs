@@ -17,14 +17,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agent_type_backfill::domain::count;
 use agent_type_backfill::events::Summary;
 use agent_type_backfill::resolver::{resolve_agents, type_label};
 use agent_type_backfill::support::ephemeral::EphemeralPostgres;
 use agent_type_backfill::support::seed::{self, BulkSpec, Rng};
 use agent_type_backfill::support::MIGRATOR;
-use common::{
-    args, events, execute, AuditRow, Finished, Log, Scratch, Server, Tool, ToolRun, HANG,
-};
+use common::{backfill, log, AuditRow, Finished, RunLog, Scratch, Server, Tool, ToolRun, HANG};
 use serde_json::Value;
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
@@ -234,13 +233,13 @@ fn assert_no_problems(problems: &[String], context: &str) {
 /// Flip, skipped and other events identify a flip by these fields; audit rows by the same ones.
 type FlipKey = (String, u64, String, String, String);
 
-fn event_key(event: &Value) -> FlipKey {
+fn event_key(flip: &log::Flip) -> FlipKey {
     (
-        event["profile_id"].as_str().unwrap_or_default().to_owned(),
-        event["index"].as_u64().unwrap_or(u64::MAX),
-        event["url"].as_str().unwrap_or_default().to_owned(),
-        event["from"].to_string(),
-        event["to"].as_str().unwrap_or_default().to_owned(),
+        flip.profile_id.to_string(),
+        flip.index,
+        flip.url.clone(),
+        flip.from.to_string(),
+        flip.to.clone(),
     )
 }
 
@@ -256,8 +255,8 @@ fn audit_flip_key(row: &AuditRow) -> FlipKey {
 }
 
 /// Audit rows of `run_id` that match no `flip` event of that run's log: written but not planned.
-fn unplanned_audit_rows(log: &[Value], audit: &[AuditRow], run_id: &str) -> Vec<String> {
-    let planned: HashSet<FlipKey> = log.of("flip").into_iter().map(event_key).collect();
+fn unplanned_audit_rows(log: &RunLog, audit: &[AuditRow], run_id: &str) -> Vec<String> {
+    let planned: HashSet<FlipKey> = log.flips().into_iter().map(event_key).collect();
     audit
         .iter()
         .filter(|row| row.run_id.as_deref() == Some(run_id))
@@ -451,10 +450,9 @@ async fn fault_fixture(
     }
     let done = run.finish().await;
     assert_eq!(done.status.code(), Some(0), "{}", done.stderr);
-    let log = done.events();
     let mut flipped: Vec<(Uuid, usize)> = Vec::new();
-    for flip in &log.of("flip") {
-        let id = Uuid::parse_str(flip["profile_id"].as_str().unwrap()).unwrap();
+    for flip in done.log().flips() {
+        let id = flip.profile_id;
         match flipped.last_mut() {
             Some((last, count)) if *last == id => *count += 1,
             _ => flipped.push((id, 1)),
@@ -476,8 +474,11 @@ async fn fault_fixture(
         .finish()
         .await;
     assert_eq!(rerun.status.code(), Some(0), "{}", rerun.stderr);
-    let summary = rerun.events().pop().unwrap();
-    assert_eq!(summary["flips"], 0, "a reference re-run finds nothing");
+    assert_eq!(
+        rerun.log().summary().flips,
+        0,
+        "a reference re-run finds nothing"
+    );
     server.drop_database(&reference).await;
     FaultFixture {
         server,

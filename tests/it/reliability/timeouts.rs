@@ -45,18 +45,18 @@ impl FaultFixture {
 
 /// The profiles and count of `not_written_timeout` events in a run log.
 fn timed_out(done: &Finished) -> (BTreeSet<String>, usize) {
-    let log = done.events();
-    let events: Vec<&Value> = log
-        .of("skipped")
+    let skipped: Vec<&log::Skipped> = done
+        .log()
+        .skipped()
         .into_iter()
-        .filter(|event| event["reason"] == "not_written_timeout")
+        .filter(|skipped| skipped.reason == "not_written_timeout")
         .collect();
     (
-        events
+        skipped
             .iter()
-            .map(|event| event["profile_id"].as_str().unwrap().to_owned())
+            .map(|skipped| skipped.profile_id.to_string())
             .collect(),
-        events.len(),
+        skipped.len(),
     )
 }
 
@@ -72,9 +72,8 @@ fn assert_reported_not_written(done: &Finished, flips: usize, context: &str) {
     );
     // Regression: the error said "everything else was written" while the summary said nothing
     // was. They must agree.
-    let events = done.events();
-    let summary = events.last().expect("a summary");
-    let written = summary["written"].as_u64().expect("written in the summary");
+    let summary = done.log().summary();
+    let written = summary.written;
     let agrees = if written == 0 {
         error.contains("; nothing was written: rerun")
     } else {
@@ -84,9 +83,9 @@ fn assert_reported_not_written(done: &Finished, flips: usize, context: &str) {
     };
     assert!(agrees, "{context}: summary wrote {written}: {error}");
     assert_eq!(
-        summary["skipped_by_reason"]["not_written_timeout"].as_u64(),
-        Some(u64::try_from(flips).unwrap()),
-        "{context}: {summary}"
+        summary.skipped_by_reason.get("not_written_timeout"),
+        Some(&u64::try_from(flips).unwrap()),
+        "{context}: {summary:?}"
     );
 }
 
@@ -173,7 +172,7 @@ async fn lock_timeouts_are_retried_or_reported_and_never_half_applied() {
     holder.close().await.unwrap();
     let done = run.finish().await;
     assert_eq!(done.status.code(), Some(0), "{}", done.stderr);
-    assert_eq!(done.events().pop().unwrap()["written"], fixture.flips);
+    assert_eq!(done.log().summary().written, count(fixture.flips));
     assert!(done.stderr.contains("retrying"), "{}", done.stderr);
     pool.close().await;
     fixture
@@ -221,7 +220,7 @@ async fn statement_timeouts_are_retried_or_reported_and_never_half_applied() {
     let flags = timeout_flags(&["--statement-timeout", "300ms"]);
     let done = fixture.run(&url, &flags, "slow-once").await;
     assert_eq!(done.status.code(), Some(0), "{}", done.stderr);
-    assert_eq!(done.events().pop().unwrap()["written"], fixture.flips);
+    assert_eq!(done.log().summary().written, count(fixture.flips));
     assert!(done.stderr.contains("retrying"), "{}", done.stderr);
     pool.close().await;
     fixture.assert_recovers(&database, &done, "slow once").await;

@@ -171,12 +171,6 @@ fn content(agents: Option<&Value>) -> Vec<String> {
     rest
 }
 
-async fn in_process(url: &str, flags: &[&str]) -> (anyhow::Result<Summary>, Vec<Value>) {
-    let mut out = Vec::new();
-    let result = execute(&args(flags), url, &mut out).await;
-    (result, events(&out))
-}
-
 /// The seeded registry every concurrent-writer test copies, with what a dry-run found in it.
 struct WritersTemplate {
     server: Server,
@@ -200,19 +194,14 @@ async fn writers_template() -> &'static WritersTemplate {
             let (server, name, pool) = template_database().await;
             seed_registry(&pool, 20_000, 45).await;
             let seeded = load_agents(&pool).await;
-            let (planned, log) = in_process(
-                &server.url(&name),
-                &["--dry-run", "--format", "json", "--max-flips", NO_LIMIT],
-            )
-            .await;
+            let (planned, log) =
+                backfill(&server.url(&name), &["--dry-run", "--max-flips", NO_LIMIT])
+                    .run()
+                    .await;
             let planned = planned.unwrap();
             assert!(planned.profiles_scanned >= 20_000, "{planned:?}");
             assert!(planned.flips >= 1_000, "{planned:?}");
-            let hot: BTreeSet<Uuid> = log
-                .of("flip")
-                .iter()
-                .map(|flip| Uuid::parse_str(flip["profile_id"].as_str().unwrap()).unwrap())
-                .collect();
+            let hot: BTreeSet<Uuid> = log.flips().iter().map(|flip| flip.profile_id).collect();
             let snapshots: HashMap<String, Option<String>> =
                 sqlx::query_as("SELECT agent_url, inferred_type FROM agent_capabilities_snapshot")
                     .fetch_all(&pool)
@@ -285,19 +274,8 @@ async fn apply_under_concurrent_writers(batch_size: u32) {
     let before_run = committed.load(Ordering::Relaxed);
     let run_clock = Instant::now();
     let batch = batch_size.to_string();
-    let (result, log) = in_process(
-        &url,
-        &[
-            "--apply",
-            "--format",
-            "json",
-            "--batch-size",
-            &batch,
-            "--max-flips",
-            NO_LIMIT,
-        ],
-    )
-    .await;
+    let flags = ["--apply", "--batch-size", &batch, "--max-flips", NO_LIMIT];
+    let (result, log) = backfill(&url, &flags).run().await;
     let during_run = committed.load(Ordering::Relaxed) - before_run;
     let run_ms = run_clock.elapsed().as_millis();
     stop.store(true, Ordering::Relaxed);
@@ -333,19 +311,19 @@ async fn apply_under_concurrent_writers(batch_size: u32) {
     }
 
     // Audit rows of the run and the run log agree exactly.
-    let run_id = log.of("start")[0]["run_id"].as_str().unwrap().to_owned();
+    let run_id = log.run_id();
     let audit: Vec<AuditRow> = load_audit(&pool)
         .await
         .into_iter()
         .filter(|row| row.run_id.as_deref() == Some(run_id.as_str()))
         .collect();
     problems.extend(unplanned_audit_rows(&log, &audit, &run_id));
-    let flips: HashSet<FlipKey> = log.of("flip").into_iter().map(event_key).collect();
-    let skipped = log.of("skipped");
+    let flips: HashSet<FlipKey> = log.flips().into_iter().map(event_key).collect();
+    let skipped = log.skipped();
     let skipped_planned: HashSet<FlipKey> = skipped
         .iter()
-        .filter(|event| event["reason"] != "unplanned")
-        .map(|event| event_key(event))
+        .filter(|skipped| skipped.reason != "unplanned")
+        .map(|skipped| event_key(skipped))
         .collect();
     let unplanned = skipped.len() - skipped_planned.len();
     let mut written: HashMap<FlipKey, usize> = HashMap::new();
@@ -407,19 +385,15 @@ async fn apply_under_concurrent_writers(batch_size: u32) {
         .iter()
         .flat_map(|log| log.reshaped.iter().copied())
         .collect();
-    let skipped_at: HashSet<(String, String)> = skipped
+    let skipped_at: HashSet<(Uuid, &str)> = skipped
         .iter()
-        .map(|event| {
-            (
-                event["profile_id"].as_str().unwrap().to_owned(),
-                event["url"].as_str().unwrap().to_owned(),
-            )
-        })
+        .map(|skipped| (skipped.profile_id, skipped.url.as_str()))
         .collect();
-    for event in &skipped {
-        let id = Uuid::parse_str(event["profile_id"].as_str().unwrap()).unwrap();
-        if !reshaped.contains(&id) {
-            problems.push(format!("skipped although no writer reshaped it: {event}"));
+    for skipped in &skipped {
+        if !reshaped.contains(&skipped.profile_id) {
+            problems.push(format!(
+                "skipped although no writer reshaped it: {skipped:?}"
+            ));
         }
     }
 
@@ -433,20 +407,16 @@ async fn apply_under_concurrent_writers(batch_size: u32) {
 
     // A follow-up dry-run finds only flips the writers' edits left: ones this run reported as
     // skipped, in profiles a writer reshaped.
-    let (follow_up, follow_log) = in_process(
-        &url,
-        &["--dry-run", "--format", "json", "--max-flips", NO_LIMIT],
-    )
-    .await;
+    let (follow_up, follow_log) = backfill(&url, &["--dry-run", "--max-flips", NO_LIMIT])
+        .run()
+        .await;
     let follow_up = follow_up.unwrap();
-    for flip in follow_log.of("flip") {
-        let at = (
-            flip["profile_id"].as_str().unwrap().to_owned(),
-            flip["url"].as_str().unwrap().to_owned(),
-        );
-        let id = Uuid::parse_str(&at.0).unwrap();
-        if !skipped_at.contains(&at) || !reshaped.contains(&id) {
-            problems.push(format!("follow-up flip the writers did not cause: {flip}"));
+    for flip in follow_log.flips() {
+        let at = (flip.profile_id, flip.url.as_str());
+        if !skipped_at.contains(&at) || !reshaped.contains(&flip.profile_id) {
+            problems.push(format!(
+                "follow-up flip the writers did not cause: {flip:?}"
+            ));
         }
     }
 
