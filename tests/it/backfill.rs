@@ -12,7 +12,7 @@ use agent_type_backfill::outcome::Refusal;
 use agent_type_backfill::support::seed::{
     self, NewProfile, NewSnapshot, BIDCLIQ_URL, NORTHWIND_URL, SWIVEL_URL,
 };
-use common::{backfill, TestDb};
+use common::{backfill, wait_for_blocked_tool, TestDb};
 use serde_json::{json, Value};
 use sqlx::Connection;
 
@@ -295,31 +295,12 @@ async fn preflight_failures_exit_4_before_anything_is_written() {
     assert!(format!("{error:#}").contains("column 'member_profiles.agents' is missing"));
 }
 
-/// Waits until the tool's write transaction is blocked on a row lock held by the test.
-async fn wait_for_blocked_writer(db: &TestDb) -> String {
-    for _ in 0..400 {
-        let blocked: Option<String> = sqlx::query_scalar(
-            "SELECT application_name FROM pg_stat_activity \
-             WHERE datname = current_database() AND application_name LIKE 'agent-type-backfill %' \
-               AND wait_event_type = 'Lock'",
-        )
-        .fetch_optional(&db.pool)
-        .await
-        .unwrap();
-        if let Some(name) = blocked {
-            return name;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the backfill never blocked on the held row lock");
-}
-
 #[tokio::test]
 async fn profile_edited_between_plan_and_write_is_re_resolved_not_overwritten() {
     let db = TestDb::seeded(20).await;
     let mut holder = db.lock_profiles(&["bidcliq"]).await;
     let apply = tokio::spawn(backfill(&db.url, &["--apply", "--lock-timeout", "30s"]).run());
-    let application_name = wait_for_blocked_writer(&db).await;
+    let application_name = wait_for_blocked_tool(&db).await;
     assert!(
         application_name.starts_with("agent-type-backfill atb-"),
         "{application_name}"
@@ -380,7 +361,7 @@ async fn concurrent_edit_that_keeps_the_flip_is_written_without_losing_the_edit(
     let db = TestDb::seeded(20).await;
     let mut holder = db.lock_profiles(&["bidcliq"]).await;
     let apply = tokio::spawn(backfill(&db.url, &["--apply", "--lock-timeout", "30s"]).run());
-    wait_for_blocked_writer(&db).await;
+    wait_for_blocked_tool(&db).await;
     sqlx::query(
         "UPDATE member_profiles SET agents = jsonb_set(agents, '{0,visits}', '41') WHERE slug = 'bidcliq'",
     )
@@ -471,7 +452,7 @@ async fn stop_request_lets_the_batch_in_flight_commit_then_reports_and_exits_143
     let raise = stop.clone();
     let flags = ["--apply", "--batch-size", "1", "--lock-timeout", "30s"];
     let apply = tokio::spawn(backfill(&db.url, &flags).stop(stop).run());
-    wait_for_blocked_writer(&db).await;
+    wait_for_blocked_tool(&db).await;
     raise.raise(agent_type_backfill::interrupt::SIGTERM);
     holder.close().await.unwrap();
 

@@ -352,12 +352,7 @@ async fn consistent_with_stale(stale: &[(f64, &str)]) -> TestDb {
 /// Locks the crawler's log: a chunk that found a flip then waits, inside its snapshot, to read
 /// the flip's evidence; chunks without flips never read the log.
 async fn hold_the_log(db: &TestDb) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    let mut blocker = db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE type_reclassification_log IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
-    blocker
+    db.hold_table("type_reclassification_log").await
 }
 
 /// The tool's session waiting on a lock, once there is one (polls for up to 30 s).

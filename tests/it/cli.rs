@@ -2,7 +2,7 @@
 
 use crate::common;
 
-use common::{Scratch, TestDb, Tool};
+use common::{wait_for_blocked_tool, Scratch, TestDb, Tool};
 
 /// The test URL with a password that trust authentication ignores but the tool must never echo.
 fn with_password(url: &str, password: &str) -> String {
@@ -229,41 +229,6 @@ fn failed_rehearsal_leaves_nothing_behind() {
     );
 }
 
-/// Sessions of the tool in `pg_stat_activity` that are running a statement.
-const ACTIVE_TOOL_SESSIONS: &str = "SELECT count(*) FROM pg_stat_activity \
-     WHERE datname = current_database() AND application_name LIKE 'agent-type-backfill %' \
-     AND state = 'active'";
-
-/// Holds `agent_capabilities_snapshot` until the transaction ends. The census reads only
-/// member_profiles, so this stops the plan at its server pass and nowhere else.
-pub(crate) async fn hold_the_snapshot_table(
-    db: &TestDb,
-) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    let mut blocker = db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE agent_capabilities_snapshot IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
-    blocker
-}
-
-/// Polls for up to 10 s until one of the tool's sessions waits on a lock.
-pub(crate) async fn tool_waits_on_a_lock(db: &TestDb) -> bool {
-    for _ in 0..400 {
-        let waiting: i64 = sqlx::query_scalar(&format!(
-            "{ACTIVE_TOOL_SESSIONS} AND wait_event_type = 'Lock'"
-        ))
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            return true;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    false
-}
-
 #[tokio::test]
 async fn sigterm_during_apply_prints_the_summary_and_exits_143() {
     let db = TestDb::seeded(10).await;
@@ -271,10 +236,8 @@ async fn sigterm_during_apply_prints_the_summary_and_exits_143() {
     let run = Tool::new(&["--apply", "--lock-timeout", "30s"])
         .database(&db.url)
         .spawn();
-    assert!(
-        tool_waits_on_a_lock(&db).await,
-        "the apply never reached its write"
-    );
+    // The apply reached its write.
+    wait_for_blocked_tool(&db).await;
     run.signal(libc::SIGTERM);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
@@ -301,7 +264,7 @@ async fn sigterm_during_apply_prints_the_summary_and_exits_143() {
 #[tokio::test]
 async fn sigint_during_the_planning_pass_cancels_it_on_the_server() {
     let db = TestDb::seeded(10).await;
-    let blocker = hold_the_snapshot_table(&db).await;
+    let blocker = db.hold_the_snapshot_table().await;
     let run = Tool::new(&[
         "--dry-run",
         "--lock-timeout",
@@ -311,10 +274,8 @@ async fn sigint_during_the_planning_pass_cancels_it_on_the_server() {
     ])
     .database(&db.url)
     .spawn();
-    assert!(
-        tool_waits_on_a_lock(&db).await,
-        "the dry-run never reached its server pass"
-    );
+    // The dry-run reached its server pass.
+    wait_for_blocked_tool(&db).await;
     run.signal(libc::SIGINT);
     let done = run.finish().await;
     let (stdout, stderr) = (&done.stdout, &done.stderr);
@@ -348,25 +309,9 @@ async fn sigint_during_the_planning_pass_cancels_it_on_the_server() {
     assert!(!stderr.contains("batch in flight"), "{stderr}");
 
     // The lock is still held: only a cancel can have ended the tool's statement.
-    let still_active = tool_sessions_left(&db).await;
+    let still_active = db.tool_statements_left().await;
     blocker.rollback().await.unwrap();
     assert_eq!(still_active, 0, "the planning statement outlived the tool");
-}
-
-/// The tool's sessions still running a statement once they had 5 s to end.
-pub(crate) async fn tool_sessions_left(db: &TestDb) -> i64 {
-    let mut still_active: i64 = -1;
-    for _ in 0..100 {
-        still_active = sqlx::query_scalar(ACTIVE_TOOL_SESSIONS)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-        if still_active == 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    still_active
 }
 
 #[tokio::test]
@@ -395,7 +340,7 @@ async fn expect_database_mismatch_exits_2_before_reading() {
 async fn a_planning_pass_past_the_statement_timeout_names_the_flag_to_raise() {
     let db = TestDb::seeded(0).await;
     // The server pass waits on the held table until the statement timeout cancels it.
-    let blocker = hold_the_snapshot_table(&db).await;
+    let blocker = db.hold_the_snapshot_table().await;
     let url = db.url.clone();
     let done = tokio::task::spawn_blocking(move || {
         Tool::new(&[
@@ -531,10 +476,8 @@ async fn sigint_while_a_batch_waits_on_a_lock_starts_no_new_attempt() {
         .database(&db.url)
         .writes_nothing(&db)
         .spawn();
-    assert!(
-        tool_waits_on_a_lock(&db).await,
-        "the apply never reached its write"
-    );
+    // The apply reached its write.
+    wait_for_blocked_tool(&db).await;
     let signalled = std::time::Instant::now();
     run.signal(libc::SIGINT);
     let done = run.finish().await;

@@ -101,32 +101,12 @@ fn dry_run(url: &str) -> Tool {
 /// lock other than its own virtual transaction id (a row lock a member's save would wait on);
 /// returns how many still do.
 async fn tool_sessions_holding_anything(db: &TestDb) -> i64 {
-    tool_sessions_left(
-        db,
+    db.tool_sessions_left(
         "a.state = 'active' OR a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL \
          OR EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype <> 'virtualxid')",
+        IDLE_IN_TRANSACTION_TIMEOUT + SLACK,
     )
     .await
-}
-
-/// Waits, up to the idle-in-transaction bound, until no session of the tool matches `condition`
-/// (SQL over `pg_stat_activity a`); returns how many still do.
-async fn tool_sessions_left(db: &TestDb, condition: &str) -> i64 {
-    let until = Instant::now() + IDLE_IN_TRANSACTION_TIMEOUT + SLACK;
-    let count = format!(
-        "SELECT count(*) FROM pg_stat_activity a WHERE a.datname = current_database() \
-         AND a.application_name LIKE 'agent-type-backfill %' AND ({condition})"
-    );
-    loop {
-        let left: i64 = sqlx::query_scalar(&count)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-        if left == 0 || Instant::now() > until {
-            return left;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Audit rows of the tool's runs, and flips the rule still finds: together, every flip of the
@@ -243,7 +223,12 @@ async fn a_link_frozen_after_begin_or_inside_the_settings_leaves_no_session_in_a
         let run = run_silenced(dry_run(&through(&proxy.url_for(&db.url))), &proxy).await;
         assert_silent_error(&run, says);
         assert_eq!(tool_sessions_holding_anything(&db).await, 0, "{moment}");
-        let left = tool_sessions_left(&db, "a.state LIKE 'idle in transaction%'").await;
+        let left = db
+            .tool_sessions_left(
+                "a.state LIKE 'idle in transaction%'",
+                IDLE_IN_TRANSACTION_TIMEOUT + SLACK,
+            )
+            .await;
         assert_eq!(left, 0, "{moment}: a session left in its transaction");
     }
 }

@@ -4,8 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use crate::cli::{hold_the_snapshot_table, tool_waits_on_a_lock};
-use crate::common::{TestDb, Tool, BIN};
+use crate::common::{wait_for_blocked_tool, TestDb, Tool, BIN};
 
 /// `count` profiles, each with one `buying` agent whose snapshot infers `sales`: one flip each.
 async fn add_buying_profiles(db: &TestDb, count: i32) {
@@ -40,13 +39,6 @@ async fn add_held_flip(db: &TestDb) {
     ] {
         sqlx::query(statement).execute(&db.pool).await.unwrap();
     }
-}
-
-async fn audit_count(db: &TestDb) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM type_reclassification_log")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
 }
 
 /// Runs the binary with its stdout read by a reader that takes `lines` lines and goes away, as
@@ -137,7 +129,7 @@ async fn a_dry_runs_exit_code_is_its_verdict_whoever_reads_its_output() {
 async fn a_timed_out_plan_still_ends_the_log_with_its_outcome_in_every_format() {
     let db = TestDb::seeded(5).await;
     for format in ["text", "json", "markdown"] {
-        let blocker = hold_the_snapshot_table(&db).await;
+        let blocker = db.hold_the_snapshot_table().await;
         let url = db.url.clone();
         let done = tokio::task::spawn_blocking(move || {
             Tool::new(&[
@@ -202,7 +194,7 @@ async fn a_second_signal_abandons_the_batch_in_flight_and_still_reports() {
     ])
     .database(&db.url)
     .spawn();
-    assert!(tool_waits_on_a_lock(&db).await, "the apply never waited");
+    wait_for_blocked_tool(&db).await;
     run.signal(libc::SIGINT);
     // Two signals sent at once may arrive as one: the second follows the first's warning.
     assert!(run.stderr_shows("stopping after the batch in flight").await);
@@ -219,7 +211,11 @@ async fn a_second_signal_abandons_the_batch_in_flight_and_still_reports() {
         "{message}"
     );
     done.stderr_has("the batch in flight was rolled back");
-    assert_eq!(audit_count(&db).await, 1, "what the summary says committed");
+    assert_eq!(
+        db.audit_rows().await.len(),
+        1,
+        "what the summary says committed"
+    );
 }
 
 /// Regression: after SIGINT, a batch that timed out on a lock logged "retrying attempt=1" and
@@ -231,7 +227,7 @@ async fn a_batch_that_times_out_after_a_signal_is_not_retried_and_says_so() {
     let mut run = Tool::new(&["--apply", "--lock-timeout", "2s", "--write-attempts", "3"])
         .database(&db.url)
         .spawn();
-    assert!(tool_waits_on_a_lock(&db).await, "the apply never waited");
+    wait_for_blocked_tool(&db).await;
     run.signal(libc::SIGINT);
     assert!(run.stderr_shows("stopping after the batch in flight").await);
     let done = run.finish().await;
@@ -239,7 +235,7 @@ async fn a_batch_that_times_out_after_a_signal_is_not_retried_and_says_so() {
     done.exits(130);
     done.stderr_has("not retried: stopping");
     assert!(!done.stderr.contains("; retrying"), "{}", done.stderr);
-    assert_eq!(audit_count(&db).await, 0);
+    assert_eq!(db.audit_rows().await.len(), 0);
     assert!(
         done.stdout
             .contains("interrupted by SIGINT; nothing was written; rerun the same command"),
@@ -431,7 +427,7 @@ async fn a_reviewed_plan_applied_again_says_its_flips_are_already_written_and_by
         "{}",
         text.stdout
     );
-    assert_eq!(audit_count(&db).await, 2, "nothing was written twice");
+    assert_eq!(db.audit_rows().await.len(), 2, "nothing was written twice");
 }
 
 /// Regression: reverting a run a second time listed every element as a conflict without saying

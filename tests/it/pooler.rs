@@ -6,9 +6,8 @@ use std::time::Duration;
 
 use agent_type_backfill::domain::count;
 
-use crate::cli::{hold_the_snapshot_table, tool_sessions_left, tool_waits_on_a_lock};
 use crate::common::deployment::{host_port, tool, via, PgBouncer, PoolMode};
-use crate::common::{json_lines, Scratch, TestDb, Tool};
+use crate::common::{json_lines, wait_for_blocked_tool, Scratch, TestDb, Tool};
 use sqlx::{Connection, PgConnection};
 
 const MODES: [PoolMode; 2] = [PoolMode::Session, PoolMode::Transaction];
@@ -180,7 +179,7 @@ async fn statement_timeout_cuts_the_planning_pass_through_pgbouncer() {
     for mode in MODES {
         let db = TestDb::seeded(10).await;
         let (_bouncer, url) = bouncer_for(&db, mode);
-        let migration = hold_the_snapshot_table(&db).await;
+        let migration = db.hold_the_snapshot_table().await;
         let dry = Tool::new(&[
             "--dry-run",
             "--statement-timeout",
@@ -211,7 +210,7 @@ async fn sigint_while_planning_cancels_the_statement_through_pgbouncer() {
     for mode in MODES {
         let db = TestDb::seeded(10).await;
         let (_bouncer, url) = bouncer_for(&db, mode);
-        let blocker = hold_the_snapshot_table(&db).await;
+        let blocker = db.hold_the_snapshot_table().await;
         let run = Tool::new(&[
             "--dry-run",
             "--lock-timeout",
@@ -221,10 +220,8 @@ async fn sigint_while_planning_cancels_the_statement_through_pgbouncer() {
         ])
         .database(&url)
         .spawn();
-        assert!(
-            tool_waits_on_a_lock(&db).await,
-            "{mode:?}: the dry-run never reached its server pass"
-        );
+        // The dry-run reached its server pass.
+        wait_for_blocked_tool(&db).await;
         run.signal(libc::SIGINT);
         let done = run.finish().await;
         assert_eq!(
@@ -240,7 +237,7 @@ async fn sigint_while_planning_cancels_the_statement_through_pgbouncer() {
             "{mode:?}: {}",
             done.stderr
         );
-        let still_active = tool_sessions_left(&db).await;
+        let still_active = db.tool_statements_left().await;
         blocker.rollback().await.unwrap();
         assert_eq!(
             still_active, 0,

@@ -4,7 +4,7 @@
 //! a plan made on the standby applies on its primary.
 
 use crate::common::deployment::{as_user, registry_on, tool};
-use crate::common::{log, Finished, TestDb, Tool, HANG};
+use crate::common::{log, Finished, Scratch, TestDb, Tool, HANG};
 use agent_type_backfill::domain::count;
 use agent_type_backfill::support::ephemeral::EphemeralPostgres;
 use serde_json::Value;
@@ -40,8 +40,7 @@ async fn a_standby_refuses_writes_at_preflight_and_its_plan_applies_on_the_prima
         assert!(done.stdout.is_empty(), "nothing planned: {}", done.stdout);
     }
 
-    let scratch = std::env::temp_dir().join(format!("atb-standby-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).unwrap();
+    let scratch = Scratch::new();
     let plan_path = scratch.join("replica-plan.json");
     let plan_arg = plan_path.to_str().unwrap();
     let dry = tool(
@@ -93,7 +92,6 @@ async fn a_standby_refuses_writes_at_preflight_and_its_plan_applies_on_the_prima
     );
     refused.exits(2);
     refused.stderr_has("(a standby)");
-    std::fs::remove_dir_all(scratch).unwrap();
     pool.close().await;
 }
 
@@ -279,7 +277,6 @@ async fn a_chunk_a_standby_keeps_cancelling_fails_the_run_saying_what_to_change_
     let mut run =
         crate::common::Tool::new(&["--dry-run", "--plan-jobs", "1", "--lock-timeout", "60s"])
             .database(&standby.url("registry"))
-            .env("PGPASSFILE", "")
             .spawn();
     let mut cancelled = 0;
     for _ in 0..2400 {
@@ -398,7 +395,6 @@ async fn an_apply_waits_while_a_standby_replays_further_behind_than_max_replica_
         "1s",
     ])
     .database(&on_primary)
-    .env("PGPASSFILE", "")
     .spawn();
     if !run.stderr_shows("writes paused").await {
         let done = run.finish().await;

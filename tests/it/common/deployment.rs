@@ -12,10 +12,9 @@ use uuid::Uuid;
 
 use super::{Finished, Tool};
 
-/// Runs the built binary against `url` with a clean environment plus `env` (no password file
-/// from the developer's own environment either).
+/// Runs the built binary against `url` with a clean environment plus `env`.
 pub fn tool(url: &str, args: &[&str], env: &[(&str, &str)]) -> Finished {
-    let mut tool = Tool::new(args).database(url).env("PGPASSFILE", "");
+    let mut tool = Tool::new(args).database(url);
     for (key, value) in env {
         tool = tool.env(key, value);
     }

@@ -12,6 +12,7 @@ pub use log::{Event, RunLog};
 pub use tool::{Finished, Scratch, Tool, ToolRun, BIN, HANG};
 
 use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use agent_type_backfill::cli::{BackfillArgs, Cli, Command};
 use agent_type_backfill::config::{BackfillConfig, HistoryConfig};
@@ -300,6 +301,49 @@ impl TestDb {
     pub async fn audit_rows(&self) -> Vec<AuditRow> {
         audit_rows(&self.pool).await
     }
+
+    /// Holds `table` (ACCESS EXCLUSIVE, as a migration would) until the transaction ends.
+    pub async fn hold_table(&self, table: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut blocker = self.pool.begin().await.unwrap();
+        sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+            .execute(&mut *blocker)
+            .await
+            .unwrap();
+        blocker
+    }
+
+    /// Holds `agent_capabilities_snapshot`. The census reads only member_profiles, so this stops
+    /// the plan at its server pass and nowhere else.
+    pub async fn hold_the_snapshot_table(&self) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        self.hold_table("agent_capabilities_snapshot").await
+    }
+
+    /// Waits, up to `within`, until no session of the tool matches `condition` (SQL over
+    /// `pg_stat_activity a`); returns how many still do.
+    pub async fn tool_sessions_left(&self, condition: &str, within: Duration) -> i64 {
+        let until = Instant::now() + within;
+        let count = format!(
+            "SELECT count(*) FROM pg_stat_activity a WHERE a.datname = current_database() \
+             AND a.application_name LIKE 'agent-type-backfill %' AND ({condition})"
+        );
+        loop {
+            let left: i64 = sqlx::query_scalar(&count)
+                .fetch_one(&self.pool)
+                .await
+                .unwrap();
+            if left == 0 || Instant::now() > until {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The tool's sessions still running a statement once they had 5 s to end: a cancelled
+    /// statement ends well within that.
+    pub async fn tool_statements_left(&self) -> i64 {
+        self.tool_sessions_left("a.state = 'active'", Duration::from_secs(5))
+            .await
+    }
 }
 
 impl Drop for TestDb {
@@ -501,20 +545,20 @@ pub fn refusals(error: &anyhow::Error) -> Vec<agent_type_backfill::outcome::Refu
 }
 
 /// Waits until a session of the tool waits on a row lock: on a condition, not on the clock (the
-/// bound only turns a hang into a failure).
-pub async fn wait_for_blocked_tool(db: &TestDb) {
+/// bound only turns a hang into a failure). Returns the session's `application_name`.
+pub async fn wait_for_blocked_tool(db: &TestDb) -> String {
     let started = std::time::Instant::now();
     loop {
-        let blocked: Option<i32> = sqlx::query_scalar(
-            "SELECT pid FROM pg_stat_activity \
+        let blocked: Option<String> = sqlx::query_scalar(
+            "SELECT application_name FROM pg_stat_activity \
              WHERE datname = current_database() AND application_name LIKE 'agent-type-backfill %' \
                AND wait_event_type = 'Lock'",
         )
         .fetch_optional(&db.pool)
         .await
         .unwrap();
-        if blocked.is_some() {
-            return;
+        if let Some(application_name) = blocked {
+            return application_name;
         }
         assert!(
             started.elapsed() < tool::HANG,

@@ -73,8 +73,8 @@ impl Drop for Scratch {
     }
 }
 
-/// One invocation of the binary with a clean environment: no `DATABASE_URL`, password or log
-/// settings from the test's own environment.
+/// One invocation of the binary with a clean environment: no `DATABASE_URL`, password, password
+/// file or log settings from the test's own environment.
 pub struct Tool {
     command: Command,
     /// The exit code the run must end with, checked as it ends (`status`).
@@ -90,6 +90,7 @@ impl Tool {
             .args(args)
             .env_remove("DATABASE_URL")
             .env_remove("PGPASSWORD")
+            .env_remove("PGPASSFILE")
             .env_remove("PGSSLMODE")
             .env_remove("PGSSLROOTCERT")
             .env_remove("RUST_LOG")
