@@ -135,8 +135,8 @@ async fn revert_restores_what_still_holds_and_leaves_conflicts() {
     assert_eq!(rows[0]["old_type"], "buying");
 }
 
-/// The case: a JSON `null` type and a missing `type` key come back as they were, and the
-/// audit rows tell them apart from each other and from the string "unknown".
+/// A JSON `null` type and a missing `type` key come back as they were, and the audit rows tell
+/// them apart from each other and from the string "unknown".
 #[tokio::test]
 async fn revert_restores_null_as_null_and_removes_a_type_key_that_was_absent() {
     let db = TestDb::new().await;

@@ -252,7 +252,7 @@ async fn an_edited_plan_is_refused_and_a_reformatted_one_applies() {
     assert_eq!(applied.unwrap().written, 2);
 }
 
-/// The staging case: two flips to write and one held for a retired type. Without
+/// A staging registry with two flips to write and one held for a retired type. Without
 /// `--leave-held` every apply writes nothing (exit 3); with it and the reviewed plan, exactly the
 /// two are written, the held one is listed and left, and the audit notes say the run left it.
 /// `--leave-held` without `--plan` is a usage error.

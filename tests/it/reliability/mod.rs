@@ -1,5 +1,5 @@
 //! Reliability of `--apply` under concurrent writers, SIGKILL, terminated sessions, a server
-//! restart and lock/statement timeouts (issue "Prove it"), against a real PostgreSQL.
+//! restart and lock/statement timeouts, against a real PostgreSQL.
 //!
 //! Every fault test checks the same invariant, [`atomicity_violations`]: an element's type differs
 //! from the seeded one exactly when one audit row records that flip, the audit row's element holds
