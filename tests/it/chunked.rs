@@ -492,11 +492,7 @@ async fn a_chunk_statement_past_half_the_statement_timeout_is_warned_about_with_
     let db = consistent_with_stale(&[(0.5, "middle")]).await;
     // The chunk statement is the first of the run to lock member_profiles: it waits here, so it
     // runs for at least as long as the lock is held, and finishes well inside the timeout.
-    let mut blocker = db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE member_profiles IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = db.hold_table("member_profiles").await;
     let run = waiting_dry_run(&db, "10s").spawn();
     waiting_tool_session(&db).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
