@@ -252,7 +252,7 @@ pub struct ConnectOpts {
     pub statement_timeout: Duration,
 }
 
-pub use crate::domain::{Format, Transition};
+use crate::domain::{Format, Transition};
 
 /// `FROM:TO`, which no shell mangles; `FROM->TO` too, for those who quote it. A bare `>` in a
 /// shell redirects, so the colon is the spelling every message and document uses.

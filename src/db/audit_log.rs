@@ -12,7 +12,7 @@ use crate::domain::{CrawlerEvidence, ProfileFlip};
 
 /// One backfill run as `history` lists it.
 #[derive(Debug, Clone, sqlx::FromRow)]
-pub struct RunRecord {
+pub(crate) struct RunRecord {
     pub run_id: String,
     pub first_change: DateTime<Utc>,
     pub last_change: DateTime<Utc>,
@@ -39,7 +39,7 @@ pub(crate) async fn backfill_runs(pool: &Pool) -> Result<Vec<RunRecord>> {
 
 /// One audit row of a backfill run.
 #[derive(Debug, Clone, sqlx::FromRow)]
-pub struct AuditEntry {
+pub(crate) struct AuditEntry {
     pub id: i64,
     pub run_id: Option<String>,
     pub changed_at: DateTime<Utc>,

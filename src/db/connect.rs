@@ -52,15 +52,10 @@ impl Pool {
             tracing::warn!("the server did not answer while the connections were closed");
         }
     }
-
-    /// The client-side limits every round trip through this pool is held to.
-    pub fn deadlines(&self) -> Deadlines {
-        self.deadlines
-    }
 }
 
-/// A read-only, repeatable-read transaction: the whole plan sees one snapshot of the registry
-/// and the server refuses any write inside it.
+/// A read-only, repeatable-read transaction: what one planning chunk reads, in one snapshot of
+/// the registry, with the server refusing any write inside it.
 pub async fn begin_read_only(pool: &Pool) -> Result<Transaction> {
     // The mode is part of BEGIN itself: it must come before any other statement of the
     // transaction, the settings' included.

@@ -11,7 +11,7 @@ mod preflight;
 mod registry;
 mod replicas;
 
-pub use audit_log::*;
+pub(crate) use audit_log::*;
 pub use connect::*;
 pub use deadline::{Deadlines, Transaction};
 pub use preflight::*;

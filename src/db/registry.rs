@@ -16,7 +16,7 @@ use crate::resolver::{
 
 /// One profile as the planner reads it.
 #[derive(Debug, Clone)]
-pub struct ProfileRow {
+pub(crate) struct ProfileRow {
     pub id: Uuid,
     pub slug: String,
     /// The `agents` column as JSON text; `None` for SQL NULL.
@@ -40,7 +40,7 @@ pub fn label(slug: &str, id: Uuid) -> String {
 
 /// What the crawler stored for one URL, with what a reviewer needs to judge it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct SnapshotRow {
+pub(crate) struct SnapshotRow {
     pub inferred_type: Option<String>,
     pub last_discovered: DateTime<Utc>,
     pub discovery_error: bool,
@@ -48,7 +48,7 @@ pub struct SnapshotRow {
 }
 
 #[derive(Debug, Default)]
-pub struct Snapshots(HashMap<String, SnapshotRow>);
+pub(crate) struct Snapshots(HashMap<String, SnapshotRow>);
 
 impl Snapshots {
     pub fn get(&self, url: &str) -> Option<&SnapshotRow> {
@@ -231,7 +231,7 @@ fn profile_row(row: &sqlx::postgres::PgRow) -> ProfileRow {
 }
 
 /// The snapshot rows the rule will ask for when resolving `columns`, in one round trip.
-pub async fn snapshots_for(
+pub(crate) async fn snapshots_for(
     connection: &mut Transaction,
     columns: &[AgentsColumn],
 ) -> Result<Snapshots> {
@@ -284,7 +284,10 @@ pub(crate) async fn lock_profiles(
 }
 
 /// Current rows of the given profiles, without locking them (planning a revert).
-pub async fn profiles_by_id(connection: &mut Transaction, ids: &[Uuid]) -> Result<Vec<ProfileRow>> {
+pub(crate) async fn profiles_by_id(
+    connection: &mut Transaction,
+    ids: &[Uuid],
+) -> Result<Vec<ProfileRow>> {
     let rows = super::unnamed(
         "SELECT id, slug::text, agents::text FROM member_profiles WHERE id = ANY($1) ORDER BY id",
     )
