@@ -3,7 +3,7 @@
 //! primary), and a role whose transactions are read-only by default. Writes stop at preflight;
 //! a plan made on the standby applies on its primary.
 
-use crate::common::deployment::{as_user, registry_on, tool};
+use crate::common::deployment::{as_user, database_on, registry_on, tool};
 use crate::common::{log, Finished, Scratch, TestDb, Tool, HANG};
 use agent_type_backfill::domain::count;
 use agent_type_backfill::support::ephemeral::EphemeralPostgres;
@@ -433,13 +433,10 @@ async fn an_apply_waits_while_a_standby_replays_further_behind_than_max_replica_
     pool.close().await;
 }
 
-/// Without a standby an apply with `--max-replica-lag` writes as it would without it, saying on
-/// stderr that there is nothing to watch.
-#[tokio::test]
-async fn max_replica_lag_with_no_standby_writes_at_once() {
-    let db = TestDb::seeded(10).await;
-    let done = tool(
-        &db.url,
+/// An apply of up to 100 flips that waits while a standby replays more than 1 s behind.
+fn apply_watching_replicas(url: &str) -> Finished {
+    tool(
+        url,
         &[
             "--apply",
             "--format",
@@ -450,7 +447,15 @@ async fn max_replica_lag_with_no_standby_writes_at_once() {
             "1s",
         ],
         &[],
-    );
+    )
+}
+
+/// Without a standby an apply with `--max-replica-lag` writes as it would without it, saying on
+/// stderr that there is nothing to watch.
+#[tokio::test]
+async fn max_replica_lag_with_no_standby_writes_at_once() {
+    let db = TestDb::seeded(10).await;
+    let done = apply_watching_replicas(&db.url);
     done.exits(0);
     done.stderr_has("no standby streams from this server");
     let written = done.log().summary().written;
@@ -473,18 +478,9 @@ async fn max_replica_lag_does_not_watch_a_logical_replication_subscriber() {
     ] {
         sqlx::query(statement).execute(&pool).await.unwrap();
     }
-    let mut admin = sqlx::PgConnection::connect(&primary.url("postgres"))
-        .await
-        .unwrap();
-    sqlx::query("CREATE DATABASE subscriber")
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let mut subscriber = sqlx::PgConnection::connect(&primary.url("subscriber"))
-        .await
-        .unwrap();
+    let subscriber = database_on(&primary, "subscriber").await;
     sqlx::query("CREATE TABLE ping (n int PRIMARY KEY)")
-        .execute(&mut subscriber)
+        .execute(&subscriber)
         .await
         .unwrap();
     sqlx::query(&format!(
@@ -494,7 +490,7 @@ async fn max_replica_lag_does_not_watch_a_logical_replication_subscriber() {
             .url("registry")
             .replace("postgres://", "postgresql://")
     ))
-    .execute(&mut subscriber)
+    .execute(&subscriber)
     .await
     .unwrap();
     let started = std::time::Instant::now();
@@ -511,25 +507,13 @@ async fn max_replica_lag_does_not_watch_a_logical_replication_subscriber() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let done = tool(
-        &primary.url("registry"),
-        &[
-            "--apply",
-            "--format",
-            "json",
-            "--max-flips",
-            "100",
-            "--max-replica-lag",
-            "1s",
-        ],
-        &[],
-    );
+    let done = apply_watching_replicas(&primary.url("registry"));
     done.exits(0)
         .stderr_has("no standby streams from this server");
     assert!(!done.stderr.contains("atb_sub"), "{}", done.stderr);
 
     sqlx::query("DROP SUBSCRIPTION atb_sub")
-        .execute(&mut subscriber)
+        .execute(&subscriber)
         .await
         .unwrap();
     pool.close().await;

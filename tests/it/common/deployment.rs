@@ -195,26 +195,34 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A new, empty database `name` on `server`, and a pool of two connections to it.
+pub async fn database_on(
+    server: &agent_type_backfill::support::ephemeral::EphemeralPostgres,
+    name: &str,
+) -> sqlx::PgPool {
+    use sqlx::Connection;
+    let mut admin = sqlx::PgConnection::connect(&server.url("postgres"))
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    admin.close().await.unwrap();
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&server.url(name))
+        .await
+        .unwrap()
+}
+
 /// A `registry` database on `server` with `migrations/` applied and `profiles` ordinary profiles
 /// seeded beside the named ones.
 pub async fn registry_on(
     server: &agent_type_backfill::support::ephemeral::EphemeralPostgres,
     profiles: usize,
 ) -> sqlx::PgPool {
-    use sqlx::Connection;
-    let mut admin = sqlx::PgConnection::connect(&server.url("postgres"))
-        .await
-        .unwrap();
-    sqlx::query("CREATE DATABASE registry")
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    admin.close().await.unwrap();
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&server.url("registry"))
-        .await
-        .unwrap();
+    let pool = database_on(server, "registry").await;
     agent_type_backfill::support::MIGRATOR
         .run(&pool)
         .await
