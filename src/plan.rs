@@ -1,4 +1,5 @@
-//! The plan: every flip the rule finds, read inside one read-only snapshot of the registry.
+//! The plan: every flip the rule finds, read in chunks of profiles in key order, each chunk inside
+//! a read-only snapshot of its own.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
