@@ -43,7 +43,7 @@ async fn rehearse_on(
     args: &RehearseArgs,
     out: &mut (dyn Write + Send),
 ) -> Result<()> {
-    let pool = seed::create_registry(server, "registry")
+    let pool = seed::create_database(server, "registry")
         .await
         .context("could not create the rehearsal database")?;
     crate::support::MIGRATOR

@@ -5,9 +5,9 @@ use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
+use uuid::Uuid;
 
 use super::ephemeral::EphemeralPostgres;
-use uuid::Uuid;
 
 /// The agent URLs of the known stale profiles: sales agents stored as 'buying'.
 pub const BIDCLIQ_URL: &str = "https://bidcliq.example/mcp";
@@ -330,8 +330,8 @@ pub async fn seed_rehearsal(pool: &PgPool, ordinary: usize) -> Result<()> {
     seed_bulk(pool, BulkSpec::consistent(ordinary, 20_261_126)).await
 }
 
-/// A new database `name` on the throwaway `server`, and a pool of two connections to it.
-pub(crate) async fn create_registry(server: &EphemeralPostgres, name: &str) -> Result<PgPool> {
+/// A new, empty database `name` on the throwaway `server`, and a pool of two connections to it.
+pub async fn create_database(server: &EphemeralPostgres, name: &str) -> Result<PgPool> {
     let admin = PgPoolOptions::new()
         .max_connections(1)
         .connect(&server.url("postgres"))

@@ -200,18 +200,7 @@ pub async fn database_on(
     server: &agent_type_backfill::support::ephemeral::EphemeralPostgres,
     name: &str,
 ) -> sqlx::PgPool {
-    use sqlx::Connection;
-    let mut admin = sqlx::PgConnection::connect(&server.url("postgres"))
-        .await
-        .unwrap();
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    admin.close().await.unwrap();
-    sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&server.url(name))
+    agent_type_backfill::support::seed::create_database(server, name)
         .await
         .unwrap()
 }
