@@ -197,7 +197,7 @@ impl<'p> Run<'p> {
     }
 
     fn elapsed_ms(&self) -> u64 {
-        u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX)
+        crate::domain::millis(self.clock.elapsed())
     }
 
     /// Writes the flips to write: only in an apply that nothing refused. A second signal
